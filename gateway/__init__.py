@@ -1,0 +1,1 @@
+"""The gateway: the public genrpc.v1.Generation API, coordinating tokenizer and model services."""

@@ -1,0 +1,58 @@
+"""`python -m gateway`: serve the public API (default 127.0.0.1:50051)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from genrpc.flags import server_parser
+from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.v1 import generation_pb2, generation_pb2_grpc
+from gateway.generation import Generator
+from gateway.server import GenerationServicer
+from gateway.workers import ModelPool, TokenizerPool
+
+
+def parse_args(argv=None):
+    parser = server_parser("genrpc gateway", default_port=50051, default_metrics_port=9051)
+    parser.add_argument("--tokenizer-addrs", default="127.0.0.1:50052", help="tokenizer replicas, comma-separated")
+    parser.add_argument("--model-addrs", default="127.0.0.1:50053", help="model workers, comma-separated")
+    parser.add_argument("--max-inflight-sequences", type=int, default=512,
+                        help="sequences in flight at once; past it RESOURCE_EXHAUSTED")
+    return parser.parse_args(argv)
+
+
+def _addresses(value: str) -> list[str]:
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+async def serve(args) -> None:
+    tokenizers = TokenizerPool(_addresses(args.tokenizer_addrs))
+    handle_box: list = []
+
+    def on_health_change(healthy: bool) -> None:
+        if handle_box:
+            asyncio.get_running_loop().create_task(handle_box[0].set_serving(healthy))
+
+    models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change)
+    generator = Generator(tokenizers, models, args.max_inflight_sequences)
+    service_name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+    def register(server):
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(generator), server)
+        return [service_name]
+
+    handle = await start_server("gateway", register, args.host, args.port, args.metrics_port)
+    handle_box.append(handle)
+    await handle.set_serving(models.any_healthy)  # NOT_SERVING until a model worker is connected
+    models.start()
+    await run_until_signal(handle, args.grace, args.port_file, on_stop=models.close)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

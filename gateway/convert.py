@@ -1,0 +1,74 @@
+"""protobuf <-> gateway domain types."""
+
+from __future__ import annotations
+
+from genrpc.v1 import generation_pb2 as pb
+from genrpc.v1 import model_pb2
+from gateway.generation import Delta, Prompts
+from gateway.validation import FIELD_NAMES, ModelLimits, RequestedConfig
+
+REPEATED = ("stop", "stop_token_ids")
+
+
+def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
+    values = {}
+    for name in FIELD_NAMES:
+        if name in REPEATED:
+            values[name] = list(getattr(config, name))
+        elif config.HasField(name):
+            values[name] = getattr(config, name)
+    return RequestedConfig(**values)
+
+
+def model_limits(info: model_pb2.WorkerInfoResponse) -> ModelLimits:
+    return ModelLimits(info.max_context_tokens, info.vocab_size, requested_config(info.default_config))
+
+
+def chats(chat_list) -> list[list[tuple[str, str]]]:
+    return [[(m.role, m.content) for m in chat.messages] for chat in chat_list]
+
+
+def prompts(request: pb.GenerateRequest) -> Prompts:
+    return Prompts(list(request.prompts), chats(request.chats))
+
+
+def stream_prompts(request: pb.GenerateStreamRequest) -> Prompts:
+    if request.HasField("chat"):
+        return Prompts([request.prompt] if request.prompt else [], chats([request.chat]))
+    return Prompts([request.prompt] if request.prompt else [], [])
+
+
+def logprobs(items) -> list[pb.GeneratedTokenLogprob]:
+    return [
+        pb.GeneratedTokenLogprob(
+            token_id=token_id, logprob=logprob,
+            top=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in top],
+        )
+        for token_id, logprob, top in items
+    ]
+
+
+def stream_response(delta: Delta) -> pb.GenerateStreamResponse:
+    response = pb.GenerateStreamResponse(
+        text=delta.text, token_ids=delta.token_ids, finish_reason=delta.finish_reason, seed=delta.seed,
+        logprobs=logprobs(delta.logprobs),
+    )
+    if delta.finish_reason:
+        response.prompt_tokens = delta.prompt_tokens
+        response.generated_tokens = delta.generated_tokens
+        response.stop_sequence = delta.stop_sequence
+    return response
+
+
+def completions(deltas_by_index: list[list[Delta]]) -> pb.GenerateResponse:
+    out = []
+    for deltas in deltas_by_index:
+        last = deltas[-1]
+        out.append(pb.Completion(
+            text="".join(d.text for d in deltas),
+            token_ids=[t for d in deltas for t in d.token_ids],
+            finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+            generated_tokens=last.generated_tokens, seed=last.seed, stop_sequence=last.stop_sequence,
+            logprobs=logprobs([lp for d in deltas for lp in d.logprobs]),
+        ))
+    return pb.GenerateResponse(completions=out)

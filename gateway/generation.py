@@ -1,0 +1,182 @@
+"""One request's lifecycle: tokenize, submit, receive, stop strings, time limit, abort.
+
+`Generator.stream()` yields `Delta`s for all of a request's sequences as they
+arrive; the unary API collects them, the streaming API forwards them, so the
+two give the same text by construction. Whatever ends the request (EOS, length,
+stop string, time limit, client gone, error), every sequence still running on
+the model worker is aborted in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from genrpc.errors import GenrpcError, ResourceExhausted, Unavailable
+from genrpc.v1 import generation_pb2 as gen_pb2
+from genrpc.v1 import model_pb2, tokenizer_pb2
+from gateway.stop_strings import StopStringMatcher
+from gateway.validation import ResolvedConfig, fit_to_context
+from gateway.workers import ModelPool, SequenceEvent, TokenizerPool
+
+RUNNING = gen_pb2.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass
+class Prompts:
+    """What to generate from: plain texts or chats as (role, content) pairs."""
+
+    texts: list[str] = field(default_factory=list)
+    chats: list[list[tuple[str, str]]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """A piece of one sequence's output."""
+
+    index: int  # the prompt's position in the request
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (id, logprob, [(id, logprob)])
+    finish_reason: int = RUNNING
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seed: int = 0
+    stop_sequence: str = ""
+
+
+@dataclass
+class SequenceRun:
+    index: int
+    seed: int
+    prompt_tokens: int
+    matcher: StopStringMatcher
+    num_generated: int = 0
+    finished: bool = False
+
+    def delta(self, text: str, token_ids: list[int], logprobs: list, finish_reason: int = RUNNING,
+              stop: str = "") -> Delta:
+        return Delta(self.index, text, token_ids, logprobs, finish_reason, self.prompt_tokens,
+                     self.num_generated, self.seed, stop)
+
+
+class Generator:
+    def __init__(self, tokenizers: TokenizerPool, models: ModelPool, max_inflight_sequences: int):
+        self.tokenizers = tokenizers
+        self.models = models
+        self.max_inflight_sequences = max_inflight_sequences
+        self.num_inflight = 0
+
+    async def encode(self, prompts: Prompts, truncate: int | None, pad: bool, return_tokens: bool,
+                     timeout: float | None) -> tokenizer_pb2.EncodeResponse:
+        request = tokenizer_pb2.EncodeRequest(
+            texts=prompts.texts,
+            chats=[gen_pb2.Chat(messages=[gen_pb2.Message(role=r, content=c) for r, c in chat])
+                   for chat in prompts.chats],
+            pad=pad, return_tokens=return_tokens,
+        )
+        if truncate is not None:
+            request.truncate_input_tokens = truncate
+        return await self.tokenizers.call("Encode", request, timeout=timeout)
+
+    def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int) -> model_pb2.SamplingParams:
+        return model_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
+            do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            min_p=config.min_p, typical_p=config.typical_p, repetition_penalty=config.repetition_penalty,
+            seed=seed, stop_token_ids=config.stop_token_ids, ignore_eos=config.ignore_eos,
+            logprobs=config.logprobs, top_logprobs=config.top_logprobs,
+        )
+
+    async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None
+                     ) -> AsyncIterator[Delta]:
+        """Generates every prompt; yields deltas as tokens arrive (sequences interleaved)."""
+        started = time.monotonic()
+        num_seqs = len(prompts.texts) + len(prompts.chats)
+        if self.num_inflight + num_seqs > self.max_inflight_sequences:
+            raise ResourceExhausted(
+                f"the gateway is at capacity ({self.num_inflight} sequences in flight, "
+                f"max {self.max_inflight_sequences}); retry later")
+        self.num_inflight += num_seqs
+        try:
+            async for delta in self._stream(prompts, config, deadline, started):
+                yield delta
+        finally:
+            self.num_inflight -= num_seqs
+
+    async def _stream(self, prompts, config, deadline, started) -> AsyncIterator[Delta]:
+        worker = self.models.pick()
+        info = worker.info
+        context_limit = min(info.max_context_tokens, info.kv_cache_tokens or info.max_context_tokens)
+        encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline))
+        field_name = "prompts" if prompts.texts else "chats"
+        rows, params, runs = [], [], {}
+        for index, row in enumerate(encoded.rows):
+            max_new = fit_to_context(row.num_tokens, config, context_limit, f"{field_name}[{index}]")
+            seed = config.seed if config.seed is not None else random.getrandbits(63)
+            rows.append((list(row.input_ids), list(row.attention_mask)))
+            params.append(self._sampling_params(config, max_new, seed))
+            runs[index] = SequenceRun(index, seed, row.num_tokens,
+                                      StopStringMatcher(config.stop, config.include_stop_sequence))
+        queue: asyncio.Queue = asyncio.Queue()
+        handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline))
+        by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
+        time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
+        num_unfinished = len(handles)
+        try:
+            while num_unfinished:
+                wait = None if time_limit_at is None else max(0.0, time_limit_at - time.monotonic())
+                try:
+                    event: SequenceEvent = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    for run in by_id.values():
+                        if not run.finished:
+                            run.finished = True
+                            yield run.delta(run.matcher.flush(), [], [], gen_pb2.FINISH_REASON_TIME_LIMIT)
+                    return
+                run = by_id[event.sequence_id]
+                if run.finished:
+                    continue
+                delta = self._on_event(run, event)
+                if delta.finish_reason != RUNNING:
+                    run.finished = True
+                    num_unfinished -= 1
+                    if delta.finish_reason == gen_pb2.FINISH_REASON_STOP_SEQUENCE:
+                        await worker.abort([h for h in handles if by_id[h.sequence_id] is run])
+                yield delta
+        finally:
+            unfinished = [h for h in handles if not h.done]
+            if unfinished:
+                await asyncio.shield(worker.abort(unfinished))
+
+    @staticmethod
+    def _on_event(run: SequenceRun, event: SequenceEvent) -> Delta:
+        if event.error and event.finish_reason in (RUNNING, gen_pb2.FINISH_REASON_ERROR):
+            if event.finish_reason == RUNNING:
+                raise Unavailable(event.error)
+            raise GenrpcError(f"the model worker failed the sequence: {event.error}")
+        token_ids, logprobs = [], []
+        if event.token_id is not None:
+            token_ids.append(event.token_id)
+            run.num_generated += 1
+            if event.logprob is not None:
+                logprobs.append((event.token_id, event.logprob,
+                                 [(t.token_id, t.logprob) for t in event.top_logprobs]))
+        match = run.matcher.feed(event.text)
+        if match.stop is not None:
+            return run.delta(match.text, token_ids, logprobs, gen_pb2.FINISH_REASON_STOP_SEQUENCE, match.stop)
+        if event.finish_reason != RUNNING:
+            return run.delta(match.text + run.matcher.flush(), token_ids, logprobs, event.finish_reason)
+        return run.delta(match.text, token_ids, logprobs)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise asyncio.TimeoutError()
+    return remaining

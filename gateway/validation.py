@@ -1,0 +1,206 @@
+"""Checks every request field and resolves unset ones to the model's defaults.
+
+Pure logic: no protobuf, no I/O. Every refusal is an InvalidArgument whose
+message names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from genrpc.errors import InvalidArgument
+
+MAX_PROMPTS = 64
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TIME_LIMIT_MS = 3_600_000
+MAX_TOP_LOGPROBS = 20
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 1024
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class RequestedConfig:
+    """A GenerationConfig as the client sent it: None means unset."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    include_stop_sequence: bool | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    truncate_input_tokens: int | None = None
+    time_limit_ms: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+@dataclass
+class ModelLimits:
+    """What the served model allows and what it does by default."""
+
+    max_context: int
+    vocab_size: int
+    defaults: RequestedConfig  # every sampling field set
+
+
+@dataclass
+class ResolvedConfig:
+    """Every field decided; what the gateway and the model service act on."""
+
+    max_new_tokens: int
+    max_new_tokens_explicit: bool
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: list[str]
+    include_stop_sequence: bool
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    skip_special_tokens: bool
+    truncate_input_tokens: int | None
+    time_limit_ms: int | None
+    logprobs: bool
+    top_logprobs: int
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise InvalidArgument.field(f"config.{name}", value, allowed)
+
+
+def _finite_in(value: float, low: float, high: float, low_open: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
+def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
+    d = limits.defaults
+    ctx = limits.max_context
+    if req.max_new_tokens is not None:
+        _check(1 <= req.max_new_tokens <= ctx - 1, "max_new_tokens", req.max_new_tokens,
+               f"must be in [1, {ctx - 1}] (the model's context is {ctx} tokens)")
+    max_new = req.max_new_tokens if req.max_new_tokens is not None else d.max_new_tokens
+    min_new = req.min_new_tokens if req.min_new_tokens is not None else 0
+    _check(0 <= min_new <= max_new, "min_new_tokens", min_new, f"must be in [0, max_new_tokens={max_new}]")
+    temperature = req.temperature if req.temperature is not None else d.temperature
+    _check(_finite_in(temperature, 0.0, MAX_TEMPERATURE, True), "temperature", temperature,
+           f"must be a number in (0, {MAX_TEMPERATURE:g}]; for greedy decoding set do_sample=false")
+    top_k = req.top_k if req.top_k is not None else d.top_k
+    _check(0 <= top_k <= INT32_MAX, "top_k", top_k, "must be >= 0 (0 turns it off)")
+    top_p = req.top_p if req.top_p is not None else d.top_p
+    _check(_finite_in(top_p, 0.0, 1.0, True), "top_p", top_p, "must be in (0, 1]")
+    min_p = req.min_p if req.min_p is not None else d.min_p
+    _check(_finite_in(min_p, 0.0, 1.0, False), "min_p", min_p, "must be in [0, 1]")
+    typical_p = req.typical_p if req.typical_p is not None else d.typical_p
+    _check(_finite_in(typical_p, 0.0, 1.0, True), "typical_p", typical_p, "must be in (0, 1]")
+    penalty = req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty
+    _check(_finite_in(penalty, 0.0, MAX_REPETITION_PENALTY, True), "repetition_penalty", penalty,
+           f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
+    _check(len(req.stop) <= MAX_STOP_STRINGS, "stop", f"{len(req.stop)} strings",
+           f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, stop in enumerate(req.stop):
+        _check(1 <= len(stop) <= MAX_STOP_LENGTH, f"stop[{i}]", stop,
+               f"a stop string must have 1 to {MAX_STOP_LENGTH} characters")
+    _check(len(req.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+           f"{len(req.stop_token_ids)} ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
+    for i, token_id in enumerate(req.stop_token_ids):
+        _check(0 <= token_id < limits.vocab_size, f"stop_token_ids[{i}]", token_id,
+               f"must be in [0, {limits.vocab_size - 1}]")
+    if req.truncate_input_tokens is not None:
+        _check(1 <= req.truncate_input_tokens <= ctx - 1, "truncate_input_tokens", req.truncate_input_tokens,
+               f"must be in [1, {ctx - 1}]")
+    if req.time_limit_ms is not None:
+        _check(1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS, "time_limit_ms", req.time_limit_ms,
+               f"must be in [1, {MAX_TIME_LIMIT_MS}]")
+    top_logprobs = req.top_logprobs if req.top_logprobs is not None else 0
+    _check(0 <= top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", top_logprobs, f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    return ResolvedConfig(
+        max_new_tokens=max_new,
+        max_new_tokens_explicit=req.max_new_tokens is not None,
+        min_new_tokens=min_new,
+        do_sample=req.do_sample if req.do_sample is not None else bool(d.do_sample),
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=penalty,
+        seed=req.seed,
+        stop=list(req.stop),
+        include_stop_sequence=bool(req.include_stop_sequence),
+        stop_token_ids=list(req.stop_token_ids),
+        ignore_eos=bool(req.ignore_eos),
+        skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
+        truncate_input_tokens=req.truncate_input_tokens,
+        time_limit_ms=req.time_limit_ms,
+        logprobs=bool(req.logprobs) or top_logprobs > 0,
+        top_logprobs=top_logprobs,
+    )
+
+
+def validate_prompts(prompts: list[str], chats: list[list[tuple[str, str]]], single: bool) -> None:
+    """Exactly one of prompts and chats; sizes bounded; chat roles known; no empty plain prompt."""
+    prompt_field, chat_field = ("prompt", "chat") if single else ("prompts", "chats")
+    if bool(prompts) == bool(chats):
+        raise InvalidArgument(f"exactly one of {prompt_field} and {chat_field} must be set")
+    if len(prompts) > MAX_PROMPTS or len(chats) > MAX_PROMPTS:
+        raise InvalidArgument(f"{prompt_field if prompts else chat_field}: at most {MAX_PROMPTS} per request")
+    for i, prompt in enumerate(prompts):
+        name = prompt_field if single else f"prompts[{i}]"
+        if not prompt:
+            raise InvalidArgument(f"{name} is empty: a prompt needs at least one character")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"{name} has {len(prompt)} characters: at most {MAX_PROMPT_CHARS}")
+    for i, chat in enumerate(chats):
+        name = chat_field if single else f"chats[{i}]"
+        if not chat:
+            raise InvalidArgument(f"{name}.messages is empty: a chat needs at least one message")
+        if len(chat) > MAX_MESSAGES:
+            raise InvalidArgument(f"{name}.messages has {len(chat)} messages: at most {MAX_MESSAGES}")
+        total = 0
+        for j, (role, content) in enumerate(chat):
+            if role not in CHAT_ROLES:
+                raise InvalidArgument.field(f"{name}.messages[{j}].role", role, f"must be one of {', '.join(CHAT_ROLES)}")
+            total += len(content)
+        if total > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"{name} has {total} characters of content: at most {MAX_PROMPT_CHARS}")
+
+
+def fit_to_context(num_prompt_tokens: int, config: ResolvedConfig, max_context: int, where: str) -> int:
+    """The max_new_tokens this prompt gets; refuses a prompt that does not fit."""
+    if num_prompt_tokens >= max_context:
+        raise InvalidArgument(
+            f"{where} has {num_prompt_tokens} tokens but the model's context is {max_context} tokens; "
+            f"shorten it or set config.truncate_input_tokens (at most {max_context - 1})"
+        )
+    room = max_context - num_prompt_tokens
+    if config.max_new_tokens <= room:
+        return config.max_new_tokens
+    if config.max_new_tokens_explicit:
+        raise InvalidArgument(
+            f"config.max_new_tokens={config.max_new_tokens} is invalid: {where} has {num_prompt_tokens} tokens, "
+            f"so at most {room} new tokens fit the model's context of {max_context}"
+        )
+    return room
+
+
+FIELD_NAMES = [f.name for f in fields(RequestedConfig)]

@@ -1,0 +1,283 @@
+"""Connections to the tokenizer replicas and the model workers.
+
+Tokenizer calls are idempotent: a replica that fails (UNAVAILABLE) is skipped
+and the call retried on the next one. Each model worker gets one long-lived
+Events stream; every step message from it is detokenized in one tokenizer
+call and fanned out to the sequences' own queues. When a worker's stream
+breaks, its sequences end with UNAVAILABLE at once and the client reconnects
+in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from genrpc.errors import Unavailable
+from genrpc.serving import CHANNEL_OPTIONS
+from genrpc.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+log = logging.getLogger("genrpc.gateway.workers")
+
+PROMPT_TAIL_TOKENS = 5  # prompt ids that prime incremental detokenization (as TGI)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class TokenizerPool:
+    """Round-robin over tokenizer replicas, retrying an idempotent call on the next replica."""
+
+    def __init__(self, addresses: list[str]):
+        if not addresses:
+            raise ValueError("--tokenizer-addrs: at least one address is needed")
+        self.addresses = addresses
+        self.stubs = [
+            tokenizer_pb2_grpc.TokenizerStub(grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS))
+            for a in addresses
+        ]
+        self._next = itertools.cycle(range(len(self.stubs)))
+
+    async def call(self, method: str, request, timeout: float | None = 30.0):
+        last_error: grpc.aio.AioRpcError | None = None
+        for _ in range(len(self.stubs)):
+            stub = self.stubs[next(self._next)]
+            try:
+                return await getattr(stub, method)(request, timeout=timeout, wait_for_ready=False)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                last_error = exc
+        raise Unavailable(f"no tokenizer replica answered ({', '.join(self.addresses)}): {last_error.details()}")
+
+
+@dataclass
+class SequenceEvent:
+    """What one step brought one sequence."""
+
+    sequence_id: int
+    token_id: int | None
+    text: str
+    finish_reason: int  # genrpc.v1.FinishReason; 0 while running
+    logprob: float | None = None
+    top_logprobs: list = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class DetokState:
+    """A sequence's incremental-detokenization window (its ids from the prefix offset on)."""
+
+    ids: list[int]
+    read_offset: int
+    skip_special_tokens: bool
+
+    def request_item(self, final: bool) -> tokenizer_pb2.DecodeStreamItem:
+        return tokenizer_pb2.DecodeStreamItem(
+            token_ids=self.ids, read_offset=self.read_offset,
+            skip_special_tokens=self.skip_special_tokens, final=final,
+        )
+
+    def advance(self, result: tokenizer_pb2.DecodeStreamResult) -> None:
+        # Offsets come back relative to the ids sent; drop what lies before the new prefix.
+        self.ids = self.ids[result.prefix_offset:]
+        self.read_offset = result.read_offset - result.prefix_offset
+
+
+@dataclass
+class SequenceHandle:
+    """The gateway's side of one running sequence."""
+
+    sequence_id: int
+    detok: DetokState
+    queue: asyncio.Queue  # shared by the sequences of one request: (SequenceEvent)
+    done: bool = False
+
+
+class ModelWorkerClient:
+    """One model worker: its Events stream, its sequences, and its health."""
+
+    def __init__(self, address: str, tokenizers: TokenizerPool, on_health_change: Callable[[], None]):
+        self.address = address
+        self.tokenizers = tokenizers
+        self.on_health_change = on_health_change
+        self.client_id = f"gateway-{uuid.uuid4().hex[:12]}"
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = model_pb2_grpc.ModelWorkerStub(self.channel)
+        self.sequences: dict[int, SequenceHandle] = {}
+        self.info: model_pb2.WorkerInfoResponse | None = None
+        self.healthy = False
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.sequences)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker {self.address}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.channel.close()
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                self.info = await self.stub.WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10)
+                stream = self.stub.Events(model_pb2.EventsRequest(client_id=self.client_id))
+                async for step in stream:
+                    if not self.healthy:
+                        self._set_healthy(True)
+                        backoff = 0.2
+                        log.info("model worker %s connected", self.address)
+                    if step.events:
+                        await self._on_step(step)
+                raise Unavailable("the Events stream ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.healthy:
+                    log.warning("model worker %s lost: %s", self.address, _describe(exc))
+                self._set_healthy(False)
+                self._fail_all(f"model worker {self.address} became unavailable")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self.on_health_change()
+
+    def _fail_all(self, message: str) -> None:
+        for handle in list(self.sequences.values()):
+            handle.queue.put_nowait(SequenceEvent(handle.sequence_id, None, "", 0, error=message))
+        self.sequences.clear()
+
+    async def _on_step(self, step: model_pb2.StepEvents) -> None:
+        """Detokenizes one step's new tokens in one call and hands each sequence its piece."""
+        targets, items = [], []
+        for event in step.events:
+            handle = self.sequences.get(event.sequence_id)
+            if handle is None:
+                continue  # ended on our side already (stop string, cancel)
+            if event.has_token:
+                handle.detok.ids.append(event.token_id)
+            targets.append((handle, event))
+            items.append(handle.detok.request_item(final=event.finish_reason != 0))
+        if not targets:
+            return
+        try:
+            response = await self.tokenizers.call("DecodeStream", tokenizer_pb2.DecodeStreamRequest(items=items))
+        except Exception as exc:
+            for handle, _ in targets:
+                self._end(handle, SequenceEvent(
+                    handle.sequence_id, None, "", 0, error=f"detokenization failed: {_describe(exc)}"))
+            return
+        for (handle, event), result in zip(targets, response.results):
+            handle.detok.advance(result)
+            piece = SequenceEvent(
+                handle.sequence_id, event.token_id if event.has_token else None, result.text, event.finish_reason,
+                event.logprob if event.has_token and (event.logprob or event.top_logprobs) else None,
+                list(event.top_logprobs), event.error,
+            )
+            if event.finish_reason != 0:
+                self._end(handle, piece)
+            else:
+                handle.queue.put_nowait(piece)
+
+    def _end(self, handle: SequenceHandle, piece: SequenceEvent) -> None:
+        handle.done = True
+        self.sequences.pop(handle.sequence_id, None)
+        handle.queue.put_nowait(piece)
+
+    async def submit(
+        self, rows: list[tuple[list[int], list[int]]], params: list[model_pb2.SamplingParams],
+        skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None,
+    ) -> list[SequenceHandle]:
+        """Submits (input_ids, attention_mask) rows; returns their handles, in order. Their
+        events all go to `queue`."""
+        handles, inputs = [], []
+        for (ids, mask), p in zip(rows, params):
+            tail = [i for i, m in zip(ids, mask) if m][-PROMPT_TAIL_TOKENS:]
+            handle = SequenceHandle(next(self._ids), DetokState(tail, len(tail), skip_special_tokens), queue)
+            handles.append(handle)
+            inputs.append(model_pb2.SequenceInput(
+                sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p))
+        for handle in handles:
+            self.sequences[handle.sequence_id] = handle
+        try:
+            await self.stub.Submit(
+                model_pb2.SubmitRequest(client_id=self.client_id, sequences=inputs), timeout=timeout)
+        except BaseException:
+            for handle in handles:
+                self.sequences.pop(handle.sequence_id, None)
+            raise
+        return handles
+
+    async def abort(self, handles: list[SequenceHandle]) -> None:
+        """Ends sequences on the worker (best effort: a worker that is gone has freed them anyway)."""
+        ids = [h.sequence_id for h in handles if not h.done]
+        for h in handles:
+            h.done = True
+            self.sequences.pop(h.sequence_id, None)
+        if not ids or not self.healthy:
+            return
+        try:
+            await self.stub.Abort(model_pb2.AbortRequest(client_id=self.client_id, sequence_ids=ids), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort on %s failed: %s", self.address, exc.code())
+
+
+class ModelPool:
+    """The model workers; routes each request to the least-loaded healthy one."""
+
+    def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None]):
+        if not addresses:
+            raise ValueError("--model-addrs: at least one address is needed")
+        self._on_health_change = on_health_change
+        self.workers = [ModelWorkerClient(a, tokenizers, self._health_changed) for a in addresses]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    async def close(self) -> None:
+        for worker in self.workers:
+            await worker.close()
+
+    def _health_changed(self) -> None:
+        self._on_health_change(self.any_healthy)
+
+    @property
+    def any_healthy(self) -> bool:
+        return any(w.healthy for w in self.workers)
+
+    @property
+    def healthy_workers(self) -> list[ModelWorkerClient]:
+        return [w for w in self.workers if w.healthy]
+
+    def pick(self) -> ModelWorkerClient:
+        healthy = self.healthy_workers
+        if not healthy:
+            raise Unavailable(
+                "no healthy model worker (" + ", ".join(w.address for w in self.workers) + "); retry later")
+        return min(healthy, key=lambda w: w.load)
+
+    def info(self) -> model_pb2.WorkerInfoResponse:
+        for worker in self.healthy_workers or self.workers:
+            if worker.info is not None:
+                return worker.info
+        raise Unavailable("no model worker has answered yet; retry later")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"

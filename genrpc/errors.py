@@ -1,0 +1,95 @@
+"""Domain errors and the one place where exceptions become gRPC status codes.
+
+Code below the servicers raises these (or returns stops as values); the
+`grpc_errors` decorator on each servicer method turns them into a status with
+the error's message. Anything unexpected becomes INTERNAL and is logged with
+its traceback, without taking the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+
+import grpc
+
+log = logging.getLogger("genrpc.errors")
+
+
+class GenrpcError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(GenrpcError, ValueError):
+    """A request field is wrong; the message names the field, the value and what is allowed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    @classmethod
+    def field(cls, name: str, value, allowed: str) -> "InvalidArgument":
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return cls(f"{name}={shown} is invalid: {allowed}")
+
+
+class ResourceExhausted(GenrpcError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(GenrpcError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(GenrpcError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(GenrpcError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an exception raised below a servicer."""
+    if isinstance(exc, GenrpcError):
+        return exc.code, str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the backend answered"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A call to another genrpc service failed: pass on what the client can act on.
+        code = exc.code()
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return code, exc.details() or code.name
+        return grpc.StatusCode.UNAVAILABLE, f"a backend call failed ({code.name}): {exc.details()}"
+    log.exception("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def grpc_errors(method):
+    """Wraps a unary or server-streaming aio servicer method: exceptions become statuses."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+    return unary

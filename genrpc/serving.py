@@ -1,0 +1,186 @@
+"""What every genrpc server does the same way: health, reflection, metrics,
+request metrics, and a graceful stop on SIGTERM/SIGINT.
+
+A service builds its servicers, then calls `serve()` with a function that
+registers them; `serve()` returns when the server has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger("genrpc")
+
+REQUESTS = Counter(
+    "genrpc_requests_total", "gRPC requests handled, by method and status code", ["service", "method", "code"]
+)
+REQUEST_SECONDS = Histogram(
+    "genrpc_request_duration_seconds", "gRPC request duration, by method",
+    ["service", "method"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+# Generous but explicit: a batch of long prompts fits, a runaway payload does not.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code, and times it."""
+
+    def __init__(self, service: str):
+        self._service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        service = self._service
+
+        def record(context, started: float) -> None:
+            code = context.code()
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
+            REQUESTS.labels(service, method, name).inc()
+            REQUEST_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+
+        if handler.unary_unary:
+            inner_unary = handler.unary_unary
+
+            async def unary(request, context):
+                started = time.perf_counter()
+                try:
+                    return await inner_unary(request, context)
+                except asyncio.CancelledError:
+                    REQUESTS.labels(service, method, "CANCELLED").inc()
+                    raise
+                finally:
+                    record(context, started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                started = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                finally:
+                    record(context, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+@dataclass
+class ServerHandle:
+    """A started server: its ports and the pieces a graceful stop needs."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int
+    service_names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+async def start_server(
+    name: str,
+    register: Callable[[grpc.aio.Server], list[str]],
+    host: str,
+    port: int,
+    metrics_port: int,
+    interceptors: list | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> ServerHandle:
+    """Starts an aio server with health, reflection and metrics.
+
+    `register` adds the servicers and returns their full service names.
+    """
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(name), *(interceptors or [])], options=SERVER_OPTIONS
+    )
+    service_names = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"could not listen on {address}")
+    bound_metrics = -1
+    if metrics_port >= 0:
+        metrics_server, _ = start_http_server(metrics_port, addr=host)
+        bound_metrics = metrics_server.server_port
+    await server.start()
+    handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names)
+    await handle.set_serving(True)
+    log.info("%s serving on %s:%d (metrics on %d)", name, host, bound, bound_metrics)
+    return handle
+
+
+async def run_until_signal(
+    handle: ServerHandle, grace: float, port_file: str = "", on_stop: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully: health goes
+    NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+    if port_file:
+        with open(port_file, "w") as f:
+            json.dump({"port": handle.port, "metrics_port": handle.metrics_port}, f)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server_done = asyncio.ensure_future(handle.server.wait_for_termination())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping: health NOT_SERVING, %.1fs grace for in-flight calls", grace)
+    await handle.set_serving(False)
+    await handle.server.stop(grace)
+    if on_stop is not None:
+        await on_stop()
+    stop_wait.cancel()
+    log.info("stopped")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

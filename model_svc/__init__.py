@@ -1,0 +1,1 @@
+"""The model service: weights, KV cache, continuous batching, token selection. It never sees text."""

@@ -1,0 +1,90 @@
+"""`python -m model_svc`: load the model and serve the engine (default :50053)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+from prometheus_client import Gauge
+
+from genrpc.flags import server_parser
+from genrpc.model_path import DEFAULT_MODEL
+from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.v1 import model_pb2, model_pb2_grpc
+from model_svc.engine.engine import Engine
+from model_svc.engine.kv_cache import KVCacheManager
+from model_svc.engine.loop import EngineLoop
+from model_svc.engine.runner import ModelRunner
+from model_svc.engine.sampler import Sampler
+from model_svc.engine.scheduler import Scheduler
+from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
+from model_svc.server import ModelWorkerServicer, Subscriptions
+
+log = logging.getLogger("genrpc.model")
+
+
+def parse_args(argv=None):
+    parser = server_parser("genrpc model service", default_port=50053, default_metrics_port=9053)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id or GGUF file")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="weights and compute dtype")
+    parser.add_argument("--quantize", default="4bit", choices=list(QUANTIZATIONS), help="bitsandbytes quantization")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
+    parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
+    return parser.parse_args(argv)
+
+
+def build_engine(args) -> tuple:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, args.dtype, args.quantize, args.device)
+    runner = ModelRunner(loaded.model)
+    scheduler = Scheduler(
+        KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
+        args.max_waiting, loaded.max_context, loaded.eos_token_ids,
+    )
+    return loaded, Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
+
+
+def register_metrics(engine_loop: EngineLoop) -> None:
+    scheduler = engine_loop.engine.scheduler
+    Gauge("genrpc_model_running_sequences", "sequences in the running batch").set_function(
+        lambda: scheduler.num_running)
+    Gauge("genrpc_model_waiting_sequences", "sequences waiting for admission").set_function(
+        lambda: engine_loop.num_waiting)
+    Gauge("genrpc_model_kv_cache_used_tokens", "KV-cache tokens reserved").set_function(
+        lambda: scheduler.kv_cache.num_used_tokens)
+    Gauge("genrpc_model_kv_cache_tokens", "KV-cache budget in tokens").set(scheduler.kv_cache.budget_tokens)
+
+
+async def serve(args) -> None:
+    loaded, engine = build_engine(args)
+    subs = Subscriptions(asyncio.get_running_loop())
+    engine_loop = EngineLoop(engine, subs.publish_threadsafe)
+    register_metrics(engine_loop)
+    engine_loop.start()
+
+    def register(server):
+        model_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(loaded, engine_loop, subs), server)
+        return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
+
+    handle = await start_server("model", register, args.host, args.port, args.metrics_port)
+
+    async def stop_engine():
+        await asyncio.to_thread(engine_loop.stop)
+
+    await run_until_signal(handle, args.grace, args.port_file, on_stop=stop_engine)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

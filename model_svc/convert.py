@@ -1,0 +1,66 @@
+"""protobuf <-> engine types; the only module of the model service below the servicer that sees `_pb2`."""
+
+from __future__ import annotations
+
+from genrpc.v1 import generation_pb2, model_pb2
+from model_svc.engine.engine import TokenOutput
+from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
+from model_svc.loader import LoadedModel
+
+FINISH_REASONS = {
+    None: generation_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: generation_pb2.FINISH_REASON_EOS_TOKEN,
+    FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_params(pb: model_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=pb.max_new_tokens, min_new_tokens=pb.min_new_tokens, do_sample=pb.do_sample,
+        temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p, min_p=pb.min_p, typical_p=pb.typical_p,
+        repetition_penalty=pb.repetition_penalty, seed=pb.seed, stop_token_ids=frozenset(pb.stop_token_ids),
+        ignore_eos=pb.ignore_eos, logprobs=pb.logprobs, top_logprobs=pb.top_logprobs,
+    )
+
+
+def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int) -> Sequence:
+    """A SequenceInput as an engine Sequence keyed by (client, id); padding dropped by the mask."""
+    ids = list(pb.input_ids)
+    if pb.attention_mask:
+        if len(pb.attention_mask) != len(ids):
+            raise ValueError(
+                f"sequence {pb.sequence_id}: attention_mask has {len(pb.attention_mask)} entries "
+                f"for {len(ids)} input_ids"
+            )
+        ids = [i for i, m in zip(ids, pb.attention_mask) if m]
+    if not ids:
+        raise ValueError(f"sequence {pb.sequence_id}: the prompt has no tokens")
+    bad = next((i for i in ids if i >= vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"sequence {pb.sequence_id}: token id {bad} is not below the vocabulary size {vocab_size}")
+    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params))
+
+
+def token_event(out: TokenOutput) -> model_pb2.TokenEvent:
+    event = model_pb2.TokenEvent(
+        sequence_id=out.seq_id[1], has_token=out.token_id is not None, token_id=out.token_id or 0,
+        finish_reason=FINISH_REASONS[out.finish_reason], error=out.error,
+    )
+    if out.logprob is not None:
+        event.logprob = out.logprob
+        event.top_logprobs.extend(
+            generation_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.top_logprobs
+        )
+    return event
+
+
+def default_config(loaded: LoadedModel) -> generation_pb2.GenerationConfig:
+    d = loaded.defaults
+    return generation_pb2.GenerationConfig(
+        max_new_tokens=d.max_new_tokens, min_new_tokens=0, do_sample=d.do_sample, temperature=d.temperature,
+        top_k=d.top_k, top_p=d.top_p, min_p=d.min_p, typical_p=d.typical_p,
+        repetition_penalty=d.repetition_penalty, include_stop_sequence=False, ignore_eos=False,
+        skip_special_tokens=True, logprobs=False, top_logprobs=0,
+    )

@@ -1,0 +1,62 @@
+"""One engine step: schedule -> execute -> sample -> update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from model_svc.engine.runner import ModelRunner
+from model_svc.engine.sampler import Sampler
+from model_svc.engine.scheduler import Scheduler
+from model_svc.engine.sequence import FinishReason, Sequence
+
+
+@dataclass
+class TokenOutput:
+    """What one sequence got from one step (or from an abort between steps)."""
+
+    seq_id: Hashable
+    token_id: int | None  # None when the sequence ended without a new token
+    finish_reason: FinishReason | None = None  # None while it runs
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    error: str = ""
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.sampler.prepare(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: Hashable) -> TokenOutput | None:
+        seq = self.scheduler.abort(seq_id)
+        return None if seq is None else TokenOutput(seq_id, None, FinishReason.CANCELLED)
+
+    def step(self) -> list[TokenOutput]:
+        """Runs one step; returns one output per sequence that got a token or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            logits = self.runner.execute(out.scheduled)
+            sampling = [item.seq for item in out.scheduled if item.completes_prompt]
+            tokens = self.sampler.sample(logits, sampling)
+        except Exception as exc:  # a failed step fails its sequences, never the server
+            seqs = [item.seq for item in out.scheduled]
+            self.scheduler.fail(seqs)
+            message = f"{type(exc).__name__}: {exc}"
+            return [TokenOutput(s.seq_id, None, FinishReason.ERROR, error=message) for s in seqs]
+        self.num_steps += 1
+        self.num_generated_tokens += len(tokens)
+        self.scheduler.update(out, {seq.seq_id: t.token_id for seq, t in zip(sampling, tokens)})
+        return [
+            TokenOutput(seq.seq_id, t.token_id, seq.finish_reason, t.logprob, t.top_logprobs)
+            for seq, t in zip(sampling, tokens)
+        ]

@@ -1,0 +1,98 @@
+"""A sequence's state and its token-selection parameters."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+
+class FinishReason(enum.Enum):
+    """Token-level reasons the engine ends a sequence (text-level ones live in the gateway)."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens; checked on construction."""
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "in [0, max_new_tokens]"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature > 0, "> 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("typical_p", 0 < self.typical_p <= 1, "in (0, 1]"),
+            ("repetition_penalty",
+             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
+            ("seed", 0 <= self.seed < 2**64, "in [0, 2^64)"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+
+@dataclass
+class Sequence:
+    """One prompt being generated. `seq_id` is opaque to the engine (the server uses (client, id))."""
+
+    seq_id: Hashable
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
+    kv_cache: object | None = None  # a kv_cache.SequenceKV while running
+    generator: torch.Generator | None = None
+    processors: object | None = None  # the sampler's per-sequence logits processors
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,39 @@
+"""`python -m tokenizer_svc`: serve the tokenizer of a model folder (default :50052)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from genrpc.flags import server_parser
+from genrpc.model_path import DEFAULT_MODEL
+from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tokenizer_svc.server import TokenizerServicer
+from tokenizer_svc.tokenizer import Tokenizer
+
+
+def parse_args(argv=None):
+    parser = server_parser("genrpc tokenizer service", default_port=50052, default_metrics_port=9052)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id or GGUF file")
+    return parser.parse_args(argv)
+
+
+async def serve(args) -> None:
+    tokenizer = Tokenizer(args.model)
+
+    def register(server):
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer), server)
+        return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
+
+    handle = await start_server("tokenizer", register, args.host, args.port, args.metrics_port)
+    await run_until_signal(handle, args.grace, args.port_file)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

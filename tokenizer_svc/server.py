@@ -1,0 +1,77 @@
+"""The tokenizer service's gRPC edge: protobuf in, one call, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+
+from genrpc.errors import InvalidArgument, grpc_errors
+from genrpc.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tokenizer_svc.tokenizer import DecodeStreamItem, Tokenizer, TokenizerError
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def _check_ids(self, ids, where: str) -> list[int]:
+        ids = list(ids)
+        vocab = self.tokenizer.vocab_size
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            raise InvalidArgument.field(where, bad, f"token ids must be below the vocabulary size {vocab}")
+        return ids
+
+    @grpc_errors
+    async def Encode(self, request, context):
+        if bool(request.texts) == bool(request.chats):
+            raise InvalidArgument("exactly one of texts and chats must be non-empty")
+        chats = [[{"role": m.role, "content": m.content} for m in chat.messages] for chat in request.chats]
+        truncate = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
+        try:
+            rows = await asyncio.to_thread(
+                self.tokenizer.encode, list(request.texts), chats, truncate, request.pad, request.return_tokens
+            )
+        except TokenizerError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        return tokenizer_pb2.EncodeResponse(
+            rows=[
+                tokenizer_pb2.EncodedRow(
+                    input_ids=row.input_ids, attention_mask=row.attention_mask, num_tokens=row.num_tokens,
+                    num_original_tokens=row.num_original_tokens, tokens=row.tokens,
+                )
+                for row in rows
+            ],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    @grpc_errors
+    async def Decode(self, request, context):
+        sequences = [self._check_ids(s.ids, f"sequences[{i}]") for i, s in enumerate(request.sequences)]
+        texts = self.tokenizer.decode_batch(sequences, request.skip_special_tokens)
+        return tokenizer_pb2.DecodeResponse(texts=texts)
+
+    @grpc_errors
+    async def DecodeStream(self, request, context):
+        items = [
+            DecodeStreamItem(self._check_ids(it.token_ids, f"items[{i}]"), it.read_offset,
+                             it.skip_special_tokens, it.final)
+            for i, it in enumerate(request.items)
+        ]
+        try:
+            steps = self.tokenizer.decode_stream(items)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        return tokenizer_pb2.DecodeStreamResponse(
+            results=[
+                tokenizer_pb2.DecodeStreamResult(text=s.text, prefix_offset=s.prefix_offset, read_offset=s.read_offset)
+                for s in steps
+            ]
+        )
+
+    @grpc_errors
+    async def TokenizerInfo(self, request, context):
+        t = self.tokenizer
+        return tokenizer_pb2.TokenizerInfoResponse(
+            name=t.name, vocab_size=t.vocab_size, eos_token_ids=t.eos_token_ids, pad_token_id=t.pad_token_id,
+            has_chat_template=t.has_chat_template, special_token_ids=t.special_token_ids,
+        )
