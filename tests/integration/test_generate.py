@@ -1,0 +1,227 @@
+"""The public API against the real stack: real processes, real gRPC, real model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import pytest
+import torch
+
+from genrpc.v1 import generation_pb2 as pb
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea and the wind in the autumn evening:",
+    "1, 2, 3,",
+    "한국어로 인사해 주세요",
+]
+FINISHED = (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS_TOKEN)
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    enc = tokenizer([prompt], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, enc.input_ids.shape[1]:].tolist()
+
+
+def generate(stub, prompts, **config) -> list[pb.Completion]:
+    return list(stub.Generate(pb.GenerateRequest(prompts=prompts, config=pb.GenerationConfig(**config)),
+                              timeout=120).completions)
+
+
+def stream(stub, prompt=None, chat=None, **config) -> list[pb.GenerateStreamResponse]:
+    request = pb.GenerateStreamRequest(config=pb.GenerationConfig(**config))
+    if chat is not None:
+        request.chat.CopyFrom(chat)
+    else:
+        request.prompt = prompt
+    return list(stub.GenerateStream(request, timeout=120))
+
+
+def test_greedy_tokens_equal_in_process_generate(stub, reference_model, hf_tokenizer):
+    for prompt in PROMPTS:
+        expected = reference_greedy(reference_model, hf_tokenizer, prompt, 24)
+        (got,) = generate(stub, [prompt], max_new_tokens=24)
+        assert list(got.token_ids) == expected, prompt
+        assert got.text == hf_tokenizer.decode(expected, skip_special_tokens=True)
+        assert got.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
+        assert got.generated_tokens == len(expected)
+
+
+def test_batch_of_different_lengths_equals_each_alone(stub):
+    together = generate(stub, PROMPTS, max_new_tokens=24)
+    assert len(together) == len(PROMPTS)
+    for prompt, completion in zip(PROMPTS, together):
+        (alone,) = generate(stub, [prompt], max_new_tokens=24)
+        assert list(completion.token_ids) == list(alone.token_ids), prompt
+        assert completion.text == alone.text
+
+
+def test_concurrent_requests_equal_each_alone(stub):
+    alone = {p: list(generate(stub, [p], max_new_tokens=16)[0].token_ids) for p in PROMPTS}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [(p, pool.submit(generate, stub, [p], max_new_tokens=16)) for p in PROMPTS * 2]
+        for prompt, future in futures:
+            assert list(future.result()[0].token_ids) == alone[prompt]
+
+
+def test_no_config_gives_at_most_20_new_tokens(stub):
+    (completion,) = generate(stub, ["Tell me a long story about a dragon."])
+    assert 1 <= completion.generated_tokens <= 20
+    assert completion.finish_reason in FINISHED
+    (ignored,) = generate(stub, ["Tell me a long story about a dragon."], ignore_eos=True)
+    assert ignored.generated_tokens == 20
+    assert ignored.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_same_seed_same_sample_streamed_or_not(stub):
+    config = dict(do_sample=True, temperature=1.3, top_k=0, seed=1234, max_new_tokens=24, ignore_eos=True)
+    first = generate(stub, ["Once upon a time"], **config)[0]
+    second = generate(stub, ["Once upon a time"], **config)[0]
+    streamed = stream(stub, "Once upon a time", **config)
+    assert first.seed == 1234
+    assert list(first.token_ids) == list(second.token_ids)
+    assert [t for m in streamed for t in m.token_ids] == list(first.token_ids)
+    assert "".join(m.text for m in streamed) == first.text
+    other = generate(stub, ["Once upon a time"], **dict(config, seed=4321))[0]
+    assert list(other.token_ids) != list(first.token_ids)
+
+
+def test_unseeded_sample_reports_a_seed_that_reproduces_it(stub):
+    config = dict(do_sample=True, max_new_tokens=16, ignore_eos=True)
+    first = generate(stub, ["My favourite food is"], **config)[0]
+    again = generate(stub, ["My favourite food is"], **dict(config, seed=first.seed))[0]
+    assert list(again.token_ids) == list(first.token_ids)
+
+
+@pytest.mark.parametrize("prompt", [
+    "Translate to Korean: good morning, my friend",
+    "Reply with three emoji about the weather:",
+    "日本語で自己紹介してください",
+])
+def test_streamed_text_concatenates_to_unary_text(stub, hf_tokenizer, prompt):
+    unary = generate(stub, [prompt], max_new_tokens=32, ignore_eos=True)[0]
+    messages = stream(stub, prompt, max_new_tokens=32, ignore_eos=True)
+    assert "".join(m.text for m in messages) == unary.text
+    assert unary.text == hf_tokenizer.decode(list(unary.token_ids), skip_special_tokens=True)
+    # Only a character cut off by the length limit may end the text incomplete.
+    assert "\ufffd" not in unary.text.rstrip("\ufffd")
+    assert all("\ufffd" not in m.text for m in messages[:-1])
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert messages[-1].generated_tokens == 32
+
+
+def test_korean_and_emoji_survive_streaming(stub):
+    # The model writes multi-byte characters split over several byte-level tokens.
+    unary = generate(stub, ["한국어로 인사해 주세요 😀"], max_new_tokens=24, ignore_eos=True)[0]
+    assert any(ord(c) > 0x3000 for c in unary.text)
+    messages = stream(stub, "한국어로 인사해 주세요 😀", max_new_tokens=24, ignore_eos=True)
+    assert "".join(m.text for m in messages) == unary.text
+    assert all("\ufffd" not in m.text for m in messages)
+
+
+def test_stop_string_split_across_tokens(stub):
+    base = generate(stub, ["1, 2, 3,"], max_new_tokens=20)[0].text
+    assert " 5, 6" in base, base  # the greedy continuation counts on
+    # " 5, 6" spans several tokens; nothing from it (or after it) may come out.
+    unary = generate(stub, ["1, 2, 3,"], max_new_tokens=20, stop=[" 5, 6"])[0]
+    assert unary.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert unary.stop_sequence == " 5, 6"
+    assert unary.text == base[: base.index(" 5, 6")]
+    messages = stream(stub, "1, 2, 3,", max_new_tokens=20, stop=[" 5, 6"])
+    assert "".join(m.text for m in messages) == unary.text
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    included = generate(stub, ["1, 2, 3,"], max_new_tokens=20, stop=[" 5, 6"], include_stop_sequence=True)[0]
+    assert included.text == unary.text + " 5, 6"
+
+
+def test_stream_never_shows_a_prefix_of_a_stop_string_that_completes(stub):
+    messages = stream(stub, "1, 2, 3,", max_new_tokens=20, stop=[" 5, 6, 7"])
+    seen = ""
+    for m in messages:
+        seen += m.text
+        assert " 5" not in seen
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+
+
+def test_chat_messages_use_the_chat_template(stub, reference_model, hf_tokenizer):
+    messages = [{"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    chat = pb.Chat(messages=[pb.Message(role=m["role"], content=m["content"]) for m in messages])
+    reply = stub.Generate(pb.GenerateRequest(chats=[chat], config=pb.GenerationConfig(max_new_tokens=16)),
+                          timeout=120).completions[0]
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.inference_mode():
+        out = reference_model.model.generate(**ids, max_new_tokens=16, do_sample=False)
+    expected = out[0, ids["input_ids"].shape[1]:].tolist()
+    assert list(reply.token_ids) == expected
+    assert reply.prompt_tokens == ids["input_ids"].shape[1]
+    assert "Paris" in reply.text
+    streamed = stream(stub, chat=chat, max_new_tokens=16)
+    assert "".join(m.text for m in streamed) == reply.text
+
+
+def test_eos_ends_the_sequence(stub, hf_tokenizer):
+    messages = [pb.Message(role="user", content="Say just the word: yes")]
+    reply = stub.Generate(pb.GenerateRequest(chats=[pb.Chat(messages=messages)],
+                                             config=pb.GenerationConfig(max_new_tokens=64)), timeout=120)
+    completion = reply.completions[0]
+    assert completion.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    assert completion.token_ids[-1] == hf_tokenizer.eos_token_id
+    assert completion.generated_tokens < 64
+
+
+def test_truncation_keeps_the_last_tokens(stub, hf_tokenizer):
+    prompt = "one two three four five six seven eight nine ten"
+    (completion,) = generate(stub, [prompt], max_new_tokens=4, truncate_input_tokens=3)
+    assert completion.prompt_tokens == 3
+    last_three = hf_tokenizer.decode(hf_tokenizer(prompt).input_ids[-3:])
+    (direct,) = generate(stub, [last_three], max_new_tokens=4)
+    assert list(direct.token_ids) == list(completion.token_ids)
+
+
+def test_stop_token_ids_and_min_new_tokens(stub):
+    (base,) = generate(stub, ["1, 2, 3,"], max_new_tokens=12)
+    stopper = base.token_ids[3]
+    (stopped,) = generate(stub, ["1, 2, 3,"], max_new_tokens=12, stop_token_ids=[stopper])
+    first = list(base.token_ids).index(stopper)
+    assert list(stopped.token_ids) == list(base.token_ids[: first + 1])
+    assert stopped.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    (held,) = generate(stub, ["1, 2, 3,"], max_new_tokens=12, stop_token_ids=[stopper], min_new_tokens=12)
+    assert held.generated_tokens == 12
+
+
+def test_logprobs(stub):
+    (c,) = generate(stub, ["The capital of France is"], max_new_tokens=5, logprobs=True, top_logprobs=3)
+    assert len(c.logprobs) == 5
+    for token_id, lp in zip(c.token_ids, c.logprobs):
+        assert lp.token_id == token_id
+        assert lp.logprob <= 0
+        assert len(lp.top) == 3
+        assert lp.top[0].token_id == token_id  # greedy picks the most likely
+        assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+
+
+def test_time_limit_ends_with_partial_text(stub):
+    (c,) = generate(stub, ["Count slowly:"], max_new_tokens=4000, ignore_eos=True, time_limit_ms=600)
+    assert c.finish_reason == pb.FINISH_REASON_TIME_LIMIT
+    assert 0 < c.generated_tokens < 4000
+
+
+def test_tokenize_and_model_info(stub, hf_tokenizer):
+    result = stub.Tokenize(pb.TokenizeRequest(prompts=["Hello world", "한국어"]), timeout=30)
+    assert [list(p.token_ids) for p in result.prompts] == [hf_tokenizer(t).input_ids for t in ["Hello world", "한국어"]]
+    assert result.prompts[0].tokens == hf_tokenizer.convert_ids_to_tokens(hf_tokenizer("Hello world").input_ids)
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
+    assert info.model_name == "SmolLM2-135M-Instruct"
+    assert info.max_context_tokens == 8192
+    assert info.quantization == "4bit-nf4"
+    assert info.dtype == "bfloat16"
+    assert info.device == "cpu"
+    assert info.default_config.max_new_tokens == 20
+    assert list(info.eos_token_ids) == [hf_tokenizer.eos_token_id]
