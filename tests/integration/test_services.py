@@ -1,0 +1,136 @@
+"""Health, reflection, metrics and graceful shutdown on all three services; the CLI; an
+outside client that knows only server reflection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from genrpc.v1 import generation_pb2 as pb
+from tests.conftest import MODEL, ROOT, start_service, wait_serving
+
+SERVICES = {
+    "tokenizer": "genrpc.v1.Tokenizer",
+    "model": "genrpc.v1.ModelWorker",
+    "gateway": "genrpc.v1.Generation",
+}
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_health_and_reflection(stack, name):
+    service = getattr(stack, name)
+    with grpc.insecure_channel(service.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service_name in ("", SERVICES[name]):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        db = ProtoReflectionDescriptorDatabase(channel)
+        names = set(db.get_services())
+        assert SERVICES[name] in names
+        assert "grpc.health.v1.Health" in names
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_metrics_endpoint(stack, name):
+    service = getattr(stack, name)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
+    assert "genrpc_requests_total" in body
+    if name == "model":
+        assert "genrpc_model_running_sequences" in body
+        assert "genrpc_model_generated_tokens_total" in body
+
+
+def test_client_that_knows_only_reflection(stack):
+    """Build the request from descriptors fetched over reflection, as grpcurl and ghz do."""
+    with grpc.insecure_channel(stack.gateway.address) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName("genrpc.v1.Generation").FindMethodByName("Generate")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        request = request_cls()
+        request.prompts.append("The capital of France is")
+        request.config.max_new_tokens = 8
+        call = channel.unary_unary("/genrpc.v1.Generation/Generate", request_serializer=request_cls.SerializeToString,
+                                   response_deserializer=response_cls.FromString)
+        reply = call(request, timeout=60)
+        completion = reply.completions[0]
+        assert "Paris" in completion.text
+        assert completion.generated_tokens == 8
+        finish = method.output_type.fields_by_name["completions"].message_type.fields_by_name["finish_reason"]
+        assert finish.enum_type.values_by_number[completion.finish_reason].name == "FINISH_REASON_LENGTH"
+
+
+def test_cli(stack):
+    env = dict(os.environ)
+    cli = [sys.executable, "-m", "genrpc.cli", "--addr", stack.gateway.address]
+    out = subprocess.run([*cli, "generate", "The capital of France is", "--max-new-tokens", "5"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    streamed = subprocess.run([*cli, "generate", "The capital of France is", "--max-new-tokens", "5", "--stream"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert streamed.stdout == out.stdout
+    chat = subprocess.run([*cli, "generate", "--chat", "What is the capital of France?", "--system",
+                           "You answer in one word.", "--max-new-tokens", "16"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert "Paris" in chat.stdout
+    tokens = subprocess.run([*cli, "tokenize", "Hello world"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert tokens.stdout.splitlines()[0].split("\t")[1] == "Hello"
+    info = subprocess.run([*cli, "info"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "SmolLM2-135M-Instruct" in info.stdout
+    bad = subprocess.run([*cli, "generate", "x", "--top-p", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+
+def test_env_variables_set_flags(tmp_path):
+    env_port_file = tmp_path / "ports.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tokenizer_svc.__main__ import parse_args; a = parse_args([]); "
+         "print(a.port, a.metrics_port, a.model)"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=dict(os.environ, GENRPC_PORT="6123", GENRPC_METRICS_PORT="7123", GENRPC_MODEL=str(env_port_file)),
+    )
+    assert proc.stdout.split() == ["6123", "7123", str(env_port_file)]
+
+
+def test_sigterm_lets_an_inflight_stream_finish(stack):
+    """A second gateway in front of the same workers: SIGTERM mid-stream, the stream still completes."""
+    gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
+                            "--model-addrs", stack.model.address)
+    wait_serving(gateway.address)
+    from genrpc.v1 import generation_pb2_grpc
+
+    received = []
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        request = pb.GenerateStreamRequest(prompt="Count:", config=pb.GenerationConfig(
+            max_new_tokens=40, ignore_eos=True))
+        responses = stub.GenerateStream(request, timeout=60)
+        received.append(next(responses))
+        gateway.proc.send_signal(signal.SIGTERM)
+        received.extend(responses)
+    assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(m.token_ids) for m in received) == 40
+    assert gateway.proc.wait(timeout=20) == 0
+    # The workers behind it are unharmed.
+    with grpc.insecure_channel(stack.gateway.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        assert stub.Generate(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2)),
+                             timeout=60).completions[0].generated_tokens == 2
+
+
+def test_tokenizer_sigterm_exits_cleanly():
+    service = start_service("tokenizer_svc", "--model", MODEL)
+    wait_serving(service.address)
+    assert service.stop() == 0
