@@ -22,11 +22,10 @@ from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step (1 for a decode, a chunk for a prefill)
+    completes_prompt: bool = False  # this step reaches the sequence's last token, so one is sampled
 
-    @property
-    def completes_prompt(self) -> bool:
-        """True when this step computes the sequence's last uncomputed token, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.completes_prompt = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass

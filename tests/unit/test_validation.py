@@ -1,0 +1,60 @@
+import math
+
+import pytest
+
+from genrpc.errors import InvalidArgument
+from gateway.validation import ModelLimits, RequestedConfig, fit_to_context, resolve_config, validate_prompts
+
+DEFAULTS = RequestedConfig(max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0,
+                           typical_p=1.0, repetition_penalty=1.0)
+LIMITS = ModelLimits(max_context=100, vocab_size=1000, defaults=DEFAULTS)
+
+
+def test_unset_means_model_default():
+    c = resolve_config(RequestedConfig(), LIMITS)
+    assert (c.max_new_tokens, c.do_sample, c.top_k, c.skip_special_tokens, c.seed) == (20, False, 50, True, None)
+    assert not c.max_new_tokens_explicit
+
+
+def test_top_logprobs_implies_logprobs():
+    assert resolve_config(RequestedConfig(top_logprobs=2), LIMITS).logprobs
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_new_tokens", 0), ("max_new_tokens", 100), ("temperature", 0.0), ("temperature", math.nan),
+    ("top_p", 0.0), ("top_p", math.inf), ("min_p", 1.5), ("typical_p", -1.0), ("repetition_penalty", 0.0),
+    ("top_k", -2), ("time_limit_ms", 0), ("truncate_input_tokens", 100), ("top_logprobs", 21),
+])
+def test_refusals_name_field_and_value(field, value):
+    with pytest.raises(InvalidArgument) as info:
+        resolve_config(RequestedConfig(**{field: value}), LIMITS)
+    assert f"config.{field}=" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_stop_limits():
+    with pytest.raises(InvalidArgument, match="stop"):
+        resolve_config(RequestedConfig(stop=["a"] * 33), LIMITS)
+    with pytest.raises(InvalidArgument, match=r"stop_token_ids\[1\]"):
+        resolve_config(RequestedConfig(stop_token_ids=[1, 1000]), LIMITS)
+
+
+def test_prompts():
+    validate_prompts(["a"], [], single=False)
+    with pytest.raises(InvalidArgument, match="exactly one"):
+        validate_prompts([], [], single=False)
+    with pytest.raises(InvalidArgument, match=r"prompts\[1\] is empty"):
+        validate_prompts(["a", ""], [], single=False)
+    with pytest.raises(InvalidArgument, match=r"chats\[0\].messages\[1\].role"):
+        validate_prompts([], [[("user", "a"), ("robot", "b")]], single=False)
+
+
+def test_fit_to_context():
+    default = resolve_config(RequestedConfig(), LIMITS)
+    assert fit_to_context(10, default, 100, "prompts[0]") == 20
+    assert fit_to_context(90, default, 100, "prompts[0]") == 10  # the default shrinks to fit
+    with pytest.raises(InvalidArgument, match="truncate_input_tokens"):
+        fit_to_context(100, default, 100, "prompts[0]")
+    explicit = resolve_config(RequestedConfig(max_new_tokens=50), LIMITS)
+    with pytest.raises(InvalidArgument, match="at most 10 new tokens"):
+        fit_to_context(90, explicit, 100, "prompts[0]")
