@@ -143,3 +143,13 @@ def test_cuda_quantized_greedy_equals_generate(hf_tokenizer, quantize):
         expected = loaded.model.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc.input_ids.shape[1]:]
     got = run(make_engine(loaded), [Sequence(0, enc.input_ids[0].tolist(), SamplingParams(max_new_tokens=16))])[0]
     assert got == expected.tolist()
+
+
+def test_gguf_file_loads_and_generates(hf_tokenizer):
+    from genrpc.prepare_model import gguf_path
+
+    loaded = load_model(gguf_path(), "float32", "none", "cpu")
+    assert loaded.quantization == "gguf"
+    ids = hf_tokenizer(PROMPTS[0]).input_ids
+    got = run(make_engine(loaded), [Sequence(0, ids, SamplingParams(max_new_tokens=6))])[0]
+    assert got == reference(loaded, hf_tokenizer, PROMPTS[0], 6, do_sample=False)
