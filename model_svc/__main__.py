@@ -34,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
+    parser.add_argument("--match-generate", action="store_true",
+                        help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -42,7 +44,7 @@ def build_engine(args) -> tuple:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
-    runner = ModelRunner(loaded.model)
+    runner = ModelRunner(loaded.model, match_generate=args.match_generate)
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
         args.max_waiting, loaded.max_context, loaded.eos_token_ids,

@@ -45,7 +45,7 @@ class Engine:
         if out.is_empty:
             return []
         try:
-            logits = self.runner.execute(out.scheduled)
+            logits = self.runner.execute(out.scheduled, self.scheduler.kv_cache)
             sampling = [item.seq for item in out.scheduled if item.completes_prompt]
             tokens = self.sampler.sample(logits, sampling)
         except Exception as exc:  # a failed step fails its sequences, never the server

@@ -1,18 +1,22 @@
-"""Per-sequence KV storage under a global token budget.
+"""Keys and values of all running sequences, in one arena, under a token budget.
 
-Each running sequence owns one contiguous buffer sized for its prompt plus its
-`max_new_tokens`, reserved when it is admitted and released the moment it ends.
-Attention then reads each sequence's own keys and values, exact length, with no
-padding: this is what makes a sequence's tokens identical whether it runs alone
-or beside others (a left-padded merged cache changes the attention's reduction
-and flips greedy tokens in bfloat16; see the README's engine notes).
+Each running sequence owns one contiguous range of the arena, sized for its
+prompt plus its `max_new_tokens`, reserved when it is admitted and released
+the moment it ends. Attention then reads each sequence's own keys and values,
+exact length, with no padding: this is what makes a sequence's tokens identical
+whether it runs alone or beside others (a left-padded merged cache changes the
+attention's reduction and flips greedy tokens in bfloat16; see the README).
+One arena (rather than a buffer per sequence) lets a step write every new key
+of a layer with one `index_copy_`.
 
-The budget is in tokens, so memory is bounded by it: when a new sequence does
-not fit, it waits.
+Ranges are handed out first-fit from a free list and merged back when freed;
+when no free range is long enough, a new sequence waits. Memory is bounded by
+the budget: the arena is allocated once, and pages are only touched when used.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -31,45 +35,66 @@ class KVSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
 
-class SequenceKV:
-    """One sequence's keys and values: [layers, 1, kv_heads, capacity, head_dim] each."""
+@dataclass
+class KVRange:
+    """A sequence's slots in the arena: tokens start .. start + capacity."""
 
-    def __init__(self, spec: KVSpec, capacity: int):
-        shape = (spec.num_layers, 1, spec.num_kv_heads, capacity, spec.head_dim)
-        self.keys = torch.empty(shape, dtype=spec.dtype, device=spec.device)
-        self.values = torch.empty(shape, dtype=spec.dtype, device=spec.device)
-        self.capacity = capacity
-
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Stores keys/values [1, kv_heads, t, head_dim] at positions start..start+t and returns
-        the cache up to there: ([1, kv_heads, start+t, head_dim], same)."""
-        end = start + keys.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {end} past capacity {self.capacity}")
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    start: int
+    capacity: int
 
 
 class KVCacheManager:
-    """Hands out SequenceKV buffers while the reserved tokens stay within the budget."""
+    """The arena and its free list. The last slot is a scratch slot for padding rows."""
 
-    def __init__(self, spec: KVSpec, budget_tokens: int):
+    def __init__(self, spec: KVSpec, budget_tokens: int, allocate_arena: bool = True):
         self.spec = spec
         self.budget_tokens = budget_tokens
         self.num_used_tokens = 0
+        self.free_ranges: list[tuple[int, int]] = [(0, budget_tokens)]  # sorted (start, length)
+        self.scratch_slot = budget_tokens
+        self.arena = None
+        if allocate_arena:
+            # [layers, keys/values, kv_heads, slots, head_dim]
+            self.arena = torch.zeros(
+                (spec.num_layers, 2, spec.num_kv_heads, budget_tokens + 1, spec.head_dim),
+                dtype=spec.dtype, device=spec.device,
+            )
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return self.num_used_tokens + num_tokens <= self.budget_tokens
+        return any(length >= num_tokens for _, length in self.free_ranges)
 
-    def allocate(self, num_tokens: int) -> SequenceKV:
-        if not self.can_allocate(num_tokens):
-            raise RuntimeError(f"KV budget exhausted: {num_tokens} asked, {self.num_free_tokens} free")
-        self.num_used_tokens += num_tokens
-        return SequenceKV(self.spec, num_tokens)
+    def allocate(self, num_tokens: int) -> KVRange:
+        for i, (start, length) in enumerate(self.free_ranges):
+            if length >= num_tokens:
+                if length == num_tokens:
+                    del self.free_ranges[i]
+                else:
+                    self.free_ranges[i] = (start + num_tokens, length - num_tokens)
+                self.num_used_tokens += num_tokens
+                return KVRange(start, num_tokens)
+        raise RuntimeError(f"KV budget exhausted: no free range of {num_tokens} tokens")
 
-    def free(self, kv: SequenceKV) -> None:
+    def free(self, kv: KVRange) -> None:
         self.num_used_tokens -= kv.capacity
+        i = bisect.bisect(self.free_ranges, (kv.start, 0))
+        start, length = kv.start, kv.capacity
+        if i < len(self.free_ranges) and self.free_ranges[i][0] == start + length:  # merge with the next
+            length += self.free_ranges.pop(i)[1]
+        if i > 0 and sum(self.free_ranges[i - 1]) == start:  # merge with the previous
+            prev_start, prev_length = self.free_ranges[i - 1]
+            self.free_ranges[i - 1] = (prev_start, prev_length + length)
+        else:
+            self.free_ranges.insert(i, (start, length))
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stores a step's keys/values [kv_heads, T, head_dim] at arena slots [T]."""
+        self.arena[layer, 0].index_copy_(1, slots, keys)
+        self.arena[layer, 1].index_copy_(1, slots, values)
+
+    def view(self, layer: int, kv: KVRange, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's first `length` keys and values: [1, kv_heads, length, head_dim] each."""
+        end = kv.start + length
+        return self.arena[layer, 0, None, :, kv.start:end], self.arena[layer, 1, None, :, kv.start:end]
 
     @property
     def num_free_tokens(self) -> int:

@@ -73,7 +73,8 @@ class Sampler:
         tokens: list[SampledToken | None] = [None] * len(seqs)
         plain = [i for i, seq in enumerate(seqs) if not self._needs_row_work(seq)]
         if plain:
-            chosen = logits[plain].argmax(dim=-1).tolist()
+            rows = logits if len(plain) == len(seqs) else logits[plain]  # no copy when all rows are plain
+            chosen = rows.argmax(dim=-1).tolist()
             for i, token_id in zip(plain, chosen):
                 tokens[i] = SampledToken(token_id)
         for i, seq in enumerate(seqs):

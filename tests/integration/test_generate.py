@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import grpc
 import pytest
-import torch
 
 from genrpc.v1 import generation_pb2 as pb
+from tests.greedy import assert_greedy_matches
 
 PROMPTS = [
     "The capital of France is",
@@ -17,13 +16,6 @@ PROMPTS = [
     "한국어로 인사해 주세요",
 ]
 FINISHED = (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS_TOKEN)
-
-
-def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    enc = tokenizer([prompt], return_tensors="pt")
-    with torch.inference_mode():
-        out = model.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, enc.input_ids.shape[1]:].tolist()
 
 
 def generate(stub, prompts, **config) -> list[pb.Completion]:
@@ -42,12 +34,11 @@ def stream(stub, prompt=None, chat=None, **config) -> list[pb.GenerateStreamResp
 
 def test_greedy_tokens_equal_in_process_generate(stub, reference_model, hf_tokenizer):
     for prompt in PROMPTS:
-        expected = reference_greedy(reference_model, hf_tokenizer, prompt, 24)
         (got,) = generate(stub, [prompt], max_new_tokens=24)
-        assert list(got.token_ids) == expected, prompt
-        assert got.text == hf_tokenizer.decode(expected, skip_special_tokens=True)
+        assert_greedy_matches(reference_model, hf_tokenizer, prompt, list(got.token_ids))
+        assert got.text == hf_tokenizer.decode(list(got.token_ids), skip_special_tokens=True)
         assert got.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
-        assert got.generated_tokens == len(expected)
+        assert got.generated_tokens == 24 or got.token_ids[-1] == hf_tokenizer.eos_token_id
 
 
 def test_batch_of_different_lengths_equals_each_alone(stub):
@@ -154,13 +145,9 @@ def test_chat_messages_use_the_chat_template(stub, reference_model, hf_tokenizer
     chat = pb.Chat(messages=[pb.Message(role=m["role"], content=m["content"]) for m in messages])
     reply = stub.Generate(pb.GenerateRequest(chats=[chat], config=pb.GenerationConfig(max_new_tokens=16)),
                           timeout=120).completions[0]
-    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    with torch.inference_mode():
-        out = reference_model.model.generate(**ids, max_new_tokens=16, do_sample=False)
-    expected = out[0, ids["input_ids"].shape[1]:].tolist()
-    assert list(reply.token_ids) == expected
-    assert reply.prompt_tokens == ids["input_ids"].shape[1]
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert_greedy_matches(reference_model, hf_tokenizer, list(ids), list(reply.token_ids))
+    assert reply.prompt_tokens == len(ids)
     assert "Paris" in reply.text
     streamed = stream(stub, chat=chat, max_new_tokens=16)
     assert "".join(m.text for m in streamed) == reply.text

@@ -12,13 +12,14 @@ from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import load_model
 from tests.conftest import MODEL
+from tests.greedy import assert_greedy_matches
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind in the autumn evening:",
            "1, 2, 3,", "한국어로 인사해 주세요"]
 
 
-def make_engine(loaded, max_batch_tokens=512):
-    runner = ModelRunner(loaded.model)
+def make_engine(loaded, max_batch_tokens=512, match_generate=False):
+    runner = ModelRunner(loaded.model, match_generate=match_generate)
     scheduler = Scheduler(KVCacheManager(runner.kv_spec, 20000), 16, max_batch_tokens, 64, loaded.max_context,
                           loaded.eos_token_ids)
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
@@ -49,10 +50,21 @@ def float32_model():
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_float32_greedy_equals_generate(float32_model, hf_tokenizer, prompt):
-    engine = make_engine(float32_model)
+    engine = make_engine(float32_model, match_generate=True)
     ids = hf_tokenizer(prompt).input_ids
     got = run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24))])[0]
     assert got == reference(float32_model, hf_tokenizer, prompt, 24, do_sample=False)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_match_generate_is_bit_identical_with_4bit(reference_model, hf_tokenizer, prompt):
+    ids = hf_tokenizer(prompt).input_ids
+    engine = make_engine(reference_model, match_generate=True)
+    expected = reference(reference_model, hf_tokenizer, prompt, 24, do_sample=False)
+    assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24))])[0] == expected
+    # ... and stays so beside other sequences.
+    crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
+    assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24)), *crowd])[0] == expected
 
 
 def test_alone_equals_beside_others(reference_model, hf_tokenizer):
@@ -103,7 +115,7 @@ def test_repetition_penalty_matches_generate(reference_model, hf_tokenizer):
     ids = hf_tokenizer(PROMPTS[2]).input_ids
     got = run(make_engine(reference_model), [Sequence(0, ids, SamplingParams(max_new_tokens=16,
                                                                              repetition_penalty=1.3))])[0]
-    assert got == reference(reference_model, hf_tokenizer, PROMPTS[2], 16, do_sample=False, repetition_penalty=1.3)
+    assert_greedy_matches(reference_model, hf_tokenizer, PROMPTS[2], got, repetition_penalty=1.3)
 
 
 def test_abort_between_steps_frees_the_cache(reference_model, hf_tokenizer):
@@ -122,7 +134,7 @@ def test_8bit_quantized_path_generates(hf_tokenizer):
     assert loaded.quantization == "8bit"
     ids = hf_tokenizer(PROMPTS[0]).input_ids
     got = run(make_engine(loaded), [Sequence(0, ids, SamplingParams(max_new_tokens=8))])[0]
-    assert got == reference(loaded, hf_tokenizer, PROMPTS[0], 8, do_sample=False)
+    assert_greedy_matches(loaded, hf_tokenizer, PROMPTS[0], got)
 
 
 def test_unsupported_architecture_is_refused():
@@ -141,7 +153,8 @@ def test_cuda_quantized_greedy_equals_generate(hf_tokenizer, quantize):
     enc = hf_tokenizer([PROMPTS[0]], return_tensors="pt").to("cuda")
     with torch.inference_mode():
         expected = loaded.model.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc.input_ids.shape[1]:]
-    got = run(make_engine(loaded), [Sequence(0, enc.input_ids[0].tolist(), SamplingParams(max_new_tokens=16))])[0]
+    engine = make_engine(loaded, match_generate=True)
+    got = run(engine, [Sequence(0, enc.input_ids[0].tolist(), SamplingParams(max_new_tokens=16))])[0]
     assert got == expected.tolist()
 
 
@@ -152,4 +165,4 @@ def test_gguf_file_loads_and_generates(hf_tokenizer):
     assert loaded.quantization == "gguf"
     ids = hf_tokenizer(PROMPTS[0]).input_ids
     got = run(make_engine(loaded), [Sequence(0, ids, SamplingParams(max_new_tokens=6))])[0]
-    assert got == reference(loaded, hf_tokenizer, PROMPTS[0], 6, do_sample=False)
+    assert_greedy_matches(loaded, hf_tokenizer, PROMPTS[0], got)
