@@ -164,17 +164,20 @@ async def start_server(
 
 
 async def run_until_signal(
-    handle: ServerHandle, grace: float, port_file: str = "", on_stop: Callable[[], Awaitable[None]] | None = None
+    handle: ServerHandle, grace: float, port_file: str = "", on_stop: Callable[[], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully: health goes
-    NOT_SERVING, new calls are refused, in-flight calls get `grace` seconds."""
+    """Serves until SIGTERM or SIGINT (or until `stop` is set, for a loop that is not on the main
+    thread), then stops gracefully: health goes NOT_SERVING, new calls are refused, in-flight calls
+    get `grace` seconds."""
     if port_file:
         with open(port_file, "w") as f:
             json.dump({"port": handle.port, "metrics_port": handle.metrics_port}, f)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     server_done = asyncio.ensure_future(handle.server.wait_for_termination())
     stop_wait = asyncio.ensure_future(stop.wait())
     await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)

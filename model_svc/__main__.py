@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 
 import torch
 from prometheus_client import Gauge
@@ -63,29 +65,53 @@ def register_metrics(engine_loop: EngineLoop) -> None:
     Gauge("genrpc_model_kv_cache_tokens", "KV-cache budget in tokens").set(scheduler.kv_cache.budget_tokens)
 
 
-async def serve(args) -> None:
-    loaded, engine = build_engine(args)
+async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event) -> None:
+    """The gRPC server, on its own thread's asyncio loop."""
     subs = Subscriptions(asyncio.get_running_loop())
-    engine_loop = EngineLoop(engine, subs.publish_threadsafe)
-    register_metrics(engine_loop)
-    engine_loop.start()
+    engine_loop.publish = subs.publish_threadsafe
 
     def register(server):
         model_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(loaded, engine_loop, subs), server)
         return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
 
     handle = await start_server("model", register, args.host, args.port, args.metrics_port)
-
-    async def stop_engine():
-        await asyncio.to_thread(engine_loop.stop)
-
-    await run_until_signal(handle, args.grace, args.port_file, on_stop=stop_engine)
+    ready.set()
+    await run_until_signal(handle, args.grace, args.port_file, stop=stop)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level)
-    asyncio.run(serve(args))
+    loaded, engine = build_engine(args)
+    engine_loop = EngineLoop(engine)
+    register_metrics(engine_loop)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def server_thread() -> None:
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(serve(args, loaded, engine_loop, stop, ready))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failure.append(exc)
+        finally:
+            engine_loop.stop()  # the server is done: so is the engine
+            ready.set()
+
+    def on_signal(signum, frame) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server_thread, name="grpc", daemon=True)
+    thread.start()
+    ready.wait()
+    engine_loop.run()  # on the main thread, where the weights were loaded (see engine/loop.py)
+    thread.join(timeout=args.grace + 10)
+    if failure:
+        raise SystemExit(f"model service failed: {failure[0]!r}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ of a layer with one `index_copy_`.
 
 Ranges are handed out first-fit from a free list and merged back when freed;
 when no free range is long enough, a new sequence waits. Memory is bounded by
-the budget: the arena is allocated once, and pages are only touched when used.
+the budget: the arena is allocated once (empty: its pages become resident only as they are used).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class KVCacheManager:
         self.arena = None
         if allocate_arena:
             # [layers, keys/values, kv_heads, slots, head_dim]
-            self.arena = torch.zeros(
+            self.arena = torch.empty(
                 (spec.num_layers, 2, spec.num_kv_heads, budget_tokens + 1, spec.head_dim),
                 dtype=spec.dtype, device=spec.device,
             )

@@ -1,0 +1,195 @@
+"""`make bench`: the service against in-process transformers generate(), same model, prompts
+and dtype, in one run.
+
+1. Starts the three services (default flags: 4-bit nf4, bfloat16 compute) and drives them with
+   N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored), then a run
+   with arrivals spread over time and mixed lengths, then a 1,000-request run that samples the
+   model service's memory.
+2. Stops the stack, loads the same model in-process and runs generate() on the same prompts:
+   batch 1 one after another, and one static left-padded batch of N.
+3. Writes bench/results/latest.json and bench/results/latest.png.
+
+    python -m bench.run [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+from bench.clients import run_streams
+from genrpc.launch import ROOT, start_stack
+
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+RESULTS = os.path.join(ROOT, "bench", "results")
+TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the history of tea", "a city under the sea",
+          "how rain forms", "a chess tournament", "a dragon who collects clocks", "the first day of school"]
+
+
+def prompts_for(n: int) -> list[str]:
+    return [f"Write a long story about {TOPICS[i % len(TOPICS)]}" + (" in great detail" * (i % 3)) + "."
+            for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(results, wall: float) -> dict:
+    ttfts = [r.ttft for r in results if r.num_tokens]
+    itls = [x for r in results for x in r.itls]
+    tokens = sum(r.num_tokens for r in results)
+    return {
+        "num_requests": len(results), "num_tokens": tokens, "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1), "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
+        "itl_p50_ms": round(percentile(itls, 50) * 1000, 1), "itl_p99_ms": round(percentile(itls, 99) * 1000, 1),
+        "codes": {c: sum(r.code == c for r in results) for c in {r.code for r in results}},
+    }
+
+
+def bench_service(concurrency: list[int], new_tokens: int, num_soak: int) -> dict:
+    stack = start_stack(MODEL)
+    try:
+        address = stack.gateway.address
+        asyncio.run(run_streams(address, prompts_for(2), [8, 8], [0, 0]))  # warm-up
+        out = {"concurrency": {}}
+        for n in concurrency:
+            results, wall = asyncio.run(run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n))
+            out["concurrency"][str(n)] = summarize(results, wall)
+            print(f"service  N={n:>2}: {out['concurrency'][str(n)]}", flush=True)
+        rng = random.Random(0)
+        n = 32
+        lengths = [rng.randint(16, 256) for _ in range(n)]
+        delays = sorted(rng.uniform(0, 8) for _ in range(n))
+        prompts = [p * rng.randint(1, 6) for p in prompts_for(n)]
+        results, wall = asyncio.run(run_streams(address, prompts, lengths, delays))
+        out["spread_mixed"] = dict(summarize(results, wall), arrivals_over_s=8, max_new_tokens="16-256")
+        print(f"service spread/mixed: {out['spread_mixed']}", flush=True)
+        rss = [stack.model.rss_bytes()]
+        batches = 0
+        while batches * 50 < num_soak:
+            asyncio.run(run_streams(address, prompts_for(50), [8] * 50, [0.0] * 50))
+            batches += 1
+            rss.append(stack.model.rss_bytes())
+        out["memory"] = {"num_requests": batches * 50, "model_rss_mb": [round(r / 2**20, 1) for r in rss]}
+        print(f"service memory: {out['memory']}", flush=True)
+        return out
+    finally:
+        stack.stop()
+
+
+def bench_generate(concurrency: list[int], new_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from model_svc.loader import load_model
+
+    loaded = load_model(MODEL, "bfloat16", "4bit", "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+
+    def run(prompts: list[str], n_new: int) -> float:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        return time.perf_counter() - started
+
+    run(prompts_for(2), 4)  # warm-up
+    out = {}
+    single = [run([p], new_tokens) for p in prompts_for(4)]
+    ttft1 = statistics.median(run([p], 1) for p in prompts_for(4))
+    out["batch1"] = {"tokens_per_s": round(new_tokens / statistics.median(single), 1),
+                     "ttft_ms": round(ttft1 * 1000, 1),
+                     "itl_ms": round((statistics.median(single) - ttft1) / (new_tokens - 1) * 1000, 1)}
+    print(f"generate batch 1: {out['batch1']}", flush=True)
+    out["static"] = {}
+    for n in concurrency:
+        wall = run(prompts_for(n), new_tokens)
+        ttft = run(prompts_for(n), 1)
+        out["static"][str(n)] = {"tokens_per_s": round(n * new_tokens / wall, 1), "ttft_ms": round(ttft * 1000, 1),
+                                 "itl_ms": round((wall - ttft) / (new_tokens - 1) * 1000, 1)}
+        print(f"generate static N={n:>2}: {out['static'][str(n)]}", flush=True)
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [int(n) for n in report["service"]["concurrency"]]
+    svc = [report["service"]["concurrency"][str(n)] for n in ns]
+    static = [report["generate"]["static"][str(n)] for n in ns]
+    b1 = report["generate"]["batch1"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    ax.plot(ns, [s["tokens_per_s"] for s in svc], "o-", label="genrpc (3 services, gRPC)")
+    ax.plot(ns, [s["tokens_per_s"] for s in static], "s--", label="generate(), static batch of N")
+    ax.axhline(b1["tokens_per_s"], color="gray", linestyle=":", label="generate(), batch 1")
+    ax.set(title="Aggregate throughput", xlabel="concurrent streams N", ylabel="tokens/s", xscale="log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.legend()
+    ax = axes[1]
+    ax.plot(ns, [s["ttft_p50_ms"] for s in svc], "o-", label="genrpc p50")
+    ax.plot(ns, [s["ttft_p99_ms"] for s in svc], "o:", label="genrpc p99")
+    ax.plot(ns, [s["ttft_ms"] for s in static], "s--", label="generate() static batch")
+    ax.set(title="Time to first token", xlabel="concurrent streams N", ylabel="ms", xscale="log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.legend()
+    ax = axes[2]
+    ax.plot(ns, [s["itl_p50_ms"] for s in svc], "o-", label="genrpc p50")
+    ax.plot(ns, [s["itl_p99_ms"] for s in svc], "o:", label="genrpc p99")
+    ax.plot(ns, [s["itl_ms"] for s in static], "s--", label="generate() static batch")
+    ax.set(title="Inter-token latency", xlabel="concurrent streams N", ylabel="ms", xscale="log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.legend()
+    fig.suptitle(f"SmolLM2-135M-Instruct, 4-bit nf4 / bfloat16, {report['machine']['cpus']} CPUs, "
+                 f"{report['new_tokens']} new tokens per stream")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
+    args = parser.parse_args()
+    concurrency = [1, 4, 16, 32]
+    new_tokens = 32 if args.quick else 128
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "quantization": "4bit-nf4",
+        "new_tokens": new_tokens,
+    }
+    report["service"] = bench_service(concurrency, new_tokens, 100 if args.quick else 1000)
+    report["generate"] = bench_generate(concurrency, new_tokens)
+    report["ratios"] = {
+        "single_stream_vs_generate_batch1": round(
+            report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
+        **{f"N{n}_vs_static_batch": round(report["service"]["concurrency"][str(n)]["tokens_per_s"]
+                                          / report["generate"]["static"][str(n)]["tokens_per_s"], 2)
+           for n in concurrency},
+        "ttft_N16_vs_N1": round(report["service"]["concurrency"]["16"]["ttft_p50_ms"]
+                                / report["service"]["concurrency"]["1"]["ttft_p50_ms"], 2),
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, os.path.join(RESULTS, "latest.png"))
+    print(json.dumps(report["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

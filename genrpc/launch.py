@@ -1,0 +1,117 @@
+"""Starting the services as processes on free ports, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Service:
+    module: str
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: str
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_service(module: str, *args: str, timeout: float = 120, env: dict | None = None) -> Service:
+    """Starts `python -m module` on free ports (port 0) and waits for it to report them."""
+    workdir = tempfile.mkdtemp(prefix=f"genrpc-{module}-")
+    port_file = os.path.join(workdir, "ports.json")
+    log_path = os.path.join(workdir, "log.txt")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", "0", "--metrics-port", "0", "--port-file", port_file,
+             "--grace", "3", *args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                raise RuntimeError(f"{module} exited with {proc.returncode}:\n{f.read()[-4000:]}")
+        if os.path.exists(port_file) and os.path.getsize(port_file) > 0:
+            with open(port_file) as f:
+                ports = json.load(f)
+            return Service(module, proc, ports["port"], ports["metrics_port"], log_path)
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{module} did not start within {timeout}s")
+
+
+def wait_serving(address: str, timeout: float = 120, credentials=None) -> None:
+    deadline = time.monotonic() + timeout
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING within {timeout}s")
+
+
+@dataclass
+class Stack:
+    tokenizer: Service
+    model: Service
+    gateway: Service
+
+    @property
+    def services(self) -> list[Service]:
+        return [self.tokenizer, self.model, self.gateway]
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = ()) -> Stack:
+    tokenizer = start_service("tokenizer_svc", "--model", model)
+    worker = start_service("model_svc", "--model", model, *model_args)
+    gateway = start_service("gateway", "--tokenizer-addrs", tokenizer.address, "--model-addrs", worker.address,
+                            *gateway_args)
+    wait_serving(gateway.address)
+    return Stack(tokenizer, worker, gateway)
