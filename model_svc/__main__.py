@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=256,
+                        help="prompt tokens prefilled per step (longer prompts are chunked): lower keeps "
+                             "running streams' inter-token latency steady when long prompts arrive")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
     parser.add_argument("--match-generate", action="store_true",
                         help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
@@ -49,7 +52,7 @@ def build_engine(args) -> tuple:
     runner = ModelRunner(loaded.model, match_generate=args.match_generate)
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
-        args.max_waiting, loaded.max_context, loaded.eos_token_ids,
+        args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,
     )
     return loaded, Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 

@@ -91,10 +91,10 @@ class KVCacheManager:
         self.arena[layer, 0].index_copy_(1, slots, keys)
         self.arena[layer, 1].index_copy_(1, slots, values)
 
-    def view(self, layer: int, kv: KVRange, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sequence's first `length` keys and values: [1, kv_heads, length, head_dim] each."""
-        end = kv.start + length
-        return self.arena[layer, 0, None, :, kv.start:end], self.arena[layer, 1, None, :, kv.start:end]
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values: [kv_heads, slots, head_dim] each; a sequence's are
+        [:, start : start + length]."""
+        return self.arena[layer, 0], self.arena[layer, 1]
 
     @property
     def num_free_tokens(self) -> int:

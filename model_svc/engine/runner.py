@@ -128,14 +128,16 @@ class ModelRunner:
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
         kv.write(layer_idx, batch.slots, key.transpose(0, 1), value.transpose(0, 1))
-        group = self.num_heads // self.num_kv_heads
+        keys_all, values_all = kv.layer(layer_idx)  # [Hkv, slots, D] each
+        grouped = query.view(num_tokens, self.num_kv_heads, -1, self.head_dim)  # [T, Hkv, Hq/Hkv, D]
         outputs = []
         for start, length, kv_length, kv_range in zip(batch.starts, batch.lengths, batch.kv_lengths, ranges):
-            keys, values = kv.view(layer_idx, kv_range, kv_length)  # [1, Hkv, L, D] each
+            kv_start = kv_range.start
+            keys = keys_all[None, :, kv_start:kv_start + kv_length]  # [1, Hkv, L, D]
+            values = values_all[None, :, kv_start:kv_start + kv_length]
             if length == 1 and not self.match_generate:
                 # The query heads sharing a key/value head become the rows of one query block.
-                q = query[start].view(1, self.num_kv_heads, group, self.head_dim)
-                out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0, scale=attn.scaling)
+                out = F.scaled_dot_product_attention(grouped[start][None], keys, values, scale=attn.scaling)
                 outputs.append(out.view(1, -1))
                 continue
             q = query[start:start + length].transpose(0, 1)[None]  # [1, Hq, t, D], as transformers lays it out

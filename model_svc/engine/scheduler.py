@@ -1,9 +1,12 @@
 """Iteration-level scheduling: which sequences run this step, and how many tokens each.
 
 Every step, each running sequence decodes one token (or continues its chunked
-prefill), then waiting sequences are admitted while the step's token budget and
-the KV budget allow. A long prompt is prefilled in chunks of what the budget
-leaves, so running sequences keep decoding. A finished or aborted sequence
+prefill), then waiting sequences are admitted while the step's token budget,
+the step's prefill budget and the KV budget allow. The prefill budget keeps a
+burst of arrivals from turning into one long step that delays every first
+token: prompts are prefilled a few at a time, in arrival order, while running
+sequences keep decoding. A prompt longer than the prefill budget is prefilled
+in chunks; a shorter one is never split (it waits for the next step instead). A finished or aborted sequence
 leaves at once and its KV reservation is freed. The scheduler never touches
 tensors.
 """
@@ -54,6 +57,7 @@ class Scheduler:
         max_waiting: int,
         max_context: int,
         eos_token_ids: Iterable[int],
+        max_prefill_tokens: int | None = None,
     ):
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
@@ -63,6 +67,7 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens or max_batch_tokens
         self.max_waiting = max_waiting
         self.max_context = max_context
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -105,13 +110,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_batch_tokens
+        prefill_budget = self.max_prefill_tokens
         for seq in self.running:
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            uncomputed = seq.num_uncomputed_tokens
+            num_new = min(uncomputed, budget) if uncomputed == 1 else min(uncomputed, budget, prefill_budget)
             if num_new > 0:
                 out.scheduled.append(ScheduledSequence(seq, num_new))
                 budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                if uncomputed > 1:
+                    prefill_budget -= num_new
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            room = min(budget, prefill_budget)
+            if room < seq.num_uncomputed_tokens <= min(self.max_prefill_tokens, self.max_batch_tokens):
+                break  # it fits a step of its own: do not split it
             need = self.kv_tokens_needed(seq)
             if not self.kv_cache.can_allocate(need):
                 break  # first come, first served: later ones wait behind it
@@ -119,9 +131,10 @@ class Scheduler:
             seq.kv_cache = self.kv_cache.allocate(need)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, room)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+            prefill_budget -= num_new
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[Hashable, int]) -> list[Sequence]:

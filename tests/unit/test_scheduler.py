@@ -127,3 +127,18 @@ def test_sampling_params_are_checked():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=float("nan"))
+
+
+def test_prefill_budget_spreads_a_burst_and_never_splits_a_short_prompt():
+    s = make(max_num_seqs=8, max_batch_tokens=64)
+    s.max_prefill_tokens = 8
+    for i in range(4):
+        s.add(seq(i, n_prompt=3, max_new_tokens=5))
+    out, _ = step(s)
+    # 3 + 3 fit the prefill budget of 8; the third prompt would be split, so it waits.
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 3), (1, 3)]
+    out, _ = step(s)
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 1), (1, 1), (2, 3), (3, 3)]
+    s.add(seq("long", n_prompt=20, max_new_tokens=5))
+    out, _ = step(s)
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled][-1] == ("long", 8)  # longer: chunked
