@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/v1/tokenizer_pb2.py genrpc/v1/model_pb2.py
 
-.PHONY: setup stubs model run test unit integration bench clean
+.PHONY: setup stubs model run test soak unit integration bench clean
 
 setup: $(STAMP) stubs model
 
@@ -35,7 +35,10 @@ run: setup
 	$(BIN)/python -m genrpc.supervisor
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+soak: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s tests/soak
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit

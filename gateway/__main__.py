@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from genrpc.flags import server_parser
+from genrpc.security import BearerTokenInterceptor, server_credentials
 from genrpc.serving import run_until_signal, setup_logging, start_server
 from genrpc.v1 import generation_pb2, generation_pb2_grpc
 from gateway.generation import Generator
@@ -16,6 +17,10 @@ def parse_args(argv=None):
     parser = server_parser("genrpc gateway", default_port=50051, default_metrics_port=9051)
     parser.add_argument("--tokenizer-addrs", default="127.0.0.1:50052", help="tokenizer replicas, comma-separated")
     parser.add_argument("--model-addrs", default="127.0.0.1:50053", help="model workers, comma-separated")
+    parser.add_argument("--tls-cert", default="", help="PEM certificate: serve TLS on the public port")
+    parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    parser.add_argument("--tls-client-ca", default="", help="PEM CA: require client certificates (mutual TLS)")
+    parser.add_argument("--auth-tokens", default="", help="accepted bearer tokens, comma-separated (off when empty)")
     parser.add_argument("--max-inflight-sequences", type=int, default=512,
                         help="sequences in flight at once; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
@@ -41,7 +46,16 @@ async def serve(args) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(generator), server)
         return [service_name]
 
-    handle = await start_server("gateway", register, args.host, args.port, args.metrics_port)
+    credentials = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    interceptors = [BearerTokenInterceptor(_addresses(args.auth_tokens))] if args.auth_tokens else []
+    handle = await start_server("gateway", register, args.host, args.port, args.metrics_port,
+                                interceptors=interceptors, credentials=credentials)
     handle_box.append(handle)
     await handle.set_serving(models.any_healthy)  # NOT_SERVING until a model worker is connected
     models.start()

@@ -108,8 +108,7 @@ class Generator:
             self.num_inflight -= num_seqs
 
     async def _stream(self, prompts, config, deadline, started) -> AsyncIterator[Delta]:
-        worker = self.models.pick()
-        info = worker.info
+        info = self.models.info()
         context_limit = min(info.max_context_tokens, info.kv_cache_tokens or info.max_context_tokens)
         encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline))
         field_name = "prompts" if prompts.texts else "chats"
@@ -122,6 +121,9 @@ class Generator:
             runs[index] = SequenceRun(index, seed, row.num_tokens,
                                       StopStringMatcher(config.stop, config.include_stop_sequence))
         queue: asyncio.Queue = asyncio.Queue()
+        # Picked right before submit, with no await in between, so that concurrent requests see each
+        # other's load (submit registers the sequences before its first await).
+        worker = self.models.pick()
         handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline))
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
