@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/v1/tokenizer_pb2.py genrpc/v1/model_pb2.py
 
-.PHONY: setup stubs model run test soak unit integration bench clean
+.PHONY: setup stubs model run test soak unit integration bench loadtest clean
 
 setup: $(STAMP) stubs model
 
@@ -48,6 +48,10 @@ integration: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# ghz-style load against a running gateway (make run): LOADTEST_ARGS="-c 16 -n 256 --call GenerateStream"
+loadtest: setup
+	$(BIN)/python -m bench.loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi

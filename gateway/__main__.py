@@ -6,7 +6,9 @@ import asyncio
 
 from genrpc.flags import server_parser
 from genrpc.security import BearerTokenInterceptor, server_credentials
-from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.logs import setup_logging
+from genrpc.tracing import setup_tracing
+from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import generation_pb2, generation_pb2_grpc
 from gateway.generation import Generator
 from gateway.server import GenerationServicer
@@ -36,7 +38,7 @@ async def serve(args) -> None:
 
     def on_health_change(healthy: bool) -> None:
         if handle_box:
-            asyncio.get_running_loop().create_task(handle_box[0].set_serving(healthy))
+            asyncio.get_running_loop().create_task(handle_box[0].set_ready(healthy))
 
     models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change)
     generator = Generator(tokenizers, models, args.max_inflight_sequences)
@@ -57,14 +59,15 @@ async def serve(args) -> None:
     handle = await start_server("gateway", register, args.host, args.port, args.metrics_port,
                                 interceptors=interceptors, credentials=credentials)
     handle_box.append(handle)
-    await handle.set_serving(models.any_healthy)  # NOT_SERVING until a model worker is connected
+    await handle.set_ready(models.any_healthy)  # NOT_SERVING until a model worker is connected
     models.start()
     await run_until_signal(handle, args.grace, args.port_file, on_stop=models.close)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("genrpc-gateway", args.trace_exporter)
     asyncio.run(serve(args))
 
 

@@ -15,9 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from opentelemetry.trace import SpanKind
+
+from genrpc import tracing
 from genrpc.errors import GenrpcError, ResourceExhausted, Unavailable
+from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.v1 import generation_pb2 as gen_pb2
 from genrpc.v1 import model_pb2, tokenizer_pb2
+from gateway import metrics
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import ResolvedConfig, fit_to_context
 from gateway.workers import ModelPool, SequenceEvent, TokenizerPool
@@ -54,8 +59,20 @@ class SequenceRun:
     seed: int
     prompt_tokens: int
     matcher: StopStringMatcher
+    started: float = 0.0
+    last_token_at: float = 0.0
     num_generated: int = 0
     finished: bool = False
+
+    def count_token(self) -> None:
+        now = time.monotonic()
+        if self.num_generated == 0:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - self.started)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.num_generated += 1
+        metrics.GENERATED_TOKENS.inc()
 
     def delta(self, text: str, token_ids: list[int], logprobs: list, finish_reason: int = RUNNING,
               stop: str = "") -> Delta:
@@ -80,7 +97,8 @@ class Generator:
         )
         if truncate is not None:
             request.truncate_input_tokens = truncate
-        return await self.tokenizers.call("Encode", request, timeout=timeout)
+        with tracing.tracer().start_as_current_span("tokenizer.Encode", kind=SpanKind.CLIENT):
+            return await self.tokenizers.call("Encode", request, timeout=timeout, metadata=_metadata())
 
     def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int) -> model_pb2.SamplingParams:
         return model_pb2.SamplingParams(
@@ -101,11 +119,15 @@ class Generator:
                 f"the gateway is at capacity ({self.num_inflight} sequences in flight, "
                 f"max {self.max_inflight_sequences}); retry later")
         self.num_inflight += num_seqs
+        metrics.INFLIGHT_SEQUENCES.inc(num_seqs)
         try:
             async for delta in self._stream(prompts, config, deadline, started):
+                if delta.finish_reason != RUNNING:
+                    metrics.FINISHED_SEQUENCES.labels(gen_pb2.FinishReason.Name(delta.finish_reason)).inc()
                 yield delta
         finally:
             self.num_inflight -= num_seqs
+            metrics.INFLIGHT_SEQUENCES.dec(num_seqs)
 
     async def _stream(self, prompts, config, deadline, started) -> AsyncIterator[Delta]:
         info = self.models.info()
@@ -119,12 +141,17 @@ class Generator:
             rows.append((list(row.input_ids), list(row.attention_mask)))
             params.append(self._sampling_params(config, max_new, seed))
             runs[index] = SequenceRun(index, seed, row.num_tokens,
-                                      StopStringMatcher(config.stop, config.include_stop_sequence))
+                                      StopStringMatcher(config.stop, config.include_stop_sequence), started)
+            metrics.PROMPT_TOKENS.inc(row.num_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         # Picked right before submit, with no await in between, so that concurrent requests see each
         # other's load (submit registers the sequences before its first await).
         worker = self.models.pick()
-        handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline))
+        with tracing.tracer().start_as_current_span(
+                "model.Submit", kind=SpanKind.CLIENT, attributes={"genrpc.worker": worker.address,
+                                                                  "genrpc.num_sequences": len(rows)}):
+            handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline),
+                                          metadata=_metadata())
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
         num_unfinished = len(handles)
@@ -163,7 +190,7 @@ class Generator:
         token_ids, logprobs = [], []
         if event.token_id is not None:
             token_ids.append(event.token_id)
-            run.num_generated += 1
+            run.count_token()
             if event.logprob is not None:
                 logprobs.append((event.token_id, event.logprob,
                                  [(t.token_id, t.logprob) for t in event.top_logprobs]))
@@ -173,6 +200,11 @@ class Generator:
         if event.finish_reason != RUNNING:
             return run.delta(match.text + run.matcher.flush(), token_ids, logprobs, event.finish_reason)
         return run.delta(match.text, token_ids, logprobs)
+
+
+def _metadata() -> list[tuple[str, str]]:
+    """What a backend call carries: the trace context and the request id."""
+    return tracing.outgoing_metadata([(REQUEST_ID_HEADER, request_id.get())] if request_id.get() else [])
 
 
 def _remaining(deadline: float | None) -> float | None:

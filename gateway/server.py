@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 
 from genrpc.errors import grpc_errors
+from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from gateway import convert
 from gateway.generation import Generator, Prompts
 from gateway.validation import resolve_config, validate_prompts
+
+
+log = logging.getLogger("genrpc.gateway")
+
+
+async def _begin(context) -> str:
+    """Takes the caller's x-request-id (or makes one), echoes it in the response metadata and
+    tags this call's logs with it."""
+    rid = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
+    rid = (rid if isinstance(rid, str) else rid.decode(errors="replace"))[:128] or uuid.uuid4().hex
+    request_id.set(rid)
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+    return rid
+
+
+def _log_done(method: str, started: float, finish_reasons: list[int], num_tokens: int) -> None:
+    log.info("%s done", method, extra={"fields": {
+        "method": method, "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        "num_sequences": len(finish_reasons), "generated_tokens": num_tokens,
+        "finish_reasons": [pb.FinishReason.Name(r) for r in finish_reasons]}})
 
 
 def _deadline(context) -> float | None:
@@ -28,22 +51,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     @grpc_errors
     async def Generate(self, request, context):
+        started = time.monotonic()
+        await _begin(context)
         prompts = convert.prompts(request)
         config = self._resolve(prompts, request.config, single=False)
         by_index: list[list] = [[] for _ in range(len(prompts.texts) + len(prompts.chats))]
         async for delta in self.generator.stream(prompts, config, _deadline(context)):
             by_index[delta.index].append(delta)
-        return convert.completions(by_index)
+        response = convert.completions(by_index)
+        _log_done("Generate", started, [c.finish_reason for c in response.completions],
+                  sum(c.generated_tokens for c in response.completions))
+        return response
 
     @grpc_errors
     async def GenerateStream(self, request, context):
+        started = time.monotonic()
+        await _begin(context)
         prompts = convert.stream_prompts(request)
         config = self._resolve(prompts, request.config, single=True)
         async for delta in self.generator.stream(prompts, config, _deadline(context)):
+            if delta.finish_reason:
+                _log_done("GenerateStream", started, [delta.finish_reason], delta.generated_tokens)
             yield convert.stream_response(delta)
 
     @grpc_errors
     async def Tokenize(self, request, context):
+        await _begin(context)
         prompts = convert.prompts(request)
         validate_prompts(prompts.texts, prompts.chats, single=False)
         limits = convert.model_limits(self.generator.models.info())
@@ -60,6 +93,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     @grpc_errors
     async def ModelInfo(self, request, context):
+        await _begin(context)
         info = self.generator.models.info()
         return pb.ModelInfoResponse(
             model_name=info.model_name, max_context_tokens=info.max_context_tokens,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +28,35 @@ log = logging.getLogger("genrpc.gateway.workers")
 
 PROMPT_TAIL_TOKENS = 5  # prompt ids that prime incremental detokenization (as TGI)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+DNS_PREFIX = "dns:///"
+RESOLVE_EVERY_S = 5.0
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel; a dns:/// address balances calls over every address the name resolves to."""
+    options = list(CHANNEL_OPTIONS)
+    if address.startswith(DNS_PREFIX):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+async def resolve(address: str) -> list[str]:
+    """host:port for every address a dns:/// name resolves to (the address itself otherwise)."""
+    if not address.startswith(DNS_PREFIX):
+        return [address]
+    host, _, port = address[len(DNS_PREFIX):].rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        log.warning("cannot resolve %s: %s", address, exc)
+        return []
+    found = []
+    for family, _, _, _, sockaddr in infos:
+        ip = sockaddr[0]
+        target = f"[{ip}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{ip}:{sockaddr[1]}"
+        if target not in found:
+            found.append(target)
+    return found
 
 
 class TokenizerPool:
@@ -36,18 +66,17 @@ class TokenizerPool:
         if not addresses:
             raise ValueError("--tokenizer-addrs: at least one address is needed")
         self.addresses = addresses
-        self.stubs = [
-            tokenizer_pb2_grpc.TokenizerStub(grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS))
-            for a in addresses
-        ]
+        self.stubs = [tokenizer_pb2_grpc.TokenizerStub(channel(a)) for a in addresses]
         self._next = itertools.cycle(range(len(self.stubs)))
+        # A dns:/// channel spreads calls over its replicas, so a retry there can reach another one.
+        self.attempts = max(len(self.stubs), 3 if any(a.startswith(DNS_PREFIX) for a in addresses) else 1)
 
-    async def call(self, method: str, request, timeout: float | None = 30.0):
+    async def call(self, method: str, request, timeout: float | None = 30.0, metadata=None):
         last_error: grpc.aio.AioRpcError | None = None
-        for _ in range(len(self.stubs)):
+        for _ in range(self.attempts):
             stub = self.stubs[next(self._next)]
             try:
-                return await getattr(stub, method)(request, timeout=timeout, wait_for_ready=False)
+                return await getattr(stub, method)(request, timeout=timeout, wait_for_ready=False, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
@@ -106,7 +135,7 @@ class ModelWorkerClient:
         self.tokenizers = tokenizers
         self.on_health_change = on_health_change
         self.client_id = f"gateway-{uuid.uuid4().hex[:12]}"
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = channel(address)
         self.stub = model_pb2_grpc.ModelWorkerStub(self.channel)
         self.sequences: dict[int, SequenceHandle] = {}
         self.info: model_pb2.WorkerInfoResponse | None = None
@@ -199,7 +228,7 @@ class ModelWorkerClient:
 
     async def submit(
         self, rows: list[tuple[list[int], list[int]]], params: list[model_pb2.SamplingParams],
-        skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None,
+        skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None, metadata=None,
     ) -> list[SequenceHandle]:
         """Submits (input_ids, attention_mask) rows; returns their handles, in order. Their
         events all go to `queue`."""
@@ -213,8 +242,8 @@ class ModelWorkerClient:
         for handle in handles:
             self.sequences[handle.sequence_id] = handle
         try:
-            await self.stub.Submit(
-                model_pb2.SubmitRequest(client_id=self.client_id, sequences=inputs), timeout=timeout)
+            await self.stub.Submit(model_pb2.SubmitRequest(client_id=self.client_id, sequences=inputs),
+                                   timeout=timeout, metadata=metadata)
         except BaseException:
             for handle in handles:
                 self.sequences.pop(handle.sequence_id, None)
@@ -236,21 +265,50 @@ class ModelWorkerClient:
 
 
 class ModelPool:
-    """The model workers; routes each request to the least-loaded healthy one."""
+    """The model workers; routes each request to the least-loaded healthy one. A dns:/// address
+    stands for every worker its name resolves to, re-resolved every few seconds, so a scaled
+    Deployment behind a headless Service is followed without a restart."""
 
     def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None]):
         if not addresses:
             raise ValueError("--model-addrs: at least one address is needed")
+        self.addresses = addresses
+        self.tokenizers = tokenizers
         self._on_health_change = on_health_change
-        self.workers = [ModelWorkerClient(a, tokenizers, self._health_changed) for a in addresses]
+        self.workers: list[ModelWorkerClient] = []
+        self._resolver: asyncio.Task | None = None
 
     def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
+        self._resolver = asyncio.create_task(self._keep_resolved(), name="model worker resolver")
 
     async def close(self) -> None:
+        if self._resolver:
+            self._resolver.cancel()
         for worker in self.workers:
             await worker.close()
+
+    async def _keep_resolved(self) -> None:
+        while True:
+            await self.update_workers()
+            if not any(a.startswith(DNS_PREFIX) for a in self.addresses):
+                return
+            await asyncio.sleep(RESOLVE_EVERY_S)
+
+    async def update_workers(self) -> None:
+        targets = [t for address in self.addresses for t in await resolve(address)]
+        current = {w.address: w for w in self.workers}
+        for target in targets:
+            if target not in current:
+                worker = ModelWorkerClient(target, self.tokenizers, self._health_changed)
+                self.workers.append(worker)
+                worker.start()
+        for address, worker in current.items():
+            if address not in targets:
+                log.info("model worker %s left the name's addresses", address)
+                self.workers.remove(worker)
+                worker._fail_all(f"model worker {address} was removed")
+                await worker.close()
+                self._health_changed()
 
     def _health_changed(self) -> None:
         self._on_health_change(self.any_healthy)

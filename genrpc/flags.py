@@ -41,4 +41,7 @@ def server_parser(description: str, default_port: int, default_metrics_port: int
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     parser.add_argument("--port-file", default="", help="write the bound gRPC and metrics ports here (JSON)")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--trace-exporter", default="none",
+                        help="OpenTelemetry spans: none, console, jsonl:PATH or otlp")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or one JSON object a line")
     return parser

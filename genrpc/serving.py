@@ -18,7 +18,10 @@ from typing import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram, start_http_server
+
+from genrpc import tracing
 
 log = logging.getLogger("genrpc")
 
@@ -55,8 +58,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by method and final status code, and times it."""
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Around every call: a server span (child of the caller's trace context, if it sent one),
+    the call counted by method and final status code, and timed."""
 
     def __init__(self, service: str):
         self._service = service
@@ -65,27 +69,37 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        full_method = handler_call_details.method
+        method = full_method.rsplit("/", 1)[-1]
         service = self._service
 
-        def record(context, started: float) -> None:
+        def start_span(context):
+            return tracing.tracer().start_as_current_span(
+                full_method.lstrip("/"), context=tracing.incoming_context(context), kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.method": method, "genrpc.service": service})
+
+        def record(context, started: float, span) -> None:
             code = context.code()
             name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
             REQUESTS.labels(service, method, name).inc()
             REQUEST_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+            span.set_attribute("rpc.grpc.status_code", name)
+            if name not in ("OK", "CANCELLED"):
+                span.set_status(Status(StatusCode.ERROR, name))
 
         if handler.unary_unary:
             inner_unary = handler.unary_unary
 
             async def unary(request, context):
                 started = time.perf_counter()
-                try:
-                    return await inner_unary(request, context)
-                except asyncio.CancelledError:
-                    REQUESTS.labels(service, method, "CANCELLED").inc()
-                    raise
-                finally:
-                    record(context, started)
+                with start_span(context) as span:
+                    try:
+                        return await inner_unary(request, context)
+                    except asyncio.CancelledError:
+                        REQUESTS.labels(service, method, "CANCELLED").inc()
+                        raise
+                    finally:
+                        record(context, started, span)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
@@ -95,11 +109,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 started = time.perf_counter()
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                finally:
-                    record(context, started)
+                with start_span(context) as span:
+                    try:
+                        async for item in inner_stream(request, context):
+                            yield item
+                    finally:
+                        record(context, started, span)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
@@ -117,12 +132,18 @@ class ServerHandle:
     metrics_port: int
     service_names: list[str] = field(default_factory=list)
 
-    async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+    async def set_ready(self, ready: bool) -> None:
+        """Readiness: the overall status ("") and each service's, what load balancers and
+        readiness probes ask."""
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness and liveness ("liveness": the process is up; only a shutdown clears it)."""
+        await self.set_ready(serving)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("liveness", status)
 
 
 async def start_server(
@@ -139,7 +160,7 @@ async def start_server(
     `register` adds the servicers and returns their full service names.
     """
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(name), *(interceptors or [])], options=SERVER_OPTIONS
+        interceptors=[ObservingInterceptor(name), *(interceptors or [])], options=SERVER_OPTIONS
     )
     service_names = register(server)
     health_servicer = health.aio.HealthServicer()
@@ -188,10 +209,3 @@ async def run_until_signal(
         await on_stop()
     stop_wait.cancel()
     log.info("stopped")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

@@ -12,7 +12,9 @@ from prometheus_client import Gauge
 
 from genrpc.flags import server_parser
 from genrpc.model_path import DEFAULT_MODEL
-from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.logs import setup_logging
+from genrpc.tracing import setup_tracing
+from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCacheManager
@@ -84,7 +86,8 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("genrpc-model", args.trace_exporter)
     loaded, engine = build_engine(args)
     engine_loop = EngineLoop(engine)
     register_metrics(engine_loop)

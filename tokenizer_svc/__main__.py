@@ -6,7 +6,9 @@ import asyncio
 
 from genrpc.flags import server_parser
 from genrpc.model_path import DEFAULT_MODEL
-from genrpc.serving import run_until_signal, setup_logging, start_server
+from genrpc.logs import setup_logging
+from genrpc.tracing import setup_tracing
+from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.server import TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer
@@ -31,7 +33,8 @@ async def serve(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("genrpc-tokenizer", args.trace_exporter)
     asyncio.run(serve(args))
 
 

@@ -23,6 +23,12 @@ class TokenOutput:
     error: str = ""
 
 
+@dataclass
+class StepStats:
+    num_sequences: int = 0  # sequences computed in the step
+    num_tokens: int = 0  # tokens computed in the step (prefill chunks and decodes)
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler):
         self.runner = runner
@@ -30,6 +36,7 @@ class Engine:
         self.sampler = sampler
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.last_step = StepStats()
 
     def add(self, seq: Sequence) -> None:
         self.sampler.prepare(seq)
@@ -42,6 +49,7 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         """Runs one step; returns one output per sequence that got a token or finished."""
         out = self.scheduler.schedule()
+        self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens)
         if out.is_empty:
             return []
         try:

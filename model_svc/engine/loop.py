@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable, Hashable, Iterable
+
+from prometheus_client import Histogram
 
 from model_svc.engine.engine import Engine, TokenOutput
 from model_svc.engine.scheduler import SchedulerFull
@@ -24,6 +27,13 @@ from model_svc.engine.sequence import FinishReason, Sequence
 log = logging.getLogger("genrpc.engine")
 
 Publish = Callable[[list[TokenOutput]], None]
+
+STEP_SECONDS = Histogram("genrpc_model_step_seconds", "duration of one engine step",
+                         buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5))
+BATCH_SEQUENCES = Histogram("genrpc_model_batch_sequences", "sequences computed in one step",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_TOKENS = Histogram("genrpc_model_batch_tokens", "tokens computed in one step (prefill and decode)",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
 
 
 class EngineLoop:
@@ -91,7 +101,13 @@ class EngineLoop:
                     return
             try:
                 outputs = self._apply_commands()
+                started = time.perf_counter()
                 outputs.extend(self.engine.step())
+                stats = self.engine.last_step
+                if stats.num_tokens:
+                    STEP_SECONDS.observe(time.perf_counter() - started)
+                    BATCH_SEQUENCES.observe(stats.num_sequences)
+                    BATCH_TOKENS.observe(stats.num_tokens)
             except Exception:  # never let the engine thread die
                 log.exception("engine step failed")
                 continue

@@ -3,6 +3,8 @@ outside client that knows only server reflection."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -134,3 +136,37 @@ def test_tokenizer_sigterm_exits_cleanly():
     service = start_service("tokenizer_svc", "--model", MODEL)
     wait_serving(service.address)
     assert service.stop() == 0
+
+
+def test_loadtest_reports_what_ghz_reports(stack):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadtest", "--addr", stack.gateway.address, "--call", "GenerateStream",
+         "-d", '{"prompt": "Hi", "config": {"max_new_tokens": 4}}', "-c", "4", "-n", "12", "--format", "json"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["count"] == 12 and report["status_code_distribution"] == {"OK": 12}
+    assert report["rps"] > 0 and sum(b["count"] for b in report["histogram"]) == 12
+    assert report["latency_distribution"]["p50"] <= report["latency_distribution"]["p99"] <= report["slowest_s"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.loadtest", "--addr", stack.gateway.address, "-d",
+         '{"prompts": ["Hi"], "config": {"top_p": 5}}', "-c", "2", "-n", "4", "--format", "json"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert json.loads(bad.stdout)["status_code_distribution"] == {"INVALID_ARGUMENT": 4}
+    text = subprocess.run([sys.executable, "-m", "bench.loadtest", "--addr", stack.gateway.address, "-n", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+    assert "Requests/sec" in text and "Latency distribution" in text and "[OK]\t2 responses" in text
+
+
+def test_ghz_configurations_parse_against_the_proto():
+    from google.protobuf import json_format
+
+    for path in glob.glob(os.path.join(ROOT, "bench", "ghz", "*.json")):
+        with open(path) as f:
+            config = json.load(f)
+        method = config["call"].rsplit(".", 1)[1]
+        request_type = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateStreamRequest}[method]
+        data = json.loads(json.dumps(config["data"]).replace('"{{.RequestNumber}}"', "1").replace("{{.RequestNumber}}", "1"))
+        json_format.ParseDict(data, request_type())
+        if "proto" in config:
+            assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path), config["proto"])))

@@ -1,0 +1,162 @@
+"""Request ids, structured logs, metrics, traces across the three services, DNS scale-out, and
+the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import grpc
+import pytest
+import yaml
+
+from genrpc.v1 import generation_pb2 as pb
+from genrpc.v1 import generation_pb2_grpc
+from tests.conftest import MODEL, ROOT, start_service, wait_serving
+from tests.helpers import metric, wait_for
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """A stack whose three services export spans to one JSON-lines file; JSON logs at the gateway."""
+    spans = str(tmp_path_factory.mktemp("trace") / "spans.jsonl")
+    exporter = f"jsonl:{spans}"
+    tokenizer = start_service("tokenizer_svc", "--model", MODEL, "--trace-exporter", exporter)
+    model = start_service("model_svc", "--model", MODEL, "--trace-exporter", exporter)
+    gateway = start_service("gateway", "--tokenizer-addrs", tokenizer.address,
+                            "--model-addrs", f"dns:///localhost:{model.port}", "--trace-exporter", exporter,
+                            "--log-format", "json")
+    wait_serving(gateway.address)
+    yield gateway, spans
+    for service in (gateway, model, tokenizer):
+        service.stop()
+
+
+def test_request_id_echoed_or_generated(stub):
+    _, call = stub.Generate.with_call(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=1)),
+                                      timeout=30, metadata=[("x-request-id", "abc-123")])
+    assert ("x-request-id", "abc-123") in call.initial_metadata()
+    _, call = stub.Generate.with_call(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=1)),
+                                      timeout=30)
+    generated = dict(call.initial_metadata())["x-request-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    stream = stub.GenerateStream(pb.GenerateStreamRequest(prompt="Hi", config=pb.GenerationConfig(max_new_tokens=2)),
+                                 timeout=30, metadata=[("x-request-id", "stream-7")])
+    assert ("x-request-id", "stream-7") in stream.initial_metadata()
+    list(stream)
+
+
+def test_metrics_cover_latency_tokens_queue_and_batches(stack, stub):
+    stub.Generate(pb.GenerateRequest(prompts=["Hello", "Hi there"], config=pb.GenerationConfig(max_new_tokens=4)),
+                  timeout=60)
+    g, m = stack.gateway.metrics_port, stack.model.metrics_port
+    assert metric(g, "genrpc_gateway_time_to_first_token_seconds_count") >= 2
+    assert metric(g, "genrpc_gateway_inter_token_latency_seconds_count") >= 6
+    assert metric(g, "genrpc_gateway_prompt_tokens_total") > 0
+    assert metric(g, "genrpc_gateway_generated_tokens_total") >= 8
+    assert metric(g, "genrpc_gateway_finished_sequences_total", {"reason": "FINISH_REASON_LENGTH"}) >= 2
+    assert metric(g, "genrpc_requests_total", {"method": "Generate", "code": "OK"}) >= 1
+    assert metric(g, "genrpc_request_duration_seconds_count", {"method": "Generate"}) >= 1
+    assert metric(m, "genrpc_model_step_seconds_count") > 0
+    assert metric(m, "genrpc_model_batch_sequences_count") > 0
+    assert metric(m, "genrpc_model_batch_tokens_sum") > 0
+    assert metric(m, "genrpc_model_kv_cache_tokens") > 0
+    assert metric(m, "genrpc_model_waiting_sequences") == 0
+    assert metric(stack.tokenizer.metrics_port, "genrpc_requests_total", {"method": "Encode"}) >= 1
+
+
+def test_one_trace_across_gateway_tokenizer_and_model(traced):
+    gateway, spans_file = traced
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        stub.Generate(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2)),
+                      timeout=60, metadata=[("x-request-id", "traced-1")])
+
+    def spans():
+        if not os.path.exists(spans_file):
+            return []
+        with open(spans_file) as f:
+            return [json.loads(line) for line in f]
+
+    wait_for(lambda: any(s["name"] == "genrpc.v1.ModelWorker/Submit" for s in spans()), timeout=10)
+    by_name = {s["name"]: s for s in spans() if s["name"] != "grpc.health.v1.Health/Check"}
+    root = by_name["genrpc.v1.Generation/Generate"]
+    encode_client, submit_client = by_name["tokenizer.Encode"], by_name["model.Submit"]
+    encode_server, submit_server = by_name["genrpc.v1.Tokenizer/Encode"], by_name["genrpc.v1.ModelWorker/Submit"]
+    assert {s["trace_id"] for s in (root, encode_client, submit_client, encode_server, submit_server)} == {root["trace_id"]}
+    assert root["service"] == "genrpc-gateway" and root["kind"] == "SERVER" and root["parent_id"] is None
+    assert encode_client["parent_id"] == root["span_id"] and submit_client["parent_id"] == root["span_id"]
+    assert encode_server["parent_id"] == encode_client["span_id"] and encode_server["service"] == "genrpc-tokenizer"
+    assert submit_server["parent_id"] == submit_client["span_id"] and submit_server["service"] == "genrpc-model"
+    assert root["attributes"]["rpc.grpc.status_code"] == "OK"
+
+
+def test_structured_logs_carry_the_request_id(traced):
+    gateway, _ = traced
+    with grpc.insecure_channel(gateway.address) as channel:
+        generation_pb2_grpc.GenerationStub(channel).Generate(
+            pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2)),
+            timeout=60, metadata=[("x-request-id", "log-me-42")])
+
+    def entries():
+        with open(gateway.log_path) as f:
+            return [json.loads(line) for line in f if line.startswith("{")]
+
+    wait_for(lambda: any(e.get("request_id") == "log-me-42" for e in entries()), timeout=5)
+    entry = next(e for e in entries() if e.get("request_id") == "log-me-42")
+    assert entry["method"] == "Generate" and entry["generated_tokens"] == 2
+    assert entry["finish_reasons"] == ["FINISH_REASON_LENGTH"]
+
+
+def test_dns_address_finds_the_workers(traced):
+    gateway, _ = traced  # its --model-addrs is dns:///localhost:PORT
+    with grpc.insecure_channel(gateway.address) as channel:
+        info = generation_pb2_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert info.num_model_workers >= 1
+
+
+def test_two_workers_share_the_load(stack):
+    second = start_service("model_svc", "--model", MODEL)
+    gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
+                            "--model-addrs", f"{stack.model.address},{second.address}")
+    try:
+        wait_serving(gateway.address)
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            wait_for(lambda: stub.ModelInfo(pb.ModelInfoRequest(), timeout=5).num_model_workers == 2)
+            before = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in (stack.model, second)]
+            futures = [stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}"], config=pb.GenerationConfig(
+                max_new_tokens=16, ignore_eos=True)), timeout=120) for i in range(8)]
+            assert all(f.result().completions[0].generated_tokens == 16 for f in futures)
+            after = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in (stack.model, second)]
+            shares = [a - b for a, b in zip(after, before)]
+            assert sum(shares) == 8 * 16
+            assert min(shares) >= 16 * 2  # both worked: least-loaded routing spreads the requests
+    finally:
+        gateway.stop()
+        second.stop()
+
+
+def test_kubernetes_manifests_are_valid():
+    import kubernetes_validate
+
+    documents = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "deploy", "k8s", "*.yaml"))):
+        with open(path) as f:
+            documents += [(path, d) for d in yaml.safe_load_all(f) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for _, d in documents}
+    assert {("Deployment", "tokenizer"), ("Deployment", "model"), ("Deployment", "gateway"),
+            ("Service", "tokenizer"), ("Service", "model"), ("Service", "gateway")} <= kinds
+    for path, document in documents:
+        kubernetes_validate.validate(document, "1.30", strict=True)
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for _, d in documents}
+    for name in ("tokenizer", "model"):
+        assert by_kind[("Service", name)]["spec"]["clusterIP"] == "None"  # headless: per-request balancing
+    model_container = by_kind[("Deployment", "model")]["spec"]["template"]["spec"]["containers"][0]
+    assert model_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for name in ("tokenizer", "model", "gateway"):
+        container = by_kind[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        assert "grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"]
+        assert container["resources"]["requests"]
