@@ -18,6 +18,8 @@ from typing import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -74,13 +76,20 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         service = self._service
 
         def start_span(context):
-            return tracing.tracer().start_as_current_span(
+            """A server span made current for the rest of this call. Each call runs in a task of its
+            own, so the context is not detached afterwards: a stream's generator may be closed from
+            another context, where detaching fails."""
+            span = tracing.tracer().start_span(
                 full_method.lstrip("/"), context=tracing.incoming_context(context), kind=SpanKind.SERVER,
                 attributes={"rpc.system": "grpc", "rpc.method": method, "genrpc.service": service})
+            otel_context.attach(trace.set_span_in_context(span))
+            return span
 
-        def record(context, started: float, span) -> None:
+        def record(context, started: float, span, cancelled: bool = False) -> None:
             code = context.code()
             name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
+            if cancelled:
+                name = "CANCELLED"
             REQUESTS.labels(service, method, name).inc()
             REQUEST_SECONDS.labels(service, method).observe(time.perf_counter() - started)
             span.set_attribute("rpc.grpc.status_code", name)
@@ -92,14 +101,16 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 started = time.perf_counter()
-                with start_span(context) as span:
-                    try:
-                        return await inner_unary(request, context)
-                    except asyncio.CancelledError:
-                        REQUESTS.labels(service, method, "CANCELLED").inc()
-                        raise
-                    finally:
-                        record(context, started, span)
+                span = start_span(context)
+                cancelled = False
+                try:
+                    return await inner_unary(request, context)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
+                finally:
+                    record(context, started, span, cancelled)
+                    span.end()
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
@@ -109,12 +120,17 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 started = time.perf_counter()
-                with start_span(context) as span:
-                    try:
-                        async for item in inner_stream(request, context):
-                            yield item
-                    finally:
-                        record(context, started, span)
+                span = start_span(context)
+                cancelled = False
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    cancelled = True
+                    raise
+                finally:
+                    record(context, started, span, cancelled)
+                    span.end()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
