@@ -152,20 +152,14 @@ def plot(report: dict, path: str) -> None:
     ax.set(title="Aggregate throughput", xlabel="concurrent streams N", ylabel="tokens/s", xscale="log")
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.legend()
-    ax = axes[1]
-    ax.plot(ns, [s["ttft_p50_ms"] for s in svc], "o-", label="genrpc p50")
-    ax.plot(ns, [s["ttft_p99_ms"] for s in svc], "o:", label="genrpc p99")
-    ax.plot(ns, [s["ttft_ms"] for s in static], "s--", label="generate() static batch")
-    ax.set(title="Time to first token", xlabel="concurrent streams N", ylabel="ms", xscale="log")
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.legend()
-    ax = axes[2]
-    ax.plot(ns, [s["itl_p50_ms"] for s in svc], "o-", label="genrpc p50")
-    ax.plot(ns, [s["itl_p99_ms"] for s in svc], "o:", label="genrpc p99")
-    ax.plot(ns, [s["itl_ms"] for s in static], "s--", label="generate() static batch")
-    ax.set(title="Inter-token latency", xlabel="concurrent streams N", ylabel="ms", xscale="log")
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.legend()
+    for ax, title, key, static_key in ((axes[1], "Time to first token", "ttft", "ttft_ms"),
+                                       (axes[2], "Inter-token latency", "itl", "itl_ms")):
+        ax.plot(ns, [s[f"{key}_p50_ms"] for s in svc], "o-", label="genrpc p50")
+        ax.plot(ns, [s[f"{key}_p99_ms"] for s in svc], "o:", label="genrpc p99")
+        ax.plot(ns, [s[static_key] for s in static], "s--", label="generate() static batch")
+        ax.set(title=title, xlabel="concurrent streams N", ylabel="ms", xscale="log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.legend()
     fig.suptitle(f"SmolLM2-135M-Instruct, 4-bit nf4 / bfloat16, {report['machine']['cpus']} CPUs, "
                  f"{report['new_tokens']} new tokens per stream")
     fig.tight_layout()

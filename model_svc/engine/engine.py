@@ -34,8 +34,6 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
-        self.num_steps = 0
-        self.num_generated_tokens = 0
         self.last_step = StepStats()
 
     def add(self, seq: Sequence) -> None:
@@ -61,8 +59,6 @@ class Engine:
             self.scheduler.fail(seqs)
             message = f"{type(exc).__name__}: {exc}"
             return [TokenOutput(s.seq_id, None, FinishReason.ERROR, error=message) for s in seqs]
-        self.num_steps += 1
-        self.num_generated_tokens += len(tokens)
         self.scheduler.update(out, {seq.seq_id: t.token_id for seq, t in zip(sampling, tokens)})
         return [
             TokenOutput(seq.seq_id, t.token_id, seq.finish_reason, t.logprob, t.top_logprobs)
