@@ -1,11 +1,15 @@
 """Token selection, each row with its own parameters and its own seeded generator.
 
-The logits processors are transformers' own (repetition penalty, temperature,
-top-k, top-p, min-p, typical-p), built once per sequence in the order
-`generate()` applies them. Rows that need none of them (plain greedy) are
-decided together by one argmax; the others are processed row by row, and a
-sampled row draws from its own `torch.Generator`, so a seed gives the same
-tokens whatever else shares the batch.
+Three paths, each row on exactly one:
+- plain greedy rows: one argmax for all of them;
+- sampled rows with top-k set (transformers' default is 50) and no repetition penalty, typical-p
+  or min-new-tokens suppression: one vectorized pass for all of them. Temperature, top-k, top-p
+  and min-p are applied as transformers' warpers define them, but on each row's top-k candidates
+  only (every other token has probability zero anyway), then each row draws from its candidates
+  with its own generator;
+- everything else: transformers' own processors (repetition penalty, temperature, top-k, top-p,
+  min-p, typical-p, in `generate()`'s order), row by row.
+Every operation is row-wise, so a seed gives the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ class Sampler:
     def _needs_row_work(self, seq: Sequence) -> bool:
         return seq.params.do_sample or seq.processors is not None or self._suppresses_eos(seq)
 
+    def _vectorizable(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (p.do_sample and p.top_k > 0 and p.repetition_penalty == 1.0 and p.typical_p == 1.0
+                and not self._suppresses_eos(seq))
+
     def _suppresses_eos(self, seq: Sequence) -> bool:
         return len(seq.output_ids) < seq.params.min_new_tokens
 
@@ -76,6 +85,11 @@ class Sampler:
             rows = logits if len(plain) == len(seqs) else logits[plain]  # no copy when all rows are plain
             chosen = rows.argmax(dim=-1).tolist()
             for i, token_id in zip(plain, chosen):
+                tokens[i] = SampledToken(token_id)
+        batched = [i for i, seq in enumerate(seqs) if tokens[i] is None and self._vectorizable(seq)]
+        if batched:
+            chosen = self._sample_top_k_rows(logits[batched], [seqs[i] for i in batched])
+            for i, token_id in zip(batched, chosen):
                 tokens[i] = SampledToken(token_id)
         for i, seq in enumerate(seqs):
             if tokens[i] is None:
@@ -98,6 +112,40 @@ class Sampler:
             return int(scores.argmax(dim=-1))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, num_samples=1, generator=seq.generator))
+
+    @staticmethod
+    def _sample_top_k_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits: [B, vocab] of sampled rows that all have top_k > 0. One pass for all rows."""
+        params = [seq.params for seq in seqs]
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([min(p.top_k, vocab) for p in params])  # [B]
+        scores = logits / torch.tensor([p.temperature for p in params])[:, None]  # [B, V]
+        # Each row's candidates, best first: [B, K]. Past a row's own k they are removed, as
+        # TopKLogitsWarper removes every score below the k-th.
+        candidates, candidate_ids = scores.topk(int(top_k.max()), dim=-1)
+        kth = candidates.gather(1, (top_k - 1)[:, None])  # [B, 1]
+        candidates = candidates.masked_fill(candidates < kth, -float("inf"))
+        top_p = torch.tensor([p.top_p for p in params])[:, None]
+        if bool((top_p < 1.0).any()):
+            # TopPLogitsWarper removes a token when the tokens no more likely than it (itself
+            # included) add up to at most 1 - top_p; best first, that is when the mass of the
+            # tokens ranked above it has reached top_p. The best token always stays.
+            probs = candidates.softmax(dim=-1)
+            mass_above = probs.cumsum(dim=-1) - probs
+            remove = mass_above >= top_p
+            remove[:, 0] = False
+            candidates = candidates.masked_fill(remove, -float("inf"))
+        min_p = torch.tensor([p.min_p for p in params])[:, None]
+        if bool((min_p > 0.0).any()):
+            # MinPLogitsWarper: below min_p times the best token's probability; the best stays.
+            probs = candidates.softmax(dim=-1)
+            remove = probs < min_p * probs[:, :1]
+            remove[:, 0] = False
+            candidates = candidates.masked_fill(remove, -float("inf"))
+        probs = candidates.softmax(dim=-1)  # [B, K]
+        chosen = [int(torch.multinomial(probs[i], num_samples=1, generator=seq.generator))
+                  for i, seq in enumerate(seqs)]
+        return candidate_ids[torch.arange(len(seqs)), torch.tensor(chosen)].tolist()
 
     @staticmethod
     def _add_logprobs(token: SampledToken, logits: torch.Tensor, top: int) -> None:
