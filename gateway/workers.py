@@ -175,7 +175,7 @@ class ModelWorkerClient:
                 if self.healthy:
                     log.warning("model worker %s lost: %s", self.address, _describe(exc))
                 self._set_healthy(False)
-                self._fail_all(f"model worker {self.address} became unavailable")
+                self.fail_all(f"model worker {self.address} became unavailable")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
@@ -184,7 +184,7 @@ class ModelWorkerClient:
             self.healthy = healthy
             self.on_health_change()
 
-    def _fail_all(self, message: str) -> None:
+    def fail_all(self, message: str) -> None:
         for handle in list(self.sequences.values()):
             handle.queue.put_nowait(SequenceEvent(handle.sequence_id, None, "", 0, error=message))
         self.sequences.clear()
@@ -306,7 +306,7 @@ class ModelPool:
             if address not in targets:
                 log.info("model worker %s left the name's addresses", address)
                 self.workers.remove(worker)
-                worker._fail_all(f"model worker {address} was removed")
+                worker.fail_all(f"model worker {address} was removed")
                 await worker.close()
                 self._health_changed()
 

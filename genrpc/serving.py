@@ -151,15 +151,17 @@ class ServerHandle:
     async def set_ready(self, ready: bool) -> None:
         """Readiness: the overall status ("") and each service's, what load balancers and
         readiness probes ask."""
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            await self.health.set(name, _health_status(ready))
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness and liveness ("liveness": the process is up; only a shutdown clears it)."""
         await self.set_ready(serving)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("liveness", status)
+        await self.health.set("liveness", _health_status(serving))
+
+
+def _health_status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def start_server(

@@ -6,9 +6,9 @@ the step's prefill budget and the KV budget allow. The prefill budget keeps a
 burst of arrivals from turning into one long step that delays every first
 token: prompts are prefilled a few at a time, in arrival order, while running
 sequences keep decoding. A prompt longer than the prefill budget is prefilled
-in chunks; a shorter one is never split (it waits for the next step instead). A finished or aborted sequence
-leaves at once and its KV reservation is freed. The scheduler never touches
-tensors.
+in chunks; a shorter one is never split (it waits for the next step instead).
+A finished or aborted sequence leaves at once and its KV reservation is freed.
+The scheduler never touches tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step (1 for a decode, a chunk for a prefill)
-    completes_prompt: bool = False  # this step reaches the sequence's last token, so one is sampled
+    completes_prompt: bool = field(init=False)  # this step reaches the sequence's last token, so one is sampled
 
     def __post_init__(self) -> None:
         self.completes_prompt = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
