@@ -19,7 +19,7 @@ from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCacheManager
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.runner import ModelRunner
+from model_svc.engine.runner import DECODE_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
     parser.add_argument("--match-generate", action="store_true",
                         help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
+    parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
+                        help="native: all decoded tokens of a step in one call of a C kernel compiled on first "
+                             "use (falls back to sdpa without a C compiler); sdpa: one SDPA call per sequence")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -51,7 +54,8 @@ def build_engine(args) -> tuple:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
-    runner = ModelRunner(loaded.model, match_generate=args.match_generate)
+    runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention)
+    log.info("decode attention: %s", runner.decode_attention)
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
         args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,

@@ -1,0 +1,208 @@
+/* Decode attention for many sequences in one call, batch-invariant by construction.
+ *
+ * Each sequence attends one query token (all its query heads) over its own keys and values, which
+ * lie at arena slots start .. start + length - 1: no padding, no gather, no copy. The work for one
+ * (sequence, key/value head) pair is done by one thread from start to end in a fixed order that
+ * depends only on that sequence's length, so a sequence's output never depends on what else is in
+ * the batch. The arithmetic follows PyTorch's CPU flash attention for one block of bfloat16 keys:
+ * scores in float32 scaled after the dot product, exp(score - max), the unnormalized
+ * probabilities rounded to bfloat16 for the product with the values, float32 accumulation, one
+ * division by the float32 sum at the end, bfloat16 output rounded to nearest even.
+ *
+ * Built by model_svc/engine/decode_attention.py with the C compiler of the machine that runs it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float *buffer(int64_t num_floats) {
+    const size_t size = ((size_t)num_floats * sizeof(float) + 63) / 64 * 64;
+    return aligned_alloc(64, size);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* Dot product of two float rows of length d, summed lane by lane then lanes in a fixed tree. */
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
+    for (; i < d; i++) acc[i % LANES] += a[i] * b[i];
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) acc[l] += acc[l + width];
+    return acc[0];
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* The same steps, 16 floats at a time (x86-64 with AVX-512). Every element of a sequence goes
+ * through the same vector code whatever its length (tails are masked, not scalar). */
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512i round_to_bf16_bits(__m512 x) { /* round to nearest even; inputs are finite here */
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+}
+
+static inline __m512 round_bf16_ps(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(round_to_bf16_bits(x), _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* exp for x <= 0 (Cephes' polynomial, two-part ln 2, scaling by 2^n); 0 below -87.3. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define MAX_CHUNKS 16 /* head_dim up to 256 */
+#define MAX_GROUP 16
+
+static void task_avx512(const uint16_t *q_src, const uint16_t *k_base, const uint16_t *v_base, uint16_t *dst,
+                        int64_t length, int64_t group, int64_t head_dim, int64_t slot_stride, float scale,
+                        float *scores) {
+    const int64_t chunks = head_dim / 16;
+    __m512 q[MAX_GROUP * MAX_CHUNKS], kv[MAX_CHUNKS], acc[MAX_GROUP * MAX_CHUNKS];
+    for (int64_t i = 0; i < group * chunks; i++) q[i] = load_bf16(q_src + 16 * i);
+    for (int64_t t = 0; t < length; t++) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k_base + t * slot_stride + 16 * c);
+        for (int64_t g = 0; g < group; g++) {
+            __m512 a = _mm512_mul_ps(q[g * chunks], kv[0]);
+            for (int64_t c = 1; c < chunks; c++) a = _mm512_fmadd_ps(q[g * chunks + c], kv[c], a);
+            scores[g * length + t] = _mm512_reduce_add_ps(a) * scale;
+        }
+    }
+    float sums[MAX_GROUP];
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * length;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < length; t += 16) {
+            const __mmask16 mask = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1);
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, s + t));
+        }
+        const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < length; t += 16) {
+            const __mmask16 mask = length - t >= 16 ? 0xffff : (__mmask16)((1u << (length - t)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), max)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(s + t, mask, round_bf16_ps(e));
+        }
+        sums[g] = _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t i = 0; i < group * chunks; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t++) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(v_base + t * slot_stride + 16 * c);
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 p = _mm512_set1_ps(scores[g * length + t]);
+            for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] = _mm512_fmadd_ps(p, kv[c], acc[g * chunks + c]);
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        const __m512 inv = _mm512_set1_ps(sums[g]);
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512i bits = _mm512_srli_epi32(round_to_bf16_bits(_mm512_div_ps(acc[g * chunks + c], inv)), 16);
+            _mm256_storeu_si256((__m256i *)(dst + g * head_dim + 16 * c), _mm512_cvtepi32_epi16(bits));
+        }
+    }
+}
+#endif
+
+/* query/out: [tokens, num_heads, head_dim] contiguous bfloat16; keys/values: strided bfloat16,
+ * element (kv_head, slot, i) at kv_head * head_stride + slot * slot_stride + i.
+ * Sequence b reads query row rows[b] and writes out row rows[b]; its keys are slots starts[b] ..
+ * starts[b] + lengths[b] - 1. Tasks first .. last - 1 of the num_seqs * num_kv_heads are done. */
+int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                          const int64_t *rows, const int64_t *starts, const int64_t *lengths, int64_t num_heads,
+                          int64_t num_kv_heads, int64_t head_dim, int64_t head_stride, int64_t slot_stride,
+                          float scale, int64_t first, int64_t last) {
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t max_length = 0;
+    for (int64_t task = first; task < last; task++)
+        if (lengths[task / num_kv_heads] > max_length) max_length = lengths[task / num_kv_heads];
+    /* 64-byte aligned buffers, so that vectorized loops split the same way on every call. */
+    float *q = buffer(group * head_dim);
+    float *row = buffer(head_dim);
+    float *acc = buffer(group * head_dim);
+    float *scores = buffer(group * (max_length > 0 ? max_length : 1));
+    if (!q || !row || !acc || !scores) {
+        free(q), free(row), free(acc), free(scores);
+        return -1;
+    }
+    for (int64_t task = first; task < last; task++) {
+        const int64_t b = task / num_kv_heads, h = task % num_kv_heads, length = lengths[b];
+        const uint16_t *q_src = query + (rows[b] * num_heads + h * group) * head_dim;
+        uint16_t *dst = out + (rows[b] * num_heads + h * group) * head_dim;
+        const uint16_t *k_base = keys + h * head_stride + starts[b] * slot_stride;
+        const uint16_t *v_base = values + h * head_stride + starts[b] * slot_stride;
+#if defined(__AVX512F__)
+        if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS && group <= MAX_GROUP) {
+            task_avx512(q_src, k_base, v_base, dst, length, group, head_dim, slot_stride, scale, scores);
+            continue;
+        }
+#endif
+        for (int64_t i = 0; i < group * head_dim; i++) q[i] = bf16_to_float(q_src[i]);
+        for (int64_t t = 0; t < length; t++) {
+            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(k_base[t * slot_stride + i]);
+            for (int64_t g = 0; g < group; g++) scores[g * length + t] = dot(q + g * head_dim, row, head_dim) * scale;
+        }
+        float sums[group];
+        for (int64_t g = 0; g < group; g++) {
+            float *s = scores + g * length, m = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t < length; t++) m = s[t] > m ? s[t] : m;
+            for (int64_t t = 0; t < length; t++) {
+                const float e = expf(s[t] - m);
+                sum += e;
+                s[t] = round_bf16(e);
+            }
+            sums[g] = sum;
+        }
+        memset(acc, 0, sizeof(float) * group * head_dim);
+        for (int64_t t = 0; t < length; t++) {
+            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(v_base[t * slot_stride + i]);
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * length + t];
+                float *a = acc + g * head_dim;
+                for (int64_t i = 0; i < head_dim; i++) a[i] += p * row[i];
+            }
+        }
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t i = 0; i < head_dim; i++) dst[g * head_dim + i] = float_to_bf16(acc[g * head_dim + i] / sums[g]);
+    }
+    free(q), free(row), free(acc), free(scores);
+    return 0;
+}
