@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=256,
+    parser.add_argument("--max-prefill-tokens", type=int, default=128,
                         help="prompt tokens prefilled per step (longer prompts are chunked): lower keeps "
                              "running streams' inter-token latency steady when long prompts arrive")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")

@@ -40,7 +40,10 @@ class PackedBatch:
     lengths: list[int]
     kv_lengths: list[int]  # each sequence's cached length after this step
     logit_rows: list[int]  # packed index of the last token of each sequence that samples this step
-    decodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, KV starts, KV lengths
+    # Rows attended by the native kernel: (packed rows, KV starts, number of keys each row sees), and
+    # which sequences those rows cover.
+    native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    native_seqs: list[bool] | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 DECODE_ATTENTION = ("native", "sdpa")
+# Prompts up to this long are prefilled through the native kernel too; longer ones through SDPA, whose
+# tiled products are faster when every query row sees thousands of keys.
+NATIVE_MAX_PROMPT = 1024
 
 
 class ModelRunner:
@@ -118,14 +124,23 @@ class ModelRunner:
             positions.append(positions[0])
             slots.append(kv.scratch_slot)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        decodes = None
+        native, native_seqs = None, None
         if self.native_decode is not None:
-            ones = [i for i, length in enumerate(lengths) if length == 1]
-            if ones:
-                decodes = (as_tensor([starts[i] for i in ones]), as_tensor([scheduled[i].seq.kv_cache.start for i in ones]),
-                           as_tensor([kv_lengths[i] for i in ones]))
+            # Every token attends as a decoded token would: query row r sees its sequence's keys up to
+            # its own position. A prompt's numbers then do not depend on how it was chunked.
+            rows, kv_starts, kv_counts = [], [], []
+            native_seqs = []
+            for item, start, length, kv_length in zip(scheduled, starts, lengths, kv_lengths):
+                native_seqs.append(length == 1 or item.seq.num_prompt_tokens <= NATIVE_MAX_PROMPT)
+                if native_seqs[-1]:
+                    past = kv_length - length
+                    rows.extend(range(start, start + length))
+                    kv_starts.extend([item.seq.kv_cache.start] * length)
+                    kv_counts.extend(range(past + 1, kv_length + 1))
+            if rows:
+                native = (as_tensor(rows), as_tensor(kv_starts), as_tensor(kv_counts))
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), starts, lengths, kv_lengths,
-                           logit_rows, decodes)
+                           logit_rows, native, native_seqs)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCacheManager) -> torch.Tensor:
@@ -160,10 +175,11 @@ class ModelRunner:
         keys_all, values_all = kv.layer(layer_idx)  # [Hkv, slots, D] each
         grouped = query.view(num_tokens, self.num_kv_heads, -1, self.head_dim)  # [T, Hkv, Hq/Hkv, D]
         out = torch.empty_like(query)  # [T, Hq, D]
-        if batch.decodes is not None:
-            self.native_decode(query, keys_all, values_all, out, *batch.decodes, attn.scaling)
-        for start, length, kv_length, kv_range in zip(batch.starts, batch.lengths, batch.kv_lengths, ranges):
-            if length == 1 and batch.decodes is not None:
+        if batch.native is not None:
+            self.native_decode(query, keys_all, values_all, out, *batch.native, attn.scaling)
+        for i, (start, length, kv_length, kv_range) in enumerate(
+                zip(batch.starts, batch.lengths, batch.kv_lengths, ranges)):
+            if batch.native_seqs and batch.native_seqs[i]:
                 continue  # done above
             kv_start = kv_range.start
             keys = keys_all[None, :, kv_start:kv_start + kv_length]  # [1, Hkv, L, D]

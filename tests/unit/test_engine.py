@@ -94,9 +94,27 @@ def test_chunked_prefill_gives_the_same_greedy_tokens(reference_model, hf_tokeni
     ids = hf_tokenizer(PROMPTS[1] * 3).input_ids
     whole = run(make_engine(reference_model), [Sequence(0, ids, SamplingParams(max_new_tokens=12))])[0]
     chunked = run(make_engine(reference_model, max_batch_tokens=16), [Sequence(0, ids, SamplingParams(max_new_tokens=12))])[0]
-    # Chunks attend with an explicit causal mask, so numbers may differ in the last bits; the
-    # greedy path of this prompt is robust to that.
     assert chunked == whole
+
+
+def logprobs_of(engine, seq):
+    engine.add(seq)
+    got = []
+    while engine.scheduler.has_work:
+        got += [(out.token_id, out.logprob) for out in engine.step() if out.token_id is not None]
+    return got
+
+
+def test_native_attention_makes_prefill_independent_of_chunking(reference_model, hf_tokenizer):
+    """Each prompt token attends as a decoded token would, so the numbers (not only the greedy
+    tokens) are the same however the prompt was split into chunks."""
+    ids = hf_tokenizer(PROMPTS[1] * 3).input_ids
+    params = SamplingParams(max_new_tokens=6, logprobs=True)
+    whole = logprobs_of(make_engine(reference_model), Sequence(0, ids, params))
+    for budget in (16, 23):
+        engine = make_engine(reference_model, max_batch_tokens=budget)
+        assert engine.runner.decode_attention == "native"
+        assert logprobs_of(engine, Sequence(0, ids, params)) == whole
 
 
 def test_seeded_sample_independent_of_the_batch(reference_model, hf_tokenizer):
