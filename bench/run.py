@@ -1,17 +1,17 @@
 """`make bench`: the service against in-process transformers generate(), same model, prompts
 and dtype, in one run.
 
+In each of `--repeats` rounds (default 3):
 1. Starts the three services (default flags: 4-bit nf4, bfloat16 compute) and drives them with
-   N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored), then a run
-   with arrivals spread over time and mixed lengths, then a 1,000-request run that samples the
-   model service's memory.
-2. Stops the stack, loads the same model in-process and runs generate() on the same prompts:
-   batch 1 one after another, and one static left-padded batch of N.
-3. Writes bench/results/latest.json and bench/results/latest.png.
-
-Each measurement runs `--repeats` times (default 2) and the best is kept: this machine's speed
-drifts by up to 2x from minute to minute (shared cores), and a best-of is the steadiest figure
-for both sides.
+   N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored); in the
+   first round also a run with arrivals spread over time and mixed lengths, and a 1,000-request
+   run that samples the model service's memory.
+2. Stops the stack and runs in-process generate() on the same prompts, model and dtype: batch 1
+   one after another, and one static left-padded batch of N.
+Each point keeps its best round, and the rounds alternate the two sides: this machine's speed
+drifts by up to 2x from minute to minute (shared cores), and back-to-back repeats of one side
+could all land in a slow minute the other side never saw.
+Then it writes bench/results/latest.json and bench/results/latest.png.
 
     python -m bench.run [--quick]
 """
@@ -67,19 +67,19 @@ def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["tokens_per_s"])
 
 
-def bench_service(concurrency: list[int], new_tokens: int, num_soak: int, repeats: int) -> dict:
+def bench_service(concurrency: list[int], new_tokens: int, num_soak: int) -> dict:
+    """One round: each concurrency once; then, when num_soak > 0, spread arrivals and the memory run."""
     stack = start_stack(MODEL)
     try:
         address = stack.gateway.address
         asyncio.run(run_streams(address, prompts_for(2), [8, 8], [0, 0]))  # warm-up
         out = {"concurrency": {}}
         for n in concurrency:
-            runs = []
-            for _ in range(repeats):
-                results, wall = asyncio.run(run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n))
-                runs.append(summarize(results, wall))
-            out["concurrency"][str(n)] = best(runs)
+            results, wall = asyncio.run(run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n))
+            out["concurrency"][str(n)] = summarize(results, wall)
             print(f"service  N={n:>2}: {out['concurrency'][str(n)]}", flush=True)
+        if num_soak <= 0:
+            return out
         rng = random.Random(0)
         n = 32
         lengths = [rng.randint(16, 256) for _ in range(n)]
@@ -101,13 +101,17 @@ def bench_service(concurrency: list[int], new_tokens: int, num_soak: int, repeat
         stack.stop()
 
 
-def bench_generate(concurrency: list[int], new_tokens: int, repeats: int) -> dict:
+def load_reference():
     from transformers import AutoTokenizer
 
     from model_svc.loader import load_model
 
-    loaded = load_model(MODEL, "bfloat16", "4bit", "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    return load_model(MODEL, "bfloat16", "4bit", "cpu"), AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+
+
+def bench_generate(reference, concurrency: list[int], new_tokens: int) -> dict:
+    """One round of in-process generate(): batch 1 one after another, and a static batch of each N."""
+    loaded, tokenizer = reference
 
     def run(prompts: list[str], n_new: int) -> float:
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -118,20 +122,35 @@ def bench_generate(concurrency: list[int], new_tokens: int, repeats: int) -> dic
 
     run(prompts_for(2), 4)  # warm-up
     out = {}
-    single = [min(run([p], new_tokens) for _ in range(repeats)) for p in prompts_for(4)]
-    ttft1 = statistics.median(min(run([p], 1) for _ in range(repeats)) for p in prompts_for(4))
-    out["batch1"] = {"tokens_per_s": round(new_tokens / statistics.median(single), 1),
-                     "ttft_ms": round(ttft1 * 1000, 1),
-                     "itl_ms": round((statistics.median(single) - ttft1) / (new_tokens - 1) * 1000, 1)}
+    single = statistics.median(run([p], new_tokens) for p in prompts_for(4))
+    ttft1 = statistics.median(run([p], 1) for p in prompts_for(4))
+    out["batch1"] = {"tokens_per_s": round(new_tokens / single, 1), "ttft_ms": round(ttft1 * 1000, 1),
+                     "itl_ms": round((single - ttft1) / (new_tokens - 1) * 1000, 1)}
     print(f"generate batch 1: {out['batch1']}", flush=True)
     out["static"] = {}
     for n in concurrency:
-        wall = min(run(prompts_for(n), new_tokens) for _ in range(repeats))
-        ttft = min(run(prompts_for(n), 1) for _ in range(repeats))
+        wall = run(prompts_for(n), new_tokens)
+        ttft = run(prompts_for(n), 1)
         out["static"][str(n)] = {"tokens_per_s": round(n * new_tokens / wall, 1), "ttft_ms": round(ttft * 1000, 1),
                                  "itl_ms": round((wall - ttft) / (new_tokens - 1) * 1000, 1)}
         print(f"generate static N={n:>2}: {out['static'][str(n)]}", flush=True)
     return out
+
+
+def interleaved(concurrency: list[int], new_tokens: int, num_soak: int, rounds: int) -> tuple[dict, dict]:
+    """Rounds of (service with the stack up, then generate() with the stack stopped); each point keeps
+    its best round. Interleaving gives both sides the same share of this machine's slow minutes."""
+    reference = load_reference()
+    service_rounds, generate_rounds = [], []
+    for i in range(rounds):
+        print(f"round {i + 1} of {rounds}", flush=True)
+        service_rounds.append(bench_service(concurrency, new_tokens, num_soak if i == 0 else 0))
+        generate_rounds.append(bench_generate(reference, concurrency, new_tokens))
+    service = {**service_rounds[0], "concurrency": {
+        str(n): best([r["concurrency"][str(n)] for r in service_rounds]) for n in concurrency}}
+    generate = {"batch1": best([r["batch1"] for r in generate_rounds]), "static": {
+        str(n): best([r["static"][str(n)] for r in generate_rounds]) for n in concurrency}}
+    return service, generate
 
 
 def plot(report: dict, path: str) -> None:
@@ -190,7 +209,8 @@ def markdown_table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds (service, then generate()); each point keeps its best round")
     args = parser.parse_args()
     concurrency = [1, 4, 16, 32]
     new_tokens = 32 if args.quick else 128
@@ -201,8 +221,8 @@ def main() -> None:
         "new_tokens": new_tokens,
     }
     report["repeats"] = args.repeats
-    report["service"] = bench_service(concurrency, new_tokens, 100 if args.quick else 1000, args.repeats)
-    report["generate"] = bench_generate(concurrency, new_tokens, args.repeats)
+    report["service"], report["generate"] = interleaved(concurrency, new_tokens, 100 if args.quick else 1000,
+                                                         args.repeats)
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),

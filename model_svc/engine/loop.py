@@ -105,7 +105,11 @@ class EngineLoop:
                 outputs.extend(self.engine.step())
                 stats = self.engine.last_step
                 if stats.num_tokens:
-                    STEP_SECONDS.observe(time.perf_counter() - started)
+                    elapsed = time.perf_counter() - started
+                    STEP_SECONDS.observe(elapsed)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("step: %d sequences, %d tokens, %.1f ms", stats.num_sequences, stats.num_tokens,
+                                  elapsed * 1000)
                     BATCH_SEQUENCES.observe(stats.num_sequences)
                     BATCH_TOKENS.observe(stats.num_tokens)
             except Exception:  # never let the engine thread die

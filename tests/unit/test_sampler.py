@@ -1,0 +1,36 @@
+"""Drawing a token from each row's distribution with the row's own generator."""
+
+import torch
+
+from model_svc.engine.sampler import draw
+
+
+def test_draws_follow_the_distribution_and_skip_impossible_tokens():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    num_draws = 20000
+    for _ in range(num_draws):
+        counts[draw(probs, [gen])[0]] += 1
+    assert counts[[0, 2, 5]].sum() == 0, "a token of probability 0 was drawn"
+    # 20,000 draws: the standard deviation of a frequency is at most 0.0035; allow 4 of them.
+    assert torch.allclose(counts / num_draws, probs[0], atol=0.014), counts / num_draws
+
+
+def test_each_row_uses_its_own_generator():
+    probs = torch.softmax(torch.randn(3, 49152, generator=torch.Generator().manual_seed(1)), dim=-1)
+    seeds = [7, 8, 9]
+
+    def run(rows):
+        gens = [torch.Generator().manual_seed(seeds[r]) for r in rows]
+        return [draw(probs[rows], gens) for _ in range(20)]
+
+    together = run([0, 1, 2])
+    alone = run([1])
+    assert [step[1] for step in together] == [step[0] for step in alone]
+    assert [step[0] for step in together] != [step[1] for step in together]  # different seeds differ
+
+
+def test_unnormalized_rows_and_last_token():
+    probs = torch.tensor([[0.0, 0.0, 2.0]])  # scaled, all mass on the last token
+    assert {draw(probs, [torch.Generator().manual_seed(s)])[0] for s in range(50)} == {2}
