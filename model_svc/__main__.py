@@ -19,7 +19,7 @@ from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCacheManager
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.runner import DECODE_ATTENTION, ModelRunner
+from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
                         help="native: all decoded tokens of a step in one call of a C kernel compiled on first "
                              "use (falls back to sdpa without a C compiler); sdpa: one SDPA call per sequence")
+    parser.add_argument("--no-prefix-sharing", action="store_true",
+                        help="compute every prompt in full, even when a running sequence already computed "
+                             "the same leading tokens (sharing needs --decode-attention native)")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -59,6 +62,7 @@ def build_engine(args) -> tuple:
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
         args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,
+        max_shared_prompt=NATIVE_MAX_PROMPT if runner.decode_attention == "native" and not args.no_prefix_sharing else 0,
     )
     return loaded, Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 

@@ -27,6 +27,7 @@ class TokenOutput:
 class StepStats:
     num_sequences: int = 0  # sequences computed in the step
     num_tokens: int = 0  # tokens computed in the step (prefill chunks and decodes)
+    num_shared_tokens: int = 0  # prompt tokens copied from another sequence's cache instead
 
 
 class Engine:
@@ -47,10 +48,12 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         """Runs one step; returns one output per sequence that got a token or finished."""
         out = self.scheduler.schedule()
-        self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens)
+        self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_shared_tokens)
         if out.is_empty:
             return []
         try:
+            for copy in out.copies:
+                self.scheduler.kv_cache.copy(copy.src, copy.dst, copy.num_tokens)
             logits = self.runner.execute(out.scheduled, self.scheduler.kv_cache)
             sampling = [item.seq for item in out.scheduled if item.completes_prompt]
             tokens = self.sampler.sample(logits, sampling)

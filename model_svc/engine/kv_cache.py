@@ -91,6 +91,10 @@ class KVCacheManager:
         self.arena[layer, 0].index_copy_(1, slots, keys)
         self.arena[layer, 1].index_copy_(1, slots, values)
 
+    def copy(self, src: int, dst: int, num_tokens: int) -> None:
+        """Copies the keys and values of slots src.. to slots dst.., every layer at once."""
+        self.arena[..., dst:dst + num_tokens, :] = self.arena[..., src:src + num_tokens, :]
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values: [kv_heads, slots, head_dim] each; a sequence's are
         [:, start : start + length]."""

@@ -8,7 +8,17 @@ token: prompts are prefilled a few at a time, in arrival order, while running
 sequences keep decoding. A prompt longer than the prefill budget is prefilled
 in chunks; a shorter one is never split (it waits for the next step instead).
 A finished or aborted sequence leaves at once and its KV reservation is freed.
-The scheduler never touches tensors.
+
+Prefix sharing: a sequence admitted while another running sequence has already
+computed the same leading tokens (a common system prompt, the same question
+asked twice, a conversation's earlier turns) starts from a copy of those keys
+and values instead of computing them again. This is exact, not approximate: a
+token's keys and values depend only on the tokens before it, and with the
+native attention path they come out bit for bit the same however they were
+batched or chunked, so a copied prefix equals a recomputed one. Only running
+sequences donate (finished ones free their cache at once), and at least the
+prompt's last token is always computed, for its logits.
+The scheduler never touches tensors: it lists the copies for the step to make.
 """
 
 from __future__ import annotations
@@ -32,8 +42,22 @@ class ScheduledSequence:
 
 
 @dataclass
+class PrefixCopy:
+    """Copy num_tokens keys and values from arena slot src onward to slot dst onward, before the step."""
+
+    src: int
+    dst: int
+    num_tokens: int
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes first, then prefills
+    copies: list[PrefixCopy] = field(default_factory=list)  # in order: a later copy may read an earlier one
+
+    @property
+    def num_shared_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.copies)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -58,7 +82,10 @@ class Scheduler:
         max_context: int,
         eos_token_ids: Iterable[int],
         max_prefill_tokens: int | None = None,
+        max_shared_prompt: int = 0,
     ):
+        """max_shared_prompt: prompts up to this many tokens share prefixes (0: no sharing). The
+        runner's native attention path sets it: only there is a copied prefix bit-exact."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
@@ -68,6 +95,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens or max_batch_tokens
+        self.max_shared_prompt = max_shared_prompt
         self.max_waiting = max_waiting
         self.max_context = max_context
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -122,13 +150,18 @@ class Scheduler:
         while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             room = min(budget, prefill_budget)
-            if room < seq.num_uncomputed_tokens <= min(self.max_prefill_tokens, self.max_batch_tokens):
+            donor, num_shared = self.shared_prefix(seq)
+            uncomputed = seq.num_uncomputed_tokens - num_shared
+            if room < uncomputed <= min(self.max_prefill_tokens, self.max_batch_tokens):
                 break  # it fits a step of its own: do not split it
             need = self.kv_tokens_needed(seq)
             if not self.kv_cache.can_allocate(need):
                 break  # first come, first served: later ones wait behind it
             self.waiting.popleft()
             seq.kv_cache = self.kv_cache.allocate(need)
+            if num_shared:
+                out.copies.append(PrefixCopy(donor.kv_cache.start, seq.kv_cache.start, num_shared))
+                seq.num_computed_tokens += num_shared
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_new = min(seq.num_uncomputed_tokens, room)
@@ -136,6 +169,29 @@ class Scheduler:
             budget -= num_new
             prefill_budget -= num_new
         return out
+
+    def shared_prefix(self, seq: Sequence) -> tuple[Sequence | None, int]:
+        """The running sequence whose computed tokens share the longest prefix with seq's prompt, and
+        that prefix's length (at most the prompt's length - 1)."""
+        if seq.num_computed_tokens or not 0 < seq.num_prompt_tokens <= self.max_shared_prompt:
+            return None, 0
+        prompt = seq.prompt_ids
+        best, best_len = None, 0
+        for other in self.running:
+            limit = min(len(prompt) - 1, other.num_computed_tokens)
+            if limit <= best_len or other.num_prompt_tokens > self.max_shared_prompt or other.prompt_ids[0] != prompt[0]:
+                continue
+            tokens = other.prompt_ids if other.num_prompt_tokens >= limit else other.token_ids()
+            low, high = 1, limit  # tokens[:low] == prompt[:low]; find the longest such prefix
+            while low < high:
+                mid = (low + high + 1) // 2
+                if tokens[:mid] == prompt[:mid]:
+                    low = mid
+                else:
+                    high = mid - 1
+            if low > best_len:
+                best, best_len = other, low
+        return best, best_len
 
     def update(self, out: SchedulerOutput, sampled: dict[Hashable, int]) -> list[Sequence]:
         """Records the computed tokens and the sampled ones; returns the sequences that finished."""

@@ -6,7 +6,7 @@ import torch
 
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCacheManager
-from model_svc.engine.runner import ModelRunner
+from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
@@ -18,10 +18,10 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind
            "1, 2, 3,", "한국어로 인사해 주세요"]
 
 
-def make_engine(loaded, max_batch_tokens=512, match_generate=False):
+def make_engine(loaded, max_batch_tokens=512, match_generate=False, share_prefixes=False):
     runner = ModelRunner(loaded.model, match_generate=match_generate)
     scheduler = Scheduler(KVCacheManager(runner.kv_spec, 20000), 16, max_batch_tokens, 64, loaded.max_context,
-                          loaded.eos_token_ids)
+                          loaded.eos_token_ids, max_shared_prompt=NATIVE_MAX_PROMPT if share_prefixes else 0)
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 
 
@@ -115,6 +115,25 @@ def test_native_attention_makes_prefill_independent_of_chunking(reference_model,
         engine = make_engine(reference_model, max_batch_tokens=budget)
         assert engine.runner.decode_attention == "native"
         assert logprobs_of(engine, Sequence(0, ids, params)) == whole
+
+
+def test_a_shared_prefix_gives_the_same_numbers_as_computing_it(reference_model, hf_tokenizer):
+    system = "You are a careful assistant. Answer in one short sentence, and never make things up. "
+    first, second = (hf_tokenizer(system + q).input_ids for q in ("Why is the sky blue?", "What is rain?"))
+    params = SamplingParams(max_new_tokens=8, logprobs=True)
+    alone = logprobs_of(make_engine(reference_model, share_prefixes=True), Sequence("b", second, params))
+
+    engine = make_engine(reference_model, share_prefixes=True)
+    engine.add(Sequence("a", first, SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    engine.step()  # a's prompt is in the cache now
+    engine.add(Sequence("b", second, params))
+    got, shared = [], 0
+    while engine.scheduler.has_work:
+        got += [(o.token_id, o.logprob) for o in engine.step() if o.seq_id == "b" and o.token_id is not None]
+        shared += engine.last_step.num_shared_tokens
+    common = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+    assert shared == common > 10
+    assert got == alone
 
 
 def test_seeded_sample_independent_of_the_batch(reference_model, hf_tokenizer):

@@ -142,3 +142,38 @@ def test_prefill_budget_spreads_a_burst_and_never_splits_a_short_prompt():
     s.add(seq("long", n_prompt=20, max_new_tokens=5))
     out, _ = step(s)
     assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled][-1] == ("long", 8)  # longer: chunked
+
+
+def test_prefix_sharing_copies_what_a_running_sequence_computed():
+    s = make(max_num_seqs=8, max_batch_tokens=32)
+    s.max_shared_prompt = 20
+    system = [50, 51, 52, 53, 54, 55]
+    s.add(Sequence("a", system + [60, 61], SamplingParams(max_new_tokens=5)))
+    out, _ = step(s, token=90)
+    assert not out.copies  # nothing ran before it
+    s.add(Sequence("b", system + [70], SamplingParams(max_new_tokens=5)))  # shares the system tokens
+    s.add(Sequence("c", system + [60, 61, 90, 91], SamplingParams(max_new_tokens=5)))  # and a's first output
+    s.add(Sequence("d", system + [60, 61], SamplingParams(max_new_tokens=5)))  # a's very prompt
+    s.add(Sequence("e", [99] + system, SamplingParams(max_new_tokens=5)))  # differs at the first token
+    out, _ = step(s, token=90)
+    a, b, c, d = (s.by_id[x].kv_cache.start for x in "abcd")
+    assert [(c_.src, c_.dst, c_.num_tokens) for c_ in out.copies] == [
+        (a, b, 6),
+        (a, c, 8),  # a has computed its 8 prompt tokens; its output 90 is not computed yet
+        (a, d, 7),  # a whole prompt is never copied: its last token is computed for the logits
+    ]
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [
+        ("a", 1), ("b", 1), ("c", 2), ("d", 1), ("e", 7)]
+    assert out.num_shared_tokens == 21
+
+
+def test_prefix_sharing_is_off_by_default_and_bounded_by_prompt_length():
+    for max_shared, prompt_len in ((0, 6), (5, 6)):
+        s = make(max_batch_tokens=32)
+        s.max_shared_prompt = max_shared
+        s.add(seq("a", n_prompt=prompt_len, max_new_tokens=5))
+        step(s)
+        s.add(seq("b", n_prompt=prompt_len, max_new_tokens=5))
+        out, _ = step(s)
+        assert not out.copies
+        assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", prompt_len)]
