@@ -19,7 +19,7 @@ from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCacheManager
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, ModelRunner
+from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
@@ -46,9 +46,12 @@ def parse_args(argv=None):
     parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
                         help="native: all decoded tokens of a step in one call of a C kernel compiled on first "
                              "use (falls back to sdpa without a C compiler); sdpa: one SDPA call per sequence")
+    parser.add_argument("--prefill-attention", default="sdpa", choices=list(PREFILL_ATTENTION),
+                        help="sdpa: prompts attend through the call generate() makes (its first token); native: "
+                             "through the kernel, chunking-invariant, with exact prefix sharing, 13%% faster")
     parser.add_argument("--no-prefix-sharing", action="store_true",
-                        help="compute every prompt in full, even when a running sequence already computed "
-                             "the same leading tokens (sharing needs --decode-attention native)")
+                        help="with --prefill-attention native, compute every prompt in full even when a running "
+                             "sequence already computed the same leading tokens")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -57,12 +60,14 @@ def build_engine(args) -> tuple:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
-    runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention)
-    log.info("decode attention: %s", runner.decode_attention)
+    runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention,
+                         prefill_attention_impl=args.prefill_attention)
+    log.info("decode attention: %s; prefill attention: %s", runner.decode_attention,
+             "native" if runner.native_prefill else "sdpa")
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
         args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,
-        max_shared_prompt=NATIVE_MAX_PROMPT if runner.decode_attention == "native" and not args.no_prefix_sharing else 0,
+        max_shared_prompt=NATIVE_MAX_PROMPT if runner.native_prefill and not args.no_prefix_sharing else 0,
     )
     return loaded, Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import grpc
 import pytest
 
+from genrpc.launch import start_stack
 from genrpc.v1 import generation_pb2 as pb
+from genrpc.v1 import generation_pb2_grpc
+from tests.conftest import MODEL
 from tests.greedy import assert_greedy_matches
+from tests.helpers import metric
 
 PROMPTS = [
     "The capital of France is",
@@ -56,6 +61,30 @@ def test_concurrent_requests_equal_each_alone(stub):
         futures = [(p, pool.submit(generate, stub, [p], max_new_tokens=16)) for p in PROMPTS * 2]
         for prompt, future in futures:
             assert list(future.result()[0].token_ids) == alone[prompt]
+
+
+@pytest.fixture(scope="module")
+def native_prefill_stack():
+    stack = start_stack(MODEL, model_args=("--prefill-attention", "native"))
+    with grpc.insecure_channel(stack.gateway.address) as channel:
+        yield stack, generation_pb2_grpc.GenerationStub(channel)
+    stack.stop()
+
+
+def test_a_prompt_sharing_a_running_prompts_prefix_gives_the_same_numbers(native_prefill_stack):
+    stack, stub = native_prefill_stack
+    system = "You are a careful assistant. Answer in one short sentence, and never make things up. "
+    alone = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
+    shared_before = metric(stack.model.metrics_port, "genrpc_model_shared_prefix_tokens_total")
+    running = stub.GenerateStream(pb.GenerateStreamRequest(
+        prompt=system + "Why is the sky blue?", config=pb.GenerationConfig(max_new_tokens=60, ignore_eos=True)),
+        timeout=120)
+    next(running)  # its prompt is in the model's cache now
+    beside = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
+    running.cancel()
+    assert metric(stack.model.metrics_port, "genrpc_model_shared_prefix_tokens_total") - shared_before >= 15
+    assert list(beside.token_ids) == list(alone.token_ids)
+    assert [t.logprob for t in beside.logprobs] == [t.logprob for t in alone.logprobs]  # the very numbers
 
 
 def test_no_config_gives_at_most_20_new_tokens(stub):

@@ -18,8 +18,9 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind
            "1, 2, 3,", "한국어로 인사해 주세요"]
 
 
-def make_engine(loaded, max_batch_tokens=512, match_generate=False, share_prefixes=False):
-    runner = ModelRunner(loaded.model, match_generate=match_generate)
+def make_engine(loaded, max_batch_tokens=512, match_generate=False, share_prefixes=False, native_prefill=False):
+    runner = ModelRunner(loaded.model, match_generate=match_generate,
+                         prefill_attention_impl="native" if native_prefill or share_prefixes else "sdpa")
     scheduler = Scheduler(KVCacheManager(runner.kv_spec, 20000), 16, max_batch_tokens, 64, loaded.max_context,
                           loaded.eos_token_ids, max_shared_prompt=NATIVE_MAX_PROMPT if share_prefixes else 0)
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
@@ -67,6 +68,14 @@ def test_match_generate_is_bit_identical_with_4bit(reference_model, hf_tokenizer
     assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24)), *crowd])[0] == expected
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_greedy_equals_generate_up_to_bit_level_ties(reference_model, hf_tokenizer, prompt):
+    engine = make_engine(reference_model)
+    assert engine.runner.decode_attention == "native" and not engine.runner.native_prefill
+    got = run(engine, [Sequence(0, hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=24))])[0]
+    assert_greedy_matches(reference_model, hf_tokenizer, prompt, got)
+
+
 def test_alone_equals_beside_others(reference_model, hf_tokenizer):
     engine = make_engine(reference_model)
     ids = [hf_tokenizer(p).input_ids for p in PROMPTS]
@@ -105,15 +114,15 @@ def logprobs_of(engine, seq):
     return got
 
 
-def test_native_attention_makes_prefill_independent_of_chunking(reference_model, hf_tokenizer):
+def test_native_prefill_is_independent_of_chunking(reference_model, hf_tokenizer):
     """Each prompt token attends as a decoded token would, so the numbers (not only the greedy
     tokens) are the same however the prompt was split into chunks."""
     ids = hf_tokenizer(PROMPTS[1] * 3).input_ids
     params = SamplingParams(max_new_tokens=6, logprobs=True)
-    whole = logprobs_of(make_engine(reference_model), Sequence(0, ids, params))
+    whole = logprobs_of(make_engine(reference_model, native_prefill=True), Sequence(0, ids, params))
     for budget in (16, 23):
-        engine = make_engine(reference_model, max_batch_tokens=budget)
-        assert engine.runner.decode_attention == "native"
+        engine = make_engine(reference_model, max_batch_tokens=budget, native_prefill=True)
+        assert engine.runner.native_prefill
         assert logprobs_of(engine, Sequence(0, ids, params)) == whole
 
 
