@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from model_svc.engine import decode_attention
 from model_svc.engine.kv_cache import KVCacheManager, KVSpec
+from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -107,6 +108,7 @@ class ModelRunner:
                 and self.device.type == "cpu"):
             self.native_decode = decode_attention.load()
         self.native_prefill = prefill_attention_impl == "native" and self.native_decode is not None
+        self.linear = Linears()
 
     @property
     def decode_attention(self) -> str:
@@ -174,18 +176,22 @@ class ModelRunner:
             hidden = self._attention(layer.self_attn, layer_idx, hidden, cos, sin, batch, kv, ranges)
             hidden = residual + hidden
             residual = hidden
-            hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
             hidden = residual + hidden
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
         last = self.base.norm(hidden[0, rows])  # [N, H]
         return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
 
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """LlamaMLP.forward, with our linear calls."""
+        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
+
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCacheManager, ranges):
         num_tokens = hidden.shape[1]
         # Token-major layouts, [T, heads, D], so that one decoded token's heads are one contiguous block.
-        query = attn.q_proj(hidden).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
-        key = attn.k_proj(hidden).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
-        value = attn.v_proj(hidden).view(num_tokens, -1, self.head_dim)
+        query = self.linear(attn.q_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
+        key = self.linear(attn.k_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
+        value = self.linear(attn.v_proj, hidden).view(num_tokens, -1, self.head_dim)
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
         kv.write(layer_idx, batch.slots, key.transpose(0, 1), value.transpose(0, 1))
@@ -222,4 +228,4 @@ class ModelRunner:
             out[start:start + length] = attended[0].transpose(0, 1)  # [t, Hq, D]
         if num_tokens > sum(batch.lengths):  # the dummy row: any finite values do
             out[-1] = out[0]
-        return attn.o_proj(out.view(1, num_tokens, -1))  # [1, T, H]
+        return self.linear(attn.o_proj, out.view(1, num_tokens, -1))  # [1, T, H]
