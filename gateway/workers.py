@@ -73,8 +73,12 @@ class TokenizerPool:
 
     async def call(self, method: str, request, timeout: float | None = 30.0, metadata=None):
         last_error: grpc.aio.AioRpcError | None = None
-        for _ in range(self.attempts):
-            stub = self.stubs[next(self._next)]
+        # Retries walk on from this call's own first replica, so they reach every other one before
+        # any twice: taking the shared round-robin turn again could, with calls in flight beside
+        # this one, land on the same dead replica twice (seen: a stream failed beside a killed one).
+        first = next(self._next)
+        for attempt in range(self.attempts):
+            stub = self.stubs[(first + attempt) % len(self.stubs)]
             try:
                 return await getattr(stub, method)(request, timeout=timeout, wait_for_ready=False, metadata=metadata)
             except grpc.aio.AioRpcError as exc:

@@ -146,7 +146,7 @@ def test_worker_killed_mid_stream_then_recovery(stack):
             codes = [code for code, _ in outcomes]
             # The stream on the killed worker ends with UNAVAILABLE fast; the other one goes on.
             assert sorted(codes, key=str) == sorted([grpc.StatusCode.UNAVAILABLE, "still streaming"], key=str), (
-                outcomes, gateway.log())
+                f"{outcomes}\ngateway log:\n{gateway.log()[-3000:]}")
             assert max(seconds for code, seconds in outcomes if code == grpc.StatusCode.UNAVAILABLE) < 3
             # New requests go to the healthy worker, through the healthy tokenizer.
             for _ in range(3):

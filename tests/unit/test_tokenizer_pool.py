@@ -1,0 +1,51 @@
+"""The gateway's tokenizer pool: a retry reaches another replica, even with other calls in flight."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from gateway.workers import TokenizerPool
+from genrpc.errors import GenrpcError
+
+
+def unavailable():
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "dead")
+
+
+class Replica:
+    """A fake stub (pure retry logic under test): answers, or fails as a killed replica does."""
+
+    def __init__(self, name, alive, pool=None):
+        self.name, self.alive, self.pool, self.calls = name, alive, pool, 0
+
+    async def Encode(self, request, **kwargs):
+        self.calls += 1
+        if self.pool is not None:
+            next(self.pool._next)  # another call takes its round-robin turn meanwhile
+        if not self.alive:
+            raise unavailable()
+        return self.name
+
+
+def test_retry_reaches_the_other_replica_while_other_calls_take_turns():
+    async def scenario():
+        pool = TokenizerPool(["dead:1", "alive:2"])  # channels need a running loop
+        dead, alive = Replica("dead", False, pool), Replica("alive", True, pool)
+        pool.stubs = [dead, alive]
+        answers = [await pool.call("Encode", None) for _ in range(6)]
+        return answers, alive.calls
+
+    answers, alive_calls = asyncio.run(scenario())
+    assert answers == ["alive"] * 6 and alive_calls == 6
+
+
+def test_no_replica_answering_is_unavailable():
+    async def scenario():
+        pool = TokenizerPool(["a:1", "b:2"])
+        pool.stubs = [Replica("a", False), Replica("b", False)]
+        with pytest.raises(GenrpcError, match="no tokenizer replica answered"):
+            await pool.call("Encode", None)
+        return [s.calls for s in pool.stubs]
+
+    assert asyncio.run(scenario()) == [1, 1]
