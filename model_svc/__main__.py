@@ -62,8 +62,7 @@ def build_engine(args) -> tuple:
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
     runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention,
                          prefill_attention_impl=args.prefill_attention)
-    log.info("decode attention: %s; prefill attention: %s", runner.decode_attention,
-             "native" if runner.native_prefill else "sdpa")
+    log.info("decode attention: %s; prefill attention: %s", runner.decode_attention, runner.prefill_attention)
     scheduler = Scheduler(
         KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
         args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,

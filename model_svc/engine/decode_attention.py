@@ -1,15 +1,16 @@
-"""Decode attention for all of a step's one-token sequences in one native call.
+"""Attention for all of a step's one-token query rows in one native call.
 
-Attending each decoded token through its own SDPA call costs ~30 us of dispatch per sequence and
-layer (16 sequences x 30 layers: ~15 ms of a ~45 ms step, measured), and one padded SDPA call for
-the batch changes a sequence's numbers with its neighbours' lengths. The C kernel in
-kernels/decode_attention.c reads each sequence's keys and values where they lie in the arena and
-does one (sequence, key/value head) pair per pass in a fixed order, so it is batch-invariant by
-construction and costs ~1 ms per step for the same work.
+The rows are the decoded tokens (and, with `--prefill-attention native`, every prompt token, each
+seeing its sequence's keys up to its own position). Attending each decoded token through its own
+SDPA call costs ~30 us of dispatch per sequence and layer (16 sequences x 30 layers: ~15 ms of a
+~45 ms step, measured), and one padded SDPA call for the batch changes a sequence's numbers with
+its neighbours' lengths. The C kernel in kernels/decode_attention.c reads each sequence's keys and
+values where they lie in the arena and does one (sequence, key/value head) pair per pass in a fixed
+order, so it is batch-invariant by construction and costs ~1.7 ms per step for the same work.
 
-The kernel is compiled on first use with the machine's C compiler (`cc`, ~1 s) into a cache folder
-keyed by the source, the flags and the CPU, and loaded with ctypes: no Python headers, no torch
-headers. Where no compiler is found, `load()` returns None and the runner attends per sequence.
+The kernel is compiled on first use with the machine's C compiler (`cc`, ~0.5 s) into a cache
+folder keyed by the source, the flags and the CPU, and loaded with ctypes: no Python headers, no
+torch headers. Where it cannot be built, `load()` returns None and the runner attends per sequence.
 """
 
 from __future__ import annotations

@@ -115,6 +115,11 @@ class ModelRunner:
         """What decoded tokens attend through: "generate", "native" or "sdpa"."""
         return "generate" if self.match_generate else "native" if self.native_decode else "sdpa"
 
+    @property
+    def prefill_attention(self) -> str:
+        """What prompt tokens attend through: "native" or "sdpa"."""
+        return "native" if self.native_prefill else "sdpa"
+
     def pack(self, scheduled: list[ScheduledSequence], kv: KVCacheManager) -> PackedBatch:
         ids: list[int] = []
         positions: list[int] = []
