@@ -3,7 +3,8 @@ and dtype, in one run.
 
 In each of `--repeats` rounds (default 3):
 1. Starts the three services (default flags: 4-bit nf4, bfloat16 compute) and drives them with
-   N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored); in the
+   N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored; the one
+   stream makes five requests one after another, the N streams one request each); in the
    first round also a run with arrivals spread over time and mixed lengths, and a 1,000-request
    run that samples the model service's memory.
 2. Stops the stack and runs in-process generate() on the same prompts, model and dtype: batch 1
@@ -36,6 +37,9 @@ MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
 RESULTS = os.path.join(ROOT, "bench", "results")
 TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the history of tea", "a city under the sea",
           "how rain forms", "a chess tournament", "a dragon who collects clocks", "the first day of school"]
+
+
+SINGLE_STREAM_REQUESTS = 5  # the one-stream TTFT is their median (a 12-token prompt; the 16-stream median: 12.5)
 
 
 def prompts_for(n: int) -> list[str]:
@@ -75,7 +79,14 @@ def bench_service(concurrency: list[int], new_tokens: int, num_soak: int) -> dic
         asyncio.run(run_streams(address, prompts_for(2), [8, 8], [0, 0]))  # warm-up
         out = {"concurrency": {}}
         for n in concurrency:
-            results, wall = asyncio.run(run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n))
+            if n == 1:  # one stream: SINGLE_STREAM_REQUESTS requests one after another
+                results, wall = [], 0.0
+                for prompt in prompts_for(SINGLE_STREAM_REQUESTS):
+                    one, took = asyncio.run(run_streams(address, [prompt], [new_tokens], [0.0]))
+                    results += one
+                    wall += took
+            else:
+                results, wall = asyncio.run(run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n))
             out["concurrency"][str(n)] = summarize(results, wall)
             print(f"service  N={n:>2}: {out['concurrency'][str(n)]}", flush=True)
         if num_soak <= 0:
@@ -148,6 +159,9 @@ def interleaved(concurrency: list[int], new_tokens: int, num_soak: int, rounds: 
         generate_rounds.append(bench_generate(reference, concurrency, new_tokens))
     service = {**service_rounds[0], "concurrency": {
         str(n): best([r["concurrency"][str(n)] for r in service_rounds]) for n in concurrency}}
+    if 1 in concurrency and 16 in concurrency:
+        service["ttft_N16_vs_N1_each_round"] = [
+            round(r["concurrency"]["16"]["ttft_p50_ms"] / r["concurrency"]["1"]["ttft_p50_ms"], 2) for r in service_rounds]
     generate = {"batch1": best([r["batch1"] for r in generate_rounds]), "static": {
         str(n): best([r["static"][str(n)] for r in generate_rounds]) for n in concurrency}}
     return service, generate

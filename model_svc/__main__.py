@@ -37,20 +37,22 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=128,
+    parser.add_argument("--max-prefill-tokens", type=int, default=64,
                         help="prompt tokens prefilled per step (longer prompts are chunked): lower keeps "
-                             "running streams' inter-token latency steady when long prompts arrive")
+                             "running streams' inter-token latency steady when prompts arrive, and lets a "
+                             "burst's first prompts answer before its last ones are computed")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
     parser.add_argument("--match-generate", action="store_true",
                         help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
     parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
                         help="native: all decoded tokens of a step in one call of a C kernel compiled on first "
                              "use (falls back to sdpa without a C compiler); sdpa: one SDPA call per sequence")
-    parser.add_argument("--prefill-attention", default="sdpa", choices=list(PREFILL_ATTENTION),
-                        help="sdpa: prompts attend through the call generate() makes (its first token); native: "
-                             "through the kernel, chunking-invariant, with exact prefix sharing, 13%% faster")
+    parser.add_argument("--prefill-attention", default="native", choices=list(PREFILL_ATTENTION),
+                        help="native: prompts attend through the decode kernel: chunking-invariant, so prefixes "
+                             "are shared exactly; sdpa: through the call generate() makes (generate()'s very "
+                             "numbers for a prompt, no prefix sharing)")
     parser.add_argument("--no-prefix-sharing", action="store_true",
-                        help="with --prefill-attention native, compute every prompt in full even when a running "
+                        help="with native prefill attention, compute every prompt in full even when a running "
                              "sequence already computed the same leading tokens")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)

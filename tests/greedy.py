@@ -1,4 +1,4 @@
-"""Comparing greedy tokens with transformers' generate(), allowing only bit-level near-ties.
+"""Comparing greedy tokens with transformers' generate(), allowing only near-ties.
 
 The default engine attends a decoded token with the query heads grouped under their key/value
 head, which rounds differently in the last bit now and then from the kernel call batch-1
@@ -7,11 +7,18 @@ that bit for bit). So the default path is held to this: the tokens are equal, or
 differ where generate()'s own two candidates were within two units in the last place of the
 dtype, a tie that one rounding step can flip. A real bug (wrong position, wrong mask, wrong
 cache) diverges at a clear winner and fails.
+
+The default prefill (native attention) rounds prompt tokens differently from generate(), which
+moves the first token's logits by up to ~0.9 (0.86 measured over 16 prompts). Where it is used, a
+first difference is allowed where generate()'s margin is within NATIVE_PREFILL_MARGIN, twice that
+rounded up: a logit-wise move of d can only swap two candidates within 2d of each other.
 """
 
 from __future__ import annotations
 
 import torch
+
+NATIVE_PREFILL_MARGIN = 2.0
 
 
 def reference_scores(loaded, tokenizer, prompt_ids: list[int], max_new_tokens: int, **kwargs):
@@ -23,7 +30,10 @@ def reference_scores(loaded, tokenizer, prompt_ids: list[int], max_new_tokens: i
     return out.sequences[0, len(prompt_ids):].tolist(), [s[0] for s in out.scores]
 
 
-def assert_greedy_matches(loaded, tokenizer, prompt, got: list[int], dtype=torch.bfloat16, **kwargs) -> None:
+def assert_greedy_matches(loaded, tokenizer, prompt, got: list[int], dtype=torch.bfloat16, margin: float = 0.0,
+                          **kwargs) -> None:
+    """margin: how close generate()'s two candidates may be where the tokens first differ, on top of
+    two units in the last place (0: bit-level ties only)."""
     prompt_ids = prompt if isinstance(prompt, list) else tokenizer(prompt).input_ids
     expected, scores = reference_scores(loaded, tokenizer, prompt_ids, len(got), **kwargs)
     if got == expected:
@@ -33,6 +43,6 @@ def assert_greedy_matches(loaded, tokenizer, prompt, got: list[int], dtype=torch
     step = scores[j]
     top, ours = float(step[expected[j]]), float(step[got[j]])
     ulp = float(torch.finfo(dtype).eps) * max(abs(top), 1.0)
-    assert top - ours <= 2 * ulp, (
+    assert top - ours <= max(2 * ulp, margin), (
         f"token {j}: got {got[j]}, generate() chose {expected[j]} by a clear margin "
         f"({top:.4f} vs {ours:.4f}); got {got}, expected {expected}")

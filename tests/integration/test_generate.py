@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import grpc
 import pytest
 
-from genrpc.launch import start_stack
 from genrpc.v1 import generation_pb2 as pb
-from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL
-from tests.greedy import assert_greedy_matches
+from tests.greedy import NATIVE_PREFILL_MARGIN, assert_greedy_matches
 from tests.helpers import metric
 
 PROMPTS = [
@@ -37,10 +33,34 @@ def stream(stub, prompt=None, chat=None, **config) -> list[pb.GenerateStreamResp
     return list(stub.GenerateStream(request, timeout=120))
 
 
-def test_greedy_tokens_equal_in_process_generate(stub, reference_model, hf_tokenizer):
+def in_process_engine(loaded):
+    """The engine the model service builds by default, in this process."""
+    from model_svc.engine.engine import Engine
+    from model_svc.engine.kv_cache import KVCacheManager
+    from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
+    from model_svc.engine.sampler import Sampler
+    from model_svc.engine.scheduler import Scheduler
+
+    runner = ModelRunner(loaded.model)
+    scheduler = Scheduler(KVCacheManager(runner.kv_spec, 4096), 8, 512, 8, loaded.max_context,
+                          loaded.eos_token_ids, 64, max_shared_prompt=NATIVE_MAX_PROMPT)
+    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
+
+
+def test_greedy_tokens_equal_the_in_process_engine_and_generate(stub, reference_model, hf_tokenizer):
+    """Through three services, the very tokens of the same engine in process; and generate()'s,
+    up to where its top two were within the default prefill's rounding (tests/greedy.py)."""
+    from model_svc.engine.sequence import SamplingParams, Sequence
+
+    engine = in_process_engine(reference_model)
     for prompt in PROMPTS:
         (got,) = generate(stub, [prompt], max_new_tokens=24)
-        assert_greedy_matches(reference_model, hf_tokenizer, prompt, list(got.token_ids))
+        engine.add(Sequence("p", hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=24)))
+        expected = []
+        while engine.scheduler.has_work:
+            expected += [out.token_id for out in engine.step() if out.token_id is not None]
+        assert list(got.token_ids) == expected, prompt
+        assert_greedy_matches(reference_model, hf_tokenizer, prompt, list(got.token_ids), margin=NATIVE_PREFILL_MARGIN)
         assert got.text == hf_tokenizer.decode(list(got.token_ids), skip_special_tokens=True)
         assert got.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
         assert got.generated_tokens == 24 or got.token_ids[-1] == hf_tokenizer.eos_token_id
@@ -63,16 +83,7 @@ def test_concurrent_requests_equal_each_alone(stub):
             assert list(future.result()[0].token_ids) == alone[prompt]
 
 
-@pytest.fixture(scope="module")
-def native_prefill_stack():
-    stack = start_stack(MODEL, model_args=("--prefill-attention", "native"))
-    with grpc.insecure_channel(stack.gateway.address) as channel:
-        yield stack, generation_pb2_grpc.GenerationStub(channel)
-    stack.stop()
-
-
-def test_a_prompt_sharing_a_running_prompts_prefix_gives_the_same_numbers(native_prefill_stack):
-    stack, stub = native_prefill_stack
+def test_a_prompt_sharing_a_running_prompts_prefix_gives_the_same_numbers(stack, stub):
     system = "You are a careful assistant. Answer in one short sentence, and never make things up. "
     alone = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
     shared_before = metric(stack.model.metrics_port, "genrpc_model_shared_prefix_tokens_total")
@@ -175,7 +186,7 @@ def test_chat_messages_use_the_chat_template(stub, reference_model, hf_tokenizer
     reply = stub.Generate(pb.GenerateRequest(chats=[chat], config=pb.GenerationConfig(max_new_tokens=16)),
                           timeout=120).completions[0]
     ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert_greedy_matches(reference_model, hf_tokenizer, list(ids), list(reply.token_ids))
+    assert_greedy_matches(reference_model, hf_tokenizer, list(ids), list(reply.token_ids), margin=NATIVE_PREFILL_MARGIN)
     assert reply.prompt_tokens == len(ids)
     assert "Paris" in reply.text
     streamed = stream(stub, chat=chat, max_new_tokens=16)
