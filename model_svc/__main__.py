@@ -62,6 +62,11 @@ def build_engine(args) -> tuple:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
+    return loaded, engine_for(loaded, args)
+
+
+def engine_for(loaded, args) -> Engine:
+    """The engine the flags describe, around a loaded model."""
     runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention,
                          prefill_attention_impl=args.prefill_attention)
     log.info("decode attention: %s; prefill attention: %s", runner.decode_attention, runner.prefill_attention)
@@ -70,7 +75,7 @@ def build_engine(args) -> tuple:
         args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,
         max_shared_prompt=NATIVE_MAX_PROMPT if runner.native_prefill and not args.no_prefix_sharing else 0,
     )
-    return loaded, Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
+    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 
 
 def register_metrics(engine_loop: EngineLoop) -> None:

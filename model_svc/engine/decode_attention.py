@@ -1,7 +1,7 @@
 """Attention for all of a step's one-token query rows in one native call.
 
-The rows are the decoded tokens (and, with `--prefill-attention native`, every prompt token, each
-seeing its sequence's keys up to its own position). Attending each decoded token through its own
+The rows are the decoded tokens and, with native prefill attention (the default), every prompt
+token, each seeing its sequence's keys up to its own position. Attending each decoded token through its own
 SDPA call costs ~30 us of dispatch per sequence and layer (16 sequences x 30 layers: ~15 ms of a
 ~45 ms step, measured), and one padded SDPA call for the batch changes a sequence's numbers with
 its neighbours' lengths. The C kernel in kernels/decode_attention.c reads each sequence's keys and

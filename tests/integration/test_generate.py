@@ -33,26 +33,13 @@ def stream(stub, prompt=None, chat=None, **config) -> list[pb.GenerateStreamResp
     return list(stub.GenerateStream(request, timeout=120))
 
 
-def in_process_engine(loaded):
-    """The engine the model service builds by default, in this process."""
-    from model_svc.engine.engine import Engine
-    from model_svc.engine.kv_cache import KVCacheManager
-    from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
-    from model_svc.engine.sampler import Sampler
-    from model_svc.engine.scheduler import Scheduler
-
-    runner = ModelRunner(loaded.model)
-    scheduler = Scheduler(KVCacheManager(runner.kv_spec, 4096), 8, 512, 8, loaded.max_context,
-                          loaded.eos_token_ids, 64, max_shared_prompt=NATIVE_MAX_PROMPT)
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
-
-
 def test_greedy_tokens_equal_the_in_process_engine_and_generate(stub, reference_model, hf_tokenizer):
     """Through three services, the very tokens of the same engine in process; and generate()'s,
     up to where its top two were within the default prefill's rounding (tests/greedy.py)."""
+    from model_svc.__main__ import engine_for, parse_args
     from model_svc.engine.sequence import SamplingParams, Sequence
 
-    engine = in_process_engine(reference_model)
+    engine = engine_for(reference_model, parse_args([]))  # as the model service builds it by default
     for prompt in PROMPTS:
         (got,) = generate(stub, [prompt], max_new_tokens=24)
         engine.add(Sequence("p", hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=24)))
