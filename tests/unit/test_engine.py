@@ -4,11 +4,8 @@ seeded sampling independent of the batch, aborts between steps."""
 import pytest
 import torch
 
-from model_svc.engine.engine import Engine
-from model_svc.engine.kv_cache import KVCacheManager
-from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
-from model_svc.engine.sampler import Sampler
-from model_svc.engine.scheduler import Scheduler
+from model_svc.__main__ import engine_for, parse_args
+from model_svc.engine.runner import ModelRunner
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import load_model
 from tests.conftest import MODEL
@@ -19,12 +16,14 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind
 
 
 def make_engine(loaded, max_batch_tokens=512, match_generate=False, share_prefixes=False, prefill="native"):
-    """The engine as the model service builds it (native prefill attention), or with prefill="sdpa"
-    (generate()'s own prompt numbers) where a test compares with generate() to the last bit."""
-    runner = ModelRunner(loaded.model, match_generate=match_generate, prefill_attention_impl=prefill)
-    scheduler = Scheduler(KVCacheManager(runner.kv_spec, 20000), 16, max_batch_tokens, 64, loaded.max_context,
-                          loaded.eos_token_ids, max_shared_prompt=NATIVE_MAX_PROMPT if share_prefixes else 0)
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
+    """The engine as the model service builds it from these flags (native prefill attention by
+    default, or prefill="sdpa": generate()'s own prompt numbers, where a test compares with
+    generate() to the last bit); prompts are prefilled up to max_batch_tokens a step."""
+    flags = ["--kv-cache-tokens", "20000", "--max-num-seqs", "16", "--max-waiting", "64",
+             "--max-batch-tokens", str(max_batch_tokens), "--max-prefill-tokens", str(max_batch_tokens),
+             "--prefill-attention", prefill]
+    flags += ["--match-generate"] * match_generate + ["--no-prefix-sharing"] * (not share_prefixes)
+    return engine_for(loaded, parse_args(flags))
 
 
 def run(engine, seqs):
