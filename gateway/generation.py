@@ -98,7 +98,7 @@ class Generator:
         if truncate is not None:
             request.truncate_input_tokens = truncate
         with tracing.tracer().start_as_current_span("tokenizer.Encode", kind=SpanKind.CLIENT):
-            return await self.tokenizers.call("Encode", request, timeout=timeout, metadata=_metadata())
+            return await self.tokenizers.encode(request, timeout=timeout, metadata=_metadata())
 
     def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int) -> model_pb2.SamplingParams:
         return model_pb2.SamplingParams(

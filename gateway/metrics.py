@@ -14,3 +14,6 @@ PROMPT_TOKENS = Counter("genrpc_gateway_prompt_tokens", "prompt tokens submitted
 GENERATED_TOKENS = Counter("genrpc_gateway_generated_tokens", "tokens generated and returned")
 INFLIGHT_SEQUENCES = Gauge("genrpc_gateway_inflight_sequences", "sequences being generated")
 FINISHED_SEQUENCES = Counter("genrpc_gateway_finished_sequences", "sequences finished, by reason", ["reason"])
+COALESCED_CALLS = Histogram(
+    "genrpc_gateway_coalesced_calls", "requests carried by one backend call (concurrent ones merge), by call",
+    ["call"], buckets=(1, 2, 4, 8, 16, 32, 64))

@@ -5,7 +5,9 @@ and the call retried on the next one. Each model worker gets one long-lived
 Events stream; every step message from it is detokenized in one tokenizer
 call and fanned out to the sequences' own queues. When a worker's stream
 breaks, its sequences end with UNAVAILABLE at once and the client reconnects
-in the background.
+in the background. Concurrent requests' Encodes (per tokenizer pool) and
+Submits (per worker) are merged while an earlier one is in flight
+(coalesce.py): a burst of requests costs the backends a few calls, not one each.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import grpc
 from genrpc.errors import Unavailable
 from genrpc.serving import CHANNEL_OPTIONS
 from genrpc.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from gateway.coalesce import Coalescer
 
 log = logging.getLogger("genrpc.gateway.workers")
 
@@ -30,6 +33,9 @@ PROMPT_TAIL_TOKENS = 5  # prompt ids that prime incremental detokenization (as T
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 DNS_PREFIX = "dns:///"
 RESOLVE_EVERY_S = 5.0
+ENCODES_IN_FLIGHT = 1  # per tokenizer replica; more concurrent requests share the next Encode
+SUBMITS_IN_FLIGHT = 1  # per model worker; more concurrent requests share the next Submit
+SUBMIT_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def channel(address: str) -> grpc.aio.Channel:
@@ -70,6 +76,55 @@ class TokenizerPool:
         self._next = itertools.cycle(range(len(self.stubs)))
         # A dns:/// channel spreads calls over its replicas, so a retry there can reach another one.
         self.attempts = max(len(self.stubs), 3 if any(a.startswith(DNS_PREFIX) for a in addresses) else 1)
+        # Encodes of concurrent requests go as one call while earlier ones are in flight.
+        self.encoder = Coalescer("Encode", self._encode_batch, max_in_flight=ENCODES_IN_FLIGHT * self.attempts)
+
+    async def encode(self, request: tokenizer_pb2.EncodeRequest, timeout: float | None = 30.0,
+                     metadata=None) -> tokenizer_pb2.EncodeResponse:
+        """One Encode; requests with the same options that arrive while others are in flight are
+        sent together, and each gets back exactly what it would have got alone."""
+        truncate = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
+        key = (bool(request.chats), truncate, request.pad, request.return_tokens)
+        return await self.encoder.call(key, (request, metadata), timeout)
+
+    async def _encode_batch(self, items: list, timeout: float | None) -> list:
+        if len(items) == 1:
+            request, metadata = items[0]
+            return [await self.call("Encode", request, timeout, metadata)]
+        first = items[0][0]
+        merged = tokenizer_pb2.EncodeRequest(pad=first.pad, return_tokens=first.return_tokens)
+        if first.HasField("truncate_input_tokens"):
+            merged.truncate_input_tokens = first.truncate_input_tokens
+        for request, _ in items:
+            merged.texts.extend(request.texts)
+            merged.chats.extend(request.chats)
+        try:
+            # The first caller's metadata (request id, trace context) stands for the call.
+            response = await self.call("Encode", merged, timeout, items[0][1])
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # Some caller's input was refused (a chat the template rejects): each alone, so that
+            # the error reaches that caller only.
+            return await asyncio.gather(*[self.call("Encode", r, timeout, m) for r, m in items],
+                                        return_exceptions=True)
+        results, offset = [], 0
+        for request, _ in items:
+            count = len(request.texts) + len(request.chats)
+            rows = response.rows[offset:offset + count]
+            offset += count
+            part = tokenizer_pb2.EncodeResponse(pad_token_id=response.pad_token_id)
+            if request.pad and rows:  # padded to the merged batch's longest: trim to this request's own
+                longest = max(row.num_tokens for row in rows)
+                for row in rows:
+                    trimmed = part.rows.add()
+                    trimmed.CopyFrom(row)
+                    del trimmed.input_ids[:len(row.input_ids) - longest]
+                    del trimmed.attention_mask[:len(row.attention_mask) - longest]
+            else:
+                part.rows.extend(rows)
+            results.append(part)
+        return results
 
     async def call(self, method: str, request, timeout: float | None = 30.0, metadata=None):
         last_error: grpc.aio.AioRpcError | None = None
@@ -146,6 +201,9 @@ class ModelWorkerClient:
         self.healthy = False
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
+        # Submits of concurrent requests go as one call while an earlier one is in flight.
+        self.submitter = Coalescer("Submit", self._submit_batch, max_in_flight=SUBMITS_IN_FLIGHT,
+                                   on_orphan=self._abort_orphan)
 
     @property
     def load(self) -> int:
@@ -246,13 +304,38 @@ class ModelWorkerClient:
         for handle in handles:
             self.sequences[handle.sequence_id] = handle
         try:
-            await self.stub.Submit(model_pb2.SubmitRequest(client_id=self.client_id, sequences=inputs),
-                                   timeout=timeout, metadata=metadata)
+            await self.submitter.call(None, (inputs, metadata), timeout)
         except BaseException:
             for handle in handles:
                 self.sequences.pop(handle.sequence_id, None)
             raise
         return handles
+
+    async def _submit_batch(self, items: list, timeout: float | None) -> list:
+        """One Submit for the sequences of every request in `items` (the first one's metadata
+        stands for the call)."""
+        request = model_pb2.SubmitRequest(client_id=self.client_id)
+        for inputs, _ in items:
+            request.sequences.extend(inputs)
+        try:
+            await self.stub.Submit(request, timeout=timeout, metadata=items[0][1])
+        except grpc.aio.AioRpcError as exc:
+            # The worker admits a Submit whole or not at all; when it refused a merged one for
+            # some request's sake (bad input, or more sequences than it has room for), each goes
+            # alone, so that only the request at fault fails.
+            if len(items) == 1 or exc.code() not in SUBMIT_REFUSALS:
+                raise
+            alone = await asyncio.gather(*[self._submit_batch([item], timeout) for item in items],
+                                         return_exceptions=True)
+            return [r if isinstance(r, BaseException) else r[0] for r in alone]
+        return [None] * len(items)
+
+    def _abort_orphan(self, item, _result) -> None:
+        """A request gave up while its merged Submit was in flight, and the Submit went through:
+        its sequences are running with nobody to read them."""
+        inputs, _ = item
+        ids = [s.sequence_id for s in inputs]
+        asyncio.get_running_loop().create_task(self._abort_ids(ids))
 
     async def abort(self, handles: list[SequenceHandle]) -> None:
         """Ends sequences on the worker (best effort: a worker that is gone has freed them anyway)."""
@@ -260,6 +343,9 @@ class ModelWorkerClient:
         for h in handles:
             h.done = True
             self.sequences.pop(h.sequence_id, None)
+        await self._abort_ids(ids)
+
+    async def _abort_ids(self, ids: list[int]) -> None:
         if not ids or not self.healthy:
             return
         try:

@@ -7,6 +7,7 @@ import pytest
 
 from gateway.workers import TokenizerPool
 from genrpc.errors import GenrpcError
+from genrpc.v1 import tokenizer_pb2
 
 
 def unavailable():
@@ -49,3 +50,34 @@ def test_no_replica_answering_is_unavailable():
         return [s.calls for s in pool.stubs]
 
     assert asyncio.run(scenario()) == [1, 1]
+
+
+class Refusing:
+    """A fake stub (the fallback logic under test): refuses any Encode that carries the text "bad"."""
+
+    def __init__(self):
+        self.requests = []
+
+    async def Encode(self, request, **kwargs):
+        self.requests.append(list(request.texts))
+        await asyncio.sleep(0.01)
+        if "bad" in request.texts:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "refused")
+        return tokenizer_pb2.EncodeResponse(rows=[tokenizer_pb2.EncodedRow(num_tokens=len(t)) for t in request.texts])
+
+
+def test_a_merged_encode_refused_for_one_request_fails_that_request_only():
+    async def scenario():
+        pool = TokenizerPool(["a:1"])
+        stub = pool.stubs[0] = Refusing()
+        texts = ["a", "bb", "bad", "dddd"]
+        results = await asyncio.gather(*[pool.encode(tokenizer_pb2.EncodeRequest(texts=[t])) for t in texts],
+                                       return_exceptions=True)
+        return results, stub.requests
+
+    results, requests = asyncio.run(scenario())
+    # The first alone; the three behind it merged, refused, then each alone.
+    assert requests == [["a"], ["bb", "bad", "dddd"], ["bb"], ["bad"], ["dddd"]]
+    assert [r.rows[0].num_tokens for i, r in enumerate(results) if i != 2] == [1, 2, 4]
+    assert isinstance(results[2], grpc.aio.AioRpcError) and results[2].code() == grpc.StatusCode.INVALID_ARGUMENT
