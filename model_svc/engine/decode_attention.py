@@ -47,24 +47,24 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compiles the kernel (once per source, flags and CPU) and returns the shared library's path."""
+def build(compiler: str | None = None, source_path: Path = SOURCE) -> Path:
+    """Compiles a kernel source (once per source, flags and CPU) and returns the shared library's path."""
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"C compiler {compiler!r} not found")
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), _cpu_signature().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"decode_attention-{key}.so"
+    target = cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
         partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"],
+        result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source_path), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr}")
+            raise RuntimeError(f"compiling {source_path.name} failed:\n{result.stderr}")
         os.replace(partial, target)
     return target
 

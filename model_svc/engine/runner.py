@@ -9,6 +9,8 @@ own SDPA function.
 The layers themselves are the Hugging Face modules (bitsandbytes-quantized
 linears included); only the loop over them is ours, because transformers'
 caches batch sequences by padding them, and padding changes the numbers.
+With native prefill (the default) the norms, rotary positions and cache
+writes run as fused native calls with the modules' weights (fused.py).
 
 Supported: decoder-only models built like Llama (Llama, Mistral, Qwen2,
 SmolLM): pre-norm layers with q/k/v/o projections, rotary positions and a
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model_svc.engine import decode_attention
+from model_svc.engine import decode_attention, fused
 from model_svc.engine.kv_cache import KVCacheManager, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
@@ -112,6 +114,8 @@ class ModelRunner:
                 and self.device.type == "cpu"):
             self.native_decode = decode_attention.load()
         self.native_prefill = prefill_attention_impl == "native" and self.native_decode is not None
+        # Native numerics only (fused.py): norms, rotary positions and cache writes in one call each.
+        self.fused = fused.load() if self.native_prefill else None
         self.linear = Linears()
 
     @property
@@ -176,6 +180,8 @@ class ModelRunner:
         in the order of `scheduled`."""
         batch = self.pack(scheduled, kv)
         ranges = [item.seq.kv_cache for item in scheduled]
+        if self.fused is not None:
+            return self._execute_fused(batch, kv, ranges)
         hidden = self.base.embed_tokens(batch.input_ids[None])  # [1, T, H]
         cos, sin = self.base.rotary_emb(hidden, batch.positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
@@ -191,8 +197,27 @@ class ModelRunner:
         last = self.base.norm(hidden[0, rows])  # [N, H]
         return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
 
+    def _execute_fused(self, batch: PackedBatch, kv: KVCacheManager, ranges) -> torch.Tensor:
+        """`execute` with the fused kernels: the residual stream is one [T, H] tensor updated in place."""
+        fused = self.fused
+        hidden = self.base.embed_tokens(batch.input_ids)  # [T, H]
+        cos, sin = self.base.rotary_emb(hidden[None], batch.positions[None])  # [1, T, D] each
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        delta = None  # what the last sublayer adds to the residual stream
+        for layer_idx, layer in enumerate(self.base.layers):
+            normed = fused.add_rmsnorm(hidden, delta, layer.input_layernorm)
+            attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv, ranges)
+            normed = fused.add_rmsnorm(hidden, attended[0], layer.post_attention_layernorm)
+            delta = self._mlp(layer.mlp, normed)
+        rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
+        last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
+        return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
+
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""
+        if self.fused is not None:  # the same values, without two intermediate tensors
+            gate = F.silu(self.linear(mlp.gate_proj, x), inplace=True)
+            return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCacheManager, ranges):
@@ -201,10 +226,13 @@ class ModelRunner:
         query = self.linear(attn.q_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
         key = self.linear(attn.k_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         value = self.linear(attn.v_proj, hidden).view(num_tokens, -1, self.head_dim)
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
-        kv.write(layer_idx, batch.slots, key.transpose(0, 1), value.transpose(0, 1))
         keys_all, values_all = kv.layer(layer_idx)  # [Hkv, slots, D] each
+        if self.fused is not None:  # cos, sin: [T, D]
+            self.fused.rope_store(query, key, value, cos, sin, batch.slots, keys_all, values_all)
+        else:  # cos, sin: [T, 1, D]
+            query = query * cos + rotate_half(query) * sin
+            key = key * cos + rotate_half(key) * sin
+            kv.write(layer_idx, batch.slots, key.transpose(0, 1), value.transpose(0, 1))
         grouped = query.view(num_tokens, self.num_kv_heads, -1, self.head_dim)  # [T, Hkv, Hq/Hkv, D]
         out = torch.empty_like(query)  # [T, Hq, D]
         if batch.native is not None:

@@ -1,0 +1,98 @@
+/* A layer's small elementwise steps in one call each, for bfloat16 rows.
+ *
+ * Eagerly, PyTorch runs a residual add and an RMSNorm as about ten operator calls and rotary
+ * positions as about twelve (each dispatched, each allocating its result); on a step of a few
+ * dozen rows, that dispatch costs more than the arithmetic. These functions do the same steps
+ * with the same roundings to bfloat16 between them as the eager code (a bfloat16 product or sum
+ * of two bfloat16 values, computed in float32, rounded to nearest even), row by row: a row's
+ * result never depends on the other rows. The one difference: the RMSNorm's mean of squares is
+ * summed in a different order, which moves its float32 value in the last bits.
+ *
+ * Built by model_svc/engine/decode_attention.py with the machine's C compiler, as the attention
+ * kernel is.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* For each of `rows` rows of n values: h += delta (when delta is not NULL; h is updated in place),
+ * then out = weight * bfloat16(h * 1 / sqrt(mean(h^2) + eps)), as LlamaRMSNorm computes it. */
+void add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out,
+                      int64_t rows, int64_t n, float eps, int64_t h_stride, int64_t delta_stride,
+                      int64_t out_stride) {
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *hr = h + r * h_stride;
+        uint16_t *orow = out + r * out_stride;
+        if (delta != NULL) {
+            const uint16_t *dr = delta + r * delta_stride;
+            for (int64_t i = 0; i < n; i++) hr[i] = float_to_bf16(bf16_to_float(hr[i]) + bf16_to_float(dr[i]));
+        }
+        float acc[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) {
+                float v = bf16_to_float(hr[i + l]);
+                acc[l] += v * v;
+            }
+        for (; i < n; i++) {
+            float v = bf16_to_float(hr[i]);
+            acc[i % 16] += v * v;
+        }
+        for (int width = 8; width > 0; width /= 2)
+            for (int l = 0; l < width; l++) acc[l] += acc[l + width];
+        const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
+        for (i = 0; i < n; i++)
+            orow[i] = float_to_bf16(bf16_to_float(weight[i]) * round_bf16(bf16_to_float(hr[i]) * inv));
+    }
+}
+
+/* x * cos + rotate_half(x) * sin for one head of d values, in place (rounded after each step as the
+ * eager code rounds: the two products, then their sum). */
+static inline void rope_head(uint16_t *x, const uint16_t *c, const uint16_t *s, int64_t d, uint16_t *tmp) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        const float rot = i < half ? -bf16_to_float(x[i + half]) : bf16_to_float(x[i - half]);
+        const float a = round_bf16(bf16_to_float(x[i]) * bf16_to_float(c[i]));
+        const float b = round_bf16(rot * bf16_to_float(s[i]));
+        tmp[i] = float_to_bf16(a + b);
+    }
+    memcpy(x, tmp, (size_t)d * sizeof *x);
+}
+
+/* Rotary positions for a step's T tokens, and the keys and values stored in the cache arena:
+ * q [T, hq, d] rotated in place; k [T, hkv, d] rotated in place and, with v [T, hkv, d], copied to
+ * keys/values[head * head_stride + slots[t] * slot_stride]; cos, sin [T, d]. d at most 512. */
+int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
+                    int64_t tokens, int64_t hq, int64_t hkv, int64_t d, const int64_t *slots, uint16_t *keys,
+                    uint16_t *values, int64_t head_stride, int64_t slot_stride) {
+    uint16_t tmp[512];
+    if (d > 512 || d % 2) return 1;
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * d, *s = sin + t * d;
+        for (int64_t h = 0; h < hq; h++) rope_head(q + (t * hq + h) * d, c, s, d, tmp);
+        for (int64_t h = 0; h < hkv; h++) {
+            uint16_t *kh = k + (t * hkv + h) * d;
+            rope_head(kh, c, s, d, tmp);
+            memcpy(keys + h * head_stride + slots[t] * slot_stride, kh, (size_t)d * sizeof *kh);
+            memcpy(values + h * head_stride + slots[t] * slot_stride, v + (t * hkv + h) * d, (size_t)d * sizeof *kh);
+        }
+    }
+    return 0;
+}

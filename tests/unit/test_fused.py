@@ -1,0 +1,71 @@
+"""The fused elementwise kernels (kernels/fused.c) against the eager PyTorch code they replace."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from model_svc.engine import fused
+from model_svc.engine.runner import rotate_half
+
+OPS = fused.load()
+pytestmark = pytest.mark.skipif(OPS is None, reason="no C compiler")  # the build machine has one: `make` needs cc
+
+
+def test_rope_and_cache_store_are_the_eager_code_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, dim = 7, 9, 3, 64
+    q = (torch.randn(tokens, heads, dim, generator=g) * 3).bfloat16()
+    k = (torch.randn(tokens, kv_heads, dim, generator=g) * 3).bfloat16()
+    v = torch.randn(tokens, kv_heads, dim, generator=g).bfloat16()
+    angles = torch.rand(tokens, dim, generator=g) * 40
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    arena = torch.zeros(2, kv_heads, 50, dim, dtype=torch.bfloat16)
+    slots = torch.tensor([3, 4, 5, 20, 21, 40, 49])
+
+    want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    want_k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    want_arena = arena.clone()
+    want_arena[0].index_copy_(1, slots, want_k.transpose(0, 1))
+    want_arena[1].index_copy_(1, slots, v.transpose(0, 1))
+
+    OPS.rope_store(q, k, v, cos, sin, slots, arena[0], arena[1])
+    assert torch.equal(q, want_q)
+    assert torch.equal(k, want_k)
+    assert torch.equal(arena, want_arena)  # and nothing outside the slots was touched
+
+
+def test_residual_add_and_rmsnorm_match_llama_rmsnorm():
+    g = torch.Generator().manual_seed(1)
+    rows, size = 37, 576
+    norm = LlamaRMSNorm(size, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(size, generator=g) * 2)
+    norm = norm.bfloat16()
+    hidden = (torch.randn(rows, size, generator=g) * 4).bfloat16()
+    delta = torch.randn(rows, size, generator=g).bfloat16()
+
+    want_hidden = hidden + delta
+    want = norm(want_hidden)
+    got_hidden = hidden.clone()
+    got = OPS.add_rmsnorm(got_hidden, delta, norm)
+    assert torch.equal(got_hidden, want_hidden)  # the residual add: exact
+    # The norm: the mean of squares is summed in another order, so a value may land one bfloat16
+    # step away, rarely.
+    differ = got != want
+    assert differ.float().mean() < 0.01
+    ulp = want.float().abs().clamp_min(1e-30) * 2 ** -7
+    assert ((got.float() - want.float()).abs() <= ulp * 1.01).all()
+
+    alone = OPS.add_rmsnorm(want_hidden.clone(), None, norm)
+    assert torch.equal(alone, got)  # no delta: the norm alone
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows():
+    g = torch.Generator().manual_seed(2)
+    norm = LlamaRMSNorm(576).bfloat16()
+    hidden = torch.randn(16, 576, generator=g).bfloat16()
+    delta = torch.randn(16, 576, generator=g).bfloat16()
+    together = OPS.add_rmsnorm(hidden.clone(), delta, norm)
+    for r in (0, 7, 15):
+        alone = OPS.add_rmsnorm(hidden[r:r + 1].clone(), delta[r:r + 1], norm)
+        assert torch.equal(alone[0], together[r])
