@@ -45,6 +45,7 @@ class Coalescer:
         self._on_orphan = on_orphan
         self._queues: dict[Hashable, list[_Waiting]] = {}  # insertion order: oldest key first
         self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         self.num_calls = 0  # merged calls sent
         self.num_items = 0  # items they carried
 
@@ -69,7 +70,9 @@ class Coalescer:
                 del self._queues[key]
             if batch:
                 self._in_flight += 1
-                asyncio.get_running_loop().create_task(self._run(batch))
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Waiting]) -> None:
         try:

@@ -201,6 +201,7 @@ class ModelWorkerClient:
         self.healthy = False
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
+        self._orphan_aborts: set[asyncio.Task] = set()
         # Submits of concurrent requests go as one call while an earlier one is in flight.
         self.submitter = Coalescer("Submit", self._submit_batch, max_in_flight=SUBMITS_IN_FLIGHT,
                                    on_orphan=self._abort_orphan)
@@ -334,8 +335,9 @@ class ModelWorkerClient:
         """A request gave up while its merged Submit was in flight, and the Submit went through:
         its sequences are running with nobody to read them."""
         inputs, _ = item
-        ids = [s.sequence_id for s in inputs]
-        asyncio.get_running_loop().create_task(self._abort_ids(ids))
+        task = asyncio.get_running_loop().create_task(self._abort_ids([s.sequence_id for s in inputs]))
+        self._orphan_aborts.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._orphan_aborts.discard)
 
     async def abort(self, handles: list[SequenceHandle]) -> None:
         """Ends sequences on the worker (best effort: a worker that is gone has freed them anyway)."""
