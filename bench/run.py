@@ -4,7 +4,9 @@ and dtype, in one run.
 In each of `--repeats` rounds (default 3):
 1. Starts the three services (default flags: 4-bit nf4, bfloat16 compute) and drives them with
    N concurrent streaming clients (N = 1, 4, 16, 32; 128 new tokens each, EOS ignored; the one
-   stream makes five requests one after another, the N streams three bursts of N); in the
+   stream makes five requests one after another, the N streams three bursts of N, with three lone
+   requests before and after each burst that time the single-stream first token in the same
+   minutes, for the TTFT ratio at 16); in the
    first round also a run with arrivals spread over time and mixed lengths, and a 1,000-request
    run that samples the model service's memory.
 2. Stops the stack and runs in-process generate() on the same prompts, model and dtype: batch 1
@@ -40,6 +42,8 @@ TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the history of te
 
 
 SINGLE_STREAM_REQUESTS = 5  # the one-stream TTFT is their median (a 12-token prompt; the 16-stream median: 12.5)
+PROBES = 3  # lone requests before and after each burst of N
+PROBE_NEW_TOKENS = 4  # a single-stream TTFT probe beside each burst: its first token is all it is for
 BURSTS = 3  # bursts of N per round: one burst's p50 moves a lot with this machine's minute-to-minute speed
 
 
@@ -68,6 +72,15 @@ def summarize(results, wall: float) -> dict:
     }
 
 
+def single_ttft(address: str, i: int) -> float:
+    """Seconds to the first token of one request on an otherwise idle stack."""
+    prompt = prompts_for(SINGLE_STREAM_REQUESTS)[i % SINGLE_STREAM_REQUESTS]
+    time.sleep(0.1)  # the last burst's streams are gone
+    (result,), _ = asyncio.run(run_streams(address, [prompt], [PROBE_NEW_TOKENS], [0.0]))
+    time.sleep(0.1)
+    return result.ttft
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["tokens_per_s"])
 
@@ -82,14 +95,23 @@ def bench_service(concurrency: list[int], new_tokens: int, num_soak: int) -> dic
         for n in concurrency:
             # One stream: SINGLE_STREAM_REQUESTS requests one after another; N streams: BURSTS bursts of N
             # simultaneous requests, one after another. Each point summarizes all of its requests.
+            # Before and after each burst, PROBES lone requests (PROBE_NEW_TOKENS tokens each) time
+            # the single-stream first token in the same minutes as the bursts.
             waves = [[p] for p in prompts_for(SINGLE_STREAM_REQUESTS)] if n == 1 else [prompts_for(n)] * BURSTS
-            results, wall = [], 0.0
-            for wave in waves:
+            results, wall, probes = [], 0.0, []
+            for i, wave in enumerate(waves):
+                if n > 1:
+                    probes += [single_ttft(address, i * PROBES + j) for j in range(PROBES)]
                 got, took = asyncio.run(run_streams(address, wave, [new_tokens] * len(wave), [0.0] * len(wave)))
                 results += got
                 wall += took
-            out["concurrency"][str(n)] = summarize(results, wall)
-            print(f"service  N={n:>2}: {out['concurrency'][str(n)]}", flush=True)
+            point = summarize(results, wall)
+            if n > 1:
+                probes += [single_ttft(address, len(waves) * PROBES + j) for j in range(PROBES)]
+                point["single_ttft_probes_ms"] = [round(p * 1000, 1) for p in probes]
+                point["ttft_p50_vs_single"] = round(point["ttft_p50_ms"] / (statistics.median(probes) * 1000), 2)
+            out["concurrency"][str(n)] = point
+            print(f"service  N={n:>2}: {point}", flush=True)
         if num_soak <= 0:
             return out
         rng = random.Random(0)
@@ -161,7 +183,10 @@ def interleaved(concurrency: list[int], new_tokens: int, num_soak: int, rounds: 
     service = {**service_rounds[0], "concurrency": {
         str(n): best([r["concurrency"][str(n)] for r in service_rounds]) for n in concurrency}}
     if 1 in concurrency and 16 in concurrency:
-        service["ttft_N16_vs_N1_each_round"] = [
+        # Paired: the 16-stream p50 over the lone requests timed between its bursts (same minutes).
+        service["ttft_N16_vs_N1_each_round"] = [r["concurrency"]["16"]["ttft_p50_vs_single"] for r in service_rounds]
+        # Unpaired, as before: over the one-stream point's own TTFT, measured a minute or so earlier.
+        service["ttft_N16_vs_N1_point_each_round"] = [
             round(r["concurrency"]["16"]["ttft_p50_ms"] / r["concurrency"]["1"]["ttft_p50_ms"], 2) for r in service_rounds]
     generate = {"batch1": best([r["batch1"] for r in generate_rounds]), "static": {
         str(n): best([r["static"][str(n)] for r in generate_rounds]) for n in concurrency}}
@@ -219,9 +244,12 @@ def markdown_table(report: dict) -> str:
                  f"p99 {spread['itl_p99_ms']} ms. Model service RSS over "
                  f"{report['service']['memory']['num_requests']} requests: {mem[0]} -> {max(mem)} (max) -> {mem[-1]} MiB."]
     if "ttft_N16_vs_N1_each_round" in report["service"]:
-        rows += ["", "TTFT p50 at 16 streams over TTFT p50 at one stream, within each round: "
+        rows += ["", "TTFT p50 at 16 streams over the single-stream TTFT of lone requests timed between its "
+                     "bursts, each round: "
                      + ", ".join(f"{r:.2f}" for r in report["service"]["ttft_N16_vs_N1_each_round"])
-                     + f" (median {report['ratios']['ttft_N16_vs_N1']:.2f})."]
+                     + f" (median {report['ratios']['ttft_N16_vs_N1']:.2f}); over the one-stream point's TTFT, "
+                     "measured a minute or so apart: "
+                     + ", ".join(f"{r:.2f}" for r in report["service"]["ttft_N16_vs_N1_point_each_round"]) + "."]
     return "\n".join(rows)
 
 
