@@ -75,8 +75,16 @@ def setup_tracing(service_name: str, exporter: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+_TRACER: trace.Tracer | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """This process's tracer. Made once: before a provider is installed it is the API's proxy,
+    which hands over to the provider's tracer once one is (get_tracer per call cost ~10 us)."""
+    global _TRACER
+    if _TRACER is None:
+        _TRACER = trace.get_tracer(TRACER_NAME)
+    return _TRACER
 
 
 def outgoing_metadata(extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
