@@ -157,9 +157,11 @@ class Generator:
         num_unfinished = len(handles)
         try:
             while num_unfinished:
-                wait = None if time_limit_at is None else max(0.0, time_limit_at - time.monotonic())
                 try:
-                    event: SequenceEvent = await asyncio.wait_for(queue.get(), wait)
+                    if time_limit_at is None:  # (wait_for costs ~4% of the gateway's time per token)
+                        event: SequenceEvent = await queue.get()
+                    else:
+                        event = await asyncio.wait_for(queue.get(), max(0.0, time_limit_at - time.monotonic()))
                 except asyncio.TimeoutError:
                     for run in by_id.values():
                         if not run.finished:
