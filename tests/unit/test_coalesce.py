@@ -36,6 +36,19 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def merged_behind_one(c: Coalescer, backend: Backend, items: str) -> list:
+    """Sends "a" alone, queues `items` behind it and lets "a" answer: the queued callers' tasks,
+    whose merged call is in flight when this returns."""
+    first = asyncio.create_task(c.call("k", "a"))
+    await settle()
+    tasks = [asyncio.create_task(c.call("k", x)) for x in items]
+    await settle()
+    backend.open_all()
+    await first
+    await settle()
+    return tasks
+
+
 def test_a_lone_call_goes_at_once_and_calls_behind_it_share_the_next():
     async def scenario():
         backend = Backend()
@@ -97,13 +110,7 @@ def test_an_item_error_reaches_its_caller_only():
         backend = Backend()
         backend.fail_items = {"c"}
         c = Coalescer("test", backend.send, max_in_flight=1)
-        first = asyncio.create_task(c.call("k", "a"))
-        await settle()
-        tasks = [asyncio.create_task(c.call("k", x)) for x in "bcd"]
-        await settle()
-        backend.open_all()
-        await first
-        await settle()
+        tasks = await merged_behind_one(c, backend, "bcd")
         backend.open_all()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -116,13 +123,7 @@ def test_a_failed_call_fails_everyone_in_it_and_the_next_call_still_goes():
     async def scenario():
         backend = Backend()
         c = Coalescer("test", backend.send, max_in_flight=1)
-        first = asyncio.create_task(c.call("k", "a"))
-        await settle()
-        tasks = [asyncio.create_task(c.call("k", x)) for x in "bc"]
-        await settle()
-        backend.open_all()
-        await first
-        await settle()
+        tasks = await merged_behind_one(c, backend, "bc")
         backend.fail_all = ConnectionError("backend down")
         backend.open_all()
         failed = await asyncio.gather(*tasks, return_exceptions=True)
