@@ -53,7 +53,8 @@ def build(compiler: str | None = None, source_path: Path = SOURCE) -> Path:
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"C compiler {compiler!r} not found")
     source = source_path.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), _cpu_signature().encode(),
+    headers = [h.read_bytes() for h in sorted(source_path.parent.glob("*.h"))]  # what it may #include
+    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(), _cpu_signature().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():

@@ -16,29 +16,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define LANES 16
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static float *buffer(int64_t num_floats) {
     const size_t size = ((size_t)num_floats * sizeof(float) + 63) / 64 * 64;
     return aligned_alloc(64, size);
 }
-
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* Dot product of two float rows of length d, summed lane by lane then lanes in a fixed tree. */
 static inline float dot(const float *a, const float *b, int64_t d) {
