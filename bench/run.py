@@ -14,7 +14,9 @@ In each of `--repeats` rounds (default 3):
 Each point keeps its best round, and the rounds alternate the two sides: this machine's speed
 drifts by up to 2x from minute to minute (shared cores), and back-to-back repeats of one side
 could all land in a slow minute the other side never saw.
-Then it writes bench/results/latest.json and bench/results/latest.png.
+Then the CPU-contention section (bench/cpu_contention.py: the thread policies idle, beside a busy
+neighbour and under a CPU quota), and it writes bench/results/latest.json, latest.png and
+cpu_contention.png.
 
     python -m bench.run [--quick]
 """
@@ -32,6 +34,7 @@ import time
 
 import torch
 
+from bench import cpu_contention
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -270,6 +273,7 @@ def main() -> None:
     report["repeats"] = args.repeats
     report["service"], report["generate"] = interleaved(concurrency, new_tokens, 100 if args.quick else 1000,
                                                          args.repeats)
+    report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
@@ -283,8 +287,11 @@ def main() -> None:
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot(report, os.path.join(RESULTS, "latest.png"))
+    cpu_contention.plot(report["cpu_contention"], os.path.join(RESULTS, "cpu_contention.png"))
     print(json.dumps(report["ratios"], indent=2))
     print(markdown_table(report))
+    print(json.dumps(report["cpu_contention"]["summary"], indent=2))
+    print(cpu_contention.markdown(report["cpu_contention"]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from genrpc.flags import server_parser
-from genrpc.security import BearerTokenInterceptor, server_credentials
+from genrpc.security import ClientSecurity, ServerSecurity, add_client_flags, server_security
 from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
 from genrpc.serving import run_until_signal, start_server
@@ -19,10 +19,11 @@ def parse_args(argv=None):
     parser = server_parser("genrpc gateway", default_port=50051, default_metrics_port=9051)
     parser.add_argument("--tokenizer-addrs", default="127.0.0.1:50052", help="tokenizer replicas, comma-separated")
     parser.add_argument("--model-addrs", default="127.0.0.1:50053", help="model workers, comma-separated")
-    parser.add_argument("--tls-cert", default="", help="PEM certificate: serve TLS on the public port")
-    parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
-    parser.add_argument("--tls-client-ca", default="", help="PEM CA: require client certificates (mutual TLS)")
-    parser.add_argument("--auth-tokens", default="", help="accepted bearer tokens, comma-separated (off when empty)")
+    add_client_flags(parser)
+    parser.add_argument("--parse-special-tokens", action="store_true",
+                        help="special-token markup in prompts and chat messages (e.g. <|im_start|>) becomes special "
+                             "tokens, as tokenizer(text) does: only for callers trusted to write raw markup. Off: "
+                             "it is plain text, and only the chat template's own markup is special")
     parser.add_argument("--max-inflight-sequences", type=int, default=512,
                         help="sequences in flight at once; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
@@ -32,32 +33,24 @@ def _addresses(value: str) -> list[str]:
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
-async def serve(args) -> None:
-    tokenizers = TokenizerPool(_addresses(args.tokenizer_addrs))
+async def serve(args, security: ServerSecurity) -> None:
+    internal = ClientSecurity.from_args(args)
+    tokenizers = TokenizerPool(_addresses(args.tokenizer_addrs), internal)
     handle_box: list = []
 
     def on_health_change(healthy: bool) -> None:
         if handle_box:
             asyncio.get_running_loop().create_task(handle_box[0].set_ready(healthy))
 
-    models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change)
-    generator = Generator(tokenizers, models, args.max_inflight_sequences)
+    models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change, internal)
+    generator = Generator(tokenizers, models, args.max_inflight_sequences, args.parse_special_tokens)
     service_name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
     def register(server):
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(generator), server)
         return [service_name]
 
-    credentials = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
-        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
-    interceptors = [BearerTokenInterceptor(_addresses(args.auth_tokens))] if args.auth_tokens else []
-    handle = await start_server("gateway", register, args.host, args.port, args.metrics_port,
-                                interceptors=interceptors, credentials=credentials)
+    handle = await start_server("gateway", register, args.host, args.port, args.metrics_port, security)
     handle_box.append(handle)
     await handle.set_ready(models.any_healthy)  # NOT_SERVING until a model worker is connected
     models.start()
@@ -68,7 +61,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     setup_tracing("genrpc-gateway", args.trace_exporter)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args, server_security(args, internal=False)))
 
 
 if __name__ == "__main__":

@@ -81,10 +81,12 @@ class SequenceRun:
 
 
 class Generator:
-    def __init__(self, tokenizers: TokenizerPool, models: ModelPool, max_inflight_sequences: int):
+    def __init__(self, tokenizers: TokenizerPool, models: ModelPool, max_inflight_sequences: int,
+                 parse_special_tokens: bool = False):
         self.tokenizers = tokenizers
         self.models = models
         self.max_inflight_sequences = max_inflight_sequences
+        self.parse_special_tokens = parse_special_tokens  # markup in callers' text may become special tokens
         self.num_inflight = 0
 
     async def encode(self, prompts: Prompts, truncate: int | None, pad: bool, return_tokens: bool,
@@ -93,7 +95,7 @@ class Generator:
             texts=prompts.texts,
             chats=[gen_pb2.Chat(messages=[gen_pb2.Message(role=r, content=c) for r, c in chat])
                    for chat in prompts.chats],
-            pad=pad, return_tokens=return_tokens,
+            pad=pad, return_tokens=return_tokens, parse_special_tokens=self.parse_special_tokens,
         )
         if truncate is not None:
             request.truncate_input_tokens = truncate

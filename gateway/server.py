@@ -12,7 +12,7 @@ from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from gateway import convert
 from gateway.generation import Generator, Prompts
-from gateway.validation import resolve_config, validate_prompts
+from gateway.validation import check_answer_size, check_tokenize_size, resolve_config, validate_prompts
 
 
 log = logging.getLogger("genrpc.gateway")
@@ -55,6 +55,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await _begin(context)
         prompts = convert.prompts(request)
         config = self._resolve(prompts, request.config, single=False)
+        check_answer_size(len(prompts.texts) + len(prompts.chats), config)
         by_index: list[list] = [[] for _ in range(len(prompts.texts) + len(prompts.chats))]
         async for delta in self.generator.stream(prompts, config, _deadline(context)):
             by_index[delta.index].append(delta)
@@ -79,6 +80,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await _begin(context)
         prompts = convert.prompts(request)
         validate_prompts(prompts.texts, prompts.chats, single=False)
+        check_tokenize_size(prompts.texts, prompts.chats)
         limits = convert.model_limits(self.generator.models.info())
         truncate = None
         if request.HasField("truncate_input_tokens"):
@@ -99,5 +101,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             model_name=info.model_name, max_context_tokens=info.max_context_tokens,
             default_config=info.default_config, quantization=info.quantization, dtype=info.dtype,
             device=info.device, eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size,
-            num_model_workers=len(self.generator.models.healthy_workers),
+            num_model_workers=len(self.generator.models.healthy_workers), thread_policy=info.thread_policy,
         )

@@ -18,6 +18,12 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TIME_LIMIT_MS = 3_600_000
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPT_CHARS = 1_000_000
+MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)
+# A generated token's share of a Generate answer: its id and text; with logprobs, a TokenLogprob
+# (id, logprob, text) for it and for each of its top alternatives.
+TOKEN_BYTES = 12
+LOGPROB_BYTES = 18
 MAX_MESSAGES = 1024
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
@@ -183,6 +189,27 @@ def validate_prompts(prompts: list[str], chats: list[list[tuple[str, str]]], sin
             total += len(content)
         if total > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"{name} has {total} characters of content: at most {MAX_PROMPT_CHARS}")
+
+
+def check_tokenize_size(prompts: list[str], chats: list[list[tuple[str, str]]]) -> None:
+    """A Tokenize answer carries every token's string: bound the input before any is tokenized."""
+    total = sum(map(len, prompts)) + sum(len(content) for chat in chats for _, content in chat)
+    if total > MAX_TOKENIZE_CHARS:
+        raise InvalidArgument(f"the prompts have {total} characters in all: Tokenize takes at most "
+                              f"{MAX_TOKENIZE_CHARS} a request")
+
+
+def check_answer_size(num_prompts: int, config: ResolvedConfig) -> None:
+    """Refuses a Generate whose one answer could pass the message limit (many prompts, many tokens,
+    many logprobs each) before any work is done; GenerateStream sends a message a token."""
+    per_token = TOKEN_BYTES + (LOGPROB_BYTES * (1 + config.top_logprobs) if config.logprobs else 0)
+    size = num_prompts * config.max_new_tokens * per_token
+    if size > MAX_ANSWER_BYTES:
+        raise InvalidArgument(
+            f"config.max_new_tokens={config.max_new_tokens} with {num_prompts} prompts"
+            + (f" and config.top_logprobs={config.top_logprobs}" if config.logprobs else "")
+            + f" could make an answer of ~{size / 2**20:.0f} MiB, over the {MAX_ANSWER_BYTES // 2**20} MiB one "
+            "message may carry: lower them, send fewer prompts, or use GenerateStream")
 
 
 def fit_to_context(num_prompt_tokens: int, config: ResolvedConfig, max_context: int, where: str) -> int:

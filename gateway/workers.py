@@ -23,6 +23,7 @@ from typing import Callable
 import grpc
 
 from genrpc.errors import Unavailable
+from genrpc.security import ClientSecurity
 from genrpc.serving import CHANNEL_OPTIONS
 from genrpc.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from gateway.coalesce import Coalescer
@@ -38,12 +39,18 @@ SUBMITS_IN_FLIGHT = 1  # per model worker; more concurrent requests share the ne
 SUBMIT_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """A channel; a dns:/// address balances calls over every address the name resolves to."""
+def channel(address: str, security: ClientSecurity, server_name: str = "") -> grpc.aio.Channel:
+    """A channel; a dns:/// address balances calls over every address the name resolves to.
+    `server_name`: the name a resolved IP's certificate carries (the dns:/// name's host)."""
     options = list(CHANNEL_OPTIONS)
     if address.startswith(DNS_PREFIX):
         options.append(("grpc.lb_policy_name", "round_robin"))
-    return grpc.aio.insecure_channel(address, options=options)
+    return security.channel(address, options, server_name)
+
+
+def dns_host(address: str) -> str:
+    """The host of a dns:///host:port address ("" for any other)."""
+    return address[len(DNS_PREFIX):].rpartition(":")[0] if address.startswith(DNS_PREFIX) else ""
 
 
 async def resolve(address: str) -> list[str]:
@@ -68,11 +75,12 @@ async def resolve(address: str) -> list[str]:
 class TokenizerPool:
     """Round-robin over tokenizer replicas, retrying an idempotent call on the next replica."""
 
-    def __init__(self, addresses: list[str]):
+    def __init__(self, addresses: list[str], security: ClientSecurity | None = None):
         if not addresses:
             raise ValueError("--tokenizer-addrs: at least one address is needed")
         self.addresses = addresses
-        self.stubs = [tokenizer_pb2_grpc.TokenizerStub(channel(a)) for a in addresses]
+        security = security or ClientSecurity()
+        self.stubs = [tokenizer_pb2_grpc.TokenizerStub(channel(a, security)) for a in addresses]
         self._next = itertools.cycle(range(len(self.stubs)))
         # A dns:/// channel spreads calls over its replicas, so a retry there can reach another one.
         self.attempts = max(len(self.stubs), 3 if any(a.startswith(DNS_PREFIX) for a in addresses) else 1)
@@ -84,7 +92,7 @@ class TokenizerPool:
         """One Encode; requests with the same options that arrive while others are in flight are
         sent together, and each gets back exactly what it would have got alone."""
         truncate = request.truncate_input_tokens if request.HasField("truncate_input_tokens") else None
-        key = (bool(request.chats), truncate, request.pad, request.return_tokens)
+        key = (bool(request.chats), truncate, request.pad, request.return_tokens, request.parse_special_tokens)
         return await self.encoder.call(key, (request, metadata), timeout)
 
     async def _encode_batch(self, items: list, timeout: float | None) -> list:
@@ -92,7 +100,8 @@ class TokenizerPool:
             request, metadata = items[0]
             return [await self.call("Encode", request, timeout, metadata)]
         first = items[0][0]
-        merged = tokenizer_pb2.EncodeRequest(pad=first.pad, return_tokens=first.return_tokens)
+        merged = tokenizer_pb2.EncodeRequest(pad=first.pad, return_tokens=first.return_tokens,
+                                             parse_special_tokens=first.parse_special_tokens)
         if first.HasField("truncate_input_tokens"):
             merged.truncate_input_tokens = first.truncate_input_tokens
         for request, _ in items:
@@ -189,12 +198,13 @@ class SequenceHandle:
 class ModelWorkerClient:
     """One model worker: its Events stream, its sequences, and its health."""
 
-    def __init__(self, address: str, tokenizers: TokenizerPool, on_health_change: Callable[[], None]):
+    def __init__(self, address: str, tokenizers: TokenizerPool, on_health_change: Callable[[], None],
+                 security: ClientSecurity | None = None, server_name: str = ""):
         self.address = address
         self.tokenizers = tokenizers
         self.on_health_change = on_health_change
-        self.client_id = f"gateway-{uuid.uuid4().hex[:12]}"
-        self.channel = channel(address)
+        self.client_id = f"gateway-{uuid.uuid4().hex}"
+        self.channel = channel(address, security or ClientSecurity(), server_name)
         self.stub = model_pb2_grpc.ModelWorkerStub(self.channel)
         self.sequences: dict[int, SequenceHandle] = {}
         self.info: model_pb2.WorkerInfoResponse | None = None
@@ -361,11 +371,13 @@ class ModelPool:
     stands for every worker its name resolves to, re-resolved every few seconds, so a scaled
     Deployment behind a headless Service is followed without a restart."""
 
-    def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None]):
+    def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None],
+                 security: ClientSecurity | None = None):
         if not addresses:
             raise ValueError("--model-addrs: at least one address is needed")
         self.addresses = addresses
         self.tokenizers = tokenizers
+        self.security = security or ClientSecurity()
         self._on_health_change = on_health_change
         self.workers: list[ModelWorkerClient] = []
         self._resolver: asyncio.Task | None = None
@@ -387,11 +399,12 @@ class ModelPool:
             await asyncio.sleep(RESOLVE_EVERY_S)
 
     async def update_workers(self) -> None:
-        targets = [t for address in self.addresses for t in await resolve(address)]
+        names = {t: dns_host(address) for address in self.addresses for t in await resolve(address)}
+        targets = list(names)
         current = {w.address: w for w in self.workers}
         for target in targets:
             if target not in current:
-                worker = ModelWorkerClient(target, self.tokenizers, self._health_changed)
+                worker = ModelWorkerClient(target, self.tokenizers, self._health_changed, self.security, names[target])
                 self.workers.append(worker)
                 worker.start()
         for address, worker in current.items():

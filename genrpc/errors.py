@@ -3,7 +3,8 @@
 Code below the servicers raises these (or returns stops as values); the
 `grpc_errors` decorator on each servicer method turns them into a status with
 the error's message. Anything unexpected becomes INTERNAL and is logged with
-its traceback, without taking the server down.
+its traceback, without taking the server down; the client gets a generic message
+with the request id to find it by.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import asyncio
 import functools
 import inspect
 import logging
+import uuid
 
 import grpc
+
+from genrpc.logs import request_id
 
 log = logging.getLogger("genrpc.errors")
 
@@ -47,6 +51,10 @@ class FailedPrecondition(GenrpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(GenrpcError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(GenrpcError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -64,8 +72,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return code, exc.details() or code.name
         return grpc.StatusCode.UNAVAILABLE, f"a backend call failed ({code.name}): {exc.details()}"
-    log.exception("unexpected error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    # The details stay in the log: an exception's text can carry paths, addresses or other callers' data.
+    rid = request_id.get() or uuid.uuid4().hex[:16]
+    log.error("unexpected error (request id %s)", rid, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); the details are in the server's log"
 
 
 def grpc_errors(method):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from genrpc.security import add_server_flags
+
 
 class EnvArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose long options default to `GENRPC_<FLAG>` variables."""
@@ -44,4 +46,5 @@ def server_parser(description: str, default_port: int, default_metrics_port: int
     parser.add_argument("--trace-exporter", default="none",
                         help="OpenTelemetry spans: none, console, jsonl:PATH or otlp")
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or one JSON object a line")
+    add_server_flags(parser)
     return parser

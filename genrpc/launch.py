@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genrpc.pki import Credentials, make_credentials
+from genrpc.security import ClientSecurity, channel_credentials
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,6 +27,7 @@ class Service:
     port: int
     metrics_port: int
     log_path: str
+    health_port: int = -1  # with --health-port
 
     @property
     def address(self) -> str:
@@ -51,15 +55,17 @@ class Service:
         return self.proc.returncode
 
 
-def start_service(module: str, *args: str, timeout: float = 120, env: dict | None = None) -> Service:
-    """Starts `python -m module` on free ports (port 0) and waits for it to report them."""
+def start_service(module: str, *args: str, timeout: float = 120, env: dict | None = None,
+                  wrap: tuple[str, ...] = ()) -> Service:
+    """Starts `python -m module` on free ports (port 0) and waits for it to report them. `wrap`: a
+    command that runs it (e.g. one that first moves itself into a cgroup)."""
     workdir = tempfile.mkdtemp(prefix=f"genrpc-{module}-")
     port_file = os.path.join(workdir, "ports.json")
     log_path = os.path.join(workdir, "log.txt")
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", "0", "--metrics-port", "0", "--port-file", port_file,
+            [*wrap, sys.executable, "-m", module, "--port", "0", "--metrics-port", "0", "--port-file", port_file,
              "--grace", "3", *args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env,
         )
@@ -71,7 +77,7 @@ def start_service(module: str, *args: str, timeout: float = 120, env: dict | Non
         if os.path.exists(port_file) and os.path.getsize(port_file) > 0:
             with open(port_file) as f:
                 ports = json.load(f)
-            return Service(module, proc, ports["port"], ports["metrics_port"], log_path)
+            return Service(module, proc, ports["port"], ports["metrics_port"], log_path, ports.get("health_port", -1))
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{module} did not start within {timeout}s")
@@ -98,20 +104,39 @@ class Stack:
     tokenizer: Service
     model: Service
     gateway: Service
+    credentials: Credentials | None = None  # what the internal hops use
 
     @property
     def services(self) -> list[Service]:
         return [self.tokenizer, self.model, self.gateway]
+
+    def internal_credentials(self) -> grpc.ChannelCredentials | None:
+        """What the gateway presents to the tokenizer and model services (None: they are open)."""
+        c = self.credentials
+        return channel_credentials(c.ca, c.client_cert, c.client_key, c.token_file) if c else None
+
+    def internal_security(self) -> ClientSecurity:
+        return ClientSecurity(self.internal_credentials())
+
+    def channel(self, service: Service) -> grpc.Channel:
+        """A (blocking) channel to one of the services, with the credentials it needs."""
+        credentials = self.internal_credentials() if service is not self.gateway else None
+        return grpc.secure_channel(service.address, credentials) if credentials else grpc.insecure_channel(
+            service.address)
 
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
 
 
-def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = ()) -> Stack:
-    tokenizer = start_service("tokenizer_svc", "--model", model)
-    worker = start_service("model_svc", "--model", model, *model_args)
+def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = (),
+                credentials: Credentials | None = None, model_wrap: tuple[str, ...] = ()) -> Stack:
+    """The three services as `make run` starts them: the internal hops over TLS with client
+    certificates and a shared secret, from throw-away credentials (`credentials`, or new ones)."""
+    credentials = credentials or make_credentials(tempfile.mkdtemp(prefix="genrpc-credentials-"))
+    tokenizer = start_service("tokenizer_svc", "--model", model, *credentials.server_flags())
+    worker = start_service("model_svc", "--model", model, *credentials.server_flags(), *model_args, wrap=model_wrap)
     gateway = start_service("gateway", "--tokenizer-addrs", tokenizer.address, "--model-addrs", worker.address,
-                            *gateway_args)
+                            *credentials.client_flags(), *gateway_args)
     wait_serving(gateway.address)
-    return Stack(tokenizer, worker, gateway)
+    return Stack(tokenizer, worker, gateway, credentials)

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram, start_http_server
 
 from genrpc import tracing
+from genrpc.security import ServerSecurity
 
 log = logging.getLogger("genrpc")
 
@@ -147,6 +148,7 @@ class ServerHandle:
     port: int
     metrics_port: int
     service_names: list[str] = field(default_factory=list)
+    health_port: int = -1  # plaintext health-only port beside a TLS one (-1: none)
 
     async def set_ready(self, ready: bool) -> None:
         """Readiness: the overall status ("") and each service's, what load balancers and
@@ -170,15 +172,16 @@ async def start_server(
     host: str,
     port: int,
     metrics_port: int,
-    interceptors: list | None = None,
-    credentials: grpc.ServerCredentials | None = None,
+    security: ServerSecurity | None = None,
 ) -> ServerHandle:
     """Starts an aio server with health, reflection and metrics.
 
-    `register` adds the servicers and returns their full service names.
+    `register` adds the servicers and returns their full service names. `security` (from the
+    server's flags) adds TLS, token checks and the plaintext health port.
     """
     server = grpc.aio.server(
-        interceptors=[ObservingInterceptor(name), *(interceptors or [])], options=SERVER_OPTIONS
+        interceptors=[ObservingInterceptor(name), *(security.interceptors if security else [])],
+        options=SERVER_OPTIONS,
     )
     service_names = register(server)
     health_servicer = health.aio.HealthServicer()
@@ -188,17 +191,25 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
+    credentials = security.credentials if security else None
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not listen on {address}")
+    bound_health = -1
+    if security and security.health_port >= 0:  # plaintext, health only (AuthInterceptor refuses the rest)
+        bound_health = server.add_insecure_port(f"{host}:{security.health_port}")
+        if bound_health == 0:
+            raise RuntimeError(f"could not listen on {host}:{security.health_port}")
     bound_metrics = -1
     if metrics_port >= 0:
         metrics_server, _ = start_http_server(metrics_port, addr=host)
         bound_metrics = metrics_server.server_port
     await server.start()
-    handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names)
+    handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names, bound_health)
     await handle.set_serving(True)
-    log.info("%s serving on %s:%d (metrics on %d)", name, host, bound, bound_metrics)
+    log.info("%s serving on %s:%d (%s; metrics on %d%s)", name, host, bound,
+             security.describe if security else "plaintext, no authentication", bound_metrics,
+             f"; health in plaintext on {bound_health}" if bound_health >= 0 else "")
     return handle
 
 
@@ -211,7 +222,7 @@ async def run_until_signal(
     get `grace` seconds."""
     if port_file:
         with open(port_file, "w") as f:
-            json.dump({"port": handle.port, "metrics_port": handle.metrics_port}, f)
+            json.dump({"port": handle.port, "metrics_port": handle.metrics_port, "health_port": handle.health_port}, f)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -4,28 +4,37 @@ Starts the tokenizer service, the model service and the gateway as child
 processes with their default ports (flags and GENRPC_* variables apply to each),
 restarts one that crashes (with backoff), and on Ctrl-C or SIGTERM stops all
 three gracefully: each gets SIGTERM and its grace period, then SIGKILL.
+
+The internal hops are secure by default: a throw-away CA, certificates and shared
+secret are made for each run in a private temporary folder (removed at the end),
+the tokenizer and model services require them (TLS with client certificates, and
+the secret as a bearer token), and the gateway presents them.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
-SERVICES = ("tokenizer_svc", "model_svc", "gateway")
+from genrpc.pki import make_credentials
+
 STOP_TIMEOUT = 15.0
 
 
 class Child:
-    def __init__(self, module: str):
+    def __init__(self, module: str, flags: list[str]):
         self.module = module
+        self.flags = flags
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.next_start = 0.0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module])
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.flags])
         print(f"[supervisor] started {self.module} (pid {self.proc.pid})", flush=True)
 
     def check(self) -> None:
@@ -44,7 +53,16 @@ class Child:
 
 
 def main() -> None:
-    children = [Child(m) for m in SERVICES]
+    folder = tempfile.mkdtemp(prefix="genrpc-credentials-")
+    try:
+        credentials = make_credentials(folder)
+        supervise([Child("tokenizer_svc", credentials.server_flags()), Child("model_svc", credentials.server_flags()),
+                   Child("gateway", credentials.client_flags())])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def supervise(children: list[Child]) -> None:
     stopping = False
 
     def on_signal(signum, frame):

@@ -14,6 +14,7 @@ from genrpc.flags import server_parser
 from genrpc.model_path import DEFAULT_MODEL
 from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
+from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
@@ -24,6 +25,7 @@ from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
 from model_svc.server import ModelWorkerServicer, Subscriptions
+from model_svc.threads import LoadMonitor, ThreadPolicy, machine_policy
 
 log = logging.getLogger("genrpc.model")
 
@@ -34,7 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="weights and compute dtype")
     parser.add_argument("--quantize", default="4bit", choices=list(QUANTIZATIONS), help="bitsandbytes quantization")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="compute threads, fixed (0: adaptive: the CPUs the affinity mask and cgroup quota "
+                             "allow, one fewer per core other processes keep busy; see model_svc/threads.py)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
     parser.add_argument("--max-prefill-tokens", type=int, default=64,
@@ -59,10 +63,15 @@ def parse_args(argv=None):
 
 
 def build_engine(args) -> tuple:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    """The loaded model, its engine, and the thread policy's monitor (sized before the weights load,
+    on the thread that will step the engine: OpenMP keeps a pool per thread)."""
+    if args.threads < 0:
+        raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
+    policy, cpus = machine_policy(args.threads)
+    monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
+    log.info("compute threads: %s", policy.describe)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device)
-    return loaded, engine_for(loaded, args)
+    return loaded, engine_for(loaded, args), monitor
 
 
 def engine_for(loaded, args) -> Engine:
@@ -78,8 +87,10 @@ def engine_for(loaded, args) -> Engine:
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
 
 
-def register_metrics(engine_loop: EngineLoop) -> None:
+def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
     scheduler = engine_loop.engine.scheduler
+    Gauge("genrpc_model_compute_threads", "threads the engine computes with now (see --threads)").set_function(
+        lambda: monitor.policy.threads)
     Gauge("genrpc_model_running_sequences", "sequences in the running batch").set_function(
         lambda: scheduler.num_running)
     Gauge("genrpc_model_waiting_sequences", "sequences waiting for admission").set_function(
@@ -89,16 +100,18 @@ def register_metrics(engine_loop: EngineLoop) -> None:
     Gauge("genrpc_model_kv_cache_tokens", "KV-cache budget in tokens").set(scheduler.kv_cache.budget_tokens)
 
 
-async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event) -> None:
+async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,
+                security: ServerSecurity, thread_policy: ThreadPolicy) -> None:
     """The gRPC server, on its own thread's asyncio loop."""
     subs = Subscriptions(asyncio.get_running_loop())
     engine_loop.publish = subs.publish_threadsafe
 
     def register(server):
-        model_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(loaded, engine_loop, subs), server)
+        model_pb2_grpc.add_ModelWorkerServicer_to_server(
+            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy), server)
         return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
 
-    handle = await start_server("model", register, args.host, args.port, args.metrics_port)
+    handle = await start_server("model", register, args.host, args.port, args.metrics_port, security)
     ready.set()
     await run_until_signal(handle, args.grace, args.port_file, stop=stop)
 
@@ -107,9 +120,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     setup_tracing("genrpc-model", args.trace_exporter)
-    loaded, engine = build_engine(args)
-    engine_loop = EngineLoop(engine)
-    register_metrics(engine_loop)
+    security = server_security(args, internal=True)  # on the main thread: it may install a SIGHUP handler
+    loaded, engine, monitor = build_engine(args)
+    engine_loop = EngineLoop(engine, between_steps=monitor.tick)
+    register_metrics(engine_loop, monitor)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ready = threading.Event()
@@ -118,7 +132,7 @@ def main(argv=None) -> None:
     def server_thread() -> None:
         try:
             asyncio.set_event_loop(loop)
-            loop.run_until_complete(serve(args, loaded, engine_loop, stop, ready))
+            loop.run_until_complete(serve(args, loaded, engine_loop, stop, ready, security, monitor.policy))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failure.append(exc)
         finally:

@@ -1,21 +1,28 @@
 """The model service's gRPC edge. Each gateway opens one Events stream and gets one
-message per engine step carrying all of its sequences' new tokens."""
+message per engine step carrying all of its sequences' new tokens.
+
+A client id and its sequences belong to the caller (security.caller: who its bearer token says it
+is) whose Events stream claimed the id: another caller can neither take the stream over nor submit
+or abort under that id (PERMISSION_DENIED). Ids are not logged: a short hash stands for them."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import defaultdict
 
 from prometheus_client import Counter
 
-from genrpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, grpc_errors
+from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, grpc_errors
+from genrpc.security import caller
 from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc import convert
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.scheduler import SchedulerFull
 from model_svc.loader import LoadedModel
+from model_svc.threads import ThreadPolicy
 
 log = logging.getLogger("genrpc.model")
 
@@ -28,7 +35,14 @@ class Subscriptions:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queues: dict[str, asyncio.Queue] = {}
+        self.owners: dict[str, str] = {}  # client id -> the caller whose open stream claimed it
         self.owned: dict[str, set[int]] = defaultdict(set)  # client -> its unfinished sequence ids
+
+    def check_owner(self, client_id: str) -> None:
+        """Raises PermissionDenied unless the current caller owns `client_id` (or nobody does)."""
+        owner = self.owners.get(client_id)
+        if owner is not None and owner != caller.get():
+            raise PermissionDenied(f"client id {_shown(client_id)} belongs to another caller")
 
     def publish_threadsafe(self, outputs: list[TokenOutput]) -> None:
         self.loop.call_soon_threadsafe(self.dispatch, outputs)
@@ -48,20 +62,25 @@ class Subscriptions:
 
 
 class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
-    def __init__(self, loaded: LoadedModel, engine_loop: EngineLoop, subscriptions: Subscriptions):
+    def __init__(self, loaded: LoadedModel, engine_loop: EngineLoop, subscriptions: Subscriptions,
+                 thread_policy: ThreadPolicy):
         self.loaded = loaded
         self.engine_loop = engine_loop
         self.subs = subscriptions
+        self.thread_policy = thread_policy
 
+    @grpc_errors
     async def Events(self, request, context):
         client_id = request.client_id
         if not client_id:
-            await context.abort(InvalidArgument.code, "client_id must be set")
+            raise InvalidArgument("client_id must be set")
+        self.subs.check_owner(client_id)
         old = self.subs.queues.get(client_id)
         if old is not None:
-            old.put_nowait(None)  # a reconnecting client replaces its old stream
+            old.put_nowait(None)  # the same caller reconnecting replaces its old stream
         queue: asyncio.Queue = asyncio.Queue()
         self.subs.queues[client_id] = queue
+        self.subs.owners[client_id] = caller.get()
         try:
             yield model_pb2.StepEvents()  # the subscription is live
             while True:
@@ -72,16 +91,18 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
         finally:
             if self.subs.queues.get(client_id) is queue:
                 del self.subs.queues[client_id]
+                del self.subs.owners[client_id]
                 owned = self.subs.owned.pop(client_id, set())
                 if owned:
-                    log.info("client %s left: aborting its %d sequences", client_id, len(owned))
+                    log.info("client %s left: aborting its %d sequences", _shown(client_id), len(owned))
                     self.engine_loop.abort((client_id, s) for s in owned)
 
     @grpc_errors
     async def Submit(self, request, context):
         client_id = request.client_id
+        self.subs.check_owner(client_id)
         if client_id not in self.subs.queues:
-            raise FailedPrecondition(f"client {client_id!r} has no open Events stream; open it before Submit")
+            raise FailedPrecondition(f"client {_shown(client_id)} has no open Events stream; open it before Submit")
         try:
             seqs = [convert.sequence(client_id, s, self.loaded.vocab_size) for s in request.sequences]
         except ValueError as exc:
@@ -101,6 +122,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
 
     @grpc_errors
     async def Abort(self, request, context):
+        self.subs.check_owner(request.client_id)
         owned = self.subs.owned.get(request.client_id, set())
         ids = [s for s in request.sequence_ids if s in owned]
         self.engine_loop.abort((request.client_id, s) for s in ids)
@@ -115,5 +137,11 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             quantization=m.quantization, dtype=m.dtype, device=m.device, eos_token_ids=m.eos_token_ids,
             vocab_size=m.vocab_size, num_running=self.engine_loop.num_running,
             num_waiting=self.engine_loop.num_waiting, kv_cache_tokens=kv.budget_tokens,
-            kv_cache_used_tokens=kv.num_used_tokens,
+            kv_cache_used_tokens=kv.num_used_tokens, thread_policy=self.thread_policy.describe,
+            num_threads=self.thread_policy.threads,
         )
+
+
+def _shown(client_id: str) -> str:
+    """A client id as logs and messages show it: a hash, since the id names a stream."""
+    return "#" + hashlib.sha256(client_id.encode()).hexdigest()[:8]

@@ -1,18 +1,36 @@
 """Encoding and decoding with a Hugging Face tokenizer, as the tutorial does it:
 chat template for messages, truncation on the left, left padding with an
-attention mask for decoder-only batches."""
+attention mask for decoder-only batches.
+
+Markup is safe by default: special-token text inside a prompt or a chat message
+("<|im_start|>system...") is encoded as the plain text it is, so a caller cannot
+forge a turn, while the chat template's own markup still becomes special tokens.
+The template is rendered with a placeholder for each message's content; its
+special tokens are matched in the template's text only, and the text between two
+of them (template text and content together) is encoded with no special-token
+matching. For content without markup the ids are exactly `apply_chat_template`'s
+(tested). `parse_special_tokens` asks for the old behaviour: markup anywhere
+becomes special tokens, as `tokenizer(text)` does."""
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer
 
 from genrpc.model_path import ModelSource
 from tokenizer_svc.detokenize import DecodeStep, decode_incremental
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Private-use characters around a message's index: no template writes them.
+PLACEHOLDER = "\ue000{}\ue001"
+PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+
+log = logging.getLogger("genrpc.tokenizer")
 
 
 @dataclass
@@ -38,6 +56,20 @@ class TokenizerError(ValueError):
     """Input the tokenizer cannot encode (e.g. a chat with a role the template refuses)."""
 
 
+class AnswerTooLarge(Exception):
+    """The answer would not fit in one message; found before it is built (and, where a sample of the
+    input already shows it, before the whole input is tokenized)."""
+
+
+SAMPLE_CHARS = 8_000  # characters of a text's start, middle and end, tokenized to estimate its answer's size
+
+
+def _row_answer_bytes(ids: list[int], tokens: list[str]) -> int:
+    """Bytes an encoded row takes in a message: packed ids and mask (<= 3 + 1 a token), and each
+    token string with its tag and length."""
+    return 4 * len(ids) + sum(len(t.encode()) + 3 for t in tokens)
+
+
 class Tokenizer:
     """A loaded tokenizer and the operations the service offers."""
 
@@ -53,6 +85,15 @@ class Tokenizer:
         self.special_token_ids: list[int] = sorted(set(self.hf.all_special_ids))
         self.vocab_size: int = len(self.hf)
         self.has_chat_template = bool(self.hf.chat_template)
+        # A copy of the backend that never matches special tokens (a copy: the flag is the object's, and
+        # calls may run on several threads); and the special tokens as the template may write them.
+        self._plain = BackendTokenizer.from_str(self.hf.backend_tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        specials = {t.content: i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        self._special_ids = specials
+        self._special_re = re.compile(
+            "(" + "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True)) + ")") if specials else None
+        self._warned_template = False
 
     def encode(
         self,
@@ -61,12 +102,20 @@ class Tokenizer:
         truncate_input_tokens: int | None = None,
         pad: bool = False,
         return_tokens: bool = False,
+        parse_special_tokens: bool = False,
+        max_answer_bytes: int | None = None,
     ) -> list[EncodedRow]:
-        """Encodes texts or chats; keeps the last `truncate_input_tokens` ids of each; left-pads when `pad`."""
+        """Encodes texts or chats; keeps the last `truncate_input_tokens` ids of each; left-pads when `pad`.
+        Markup in the caller's text becomes special tokens only with `parse_special_tokens`. Raises
+        AnswerTooLarge when the rows with their token strings would pass `max_answer_bytes`."""
+        if max_answer_bytes and return_tokens and texts:
+            self._refuse_large(texts, max_answer_bytes)
         if chats:
-            id_lists = [self._encode_chat(messages) for messages in chats]
-        else:
+            id_lists = [self._encode_chat(messages, parse_special_tokens) for messages in chats]
+        elif parse_special_tokens:
             id_lists = [list(ids) for ids in self.hf(list(texts), add_special_tokens=True)["input_ids"]]
+        else:
+            id_lists = [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=True)]
         rows = []
         for ids in id_lists:
             original = len(ids)
@@ -74,6 +123,14 @@ class Tokenizer:
                 ids = ids[original - truncate_input_tokens:]
             tokens = self.hf.convert_ids_to_tokens(ids) if return_tokens else []
             rows.append(EncodedRow(ids, [1] * len(ids), len(ids), original, tokens))
+        if max_answer_bytes and return_tokens:
+            size = sum(_row_answer_bytes(row.input_ids, row.tokens) for row in rows)
+            if size > max_answer_bytes:
+                rows.clear()  # the traceback keeps this frame (and its millions of strings) alive
+                id_lists.clear()
+                raise AnswerTooLarge(f"the answer would take {size / 2**20:.1f} MiB, over the "
+                                     f"{max_answer_bytes / 2**20:.0f} MiB one message may carry: send fewer or "
+                                     "shorter prompts")
         if pad and rows:
             longest = max(row.num_tokens for row in rows)
             for row in rows:
@@ -82,14 +139,71 @@ class Tokenizer:
                 row.attention_mask = [0] * missing + row.attention_mask
         return rows
 
-    def _encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        if not self.has_chat_template:
-            raise TokenizerError(f"chats: the tokenizer of {self.name} has no chat template; send prompts instead")
+    def _refuse_large(self, texts: Sequence[str], max_answer_bytes: int) -> None:
+        """Refuses at once when samples of the texts already show that the answer would be too
+        large (tokenizing a million characters takes seconds)."""
+        estimate = 0.0
+        for text in texts:
+            if len(text) <= 3 * SAMPLE_CHARS:
+                samples = [text]
+            else:
+                middle = (len(text) - SAMPLE_CHARS) // 2
+                samples = [text[:SAMPLE_CHARS], text[middle:middle + SAMPLE_CHARS], text[-SAMPLE_CHARS:]]
+            size = 0
+            for sample in samples:
+                ids = self._plain.encode(sample, add_special_tokens=False).ids
+                size += _row_answer_bytes(ids, self.hf.convert_ids_to_tokens(ids))
+            estimate += size / sum(map(len, samples)) * len(text)
+        if estimate > max_answer_bytes:
+            raise AnswerTooLarge(f"the answer would take about {estimate / 2**20:.0f} MiB, over the "
+                                 f"{max_answer_bytes / 2**20:.0f} MiB one message may carry: send fewer or "
+                                 "shorter prompts")
+
+    def _render(self, messages: list[dict]) -> str:
         try:
-            text = self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # the template raises for conversations it refuses
             raise TokenizerError(f"chats: the chat template refused the conversation: {exc}") from exc
-        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_chat(self, messages: Sequence[dict], parse_special_tokens: bool) -> list[int]:
+        if not self.has_chat_template:
+            raise TokenizerError(f"chats: the tokenizer of {self.name} has no chat template; send prompts instead")
+        text = self._render(list(messages))
+        if parse_special_tokens or self._special_re is None:
+            return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        # The template with a placeholder where each message's content goes: [text, index, text, ...].
+        pieces = PLACEHOLDER_RE.split(self._render(
+            [dict(m, content=PLACEHOLDER.format(i)) for i, m in enumerate(messages)]))
+        contents = [m["content"] for m in messages]
+        order = [int(i) for i in pieces[1::2]]
+        rebuilt = "".join(p if k % 2 == 0 else contents[int(p)] for k, p in enumerate(pieces))
+        if order != list(range(len(messages))) or rebuilt != text:
+            # The template changes, drops or repeats content (e.g. trims it): the content goes in as sent.
+            if not self._warned_template:
+                self._warned_template = True
+                log.warning("the chat template of %s changes message contents; they are encoded as sent", self.name)
+            if len(set(order)) != len(order) or not set(order) <= set(range(len(messages))):
+                raise TokenizerError("chats: the chat template repeats or invents message contents")
+        ids: list[int] = []
+        pending: list[str] = []  # text between two template special tokens
+
+        def flush() -> None:
+            if pending:
+                ids.extend(self._plain.encode("".join(pending), add_special_tokens=False).ids)
+                pending.clear()
+
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                pending.append(contents[int(piece)])
+                continue
+            for j, part in enumerate(self._special_re.split(piece)):
+                if j % 2:
+                    flush()
+                    ids.append(self._special_ids[part])
+                elif part:
+                    pending.append(part)
+        flush()
+        return ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -39,9 +39,11 @@ BATCH_TOKENS = Histogram("genrpc_model_batch_tokens", "tokens computed in one st
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, publish: Publish | None = None):
+    def __init__(self, engine: Engine, publish: Publish | None = None,
+                 between_steps: Callable[[], None] | None = None):
         self.engine = engine
         self.publish = publish or (lambda outputs: None)
+        self.between_steps = between_steps or (lambda: None)  # on the engine thread (the thread policy)
         self._commands: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
         self._stopped = False
@@ -102,6 +104,7 @@ class EngineLoop:
                 if self._stopped:
                     return
             try:
+                self.between_steps()
                 outputs = self._apply_commands()
                 started = time.perf_counter()
                 outputs.extend(self.engine.step())

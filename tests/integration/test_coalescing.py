@@ -19,7 +19,7 @@ TEXTS = ["Hi", "Write a long story about a lighthouse keeper in great detail.", 
 
 def test_concurrent_encodes_merge_and_each_gets_its_own_rows(stack):
     async def scenario():
-        pool = TokenizerPool([stack.tokenizer.address])
+        pool = TokenizerPool([stack.tokenizer.address], stack.internal_security())
         requests = [tokenizer_pb2.EncodeRequest(texts=[t, t * 2], pad=True) for t in TEXTS]
         requests.append(tokenizer_pb2.EncodeRequest(
             chats=[gen_pb2.Chat(messages=[gen_pb2.Message(role="user", content="Hello there")])], pad=True))
@@ -55,7 +55,9 @@ async def _events(queue: asyncio.Queue, count: int) -> list:
 
 def test_concurrent_submits_merge_and_each_sequence_runs_as_alone(stack):
     async def scenario():
-        client = ModelWorkerClient(stack.model.address, TokenizerPool([stack.tokenizer.address]), lambda: None)
+        security = stack.internal_security()
+        client = ModelWorkerClient(stack.model.address, TokenizerPool([stack.tokenizer.address], security),
+                                   lambda: None, security)
         client.start()
         try:
             while not client.healthy:
@@ -82,10 +84,12 @@ def test_concurrent_submits_merge_and_each_sequence_runs_as_alone(stack):
 
 
 def test_a_merged_submit_refused_for_room_fails_only_the_requests_that_do_not_fit(stack):
-    model = start_service("model_svc", "--model", MODEL, "--max-num-seqs", "1", "--max-waiting", "2")
+    model = start_service("model_svc", "--model", MODEL, "--max-num-seqs", "1", "--max-waiting", "2", *stack.credentials.server_flags())
 
     async def scenario():
-        client = ModelWorkerClient(model.address, TokenizerPool([stack.tokenizer.address]), lambda: None)
+        security = stack.internal_security()
+        client = ModelWorkerClient(model.address, TokenizerPool([stack.tokenizer.address], security),
+                                   lambda: None, security)
         client.start()
         try:
             while not client.healthy:

@@ -117,9 +117,9 @@ def test_dns_address_finds_the_workers(traced):
 
 
 def test_two_workers_share_the_load(stack):
-    second = start_service("model_svc", "--model", MODEL)
+    second = start_service("model_svc", "--model", MODEL, *stack.credentials.server_flags())
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", f"{stack.model.address},{second.address}")
+                            "--model-addrs", f"{stack.model.address},{second.address}", *stack.credentials.client_flags())
     try:
         wait_serving(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:
@@ -155,7 +155,36 @@ def test_kubernetes_manifests_are_valid():
         assert by_kind[("Service", name)]["spec"]["clusterIP"] == "None"  # headless: per-request balancing
     model_container = by_kind[("Deployment", "model")]["spec"]["template"]["spec"]["containers"][0]
     assert model_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Whole cores, limit = request: the thread pool is the quota's floor (model_svc/threads.py).
+    assert model_container["resources"]["limits"]["cpu"] == model_container["resources"]["requests"]["cpu"] == "2"
     for name in ("tokenizer", "model", "gateway"):
-        container = by_kind[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        pod = by_kind[("Deployment", name)]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
         assert "grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"]
-        assert container["resources"]["requests"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]["cpu"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        # TLS and tokens from files: no secret on a command line or in an environment variable.
+        assert "GENRPC_AUTH_TOKENS" not in env and not any("secretKeyRef" in str(e) for e in container["env"])
+        assert env["GENRPC_TLS_CERT"] and env["GENRPC_TLS_KEY"] and env["GENRPC_AUTH_TOKENS_FILE"]
+        # Probes reach the plaintext health-only port; the service port speaks TLS.
+        assert container["readinessProbe"]["grpc"]["port"] == int(env["GENRPC_HEALTH_PORT"])
+        secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+        assert secrets and not any(v.get("optional") for v in secrets)  # a missing Secret stops the pod
+        mounted = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {os.path.dirname(env["GENRPC_TLS_CERT"]), os.path.dirname(env["GENRPC_AUTH_TOKENS_FILE"])} <= mounted
+        if name != "gateway":  # internal: client certificates required
+            assert env["GENRPC_TLS_CLIENT_CA"]
+        else:
+            assert env["GENRPC_INTERNAL_TLS_CA"] and env["GENRPC_INTERNAL_TOKEN_FILE"]
+    # Only the gateway reaches the internal services; only monitoring reaches metrics; the rest is denied.
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in documents if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for name, port, metrics_port in (("tokenizer", 50052, 9052), ("model", 50053, 9053)):
+        (spec,) = [p for p in policies.values()
+                   if p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == name]
+        rules = {r["ports"][0]["port"]: r["from"] for r in spec["ingress"]}
+        assert set(rules) == {port, metrics_port}
+        assert rules[port] == [{"podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "genrpc", "app.kubernetes.io/component": "gateway"}}}]
+        assert rules[metrics_port] == [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}]

@@ -60,7 +60,7 @@ def test_stop_string_aborts_on_the_model_service(stack, stub):
 def small_gateway(stack):
     """A gateway that admits at most 2 sequences, in front of the shared workers."""
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", stack.model.address, "--max-inflight-sequences", "2")
+                            "--model-addrs", stack.model.address, "--max-inflight-sequences", "2", *stack.credentials.client_flags())
     wait_serving(gateway.address)
     yield gateway
     gateway.stop()
@@ -88,8 +88,9 @@ def test_gateway_admission_bound(stack, small_gateway):
 
 def test_model_waiting_bound(stack):
     model = start_service("model_svc", "--model", MODEL, "--max-num-seqs", "1", "--max-batch-tokens", "64",
-                          "--max-waiting", "1")
-    gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address, "--model-addrs", model.address)
+                          "--max-waiting", "1", *stack.credentials.server_flags())
+    gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address, "--model-addrs", model.address,
+                            *stack.credentials.client_flags())
     try:
         wait_serving(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:
@@ -123,10 +124,10 @@ def drain(call, since: float, limit: float):
 
 def test_worker_killed_mid_stream_then_recovery(stack):
     """Two model workers and two tokenizer replicas behind one gateway; SIGKILL one of each."""
-    tokenizer2 = start_service("tokenizer_svc", "--model", MODEL)
-    workers = [start_service("model_svc", "--model", MODEL) for _ in range(2)]
+    tokenizer2 = start_service("tokenizer_svc", "--model", MODEL, *stack.credentials.server_flags())
+    workers = [start_service("model_svc", "--model", MODEL, *stack.credentials.server_flags()) for _ in range(2)]
     gateway = start_service("gateway", "--tokenizer-addrs", f"{tokenizer2.address},{stack.tokenizer.address}",
-                            "--model-addrs", ",".join(w.address for w in workers))
+                            "--model-addrs", ",".join(w.address for w in workers), *stack.credentials.client_flags())
     try:
         wait_serving(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:
@@ -164,7 +165,7 @@ def test_worker_killed_mid_stream_then_recovery(stack):
                 stub.Generate(pb.GenerateRequest(prompts=["Hi"]), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             # The worker comes back on its port: the gateway reconnects.
-            workers[1] = start_service("model_svc", "--model", MODEL, "--port", str(port))
+            workers[1] = start_service("model_svc", "--model", MODEL, "--port", str(port), *stack.credentials.server_flags())
             wait_serving(gateway.address, timeout=30)
             reply = stub.Generate(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2)),
                                   timeout=30)
@@ -187,7 +188,7 @@ def test_tls_mutual_tls_and_bearer_tokens(stack, tmp_path):
     gateway = start_service(
         "gateway", "--tokenizer-addrs", stack.tokenizer.address, "--model-addrs", stack.model.address,
         "--tls-cert", certs["server_cert"], "--tls-key", certs["server_key"], "--tls-client-ca", certs["ca"],
-        "--auth-tokens", "s3cret,other")
+        "--auth-tokens", "s3cret,other", *stack.credentials.client_flags())
     read = lambda name: open(certs[name], "rb").read()  # noqa: E731
     request = pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2))
     try:

@@ -30,7 +30,7 @@ SERVICES = {
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_health_and_reflection(stack, name):
     service = getattr(stack, name)
-    with grpc.insecure_channel(service.address) as channel:
+    with stack.channel(service) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service_name in ("", SERVICES[name]):
             status = health.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=5).status
@@ -107,7 +107,7 @@ def test_env_variables_set_flags(tmp_path):
 def test_sigterm_lets_an_inflight_stream_finish(stack):
     """A second gateway in front of the same workers: SIGTERM mid-stream, the stream still completes."""
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", stack.model.address)
+                            "--model-addrs", stack.model.address, *stack.credentials.client_flags())
     wait_serving(gateway.address)
     from genrpc.v1 import generation_pb2_grpc
 
