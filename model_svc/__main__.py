@@ -18,7 +18,8 @@ from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
-from model_svc.engine.kv_cache import KVCacheManager
+from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
+from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
@@ -45,7 +46,11 @@ def parse_args(argv=None):
                         help="prompt tokens prefilled per step (longer prompts are chunked): lower keeps "
                              "running streams' inter-token latency steady when prompts arrive, and lets a "
                              "burst's first prompts answer before its last ones are computed")
-    parser.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV-cache budget in tokens")
+    parser.add_argument("--kv-cache-tokens", type=int, default=65536,
+                        help="KV-cache capacity in tokens (memory is bounded by it); sequences hold what they "
+                             "have computed, in blocks")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
+                        help="tokens per KV-cache block: the unit of allocation and of prefix caching")
     parser.add_argument("--match-generate", action="store_true",
                         help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
     parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
@@ -55,9 +60,9 @@ def parse_args(argv=None):
                         help="native: prompts attend through the decode kernel: chunking-invariant, so prefixes "
                              "are shared exactly; sdpa: through the call generate() makes (generate()'s very "
                              "numbers for a prompt, no prefix sharing)")
-    parser.add_argument("--no-prefix-sharing", action="store_true",
-                        help="with native prefill attention, compute every prompt in full even when a running "
-                             "sequence already computed the same leading tokens")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in full, instead of reusing the cached blocks of earlier "
+                             "sequences with the same leading tokens (on with native prefill attention only)")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -79,12 +84,20 @@ def engine_for(loaded, args) -> Engine:
     runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention,
                          prefill_attention_impl=args.prefill_attention)
     log.info("decode attention: %s; prefill attention: %s", runner.decode_attention, runner.prefill_attention)
+    if args.block_size < 1 or args.kv_cache_tokens < args.block_size:
+        raise SystemExit(f"--block-size={args.block_size} and --kv-cache-tokens={args.kv_cache_tokens}: need "
+                         "1 <= block size <= cache tokens")
+    num_blocks = args.kv_cache_tokens // args.block_size
+    caching = runner.native_prefill and not args.no_prefix_caching
+    if not runner.native_prefill and not args.no_prefix_caching:
+        log.info("prefix caching is off: %s prefill attention is not chunking-invariant", runner.prefill_attention)
+    blocks = BlockManager(num_blocks, args.block_size, enable_prefix_caching=caching)
     scheduler = Scheduler(
-        KVCacheManager(runner.kv_spec, args.kv_cache_tokens), args.max_num_seqs, args.max_batch_tokens,
-        args.max_waiting, loaded.max_context, loaded.eos_token_ids, args.max_prefill_tokens,
-        max_shared_prompt=NATIVE_MAX_PROMPT if runner.native_prefill and not args.no_prefix_sharing else 0,
+        blocks, args.max_num_seqs, args.max_batch_tokens, args.max_waiting, loaded.max_context,
+        loaded.eos_token_ids, args.max_prefill_tokens, max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
     )
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids))
+    kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)
+    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache)
 
 
 def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
@@ -95,9 +108,22 @@ def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
         lambda: scheduler.num_running)
     Gauge("genrpc_model_waiting_sequences", "sequences waiting for admission").set_function(
         lambda: engine_loop.num_waiting)
-    Gauge("genrpc_model_kv_cache_used_tokens", "KV-cache tokens reserved").set_function(
-        lambda: scheduler.kv_cache.num_used_tokens)
-    Gauge("genrpc_model_kv_cache_tokens", "KV-cache budget in tokens").set(scheduler.kv_cache.budget_tokens)
+    blocks = scheduler.blocks
+    Gauge("genrpc_model_kv_cache_used_tokens", "KV-cache tokens in blocks running sequences hold").set_function(
+        lambda: blocks.num_used_blocks * blocks.block_size)
+    Gauge("genrpc_model_kv_cache_tokens", "KV-cache capacity in tokens").set(scheduler.capacity_tokens)
+    Gauge("genrpc_model_kv_blocks_used", "KV-cache blocks held by running sequences").set_function(
+        lambda: blocks.num_used_blocks)
+    Gauge("genrpc_model_kv_blocks_free", "KV-cache blocks that can be taken (empty or cached)").set_function(
+        lambda: blocks.num_free_blocks)
+    Gauge("genrpc_model_kv_blocks_cached", "unused KV-cache blocks that keep a prefix for later requests"
+          ).set_function(lambda: blocks.num_cached_blocks)
+    Gauge("genrpc_model_prefix_cache_queried_tokens", "tokens of admitted sequences looked up in the prefix cache"
+          ).set_function(lambda: blocks.num_queried_tokens)
+    Gauge("genrpc_model_prefix_cache_hit_tokens", "of those, tokens found there (not computed)").set_function(
+        lambda: blocks.num_hit_tokens)
+    Gauge("genrpc_model_preemptions", "sequences preempted (freed, to be recomputed) since start").set_function(
+        lambda: scheduler.num_preemptions)
 
 
 async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,

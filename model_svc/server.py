@@ -131,13 +131,16 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
     @grpc_errors
     async def WorkerInfo(self, request, context):
         m = self.loaded
-        kv = self.engine_loop.engine.scheduler.kv_cache
+        scheduler = self.engine_loop.engine.scheduler
+        blocks = scheduler.blocks
         return model_pb2.WorkerInfoResponse(
             model_name=m.name, max_context_tokens=m.max_context, default_config=convert.default_config(m),
             quantization=m.quantization, dtype=m.dtype, device=m.device, eos_token_ids=m.eos_token_ids,
             vocab_size=m.vocab_size, num_running=self.engine_loop.num_running,
-            num_waiting=self.engine_loop.num_waiting, kv_cache_tokens=kv.budget_tokens,
-            kv_cache_used_tokens=kv.num_used_tokens, thread_policy=self.thread_policy.describe,
+            num_waiting=self.engine_loop.num_waiting, kv_cache_tokens=scheduler.capacity_tokens,
+            kv_cache_used_tokens=blocks.num_used_blocks * blocks.block_size, kv_block_size=blocks.block_size,
+            kv_cached_tokens=blocks.num_cached_blocks * blocks.block_size,
+            prefix_caching=blocks.enable_prefix_caching, thread_policy=self.thread_policy.describe,
             num_threads=self.thread_policy.threads,
         )
 

@@ -5,7 +5,7 @@ token, each seeing its sequence's keys up to its own position. Attending each de
 SDPA call costs ~30 us of dispatch per sequence and layer (16 sequences x 30 layers: ~15 ms of a
 ~45 ms step, measured), and one padded SDPA call for the batch changes a sequence's numbers with
 its neighbours' lengths. The C kernel in kernels/decode_attention.c reads each sequence's keys and
-values where they lie in the arena and does one (sequence, key/value head) pair per pass in a fixed
+values where they lie in the arena's blocks (through its block table) and does one (sequence, key/value head) pair per pass in a fixed
 order, so it is batch-invariant by construction and costs ~1.7 ms per step for the same work.
 
 The kernel is compiled on first use with the machine's C compiler (`cc`, ~0.5 s) into a cache
@@ -76,14 +76,17 @@ class DecodeAttention:
     def __init__(self, library: ctypes.CDLL):
         self.fn = library.decode_attention_bf16
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64]
+        self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                            i64, i64]
         self.fn.restype = ctypes.c_int
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
-                 rows: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scale: float) -> None:
+                 rows: torch.Tensor, tables: torch.Tensor, table_offsets: torch.Tensor, lengths: torch.Tensor,
+                 block_size: int, scale: float) -> None:
         """query, out: [T, Hq, D] contiguous bfloat16; keys, values: [Hkv, slots, D] bfloat16 with unit
-        stride in D (views of the arena); rows, starts, lengths: [B] int64. Writes out[rows[b]] for
-        every b: sequence b's query row rows[b] attending its keys starts[b] .. starts[b] + lengths[b]."""
+        stride in D (views of the arena); rows, table_offsets, lengths: [B] int64; tables: the block
+        tables, concatenated, int64. Writes out[rows[b]] for every b: query row rows[b] attending the
+        first lengths[b] keys of its sequence, whose blocks are tables[table_offsets[b]:]."""
         num_heads, head_dim = query.shape[1], query.shape[2]
         num_kv_heads = keys.shape[0]
         if not (query.dtype == keys.dtype == values.dtype == out.dtype == torch.bfloat16):
@@ -91,12 +94,13 @@ class DecodeAttention:
         if not (query.is_contiguous() and out.is_contiguous() and keys.stride(2) == 1
                 and keys.stride() == values.stride() and num_heads % num_kv_heads == 0):
             raise ValueError("decode attention kernel: unexpected layout")
-        for index in (rows, starts, lengths):
+        for index in (rows, tables, table_offsets, lengths):
             if index.dtype != torch.int64 or not index.is_contiguous():
-                raise TypeError("rows, starts and lengths must be contiguous int64 tensors")
+                raise TypeError("rows, tables, table_offsets and lengths must be contiguous int64 tensors")
         status = self.fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows.data_ptr(),
-                         starts.data_ptr(), lengths.data_ptr(), num_heads, num_kv_heads, head_dim,
-                         keys.stride(0), keys.stride(1), scale, 0, len(rows) * num_kv_heads)
+                         tables.data_ptr(), table_offsets.data_ptr(), lengths.data_ptr(), block_size, num_heads,
+                         num_kv_heads, head_dim, keys.stride(0), keys.stride(1), scale, 0,
+                         len(rows) * num_kv_heads)
         if status != 0:
             raise MemoryError("decode attention kernel could not allocate its buffers")
 

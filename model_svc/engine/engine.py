@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable
 
+from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
@@ -27,14 +28,16 @@ class TokenOutput:
 class StepStats:
     num_sequences: int = 0  # sequences computed in the step
     num_tokens: int = 0  # tokens computed in the step (prefill chunks and decodes)
-    num_shared_tokens: int = 0  # prompt tokens copied from another sequence's cache instead
+    num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache instead
+    num_preempted: int = 0  # sequences preempted this step
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache):
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
+        self.kv_cache = kv_cache
         self.last_step = StepStats()
 
     def add(self, seq: Sequence) -> None:
@@ -48,13 +51,12 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         """Runs one step; returns one output per sequence that got a token or finished."""
         out = self.scheduler.schedule()
-        self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_shared_tokens)
+        self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_cached_tokens,
+                                   out.num_preempted)
         if out.is_empty:
             return []
         try:
-            for copy in out.copies:
-                self.scheduler.kv_cache.copy(copy.src, copy.dst, copy.num_tokens)
-            logits = self.runner.execute(out.scheduled, self.scheduler.kv_cache)
+            logits = self.runner.execute(out.scheduled, self.kv_cache)
             sampling = [item.seq for item in out.scheduled if item.completes_prompt]
             tokens = self.sampler.sample(logits, sampling)
         except Exception as exc:  # a failed step fails its sequences, never the server

@@ -32,8 +32,8 @@ STEP_SECONDS = Histogram("genrpc_model_step_seconds", "duration of one engine st
                          buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5))
 BATCH_SEQUENCES = Histogram("genrpc_model_batch_sequences", "sequences computed in one step",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-SHARED_PREFIX_TOKENS = Counter("genrpc_model_shared_prefix_tokens",
-                               "prompt tokens copied from a running sequence's cache instead of computed")
+CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
+                               "tokens admitted sequences took from the prefix cache instead of computing them")
 BATCH_TOKENS = Histogram("genrpc_model_batch_tokens", "tokens computed in one step (prefill and decode)",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
 
@@ -117,7 +117,7 @@ class EngineLoop:
                                   elapsed * 1000)
                     BATCH_SEQUENCES.observe(stats.num_sequences)
                     BATCH_TOKENS.observe(stats.num_tokens)
-                    SHARED_PREFIX_TOKENS.inc(stats.num_shared_tokens)
+                    CACHED_PREFIX_TOKENS.inc(stats.num_cached_tokens)
             except Exception:  # never let the engine thread die
                 log.exception("engine step failed")
                 continue

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from model_svc.engine import decode_attention, fused
-from model_svc.engine.kv_cache import KVCacheManager, KVSpec
+from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
 
@@ -40,13 +40,14 @@ class PackedBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] arena slot of each token's keys and values
+    kv_slots: list[torch.Tensor | slice]  # each sequence's cached slots after this step (a slice when contiguous)
     starts: list[int]
     lengths: list[int]
     kv_lengths: list[int]  # each sequence's cached length after this step
     logit_rows: list[int]  # packed index of the last token of each sequence that samples this step
-    # Rows attended by the native kernel: (packed rows, KV starts, number of keys each row sees), and
-    # which sequences those rows cover.
-    native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Rows attended by the native kernel: (packed rows, the block tables concatenated, each row's
+    # table offset, number of keys each row sees), and which sequences those rows cover.
+    native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     native_seqs: list[bool] | None = None
 
 
@@ -128,7 +129,8 @@ class ModelRunner:
         """What prompt tokens attend through: "native" or "sdpa"."""
         return "native" if self.native_prefill else "sdpa"
 
-    def pack(self, scheduled: list[ScheduledSequence], kv: KVCacheManager) -> PackedBatch:
+    def pack(self, scheduled: list[ScheduledSequence], kv: KVCache) -> PackedBatch:
+        bs = kv.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -137,13 +139,13 @@ class ModelRunner:
             seq = item.seq
             start = seq.num_computed_tokens
             tokens = seq.token_ids()[start:start + item.num_new_tokens]
+            table = seq.block_table.block_ids
             starts.append(len(ids))
             lengths.append(len(tokens))
             kv_lengths.append(start + len(tokens))
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
-            base = seq.kv_cache.start
-            slots.extend(range(base + start, base + start + len(tokens)))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + len(tokens)))
             if item.completes_prompt:
                 logit_rows.append(len(ids) - 1)
         if len(ids) == 1:
@@ -158,8 +160,8 @@ class ModelRunner:
         native, native_seqs = None, None
         if self.native_decode is not None:
             # Decoded tokens, and with native prefill prompt tokens too: query row r sees its sequence's
-            # keys up to its own position.
-            rows, kv_starts, kv_counts = [], [], []
+            # keys up to its own position, through its block table.
+            rows, tables, offsets, kv_counts = [], [], [], []
             native_seqs = []
             for item, start, length, kv_length in zip(scheduled, starts, lengths, kv_lengths):
                 native_seqs.append(length == 1 or (self.native_prefill
@@ -167,28 +169,38 @@ class ModelRunner:
                 if native_seqs[-1]:
                     past = kv_length - length
                     rows.extend(range(start, start + length))
-                    kv_starts.extend([item.seq.kv_cache.start] * length)
+                    offsets.extend([len(tables)] * length)
+                    tables.extend(item.seq.block_table.block_ids[:-(-kv_length // bs)])
                     kv_counts.extend(range(past + 1, kv_length + 1))
             if rows:
-                native = (as_tensor(rows), as_tensor(kv_starts), as_tensor(kv_counts))
-        return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), starts, lengths, kv_lengths,
-                           logit_rows, native, native_seqs)
+                native = (as_tensor(rows), as_tensor(tables), as_tensor(offsets), as_tensor(kv_counts))
+        kv_slots = []
+        for item, kv_length in zip(scheduled, kv_lengths):
+            if native_seqs and native_seqs[len(kv_slots)]:
+                kv_slots.append(slice(0, 0))  # the kernel reads through the table
+                continue
+            table = item.seq.block_table.block_ids[:-(-kv_length // bs)]
+            if table == list(range(table[0], table[0] + len(table))):  # one run of blocks: a view
+                kv_slots.append(slice(table[0] * bs, table[0] * bs + kv_length))
+            else:
+                kv_slots.append(as_tensor([table[p // bs] * bs + p % bs for p in range(kv_length)]))
+        return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
+                           kv_lengths, logit_rows, native, native_seqs)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], kv: KVCacheManager) -> torch.Tensor:
+    def execute(self, scheduled: list[ScheduledSequence], kv: KVCache) -> torch.Tensor:
         """Computes the step; returns float32 logits [N, vocab], one row per sequence that samples,
         in the order of `scheduled`."""
         batch = self.pack(scheduled, kv)
-        ranges = [item.seq.kv_cache for item in scheduled]
         if self.fused is not None:
-            return self._execute_fused(batch, kv, ranges)
+            return self._execute_fused(batch, kv)
         hidden = self.base.embed_tokens(batch.input_ids[None])  # [1, T, H]
         cos, sin = self.base.rotary_emb(hidden, batch.positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         for layer_idx, layer in enumerate(self.base.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            hidden = self._attention(layer.self_attn, layer_idx, hidden, cos, sin, batch, kv, ranges)
+            hidden = self._attention(layer.self_attn, layer_idx, hidden, cos, sin, batch, kv)
             hidden = residual + hidden
             residual = hidden
             hidden = self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
@@ -197,7 +209,7 @@ class ModelRunner:
         last = self.base.norm(hidden[0, rows])  # [N, H]
         return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
 
-    def _execute_fused(self, batch: PackedBatch, kv: KVCacheManager, ranges) -> torch.Tensor:
+    def _execute_fused(self, batch: PackedBatch, kv: KVCache) -> torch.Tensor:
         """`execute` with the fused kernels: the residual stream is one [T, H] tensor updated in place."""
         fused = self.fused
         hidden = self.base.embed_tokens(batch.input_ids)  # [T, H]
@@ -206,7 +218,7 @@ class ModelRunner:
         delta = None  # what the last sublayer adds to the residual stream
         for layer_idx, layer in enumerate(self.base.layers):
             normed = fused.add_rmsnorm(hidden, delta, layer.input_layernorm)
-            attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv, ranges)
+            attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv)
             normed = fused.add_rmsnorm(hidden, attended[0], layer.post_attention_layernorm)
             delta = self._mlp(layer.mlp, normed)
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
@@ -220,7 +232,7 @@ class ModelRunner:
             return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
-    def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCacheManager, ranges):
+    def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCache):
         num_tokens = hidden.shape[1]
         # Token-major layouts, [T, heads, D], so that one decoded token's heads are one contiguous block.
         query = self.linear(attn.q_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
@@ -236,14 +248,14 @@ class ModelRunner:
         grouped = query.view(num_tokens, self.num_kv_heads, -1, self.head_dim)  # [T, Hkv, Hq/Hkv, D]
         out = torch.empty_like(query)  # [T, Hq, D]
         if batch.native is not None:
-            self.native_decode(query, keys_all, values_all, out, *batch.native, attn.scaling)
-        for i, (start, length, kv_length, kv_range) in enumerate(
-                zip(batch.starts, batch.lengths, batch.kv_lengths, ranges)):
+            self.native_decode(query, keys_all, values_all, out, *batch.native, kv.block_size, attn.scaling)
+        for i, (start, length, kv_length, kv_slots) in enumerate(
+                zip(batch.starts, batch.lengths, batch.kv_lengths, batch.kv_slots)):
             if batch.native_seqs and batch.native_seqs[i]:
                 continue  # done above
-            kv_start = kv_range.start
-            keys = keys_all[None, :, kv_start:kv_start + kv_length]  # [1, Hkv, L, D]
-            values = values_all[None, :, kv_start:kv_start + kv_length]
+            # [1, Hkv, L, D]: a view where the sequence's blocks are one run, else gathered
+            keys = keys_all[None, :, kv_slots]
+            values = values_all[None, :, kv_slots]
             if length == 1 and not self.match_generate:
                 # The query heads sharing a key/value head become the rows of one query block.
                 attended = F.scaled_dot_product_attention(grouped[start][None], keys, values, scale=attn.scaling)

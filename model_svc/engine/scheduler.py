@@ -7,18 +7,22 @@ burst of arrivals from turning into one long step that delays every first
 token: prompts are prefilled a few at a time, in arrival order, while running
 sequences keep decoding. A prompt longer than the prefill budget is prefilled
 in chunks; a shorter one is never split (it waits for the next step instead).
-A finished or aborted sequence leaves at once and its KV reservation is freed.
+A finished or aborted sequence leaves at once and its blocks are given back.
 
-Prefix sharing: a sequence admitted while another running sequence has already
-computed the same leading tokens (a common system prompt, the same question
-asked twice, a conversation's earlier turns) starts from a copy of those keys
-and values instead of computing them again. This is exact, not approximate: a
-token's keys and values depend only on the tokens before it, and with the
-native attention path they come out bit for bit the same however they were
-batched or chunked, so a copied prefix equals a recomputed one. Only running
-sequences donate (finished ones free their cache at once), and at least the
-prompt's last token is always computed, for its logits.
-The scheduler never touches tensors: it lists the copies for the step to make.
+Memory (block_manager.py): a sequence holds KV-cache blocks for the tokens it has computed, taken
+as it grows, not a reservation for `max_new_tokens`. Admission needs the prompt's blocks plus a
+small watermark. When a running sequence needs a block and none is free, the most recently
+admitted running sequence is preempted (`victim`, the hook a scheduling policy can replace): its
+blocks are given back (the full ones stay cached) and it goes to the front of the waiting queue,
+to be recomputed from its tokens when there is room. The client sees a pause.
+
+Prefix caching: a sequence starts from every leading full block of its tokens that the cache holds
+(a common system prompt, the same question asked twice, a conversation's earlier turns, its own
+tokens after a preemption), by reference, and computes only the rest. This is exact, not
+approximate: a token's keys and values depend only on the tokens before it, and with the native
+attention path they come out bit for bit the same however they were batched or chunked, so a
+cached block equals a recomputed one. At least the last token is always computed, for its logits.
+The scheduler never touches tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
-from model_svc.engine.kv_cache import KVCacheManager
+from model_svc.engine.block_manager import BlockManager, BlockTable
 from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -42,22 +46,10 @@ class ScheduledSequence:
 
 
 @dataclass
-class PrefixCopy:
-    """Copy num_tokens keys and values from arena slot src onward to slot dst onward, before the step."""
-
-    src: int
-    dst: int
-    num_tokens: int
-
-
-@dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes first, then prefills
-    copies: list[PrefixCopy] = field(default_factory=list)  # in order: a later copy may read an earlier one
-
-    @property
-    def num_shared_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.copies)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # running ones first, then admitted
+    num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache (not computed)
+    num_preempted: int = 0  # sequences preempted to make room this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -75,49 +67,57 @@ class SchedulerFull(Exception):
 class Scheduler:
     def __init__(
         self,
-        kv_cache: KVCacheManager,
+        blocks: BlockManager,
         max_num_seqs: int,
         max_batch_tokens: int,
         max_waiting: int,
         max_context: int,
         eos_token_ids: Iterable[int],
         max_prefill_tokens: int | None = None,
-        max_shared_prompt: int = 0,
+        max_cached_prompt: int = 0,
     ):
-        """max_shared_prompt: prompts up to this many tokens share prefixes (0: no sharing). The
-        runner's native attention path sets it: only there is a copied prefix bit-exact."""
+        """max_cached_prompt: sequences whose prompts are at most this many tokens read and fill the
+        prefix cache (0: none). The runner's native attention path sets it: only there is a cached
+        block bit for bit a recomputed one."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
                 "every running sequence decodes one token per step"
             )
-        self.kv_cache = kv_cache
+        self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens or max_batch_tokens
-        self.max_shared_prompt = max_shared_prompt
+        self.max_cached_prompt = max_cached_prompt if blocks.enable_prefix_caching else 0
         self.max_waiting = max_waiting
         self.max_context = max_context
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_id: dict[Hashable, Sequence] = {}
+        self.num_preemptions = 0  # since start
 
     # -- admission -----------------------------------------------------------------
 
-    def kv_tokens_needed(self, seq: Sequence) -> int:
-        return min(seq.num_prompt_tokens + seq.params.max_new_tokens, self.max_context)
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def cacheable(self, seq: Sequence) -> bool:
+        return seq.num_prompt_tokens <= self.max_cached_prompt
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise SchedulerFull(f"{len(self.waiting)} sequences already wait (max_waiting={self.max_waiting})")
         if seq.seq_id in self.by_id:
             raise ValueError(f"sequence id {seq.seq_id!r} is already in use")
-        need = self.kv_tokens_needed(seq)
-        if need > self.kv_cache.budget_tokens:
-            raise ValueError(
-                f"the sequence needs {need} KV-cache tokens (prompt + max_new_tokens) but this worker "
-                f"holds {self.kv_cache.budget_tokens}"
+        most = min(seq.num_prompt_tokens + seq.params.max_new_tokens, self.max_context)
+        blocks = self.blocks
+        if (blocks.blocks_for(most) > blocks.num_blocks
+                or blocks.blocks_for(seq.num_prompt_tokens) + blocks.watermark_blocks > blocks.num_blocks):
+            raise ValueError(  # it could never finish, even alone
+                f"the sequence may need {most} KV-cache tokens (prompt + max_new_tokens) but this worker "
+                f"holds {self.capacity_tokens}"
             )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
@@ -139,59 +139,68 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_batch_tokens
         prefill_budget = self.max_prefill_tokens
-        for seq in self.running:
+        i = 0
+        while i < len(self.running):  # oldest first; the newest give way when blocks run out
+            seq = self.running[i]
             uncomputed = seq.num_uncomputed_tokens
             num_new = min(uncomputed, budget) if uncomputed == 1 else min(uncomputed, budget, prefill_budget)
-            if num_new > 0:
-                out.scheduled.append(ScheduledSequence(seq, num_new))
-                budget -= num_new
-                if uncomputed > 1:
-                    prefill_budget -= num_new
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + num_new):
+                victim = self.victim()
+                self.preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it was the newest left: nothing after it runs either
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            if uncomputed > 1:
+                prefill_budget -= num_new
+            i += 1
         while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             room = min(budget, prefill_budget)
-            donor, num_shared = self.shared_prefix(seq)
-            uncomputed = seq.num_uncomputed_tokens - num_shared
+            tokens = seq.token_ids()  # after a preemption: its outputs so far too
+            cacheable = self.cacheable(seq)
+            num_cached_blocks = self.blocks.num_cached_prefix(tokens, len(tokens) - 1) if cacheable else 0
+            num_cached = num_cached_blocks * self.blocks.block_size
+            uncomputed = len(tokens) - num_cached
             if room < uncomputed <= min(self.max_prefill_tokens, self.max_batch_tokens):
                 break  # it fits a step of its own: do not split it
-            need = self.kv_tokens_needed(seq)
-            if not self.kv_cache.can_allocate(need):
+            num_new = min(uncomputed, room)
+            if not self.blocks.can_admit(num_cached + num_new, num_cached_blocks):
                 break  # first come, first served: later ones wait behind it
             self.waiting.popleft()
-            seq.kv_cache = self.kv_cache.allocate(need)
-            if num_shared:
-                out.copies.append(PrefixCopy(donor.kv_cache.start, seq.kv_cache.start, num_shared))
-                seq.num_computed_tokens += num_shared
+            seq.block_table = self.blocks.match(tokens, len(tokens) - 1) if cacheable else BlockTable()
+            seq.num_computed_tokens = len(seq.block_table.block_ids) * self.blocks.block_size
+            self.blocks.ensure(seq.block_table, seq.num_computed_tokens + num_new)
+            out.num_cached_tokens += seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_new = min(seq.num_uncomputed_tokens, room)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
             prefill_budget -= num_new
         return out
 
-    def shared_prefix(self, seq: Sequence) -> tuple[Sequence | None, int]:
-        """The running sequence whose computed tokens share the longest prefix with seq's prompt, and
-        that prefix's length (at most the prompt's length - 1)."""
-        if seq.num_computed_tokens or not 0 < seq.num_prompt_tokens <= self.max_shared_prompt:
-            return None, 0
-        prompt = seq.prompt_ids
-        best, best_len = None, 0
-        for other in self.running:
-            limit = min(len(prompt) - 1, other.num_computed_tokens)
-            if limit <= best_len or other.num_prompt_tokens > self.max_shared_prompt or other.prompt_ids[0] != prompt[0]:
-                continue
-            tokens = other.prompt_ids if other.num_prompt_tokens >= limit else other.token_ids()
-            low, high = 1, limit  # tokens[:low] == prompt[:low]; find the longest such prefix
-            while low < high:
-                mid = (low + high + 1) // 2
-                if tokens[:mid] == prompt[:mid]:
-                    low = mid
-                else:
-                    high = mid - 1
-            if low > best_len:
-                best, best_len = other, low
-        return best, best_len
+    def victim(self) -> Sequence:
+        """The running sequence to preempt when blocks run out: the most recently admitted (the
+        hook for a scheduling policy)."""
+        return self.running[-1]
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees a running sequence's blocks (the full ones stay cached) and puts it at the front
+        of the waiting queue, to be recomputed from its tokens."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table = None
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def update(self, out: SchedulerOutput, sampled: dict[Hashable, int]) -> list[Sequence]:
         """Records the computed tokens and the sampled ones; returns the sequences that finished."""
@@ -201,6 +210,10 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += item.num_new_tokens
+            table = seq.block_table
+            if (self.cacheable(seq)
+                    and seq.num_computed_tokens >= (table.num_hashed_blocks + 1) * self.blocks.block_size):
+                self.blocks.register(table, seq.token_ids(), seq.num_computed_tokens)
             token_id = sampled.get(seq.seq_id)
             if token_id is None:
                 continue  # a prefill chunk that did not reach the prompt's end
@@ -232,9 +245,9 @@ class Scheduler:
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
-        if seq.kv_cache is not None:
-            self.kv_cache.free(seq.kv_cache)
-            seq.kv_cache = None
+        if seq.block_table is not None:
+            self.blocks.free(seq.block_table)
+            seq.block_table = None
         self.by_id.pop(seq.seq_id, None)
 
     @property

@@ -74,7 +74,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
-    kv_cache: object | None = None  # its kv_cache.KVRange while running
+    block_table: object | None = None  # its block_manager.BlockTable while running
+    num_preemptions: int = 0
     generator: torch.Generator | None = None
     processors: object | None = None  # the sampler's per-sequence logits processors
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import uuid
 
 import pytest
 
@@ -70,19 +71,30 @@ def test_concurrent_requests_equal_each_alone(stub):
             assert list(future.result()[0].token_ids) == alone[prompt]
 
 
-def test_a_prompt_sharing_a_running_prompts_prefix_gives_the_same_numbers(stack, stub):
-    system = "You are a careful assistant. Answer in one short sentence, and never make things up. "
-    alone = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
-    shared_before = metric(stack.model.metrics_port, "genrpc_model_shared_prefix_tokens_total")
+def test_a_cached_prefix_gives_the_same_numbers_as_computing_it(stack, stub):
+    """The first request computes its prompt; the same prompt again, and another with the same
+    leading text, start from its cached blocks (after it finished) and get the very same numbers."""
+    system = f"[{uuid.uuid4().hex}] You are a careful assistant. Answer in one short sentence, and never make things up. "
+    port = stack.model.metrics_port
+    hits = lambda: metric(port, "genrpc_model_prefix_cache_hit_tokens")  # noqa: E731
+    before = hits()
+    cold = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
+    assert hits() - before < 16  # a new prefix: nothing to reuse
+    before = hits()
+    warm = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
+    assert hits() - before >= 32
+    assert list(warm.token_ids) == list(cold.token_ids)
+    assert [t.logprob for t in warm.logprobs] == [t.logprob for t in cold.logprobs]  # the very numbers
+    # A running stream's blocks serve a request beside it too.
     running = stub.GenerateStream(pb.GenerateStreamRequest(
         prompt=system + "Why is the sky blue?", config=pb.GenerationConfig(max_new_tokens=60, ignore_eos=True)),
         timeout=120)
-    next(running)  # its prompt is in the model's cache now
-    beside = generate(stub, [system + "What is rain?"], max_new_tokens=12, logprobs=True)[0]
+    next(running)
+    before = hits()
+    beside = generate(stub, [system + "Why is the sky blue? Briefly."], max_new_tokens=12, ignore_eos=True)[0]
     running.cancel()
-    assert metric(stack.model.metrics_port, "genrpc_model_shared_prefix_tokens_total") - shared_before >= 15
-    assert list(beside.token_ids) == list(alone.token_ids)
-    assert [t.logprob for t in beside.logprobs] == [t.logprob for t in alone.logprobs]  # the very numbers
+    assert hits() - before >= 32
+    assert beside.generated_tokens == 12
 
 
 def test_no_config_gives_at_most_20_new_tokens(stub):

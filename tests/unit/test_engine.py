@@ -15,14 +15,15 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind
            "1, 2, 3,", "한국어로 인사해 주세요"]
 
 
-def make_engine(loaded, max_batch_tokens=512, match_generate=False, share_prefixes=False, prefill="native"):
+def make_engine(loaded, max_batch_tokens=512, match_generate=False, prefix_caching=False, prefill="native",
+                kv_cache_tokens=20000, max_num_seqs=16):
     """The engine as the model service builds it from these flags (native prefill attention by
     default, or prefill="sdpa": generate()'s own prompt numbers, where a test compares with
     generate() to the last bit); prompts are prefilled up to max_batch_tokens a step."""
-    flags = ["--kv-cache-tokens", "20000", "--max-num-seqs", "16", "--max-waiting", "64",
+    flags = ["--kv-cache-tokens", str(kv_cache_tokens), "--max-num-seqs", str(max_num_seqs), "--max-waiting", "64",
              "--max-batch-tokens", str(max_batch_tokens), "--max-prefill-tokens", str(max_batch_tokens),
              "--prefill-attention", prefill]
-    flags += ["--match-generate"] * match_generate + ["--no-prefix-sharing"] * (not share_prefixes)
+    flags += ["--match-generate"] * match_generate + ["--no-prefix-caching"] * (not prefix_caching)
     return engine_for(loaded, parse_args(flags))
 
 
@@ -114,7 +115,7 @@ def test_default_prefill_is_as_accurate_as_generate(hf_tokenizer):
             theirs = quantized.model(torch.tensor([ids])).logits[0, -1].float()
         engine.add(Sequence("p", ids, SamplingParams(max_new_tokens=1)))
         out = engine.scheduler.schedule()
-        ours = engine.runner.execute(out.scheduled, engine.scheduler.kv_cache)[0]
+        ours = engine.runner.execute(out.scheduled, engine.kv_cache)[0]
         engine.abort("p")
         for logits, rms, worst in ((ours, ours_rms, ours_max), (theirs, theirs_rms, theirs_max)):
             rms.append(float((logits - truth).pow(2).mean().sqrt()))
@@ -174,23 +175,74 @@ def test_native_prefill_is_independent_of_chunking(reference_model, hf_tokenizer
         assert logprobs_of(engine, Sequence(0, ids, params)) == whole
 
 
-def test_a_shared_prefix_gives_the_same_numbers_as_computing_it(reference_model, hf_tokenizer):
-    system = "You are a careful assistant. Answer in one short sentence, and never make things up. "
-    first, second = (hf_tokenizer(system + q).input_ids for q in ("Why is the sky blue?", "What is rain?"))
-    params = SamplingParams(max_new_tokens=8, logprobs=True)
-    alone = logprobs_of(make_engine(reference_model, share_prefixes=True), Sequence("b", second, params))
+SYSTEM = ("You are a careful assistant. Answer in one short sentence, never make things up, and say so "
+          "plainly when you do not know the answer to a question. ")
 
-    engine = make_engine(reference_model, share_prefixes=True)
+
+def test_a_cached_prefix_gives_the_same_numbers_as_computing_it(reference_model, hf_tokenizer):
+    """From a running sequence's blocks, and from a finished one's."""
+    first, second = (hf_tokenizer(SYSTEM + q).input_ids for q in ("Why is the sky blue?", "What is rain?"))
+    params = SamplingParams(max_new_tokens=8, logprobs=True)
+    alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
+    common = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+    block = make_engine(reference_model).scheduler.blocks.block_size
+
+    engine = make_engine(reference_model, prefix_caching=True)
     engine.add(Sequence("a", first, SamplingParams(max_new_tokens=12, ignore_eos=True)))
     engine.step()  # a's prompt is in the cache now
     engine.add(Sequence("b", second, params))
-    got, shared = [], 0
+    got, cached = [], 0
     while engine.scheduler.has_work:
         got += [(o.token_id, o.logprob) for o in engine.step() if o.seq_id == "b" and o.token_id is not None]
-        shared += engine.last_step.num_shared_tokens
-    common = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
-    assert shared == common > 10
+        cached += engine.last_step.num_cached_tokens
+    assert cached == common // block * block >= 2 * block
     assert got == alone
+    # Both have finished: their blocks stay cached, and a third request starts from them.
+    engine.add(Sequence("c", second, params))
+    got, cached = [], 0
+    while engine.scheduler.has_work:
+        got += [(o.token_id, o.logprob) for o in engine.step() if o.token_id is not None]
+        cached += engine.last_step.num_cached_tokens
+    assert cached == (len(second) - 1) // block * block  # its whole prompt but the last token's block
+    assert got == alone
+
+
+def test_preempted_and_resumed_sequences_equal_unpreempted_runs(reference_model, hf_tokenizer):
+    """A cache too small for both: the newer sequence is preempted, recomputed from its tokens when
+    the older ends (from its cached blocks), and its greedy tokens, seeded samples and logprobs are
+    the same bits as a run that never paused."""
+    prompts = [hf_tokenizer(SYSTEM + q).input_ids for q in ("Tell a story.", "List three colours.")]
+    params = [SamplingParams(max_new_tokens=60, ignore_eos=True, logprobs=True),
+              SamplingParams(max_new_tokens=60, ignore_eos=True, logprobs=True, do_sample=True, seed=11,
+                             temperature=0.9, top_k=40)]
+    alone = [logprobs_of(make_engine(reference_model), Sequence(i, ids, p))
+             for i, (ids, p) in enumerate(zip(prompts, params))]
+    for caching in (False, True):
+        engine = make_engine(reference_model, prefix_caching=caching, kv_cache_tokens=16 * 10)
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            engine.add(Sequence(i, ids, p))
+        got = {0: [], 1: []}
+        while engine.scheduler.has_work:
+            for o in engine.step():
+                if o.token_id is not None:
+                    got[o.seq_id].append((o.token_id, o.logprob))
+        assert engine.scheduler.num_preemptions >= 1
+        assert [got[0], got[1]] == alone, f"prefix caching {caching}"
+
+
+def test_long_max_new_tokens_do_not_hold_back_admission(reference_model, hf_tokenizer):
+    """Thirty-two sequences that may each make 4,000 tokens all run at once in a 20,000-token cache:
+    they hold what they have computed, not what they might make."""
+    engine = make_engine(reference_model, max_num_seqs=32)
+    ids = hf_tokenizer(PROMPTS[0]).input_ids
+    for i in range(32):
+        engine.add(Sequence(i, ids, SamplingParams(max_new_tokens=4000, ignore_eos=True)))
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.num_running == 32 and engine.scheduler.num_waiting == 0
+    for i in range(32):
+        engine.abort(i)
+    assert engine.scheduler.blocks.num_used_blocks == 0
 
 
 def test_seeded_sample_independent_of_the_batch(reference_model, hf_tokenizer):
@@ -216,10 +268,10 @@ def test_abort_between_steps_frees_the_cache(reference_model, hf_tokenizer):
     engine = make_engine(reference_model)
     engine.add(Sequence("a", hf_tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=50)))
     engine.step()
-    assert engine.scheduler.kv_cache.num_used_tokens > 0
+    assert engine.scheduler.blocks.num_used_blocks > 0
     out = engine.abort("a")
     assert out.finish_reason is FinishReason.CANCELLED
-    assert engine.scheduler.kv_cache.num_used_tokens == 0 and not engine.scheduler.has_work
+    assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.scheduler.has_work
     assert engine.step() == []
 
 

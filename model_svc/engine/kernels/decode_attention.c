@@ -1,7 +1,8 @@
 /* Decode attention for many sequences in one call, batch-invariant by construction.
  *
  * Each sequence attends one query token (all its query heads) over its own keys and values, which
- * lie at arena slots start .. start + length - 1: no padding, no gather, no copy. The work for one
+ * lie in the arena's blocks its block table lists (key t at slot table[t / block_size] * block_size
+ * + t % block_size): no padding, no gather, no copy. The work for one
  * (sequence, key/value head) pair is done by one thread from start to end in a fixed order that
  * depends only on that sequence's length, so a sequence's output never depends on what else is in
  * the batch. The arithmetic follows PyTorch's CPU flash attention for one block of bfloat16 keys:
@@ -36,6 +37,13 @@ static inline float dot(const float *a, const float *b, int64_t d) {
         for (int l = 0; l < width; l++) acc[l] += acc[l + width];
     return acc[0];
 }
+
+/* Visits keys (or values) 0 .. length - 1 through the block table, in order: `t` and the row's
+ * pointer are set for the loop's body. */
+#define FOR_EACH_SLOT(base, t, row)                                                                  \
+    for (int64_t blk_ = 0, t = 0; t < length; blk_++)                                                \
+        for (int64_t j_ = 0, slot_ = table[blk_] * block_size; j_ < block_size && t < length; j_++, t++) \
+            for (const uint16_t *row = (base) + (slot_ + j_) * slot_stride; row; row = NULL)
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -77,14 +85,14 @@ static inline __m512 exp_ps(__m512 x) {
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 #define MAX_GROUP 16
 
-static void task_avx512(const uint16_t *q_src, const uint16_t *k_base, const uint16_t *v_base, uint16_t *dst,
-                        int64_t length, int64_t group, int64_t head_dim, int64_t slot_stride, float scale,
-                        float *scores) {
+static void task_avx512(const uint16_t *q_src, const uint16_t *k_head, const uint16_t *v_head, uint16_t *dst,
+                        const int64_t *table, int64_t block_size, int64_t length, int64_t group, int64_t head_dim,
+                        int64_t slot_stride, float scale, float *scores) {
     const int64_t chunks = head_dim / 16;
     __m512 q[MAX_GROUP * MAX_CHUNKS], kv[MAX_CHUNKS], acc[MAX_GROUP * MAX_CHUNKS];
     for (int64_t i = 0; i < group * chunks; i++) q[i] = load_bf16(q_src + 16 * i);
-    for (int64_t t = 0; t < length; t++) {
-        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k_base + t * slot_stride + 16 * c);
+    FOR_EACH_SLOT(k_head, t, k_row) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k_row + 16 * c);
         for (int64_t g = 0; g < group; g++) {
             __m512 a = _mm512_mul_ps(q[g * chunks], kv[0]);
             for (int64_t c = 1; c < chunks; c++) a = _mm512_fmadd_ps(q[g * chunks + c], kv[c], a);
@@ -110,8 +118,8 @@ static void task_avx512(const uint16_t *q_src, const uint16_t *k_base, const uin
         sums[g] = _mm512_reduce_add_ps(sum);
     }
     for (int64_t i = 0; i < group * chunks; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < length; t++) {
-        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(v_base + t * slot_stride + 16 * c);
+    FOR_EACH_SLOT(v_head, t, v_row) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(v_row + 16 * c);
         for (int64_t g = 0; g < group; g++) {
             const __m512 p = _mm512_set1_ps(scores[g * length + t]);
             for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] = _mm512_fmadd_ps(p, kv[c], acc[g * chunks + c]);
@@ -129,12 +137,14 @@ static void task_avx512(const uint16_t *q_src, const uint16_t *k_base, const uin
 
 /* query/out: [tokens, num_heads, head_dim] contiguous bfloat16; keys/values: strided bfloat16,
  * element (kv_head, slot, i) at kv_head * head_stride + slot * slot_stride + i.
- * Sequence b reads query row rows[b] and writes out row rows[b]; its keys are slots starts[b] ..
- * starts[b] + lengths[b] - 1. Tasks first .. last - 1 of the num_seqs * num_kv_heads are done. */
+ * Row b reads query row rows[b] and writes out row rows[b]; its keys are its sequence's first
+ * lengths[b], found through the block table at tables + table_offsets[b] (block ids, block_size
+ * slots each). Tasks first .. last - 1 of the num_rows * num_kv_heads are done. */
 int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
-                          const int64_t *rows, const int64_t *starts, const int64_t *lengths, int64_t num_heads,
-                          int64_t num_kv_heads, int64_t head_dim, int64_t head_stride, int64_t slot_stride,
-                          float scale, int64_t first, int64_t last) {
+                          const int64_t *rows, const int64_t *tables, const int64_t *table_offsets,
+                          const int64_t *lengths, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
+                          int64_t head_dim, int64_t head_stride, int64_t slot_stride, float scale, int64_t first,
+                          int64_t last) {
     const int64_t group = num_heads / num_kv_heads;
     int64_t max_length = 0;
     for (int64_t task = first; task < last; task++)
@@ -152,17 +162,18 @@ int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uin
         const int64_t b = task / num_kv_heads, h = task % num_kv_heads, length = lengths[b];
         const uint16_t *q_src = query + (rows[b] * num_heads + h * group) * head_dim;
         uint16_t *dst = out + (rows[b] * num_heads + h * group) * head_dim;
-        const uint16_t *k_base = keys + h * head_stride + starts[b] * slot_stride;
-        const uint16_t *v_base = values + h * head_stride + starts[b] * slot_stride;
+        const uint16_t *k_head = keys + h * head_stride, *v_head = values + h * head_stride;
+        const int64_t *table = tables + table_offsets[b];
 #if defined(__AVX512F__)
         if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS && group <= MAX_GROUP) {
-            task_avx512(q_src, k_base, v_base, dst, length, group, head_dim, slot_stride, scale, scores);
+            task_avx512(q_src, k_head, v_head, dst, table, block_size, length, group, head_dim, slot_stride, scale,
+                        scores);
             continue;
         }
 #endif
         for (int64_t i = 0; i < group * head_dim; i++) q[i] = bf16_to_float(q_src[i]);
-        for (int64_t t = 0; t < length; t++) {
-            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(k_base[t * slot_stride + i]);
+        FOR_EACH_SLOT(k_head, t, k_row) {
+            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(k_row[i]);
             for (int64_t g = 0; g < group; g++) scores[g * length + t] = dot(q + g * head_dim, row, head_dim) * scale;
         }
         float sums[group];
@@ -177,8 +188,8 @@ int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uin
             sums[g] = sum;
         }
         memset(acc, 0, sizeof(float) * group * head_dim);
-        for (int64_t t = 0; t < length; t++) {
-            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(v_base[t * slot_stride + i]);
+        FOR_EACH_SLOT(v_head, t, v_row) {
+            for (int64_t i = 0; i < head_dim; i++) row[i] = bf16_to_float(v_row[i]);
             for (int64_t g = 0; g < group; g++) {
                 const float p = scores[g * length + t];
                 float *a = acc + g * head_dim;

@@ -1,0 +1,190 @@
+"""Bookkeeping of the paged KV cache: fixed-size blocks, reference counts, prefix hashes. No tensors.
+
+The cache is `num_blocks` blocks of `block_size` token slots; block b holds slots
+b * block_size .. (b + 1) * block_size - 1 of the runner's arena. A sequence owns a block table (its
+blocks in order): its token at position p lives in slot table[p // block_size] * block_size +
+p % block_size. Blocks are taken as tokens are appended and given back when the sequence ends, so a
+sequence holds what it has computed, not what it might generate.
+
+Automatic prefix caching: a block whose every slot is computed gets a hash chained over its
+parent's hash and its token ids (blake2b, 128 bits; the ids are compared on a hit too, so a
+collision can never serve another prompt's keys). A new sequence takes every leading block whose
+hash is cached by reference, without a copy. A block whose last user ends keeps its contents and its
+hash and waits in a least-recently-used order; it is reused as is by the next sequence with that
+prefix, or emptied for another use only when no never-used block is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+BLOCK_SIZE = 16
+
+
+def block_hash(parent: bytes | None, token_ids: Seq[int]) -> bytes:
+    """The identity of a full block: its tokens and, through the parent's hash, every token before."""
+    digest = hashlib.blake2b(parent or b"", digest_size=16)
+    digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return digest.digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None  # set once full (then its contents never change)
+    token_ids: tuple[int, ...] = ()  # of a hashed block, to verify a hit
+    parent: bytes | None = None  # the previous block's hash, to verify a hit
+
+
+@dataclass
+class BlockTable:
+    """A sequence's blocks, and how many of its leading tokens' blocks are hashed."""
+
+    block_ids: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    last_hash: bytes | None = None  # hash of block num_hashed_blocks - 1
+
+    def slot(self, position: int, block_size: int) -> int:
+        return self.block_ids[position // block_size] * block_size + position % block_size
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE, enable_prefix_caching: bool = True,
+                 watermark_blocks: int | None = None):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unused blocks: the never-used (or emptied) ones first, then cached ones by last use.
+        self.empty: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        self.cached: OrderedDict[int, None] = OrderedDict()  # ref_count 0 with a hash, least recent first
+        self.by_hash: dict[bytes, int] = {}
+        # Admission keeps this many blocks free for running sequences to grow into.
+        self.watermark_blocks = max(1, num_blocks // 100) if watermark_blocks is None else watermark_blocks
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0  # of which found there
+
+    # -- counts --------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be taken now (empty, or cached and unused)."""
+        return len(self.empty) + len(self.cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unused blocks that keep a prefix for later requests."""
+        return len(self.cached)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- taking and giving back ----------------------------------------------------
+
+    def _take(self) -> int:
+        if self.empty:
+            block_id = self.empty.pop()
+        elif self.cached:
+            block_id, _ = self.cached.popitem(last=False)  # the least recently used prefix goes
+            block = self.blocks[block_id]
+            del self.by_hash[block.hash]
+            block.hash, block.token_ids, block.parent = None, (), None
+        else:
+            raise RuntimeError("no free KV-cache block")  # callers check first: this is a bug
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def ensure(self, table: BlockTable, num_tokens: int) -> bool:
+        """Grows `table` to hold `num_tokens` tokens; False (and nothing taken) if there are not
+        enough free blocks."""
+        missing = self.blocks_for(num_tokens) - len(table.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.num_free_blocks:
+            return False
+        table.block_ids.extend(self._take() for _ in range(missing))
+        return True
+
+    def can_admit(self, num_tokens: int, num_cached_blocks: int = 0) -> bool:
+        """Room for a new sequence's first `num_tokens` tokens (its first `num_cached_blocks` blocks
+        come from the cache), keeping the watermark free for running ones."""
+        need = self.blocks_for(num_tokens) - num_cached_blocks
+        return need + self.watermark_blocks <= self.num_free_blocks
+
+    def free(self, table: BlockTable) -> None:
+        """Gives a sequence's blocks back: hashed ones stay cached (the most recent use last)."""
+        for block_id in reversed(table.block_ids):  # a prefix's tail goes before its head
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.cached[block_id] = None
+                else:
+                    self.empty.append(block_id)
+        table.block_ids.clear()
+        table.num_hashed_blocks, table.last_hash = 0, None
+
+    # -- prefix caching ------------------------------------------------------------
+
+    def _cached_prefix(self, token_ids: Seq[int], max_tokens: int) -> tuple[list[int], bytes | None]:
+        """The cached blocks holding `token_ids`' longest prefix of whole blocks (at most
+        `max_tokens` tokens), and the last one's hash."""
+        found: list[int] = []
+        parent = None
+        if not self.enable_prefix_caching:
+            return found, parent
+        for i in range(max_tokens // self.block_size):
+            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = block_hash(parent, ids)
+            block_id = self.by_hash.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != ids or block.parent != parent:
+                break  # a hash collision: never serve another prompt's keys
+            found.append(block_id)
+            parent = h
+        return found, parent
+
+    def num_cached_prefix(self, token_ids: Seq[int], max_tokens: int) -> int:
+        """How many leading blocks `match` would find now (nothing is taken)."""
+        return len(self._cached_prefix(token_ids, max_tokens)[0])
+
+    def match(self, token_ids: Seq[int], max_tokens: int) -> BlockTable:
+        """A table holding the longest cached prefix of `token_ids`, whole blocks, at most
+        `max_tokens` tokens; its blocks are taken by reference. Empty without prefix caching."""
+        found, parent = self._cached_prefix(token_ids, max_tokens)
+        for block_id in found:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.cached[block_id]
+            block.ref_count += 1
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += len(token_ids)
+            self.num_hit_tokens += len(found) * self.block_size
+        return BlockTable(found, len(found), parent)
+
+    def register(self, table: BlockTable, token_ids: Seq[int], num_computed_tokens: int) -> None:
+        """Hashes the table's blocks that `num_computed_tokens` made full, so later sequences can
+        find them. A block whose hash another block already holds stays private (no duplicates)."""
+        if not self.enable_prefix_caching:
+            return
+        while (table.num_hashed_blocks + 1) * self.block_size <= num_computed_tokens:
+            i = table.num_hashed_blocks
+            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = block_hash(table.last_hash, ids)
+            block = self.blocks[table.block_ids[i]]
+            if h not in self.by_hash and block.hash is None:
+                block.hash, block.token_ids, block.parent = h, ids, table.last_hash
+                self.by_hash[h] = block.block_id
+            table.num_hashed_blocks, table.last_hash = i + 1, h
