@@ -148,7 +148,8 @@ class Generator:
         queue: asyncio.Queue = asyncio.Queue()
         # Picked right before submit, with no await in between, so that concurrent requests see each
         # other's load (submit registers the sequences before its first await).
-        worker = self.models.pick()
+        first_ids, first_mask = rows[0]
+        worker = self.models.pick([i for i, m in zip(first_ids, first_mask) if m])
         with tracing.tracer().start_as_current_span(
                 "model.Submit", kind=SpanKind.CLIENT, attributes={"genrpc.worker": worker.address,
                                                                   "genrpc.num_sequences": len(rows)}):

@@ -27,6 +27,7 @@ from genrpc.security import ClientSecurity
 from genrpc.serving import CHANNEL_OPTIONS
 from genrpc.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from gateway.coalesce import Coalescer
+from gateway.routing import PrefixRouter, block_hashes
 
 log = logging.getLogger("genrpc.gateway.workers")
 
@@ -37,6 +38,7 @@ RESOLVE_EVERY_S = 5.0
 ENCODES_IN_FLIGHT = 1  # per tokenizer replica; more concurrent requests share the next Encode
 SUBMITS_IN_FLIGHT = 1  # per model worker; more concurrent requests share the next Submit
 SUBMIT_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+DEFAULT_BLOCK_SIZE = 16  # a worker too old to report its KV-cache block size
 
 
 def channel(address: str, security: ClientSecurity, server_name: str = "") -> grpc.aio.Channel:
@@ -367,9 +369,10 @@ class ModelWorkerClient:
 
 
 class ModelPool:
-    """The model workers; routes each request to the least-loaded healthy one. A dns:/// address
-    stands for every worker its name resolves to, re-resolved every few seconds, so a scaled
-    Deployment behind a headless Service is followed without a restart."""
+    """The model workers; routes each request to the healthy one most likely to hold its prompt's
+    leading blocks in its prefix cache, within a load bound, else the least-loaded (routing.py). A
+    dns:/// address stands for every worker its name resolves to, re-resolved every few seconds, so
+    a scaled Deployment behind a headless Service is followed without a restart."""
 
     def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None],
                  security: ClientSecurity | None = None):
@@ -378,6 +381,7 @@ class ModelPool:
         self.addresses = addresses
         self.tokenizers = tokenizers
         self.security = security or ClientSecurity()
+        self.router = PrefixRouter()
         self._on_health_change = on_health_change
         self.workers: list[ModelWorkerClient] = []
         self._resolver: asyncio.Task | None = None
@@ -416,6 +420,9 @@ class ModelPool:
                 self._health_changed()
 
     def _health_changed(self) -> None:
+        for worker in self.workers:
+            if not worker.healthy:  # back later with an empty cache
+                self.router.forget(worker.address)
         self._on_health_change(self.any_healthy)
 
     @property
@@ -426,12 +433,19 @@ class ModelPool:
     def healthy_workers(self) -> list[ModelWorkerClient]:
         return [w for w in self.workers if w.healthy]
 
-    def pick(self) -> ModelWorkerClient:
+    def pick(self, token_ids: list[int] | None = None) -> ModelWorkerClient:
+        """The worker for a prompt with these ids (its first one, for a batch)."""
         healthy = self.healthy_workers
         if not healthy:
             raise Unavailable(
                 "no healthy model worker (" + ", ".join(w.address for w in self.workers) + "); retry later")
-        return min(healthy, key=lambda w: w.load)
+        if len(healthy) == 1 or token_ids is None:
+            return min(healthy, key=lambda w: w.load)
+        block_size = (healthy[0].info.kv_block_size if healthy[0].info else 0) or DEFAULT_BLOCK_SIZE
+        hashes = block_hashes(token_ids, block_size)
+        worker = self.router.choose(healthy, [w.load for w in healthy], [w.address for w in healthy], hashes)
+        self.router.record(worker.address, hashes)
+        return worker
 
     def info(self) -> model_pb2.WorkerInfoResponse:
         for worker in self.healthy_workers or self.workers:

@@ -7,6 +7,8 @@ import glob
 import json
 import os
 
+import uuid
+
 import grpc
 import pytest
 import yaml
@@ -116,7 +118,9 @@ def test_dns_address_finds_the_workers(traced):
     assert info.num_model_workers >= 1
 
 
-def test_two_workers_share_the_load(stack):
+@pytest.fixture(scope="module")
+def two_workers(stack):
+    """A gateway in front of the stack's model worker and a second one."""
     second = start_service("model_svc", "--model", MODEL, *stack.credentials.server_flags())
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
                             "--model-addrs", f"{stack.model.address},{second.address}", *stack.credentials.client_flags())
@@ -125,17 +129,46 @@ def test_two_workers_share_the_load(stack):
         with grpc.insecure_channel(gateway.address) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
             wait_for(lambda: stub.ModelInfo(pb.ModelInfoRequest(), timeout=5).num_model_workers == 2)
-            before = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in (stack.model, second)]
-            futures = [stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}"], config=pb.GenerationConfig(
-                max_new_tokens=16, ignore_eos=True)), timeout=120) for i in range(8)]
-            assert all(f.result().completions[0].generated_tokens == 16 for f in futures)
-            after = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in (stack.model, second)]
-            shares = [a - b for a, b in zip(after, before)]
-            assert sum(shares) == 8 * 16
-            assert min(shares) >= 16 * 2  # both worked: least-loaded routing spreads the requests
+            yield stub, (stack.model, second)
     finally:
         gateway.stop()
         second.stop()
+
+
+def test_two_workers_share_the_load(two_workers):
+    stub, workers = two_workers
+    before = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in workers]
+    futures = [stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}"], config=pb.GenerationConfig(
+        max_new_tokens=16, ignore_eos=True)), timeout=120) for i in range(8)]
+    assert all(f.result().completions[0].generated_tokens == 16 for f in futures)
+    after = [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in workers]
+    shares = [a - b for a, b in zip(after, before)]
+    assert sum(shares) == 8 * 16
+    assert min(shares) >= 16 * 2  # both worked: prompts with no full block to share go to the least loaded
+
+
+def test_requests_sharing_a_prefix_go_to_the_worker_that_caches_it(two_workers):
+    """While the worker holding a system prompt's blocks runs a stream (so the other one is less
+    loaded), further requests with that system prompt still go to it, and hit its cache."""
+    stub, workers = two_workers
+    system = (f"[{uuid.uuid4().hex}] You are the support assistant of a small bakery. You answer questions "
+              "about opening hours, bread, cakes and orders politely and in at most two sentences. ")
+    generated = lambda: [metric(w.metrics_port, "genrpc_model_generated_tokens_total") for w in workers]  # noqa: E731
+    hits = lambda: [metric(w.metrics_port, "genrpc_model_prefix_cache_hit_tokens") for w in workers]  # noqa: E731
+    config = pb.GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    before = generated()
+    stub.Generate(pb.GenerateRequest(prompts=[system + "When do you open?"], config=config), timeout=60)
+    holder = max(range(2), key=lambda i: generated()[i] - before[i])
+    running = stub.GenerateStream(pb.GenerateStreamRequest(prompt=system + "Tell me about rye bread.",
+                                  config=pb.GenerationConfig(max_new_tokens=400, ignore_eos=True)), timeout=120)
+    next(running)
+    before_generated, before_hits = generated(), hits()
+    for question in ("Do you bake on Sundays?", "Can I order a cake?", "Is the sourdough vegan?"):
+        stub.Generate(pb.GenerateRequest(prompts=[system + question], config=config), timeout=60)
+    other = 1 - holder
+    assert generated()[other] == before_generated[other]  # least-loaded alone would have sent them there
+    assert hits()[holder] - before_hits[holder] >= 3 * 32
+    running.cancel()
 
 
 def test_kubernetes_manifests_are_valid():

@@ -1,0 +1,70 @@
+"""Which model worker a request goes to: the one most likely to hold its prompt's leading blocks in
+its prefix cache, unless that one is much busier than the least-loaded.
+
+Least-loaded routing alone scatters a conversation's turns and a shared system prompt's requests
+over the workers, and each worker computes the prefix again. The router remembers, per worker, the
+chained hashes of the leading blocks (up to `MAX_BLOCKS`) of the prompts it sent there, in a bounded
+least-recently-used set, and sends a prompt to the worker that matches the most of its leading
+blocks, as SGLang's cache-aware router does with its radix trees. A worker whose load passes
+`2 x the least load + SLACK` loses its claim, so affinity never piles work onto one worker. The
+hashes only steer: a stale or colliding entry costs a cache miss, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence, TypeVar
+
+MAX_BLOCKS = 64  # leading blocks of a prompt remembered (1,024 tokens at 16 a block)
+CAPACITY = 100_000  # block hashes remembered per worker
+SLACK = 4  # sequences a cache-holding worker may run beyond twice the least-loaded one's
+
+W = TypeVar("W")
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int = MAX_BLOCKS) -> list[int]:
+    """Chained hashes of the prompt's full leading blocks: each covers every token before it too."""
+    hashes, parent = [], 0
+    for i in range(min(len(token_ids) // block_size, max_blocks)):
+        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixRouter:
+    def __init__(self, capacity: int = CAPACITY):
+        self.capacity = capacity
+        self.seen: dict[object, OrderedDict[int, None]] = {}  # worker key -> block hashes, least recent first
+
+    def choose(self, workers: list[W], loads: list[int], keys: list[object], hashes: list[int]) -> W:
+        """The worker to send a prompt with these block hashes to (workers non-empty)."""
+        least = min(loads)
+        best, best_match = None, 0
+        for worker, load, key in zip(workers, loads, keys):
+            if load > 2 * least + SLACK:
+                continue  # too busy to claim a request for its cache
+            seen = self.seen.get(key)
+            match = 0
+            if seen:
+                for h in hashes:
+                    if h not in seen:
+                        break
+                    match += 1
+            if match > best_match:
+                best, best_match = worker, match
+        if best is None:
+            return workers[loads.index(least)]
+        return best
+
+    def record(self, key: object, hashes: list[int]) -> None:
+        """Remembers that a prompt with these block hashes went to the worker `key`."""
+        seen = self.seen.setdefault(key, OrderedDict())
+        for h in hashes:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)
+
+    def forget(self, key: object) -> None:
+        """A worker that left or restarted (its cache is gone)."""
+        self.seen.pop(key, None)

@@ -1,0 +1,34 @@
+"""Cache-aware routing, pure logic: affinity to the worker that holds a prompt's leading blocks,
+within a load bound."""
+
+from gateway.routing import SLACK, PrefixRouter, block_hashes
+
+SYSTEM = list(range(100, 164))  # 4 blocks of 16
+
+
+def test_block_hashes_are_chained_and_whole_blocks_only():
+    a = block_hashes(SYSTEM + [1, 2, 3], 16)
+    assert len(a) == 4 and a == block_hashes(SYSTEM, 16)
+    b = block_hashes([99] + SYSTEM[1:], 16)
+    assert all(x != y for x, y in zip(a, b))  # a different first token changes every later hash
+    assert block_hashes(SYSTEM, 16, max_blocks=2) == a[:2]
+
+
+def test_affinity_follows_the_longest_cached_prefix():
+    router = PrefixRouter()
+    workers, keys = ["w0", "w1"], ["w0", "w1"]
+    router.record("w1", block_hashes(SYSTEM + list(range(16)), 16))
+    router.record("w0", block_hashes(SYSTEM[:32], 16))
+    turn = block_hashes(SYSTEM + list(range(16)) + list(range(50, 66)), 16)
+    assert router.choose(workers, [0, 0], keys, turn) == "w1"  # 5 blocks against 2
+    assert router.choose(workers, [3, 0], keys, turn) == "w1"  # a little busier: still its cache
+    assert router.choose(workers, [0, SLACK + 1], keys, turn) == "w0"  # much busier: the least loaded
+    assert router.choose(workers, [1, 0], keys, block_hashes(list(range(500, 564)), 16)) == "w1"  # unknown
+
+
+def test_memory_is_bounded_and_a_restarted_worker_is_forgotten():
+    router = PrefixRouter(capacity=3)
+    router.record("w0", block_hashes(SYSTEM, 16))
+    assert len(router.seen["w0"]) == 3
+    router.forget("w0")
+    assert router.choose(["w0", "w1"], [1, 0], ["w0", "w1"], block_hashes(SYSTEM, 16)) == "w1"
