@@ -15,8 +15,9 @@ Each point keeps its best round, and the rounds alternate the two sides: this ma
 drifts by up to 2x from minute to minute (shared cores), and back-to-back repeats of one side
 could all land in a slow minute the other side never saw.
 Then the CPU-contention section (bench/cpu_contention.py: the thread policies idle, beside a busy
-neighbour and under a CPU quota), and it writes bench/results/latest.json, latest.png and
-cpu_contention.png.
+neighbour and under a CPU quota) and the memory-model workloads (bench/memory_model.py: long
+max_new_tokens, a shared system prompt, a multi-turn chat), and it writes
+bench/results/latest.json, latest.png and cpu_contention.png.
 
     python -m bench.run [--quick]
 """
@@ -34,7 +35,7 @@ import time
 
 import torch
 
-from bench import cpu_contention
+from bench import cpu_contention, memory_model
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -274,6 +275,7 @@ def main() -> None:
     report["service"], report["generate"] = interleaved(concurrency, new_tokens, 100 if args.quick else 1000,
                                                          args.repeats)
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
+    report["memory_model"] = memory_model.run()
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
@@ -292,6 +294,7 @@ def main() -> None:
     print(markdown_table(report))
     print(json.dumps(report["cpu_contention"]["summary"], indent=2))
     print(cpu_contention.markdown(report["cpu_contention"]))
+    print(memory_model.markdown(report["memory_model"]))
 
 
 if __name__ == "__main__":

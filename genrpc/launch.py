@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -81,6 +82,22 @@ def start_service(module: str, *args: str, timeout: float = 120, env: dict | Non
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{module} did not start within {timeout}s")
+
+
+def metric(port: int, name: str, labels: dict | None = None) -> float:
+    """The value of one Prometheus sample from a service's /metrics (0 when absent)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in head for k, v in labels.items()):
+            continue
+        total += float(value)
+    return total
 
 
 def wait_serving(address: str, timeout: float = 120, credentials=None) -> None:

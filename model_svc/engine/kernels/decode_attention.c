@@ -40,10 +40,11 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 
 /* Visits keys (or values) 0 .. length - 1 through the block table, in order: `t` and the row's
  * pointer are set for the loop's body. */
-#define FOR_EACH_SLOT(base, t, row)                                                                  \
-    for (int64_t blk_ = 0, t = 0; t < length; blk_++)                                                \
-        for (int64_t j_ = 0, slot_ = table[blk_] * block_size; j_ < block_size && t < length; j_++, t++) \
-            for (const uint16_t *row = (base) + (slot_ + j_) * slot_stride; row; row = NULL)
+#define FOR_EACH_SLOT(base, t, row)                                                                   \
+    for (int64_t blk_ = 0, t = 0; t < length; blk_++)                                                 \
+        for (const uint16_t *row = (base) + table[blk_] * block_size * slot_stride,                   \
+                            *end_ = row + (length - t < block_size ? length - t : block_size) * slot_stride; \
+             row < end_; row += slot_stride, t++)
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
