@@ -56,6 +56,8 @@ class Engine:
         if out.is_empty:
             return []
         try:
+            for copy in out.copies:
+                self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self.runner.execute(out.scheduled, self.kv_cache)
             sampling = [item.seq for item in out.scheduled if item.completes_prompt]
             tokens = self.sampler.sample(logits, sampling)

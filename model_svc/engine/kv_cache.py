@@ -46,6 +46,12 @@ class KVCache:
         self.arena[layer, 0].index_copy_(1, slots, keys)
         self.arena[layer, 1].index_copy_(1, slots, values)
 
+    def copy(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        """Copies the keys and values at slots src_slots to dst_slots, every layer at once."""
+        src = torch.tensor(src_slots, dtype=torch.long, device=self.arena.device)
+        dst = torch.tensor(dst_slots, dtype=torch.long, device=self.arena.device)
+        self.arena.index_copy_(3, dst, self.arena.index_select(3, src))
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values: [kv_heads, slots, head_dim] each."""
         return self.arena[layer, 0], self.arena[layer, 1]

@@ -21,8 +21,11 @@ Prefix caching: a sequence starts from every leading full block of its tokens th
 tokens after a preemption), by reference, and computes only the rest. This is exact, not
 approximate: a token's keys and values depend only on the tokens before it, and with the native
 attention path they come out bit for bit the same however they were batched or chunked, so a
-cached block equals a recomputed one. At least the last token is always computed, for its logits.
-The scheduler never touches tensors.
+cached block equals a recomputed one. Only full blocks are hashed; a prompt that goes on matching a
+running sequence's computed tokens into a partial block (prompts sharing their first few words, or
+a chat template's 20-token system prompt) gets those keys and values copied into its own block,
+since the other sequence will write on into its block. At least the last token is always computed,
+for its logits. The scheduler never touches tensors: it lists the slots for the step to copy.
 """
 
 from __future__ import annotations
@@ -46,9 +49,18 @@ class ScheduledSequence:
 
 
 @dataclass
+class PrefixCopy:
+    """Before the step, copy the keys and values at arena slots src_slots to dst_slots (every layer)."""
+
+    src_slots: list[int]
+    dst_slots: list[int]
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)  # running ones first, then admitted
-    num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache (not computed)
+    copies: list[PrefixCopy] = field(default_factory=list)  # partial blocks from running sequences
+    num_cached_tokens: int = 0  # tokens admitted sequences took from the cache or copied (not computed)
     num_preempted: int = 0  # sequences preempted to make room this step
 
     @property
@@ -167,23 +179,50 @@ class Scheduler:
             cacheable = self.cacheable(seq)
             num_cached_blocks = self.blocks.num_cached_prefix(tokens, len(tokens) - 1) if cacheable else 0
             num_cached = num_cached_blocks * self.blocks.block_size
-            uncomputed = len(tokens) - num_cached
+            donor, num_shared = self.running_prefix(tokens, num_cached) if cacheable else (None, 0)
+            num_shared = max(num_shared, num_cached)
+            uncomputed = len(tokens) - num_shared
             if room < uncomputed <= min(self.max_prefill_tokens, self.max_batch_tokens):
                 break  # it fits a step of its own: do not split it
             num_new = min(uncomputed, room)
-            if not self.blocks.can_admit(num_cached + num_new, num_cached_blocks):
+            if not self.blocks.can_admit(num_shared + num_new, num_cached_blocks):
                 break  # first come, first served: later ones wait behind it
             self.waiting.popleft()
             seq.block_table = self.blocks.match(tokens, len(tokens) - 1) if cacheable else BlockTable()
-            seq.num_computed_tokens = len(seq.block_table.block_ids) * self.blocks.block_size
-            self.blocks.ensure(seq.block_table, seq.num_computed_tokens + num_new)
-            out.num_cached_tokens += seq.num_computed_tokens
+            self.blocks.ensure(seq.block_table, num_shared + num_new)
+            if donor is not None and num_shared > num_cached:  # the partial block: a copy of its slots
+                bs = self.blocks.block_size
+                positions = range(num_cached, num_shared)
+                out.copies.append(PrefixCopy([donor.block_table.slot(p, bs) for p in positions],
+                                             [seq.block_table.slot(p, bs) for p in positions]))
+            seq.num_computed_tokens = num_shared
+            out.num_cached_tokens += num_shared
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
             prefill_budget -= num_new
         return out
+
+    def running_prefix(self, tokens: list[int], at_least: int) -> tuple[Sequence | None, int]:
+        """The running sequence whose computed tokens share the longest prefix with `tokens` (at most
+        all but the last token), if longer than `at_least`, and that prefix's length."""
+        best, best_len = None, at_least
+        for other in self.running:
+            limit = min(len(tokens) - 1, other.num_computed_tokens)
+            if limit <= best_len or not self.cacheable(other) or other.prompt_ids[0] != tokens[0]:
+                continue
+            theirs = other.prompt_ids if other.num_prompt_tokens >= limit else other.token_ids()
+            low, high = 1, limit  # theirs[:low] == tokens[:low]; find the longest such prefix
+            while low < high:
+                mid = (low + high + 1) // 2
+                if theirs[:mid] == tokens[:mid]:
+                    low = mid
+                else:
+                    high = mid - 1
+            if low > best_len:
+                best, best_len = other, low
+        return best, best_len
 
     def victim(self) -> Sequence:
         """The running sequence to preempt when blocks run out: the most recently admitted (the

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from genrpc.v1 import generation_pb2 as pb
 from tests.conftest import MODEL, ROOT, start_service, wait_serving
+from tests.helpers import metric
 
 SERVICES = {
     "tokenizer": "genrpc.v1.Tokenizer",
@@ -168,3 +169,34 @@ def test_ghz_configurations_parse_against_the_proto():
         json_format.ParseDict(data, request_type())
         if "proto" in config:
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path), config["proto"])))
+
+
+def test_model_service_serves_with_threads_set_explicitly(stack):
+    """--threads fixes the compute pool (no adaptation); the policy shows in ModelInfo and metrics."""
+    model = start_service("model_svc", "--model", MODEL, "--threads", "1", *stack.credentials.server_flags())
+    gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address, "--model-addrs", model.address,
+                            *stack.credentials.client_flags())
+    try:
+        wait_serving(gateway.address)
+        with grpc.insecure_channel(gateway.address) as channel:
+            from genrpc.v1 import generation_pb2_grpc
+
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            reply = stub.Generate(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(
+                max_new_tokens=3, ignore_eos=True)), timeout=60)
+            assert reply.completions[0].generated_tokens == 3
+            assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).thread_policy.startswith("fixed: 1 thread ")
+        assert metric(model.metrics_port, "genrpc_model_compute_threads") == 1
+        # The default is adaptive, sized from this machine's CPUs.
+        assert metric(stack.model.metrics_port, "genrpc_model_compute_threads") >= 1
+        assert _worker_policy(stack).startswith("adaptive: up to ")
+    finally:
+        gateway.stop()
+        model.stop()
+
+
+def _worker_policy(stack) -> str:
+    from genrpc.v1 import model_pb2, model_pb2_grpc
+
+    with stack.channel(stack.model) as channel:  # with the gateway's credentials
+        return model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10).thread_policy

@@ -189,12 +189,18 @@ def test_prefix_cache_serves_whole_blocks_of_running_and_finished_sequences():
     s.add(Sequence("e", [99] + system, SamplingParams(max_new_tokens=5)))  # differs at the first token
     out, _ = step(s, token=90)
     a, b, c, d, e = (s.by_id[x].block_table.block_ids for x in "abcde")
-    assert b[0] == c[0] == d[0] == a[0] and c[1] == a[1]  # by reference, no copy
+    assert b[0] == c[0] == d[0] == a[0] and c[1] == a[1]  # whole blocks by reference
     assert d[1] != a[1]  # a whole prompt is never taken: its last token is computed for the logits
     assert e[0] not in a
+    # Past the whole blocks, what a running sequence computed is copied into the new one's block.
+    slot = lambda table, p: table[p // 4] * 4 + p % 4  # noqa: E731
+    assert [(c_.src_slots, c_.dst_slots) for c_ in out.copies] == [
+        ([slot(a, 4), slot(a, 5)], [slot(b, 4), slot(b, 5)]),  # b: the rest of the system tokens
+        ([slot(a, 4), slot(a, 5), slot(a, 6)], [slot(d, 4), slot(d, 5), slot(d, 6)]),  # d: all but its last
+    ]
     assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [
-        ("a", 1), ("b", 3), ("c", 2), ("d", 4), ("e", 7)]
-    assert out.num_cached_tokens == 4 + 8 + 4
+        ("a", 1), ("b", 1), ("c", 2), ("d", 1), ("e", 7)]
+    assert out.num_cached_tokens == 6 + 8 + 7
     # Once a and the others end, their full blocks stay cached for a later request.
     for x in "abcde":
         s.abort(x)
@@ -211,5 +217,5 @@ def test_prefix_caching_is_off_by_default_and_bounded_by_prompt_length():
         step(s)
         s.add(seq("b", n_prompt=prompt_len, max_new_tokens=5))
         out, _ = step(s)
-        assert out.num_cached_tokens == 0 and not s.blocks.by_hash
+        assert out.num_cached_tokens == 0 and not s.blocks.by_hash and not out.copies
         assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", prompt_len)]
