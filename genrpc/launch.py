@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,7 @@ class Stack:
     model: Service
     gateway: Service
     credentials: Credentials | None = None  # what the internal hops use
+    credentials_folder: str = ""  # made for this stack: removed when it stops
 
     @property
     def services(self) -> list[Service]:
@@ -144,16 +146,19 @@ class Stack:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
+        if self.credentials_folder:
+            shutil.rmtree(self.credentials_folder, ignore_errors=True)
 
 
 def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = (),
                 credentials: Credentials | None = None, model_wrap: tuple[str, ...] = ()) -> Stack:
     """The three services as `make run` starts them: the internal hops over TLS with client
     certificates and a shared secret, from throw-away credentials (`credentials`, or new ones)."""
-    credentials = credentials or make_credentials(tempfile.mkdtemp(prefix="genrpc-credentials-"))
+    folder = "" if credentials else tempfile.mkdtemp(prefix="genrpc-credentials-")
+    credentials = credentials or make_credentials(folder)
     tokenizer = start_service("tokenizer_svc", "--model", model, *credentials.server_flags())
     worker = start_service("model_svc", "--model", model, *credentials.server_flags(), *model_args, wrap=model_wrap)
     gateway = start_service("gateway", "--tokenizer-addrs", tokenizer.address, "--model-addrs", worker.address,
                             *credentials.client_flags(), *gateway_args)
     wait_serving(gateway.address)
-    return Stack(tokenizer, worker, gateway, credentials)
+    return Stack(tokenizer, worker, gateway, credentials, folder)
