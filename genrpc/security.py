@@ -73,7 +73,10 @@ class TokenSet:
         self._stamp: tuple | None = None
         self._checked = 0.0
         self._tokens: list[bytes] = []
-        self.reload()
+        try:
+            self.reload()
+        except OSError as exc:
+            raise SystemExit(f"token file {path!r}: {exc.strerror or exc}") from exc
         if not self._tokens:
             raise SystemExit(f"no token in {'--auth-tokens-file ' + path if path else 'the token list'}")
 

@@ -35,6 +35,8 @@ def test_inline_tokens_and_an_empty_file(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(SystemExit):
         TokenSet(path=str(empty))
+    with pytest.raises(SystemExit, match="No such file"):
+        TokenSet(path=str(tmp_path / "missing"))
 
 
 def test_bearer_and_loopback():
