@@ -24,6 +24,11 @@ from typing import Sequence as Seq
 BLOCK_SIZE = 16
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 def block_hash(parent: bytes | None, token_ids: Seq[int]) -> bytes:
     """The identity of a full block: its tokens and, through the parent's hash, every token before."""
     digest = hashlib.blake2b(parent or b"", digest_size=16)
@@ -50,6 +55,14 @@ class BlockTable:
 
     def slot(self, position: int, block_size: int) -> int:
         return self.block_ids[position // block_size] * block_size + position % block_size
+
+    def slots(self, start: int, stop: int, block_size: int) -> list[int]:
+        """The arena slots of positions start .. stop - 1."""
+        return [self.slot(p, block_size) for p in range(start, stop)]
+
+    def covering(self, num_tokens: int, block_size: int) -> list[int]:
+        """The blocks that hold the first `num_tokens` tokens."""
+        return self.block_ids[:blocks_for(num_tokens, block_size)]
 
 
 class BlockManager:
@@ -87,7 +100,7 @@ class BlockManager:
         return len(self.cached)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # -- taking and giving back ----------------------------------------------------
 

@@ -139,13 +139,12 @@ class ModelRunner:
             seq = item.seq
             start = seq.num_computed_tokens
             tokens = seq.token_ids()[start:start + item.num_new_tokens]
-            table = seq.block_table.block_ids
             starts.append(len(ids))
             lengths.append(len(tokens))
             kv_lengths.append(start + len(tokens))
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + len(tokens)))
+            slots.extend(seq.block_table.slots(start, start + len(tokens), bs))
             if item.completes_prompt:
                 logit_rows.append(len(ids) - 1)
         if len(ids) == 1:
@@ -170,7 +169,7 @@ class ModelRunner:
                     past = kv_length - length
                     rows.extend(range(start, start + length))
                     offsets.extend([len(tables)] * length)
-                    tables.extend(item.seq.block_table.block_ids[:-(-kv_length // bs)])
+                    tables.extend(item.seq.block_table.covering(kv_length, bs))
                     kv_counts.extend(range(past + 1, kv_length + 1))
             if rows:
                 native = (as_tensor(rows), as_tensor(tables), as_tensor(offsets), as_tensor(kv_counts))
@@ -179,11 +178,11 @@ class ModelRunner:
             if native_seqs and native_seqs[len(kv_slots)]:
                 kv_slots.append(slice(0, 0))  # the kernel reads through the table
                 continue
-            table = item.seq.block_table.block_ids[:-(-kv_length // bs)]
+            table = item.seq.block_table.covering(kv_length, bs)
             if table == list(range(table[0], table[0] + len(table))):  # one run of blocks: a view
                 kv_slots.append(slice(table[0] * bs, table[0] * bs + kv_length))
             else:
-                kv_slots.append(as_tensor([table[p // bs] * bs + p % bs for p in range(kv_length)]))
+                kv_slots.append(as_tensor(item.seq.block_table.slots(0, kv_length, bs)))
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
                            kv_lengths, logit_rows, native, native_seqs)
 

@@ -192,9 +192,8 @@ class Scheduler:
             self.blocks.ensure(seq.block_table, num_shared + num_new)
             if donor is not None and num_shared > num_cached:  # the partial block: a copy of its slots
                 bs = self.blocks.block_size
-                positions = range(num_cached, num_shared)
-                out.copies.append(PrefixCopy([donor.block_table.slot(p, bs) for p in positions],
-                                             [seq.block_table.slot(p, bs) for p in positions]))
+                out.copies.append(PrefixCopy(donor.block_table.slots(num_cached, num_shared, bs),
+                                             seq.block_table.slots(num_cached, num_shared, bs)))
             seq.num_computed_tokens = num_shared
             out.num_cached_tokens += num_shared
             seq.status = SequenceStatus.RUNNING
