@@ -43,9 +43,15 @@ def parse_args(argv=None):
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step (prefill chunks)")
     parser.add_argument("--max-prefill-tokens", type=int, default=64,
-                        help="prompt tokens prefilled per step (longer prompts are chunked): lower keeps "
-                             "running streams' inter-token latency steady when prompts arrive, and lets a "
-                             "burst's first prompts answer before its last ones are computed")
+                        help="prompt tokens a step admits whole beside running streams: a prompt up to this "
+                             "long is never split; longer ones are chunked by time (--prefill-slowdown)")
+    parser.add_argument("--prefill-slowdown", type=float, default=2.0,
+                        help="a long prompt's chunk may make a step up to this many times as long as its other "
+                             "work: running streams' inter-token latency while a long prompt is prefilled "
+                             "(>= 1; higher: faster long prompts, jerkier streams)")
+    parser.add_argument("--idle-step-ms", type=float, default=250.0,
+                        help="with nothing else running, a long prompt's chunk fills a step of about this long: "
+                             "longer prefills faster, but a request arriving meanwhile waits for the step")
     parser.add_argument("--kv-cache-tokens", type=int, default=65536,
                         help="KV-cache capacity in tokens (memory is bounded by it); sequences hold what they "
                              "have computed, in blocks")
@@ -92,9 +98,13 @@ def engine_for(loaded, args) -> Engine:
     if not runner.native_prefill and not args.no_prefix_caching:
         log.info("prefix caching is off: %s prefill attention is not chunking-invariant", runner.prefill_attention)
     blocks = BlockManager(num_blocks, args.block_size, enable_prefix_caching=caching)
+    if args.prefill_slowdown < 1 or not args.idle_step_ms > 0 or args.max_prefill_tokens < 1:
+        raise SystemExit(f"--prefill-slowdown={args.prefill_slowdown} must be >= 1, --idle-step-ms="
+                         f"{args.idle_step_ms} > 0 and --max-prefill-tokens={args.max_prefill_tokens} >= 1")
     scheduler = Scheduler(
         blocks, args.max_num_seqs, args.max_batch_tokens, args.max_waiting, loaded.max_context,
         loaded.eos_token_ids, args.max_prefill_tokens, max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
+        prefill_slowdown=args.prefill_slowdown, idle_step_seconds=args.idle_step_ms / 1000,
     )
     kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
+import grpc
+
 from genrpc.v1 import generation_pb2, model_pb2
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import LoadedModel
+
+MAX_PRIORITY = 100  # as the gateway validates GenerationConfig.priority
 
 FINISH_REASONS = {
     None: generation_pb2.FINISH_REASON_UNSPECIFIED,
@@ -40,13 +46,18 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int) -> Se
     bad = next((i for i in ids if i >= vocab_size), None)
     if bad is not None:
         raise ValueError(f"sequence {pb.sequence_id}: token id {bad} is not below the vocabulary size {vocab_size}")
-    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params))
+    if not -MAX_PRIORITY <= pb.priority <= MAX_PRIORITY:
+        raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
+    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params), tenant=pb.tenant[:256],
+                    priority=pb.priority, deadline=deadline)
 
 
 def token_event(out: TokenOutput) -> model_pb2.TokenEvent:
     event = model_pb2.TokenEvent(
         sequence_id=out.seq_id[1], has_token=out.token_id is not None, token_id=out.token_id or 0,
         finish_reason=FINISH_REASONS[out.finish_reason], error=out.error,
+        error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] if out.retryable else 0,
     )
     if out.logprob is not None:
         event.logprob = out.logprob

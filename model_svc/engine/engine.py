@@ -22,6 +22,7 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: str = ""
+    retryable: bool = False  # the error refused the sequence (capacity, deadline): it may be retried later
 
 
 @dataclass
@@ -30,6 +31,7 @@ class StepStats:
     num_tokens: int = 0  # tokens computed in the step (prefill chunks and decodes)
     num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache instead
     num_preempted: int = 0  # sequences preempted this step
+    num_pairs: int = 0  # attention pairs computed (the step-time model's input)
 
 
 class Engine:
@@ -52,7 +54,7 @@ class Engine:
         """Runs one step; returns one output per sequence that got a token or finished."""
         out = self.scheduler.schedule()
         self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_cached_tokens,
-                                   out.num_preempted)
+                                   out.num_preempted, out.num_pairs)
         if out.is_empty:
             return []
         try:

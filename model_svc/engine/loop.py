@@ -88,7 +88,8 @@ class EngineLoop:
                     try:
                         self.engine.add(seq)
                     except (ValueError, SchedulerFull) as exc:
-                        outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=str(exc)))
+                        outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=str(exc),
+                                                   retryable=isinstance(exc, SchedulerFull)))
             else:
                 for seq_id in payload:
                     out = self.engine.abort(seq_id)
@@ -112,6 +113,7 @@ class EngineLoop:
                 if stats.num_tokens:
                     elapsed = time.perf_counter() - started
                     STEP_SECONDS.observe(elapsed)
+                    self.engine.scheduler.cost.observe(stats.num_tokens, stats.num_pairs, elapsed)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("step: %d sequences, %d tokens, %.1f ms", stats.num_sequences, stats.num_tokens,
                                   elapsed * 1000)

@@ -1,20 +1,29 @@
 """Iteration-level scheduling: which sequences run this step, and how many tokens each.
 
-Every step, each running sequence decodes one token (or continues its chunked
-prefill), then waiting sequences are admitted while the step's token budget,
-the step's prefill budget and the KV budget allow. The prefill budget keeps a
-burst of arrivals from turning into one long step that delays every first
-token: prompts are prefilled a few at a time, in arrival order, while running
-sequences keep decoding. A prompt longer than the prefill budget is prefilled
-in chunks; a shorter one is never split (it waits for the next step instead).
+Every step, in this order: each decoding sequence computes one token; then waiting sequences are
+admitted in policy order; then prompts already being prefilled in chunks take their next chunk. A
+long prompt therefore never holds the door: short prompts and decodes share each step with it.
 A finished or aborted sequence leaves at once and its blocks are given back.
+
+Policy (`rank`, `victim`, `outranks`): waiting sequences are admitted by priority (higher first),
+then by fair share (the tenant running the fewest sequences first: round-robin between clients),
+then by arrival. When sequence slots or blocks run short, a waiting sequence may preempt a running
+one it outranks: a less urgent one, or one of a tenant running at least two more sequences than
+its own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
+(`DeadlineUnmeetable`), so its caller hears "retry later" at once instead of timing out.
+
+Prefill budget: a prompt up to `max_prefill_tokens` is admitted whole (never split) while the
+step's short-prompt budget lasts. A longer prompt is chunked by time, with the step-time model of
+step_cost.py: its chunk may make the step up to `prefill_slowdown` times as long as the rest of it
+(so running streams' inter-token latency stays within that factor while it is prefilled), and when
+nothing else runs it may fill a step of `idle_step_seconds` (large chunks: a lone long prompt
+prefills at full speed; a request arriving meanwhile waits at most for that step).
 
 Memory (block_manager.py): a sequence holds KV-cache blocks for the tokens it has computed, taken
 as it grows, not a reservation for `max_new_tokens`. Admission needs the prompt's blocks plus a
-small watermark. When a running sequence needs a block and none is free, the most recently
-admitted running sequence is preempted (`victim`, the hook a scheduling policy can replace): its
-blocks are given back (the full ones stay cached) and it goes to the front of the waiting queue,
-to be recomputed from its tokens when there is room. The client sees a pause.
+small watermark. When a running sequence needs a block and none is free, `victim` is preempted:
+its blocks are given back (the full ones stay cached) and it waits again, ranked by its original
+arrival, to be recomputed from its tokens when there is room. The client sees a pause.
 
 Prefix caching: a sequence starts from every leading full block of its tokens that the cache holds
 (a common system prompt, the same question asked twice, a conversation's earlier turns, its own
@@ -30,11 +39,14 @@ for its logits. The scheduler never touches tensors: it lists the slots for the 
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
 from model_svc.engine.block_manager import BlockManager, BlockTable
+from model_svc.engine.step_cost import StepCost, chunk_pairs
 from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -58,10 +70,12 @@ class PrefixCopy:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)  # running ones first, then admitted
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes, admitted, then chunks
     copies: list[PrefixCopy] = field(default_factory=list)  # partial blocks from running sequences
     num_cached_tokens: int = 0  # tokens admitted sequences took from the cache or copied (not computed)
     num_preempted: int = 0  # sequences preempted to make room this step
+    num_pairs: int = 0  # attention (query, key) pairs of the scheduled tokens (step_cost.py)
+    num_prefill_tokens: int = 0  # tokens of prompt chunks (not single decoded tokens)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -76,6 +90,21 @@ class SchedulerFull(Exception):
     """The waiting queue is at its bound."""
 
 
+class DeadlineUnmeetable(SchedulerFull):
+    """The sequence could not start before its caller's deadline: refused at once, to retry later."""
+
+
+@dataclass
+class _Plan:
+    """How a waiting sequence would be admitted this step."""
+
+    tokens: list[int]
+    num_cached_blocks: int  # leading full blocks the prefix cache holds
+    donor: Sequence | None  # the running sequence whose partial block is copied, if any
+    num_shared: int  # tokens not computed: cached blocks, then the copied part
+    uncomputed: int
+
+
 class Scheduler:
     def __init__(
         self,
@@ -87,27 +116,44 @@ class Scheduler:
         eos_token_ids: Iterable[int],
         max_prefill_tokens: int | None = None,
         max_cached_prompt: int = 0,
+        cost: StepCost | None = None,
+        prefill_slowdown: float = 2.0,
+        idle_step_seconds: float = 0.25,
     ):
-        """max_cached_prompt: sequences whose prompts are at most this many tokens read and fill the
+        """max_prefill_tokens: prompt tokens a step admits whole beside decoding sequences (a prompt
+        up to this long is never split); longer prompts are chunked by time (below).
+        max_cached_prompt: sequences whose prompts are at most this many tokens read and fill the
         prefix cache (0: none). The runner's native attention path sets it: only there is a cached
-        block bit for bit a recomputed one."""
+        block bit for bit a recomputed one.
+        cost: the step-time model chunks are sized by (step_cost.py). A long prompt's chunk may make
+        a step up to `prefill_slowdown` times as long as the rest of it (the decoding sequences' and
+        the short prompts' work) would take alone; when nothing else runs, up to `idle_step_seconds`
+        (a request arriving meanwhile waits for that step to end)."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
                 "every running sequence decodes one token per step"
             )
+        if prefill_slowdown < 1:
+            raise ValueError(f"prefill_slowdown={prefill_slowdown} must be >= 1")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        self.max_prefill_tokens = max_prefill_tokens or max_batch_tokens
+        self.max_prefill_tokens = min(max_prefill_tokens or max_batch_tokens, max_batch_tokens)
         self.max_cached_prompt = max_cached_prompt if blocks.enable_prefix_caching else 0
         self.max_waiting = max_waiting
         self.max_context = max_context
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.cost = cost or StepCost()
+        self.prefill_slowdown = prefill_slowdown
+        self.idle_step_seconds = idle_step_seconds
+        self.min_chunk = 4  # a long prompt advances at least this much a step
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.running_by_tenant: Counter[str] = Counter()
         self.by_id: dict[Hashable, Sequence] = {}
         self.num_preemptions = 0  # since start
+        self._arrivals = itertools.count()
 
     # -- admission -----------------------------------------------------------------
 
@@ -118,7 +164,7 @@ class Scheduler:
     def cacheable(self, seq: Sequence) -> bool:
         return seq.num_prompt_tokens <= self.max_cached_prompt
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, now: float | None = None) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise SchedulerFull(f"{len(self.waiting)} sequences already wait (max_waiting={self.max_waiting})")
         if seq.seq_id in self.by_id:
@@ -131,6 +177,15 @@ class Scheduler:
                 f"the sequence may need {most} KV-cache tokens (prompt + max_new_tokens) but this worker "
                 f"holds {self.capacity_tokens}"
             )
+        seq.arrival = next(self._arrivals)
+        if seq.deadline is not None:
+            now = time.monotonic() if now is None else now
+            wait = self.estimate_start(seq)
+            if now + wait > seq.deadline:
+                raise DeadlineUnmeetable(
+                    f"the sequence would start in about {wait:.1f} s ({len(self.waiting)} waiting, "
+                    f"{len(self.running)} running) but its deadline is in {max(0.0, seq.deadline - now):.1f} s; "
+                    "retry later")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.by_id[seq.seq_id] = seq
@@ -145,63 +200,186 @@ class Scheduler:
         self._finish(seq, FinishReason.CANCELLED)
         return seq
 
+    # -- policy --------------------------------------------------------------------
+
+    def rank(self, seq: Sequence) -> tuple[int, int, int]:
+        """Admission order, smallest first: more urgent, then the tenant running fewest sequences
+        (round-robin between clients), then earlier arrival (a preempted sequence keeps its own)."""
+        return -seq.priority, self.running_by_tenant[seq.tenant], seq.arrival
+
+    def victim(self) -> Sequence | None:
+        """The running sequence to preempt when blocks or slots run out: the least urgent, then of
+        the tenant running the most sequences, then the most recently admitted."""
+        if not self.running:
+            return None
+        return min(reversed(self.running), key=lambda s: (s.priority, -self.running_by_tenant[s.tenant]))
+
+    def outranks(self, seq: Sequence, victim: Sequence) -> bool:
+        """Whether a waiting sequence may preempt a running one: it is more urgent, or as urgent and
+        its tenant runs at least two fewer sequences (so that two tenants never trade places)."""
+        if seq.priority != victim.priority:
+            return seq.priority > victim.priority
+        return (seq.tenant != victim.tenant
+                and self.running_by_tenant[victim.tenant] > self.running_by_tenant[seq.tenant] + 1)
+
+    def estimate_start(self, seq: Sequence) -> float:
+        """Seconds until a new sequence would get its first token, from its place in the queue and
+        the step-time model: the prompts ranked before it and its own are prefilled at the model's
+        rate, and when no sequence slot is free and it outranks no running sequence, it waits for the
+        running sequences that cannot stop early (ignore_eos, min_new_tokens) to free one."""
+        mine = self.rank(seq)
+        ahead = [w for w in self.waiting if self.rank(w) < mine]
+        tokens = seq.num_prompt_tokens + sum(w.num_uncomputed_tokens for w in ahead)
+        tokens += sum(r.num_uncomputed_tokens for r in self.running if r.num_uncomputed_tokens > 1)
+        decoding = sum(r.num_uncomputed_tokens == 1 for r in self.running)
+        steps = -(-tokens // self.max_prefill_tokens) if decoding else 1
+        seconds = steps * self.cost.seconds(decoding, 0) + self.cost.marginal(tokens, 0)
+        slot = len(self.running) + len(ahead) - self.max_num_seqs  # slots to be freed before its own
+        victim = self.victim()
+        if slot >= 0 and (victim is None or not self.outranks(seq, victim)):
+            bound = sorted(
+                (r.params.max_new_tokens - len(r.output_ids)) if r.params.ignore_eos
+                else max(0, r.params.min_new_tokens - len(r.output_ids)) for r in self.running)
+            if bound:
+                seconds += bound[min(slot, len(bound) - 1)] * self.cost.seconds(len(self.running), 0)
+        return seconds
+
     # -- the step ------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_batch_tokens
-        prefill_budget = self.max_prefill_tokens
-        i = 0
-        while i < len(self.running):  # oldest first; the newest give way when blocks run out
-            seq = self.running[i]
-            uncomputed = seq.num_uncomputed_tokens
-            num_new = min(uncomputed, budget) if uncomputed == 1 else min(uncomputed, budget, prefill_budget)
-            if num_new <= 0:
-                i += 1
-                continue
-            while not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + num_new):
-                victim = self.victim()
-                self.preempt(victim)
-                out.num_preempted += 1
-                if victim is seq:
+        # 1. Every decoding sequence advances one token, oldest first.
+        for seq in list(self.running):
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
+                if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
+                    self._schedule(out, seq, 1)
+        decode_seconds = self.cost.seconds(len(out.scheduled), out.num_pairs) if out.scheduled else 0.0
+        # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
+        # the chunks of long prompts already running, so that a long prefill never holds the door.
+        short_tokens = 0
+        while self.waiting:
+            seq = min(self.waiting, key=self.rank)
+            plan = self._plan(seq)
+            room = self._room(out)
+            if plan.uncomputed <= self.max_prefill_tokens:  # short: whole, never split
+                fits = (short_tokens + plan.uncomputed <= self.max_prefill_tokens
+                        or (not decode_seconds and self.cost.marginal(short_tokens + plan.uncomputed, 0)
+                            <= self.idle_step_seconds))
+                if not fits or plan.uncomputed > room:
+                    break  # the next step
+                num_new = plan.uncomputed
+            else:
+                num_new = self._chunk(out, plan.num_shared, min(plan.uncomputed, room), decode_seconds,
+                                      short_tokens)
+                if num_new <= 0:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
-                break  # it was the newest left: nothing after it runs either
-            out.scheduled.append(ScheduledSequence(seq, num_new))
-            budget -= num_new
-            if uncomputed > 1:
-                prefill_budget -= num_new
-            i += 1
-        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            room = min(budget, prefill_budget)
-            tokens = seq.token_ids()  # after a preemption: its outputs so far too
-            cacheable = self.cacheable(seq)
-            num_cached_blocks = self.blocks.num_cached_prefix(tokens, len(tokens) - 1) if cacheable else 0
-            num_cached = num_cached_blocks * self.blocks.block_size
-            donor, num_shared = self.running_prefix(tokens, num_cached) if cacheable else (None, 0)
-            num_shared = max(num_shared, num_cached)
-            uncomputed = len(tokens) - num_shared
-            if room < uncomputed <= min(self.max_prefill_tokens, self.max_batch_tokens):
-                break  # it fits a step of its own: do not split it
-            num_new = min(uncomputed, room)
-            if not self.blocks.can_admit(num_shared + num_new, num_cached_blocks):
-                break  # first come, first served: later ones wait behind it
-            self.waiting.popleft()
-            seq.block_table = self.blocks.match(tokens, len(tokens) - 1) if cacheable else BlockTable()
-            self.blocks.ensure(seq.block_table, num_shared + num_new)
-            if donor is not None and num_shared > num_cached:  # the partial block: a copy of its slots
-                bs = self.blocks.block_size
-                out.copies.append(PrefixCopy(donor.block_table.slots(num_cached, num_shared, bs),
-                                             seq.block_table.slots(num_cached, num_shared, bs)))
-            seq.num_computed_tokens = num_shared
-            out.num_cached_tokens += num_shared
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
-            budget -= num_new
-            prefill_budget -= num_new
+            admitted = self._make_room(seq, plan, num_new, out)
+            if admitted is None:
+                break  # first come (in policy order), first served: the others wait behind it
+            if not admitted:
+                continue  # a preemption changed what it can share: plan again
+            self._admit(seq, plan, num_new, out)
+            if plan.uncomputed <= self.max_prefill_tokens:
+                short_tokens += num_new
+        # 3. Long prompts already running take the next chunk of what time allows.
+        for seq in list(self.running):
+            uncomputed = seq.num_uncomputed_tokens
+            if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or self._scheduled(out, seq):
+                continue
+            num_new = self._chunk(out, seq.num_computed_tokens, min(uncomputed, self._room(out)), decode_seconds,
+                                  short_tokens)
+            if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
+                self._schedule(out, seq, num_new)
         return out
+
+    def _room(self, out: SchedulerOutput) -> int:
+        return self.max_batch_tokens - out.num_batched_tokens
+
+    def _scheduled(self, out: SchedulerOutput, seq: Sequence) -> bool:
+        return any(item.seq is seq for item in out.scheduled)
+
+    def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        out.scheduled.append(ScheduledSequence(seq, num_new))
+        out.num_pairs += chunk_pairs(seq.num_computed_tokens, num_new)
+        if num_new > 1:
+            out.num_prefill_tokens += num_new
+
+    def _chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float, short_tokens: int) -> int:
+        """Tokens of a long prompt (`start` computed) this step may compute: what keeps the step within
+        `prefill_slowdown` times its other work, or within `idle_step_seconds` when there is none;
+        at least `min_chunk` while no other long prompt advanced this step."""
+        long_tokens = out.num_prefill_tokens - short_tokens
+        other = decode_seconds + (self.cost.marginal(short_tokens, 0) if short_tokens else 0.0)
+        if other:
+            allowance = (self.prefill_slowdown - 1) * (other if decode_seconds else other + self.cost.seconds(0, 0))
+        else:
+            allowance = self.idle_step_seconds
+        spent = self.cost.marginal(long_tokens, 0)
+        num_new = self.cost.chunk_for(allowance - spent, start, most)
+        if num_new < self.min_chunk and not long_tokens:
+            num_new = min(self.min_chunk, most)
+        return num_new
+
+    def _plan(self, seq: Sequence) -> _Plan:
+        tokens = seq.token_ids()  # after a preemption: its outputs so far too
+        cacheable = self.cacheable(seq)
+        num_cached_blocks = self.blocks.num_cached_prefix(tokens, len(tokens) - 1) if cacheable else 0
+        num_cached = num_cached_blocks * self.blocks.block_size
+        donor, num_shared = self.running_prefix(tokens, num_cached) if cacheable else (None, 0)
+        num_shared = max(num_shared, num_cached)
+        return _Plan(tokens, num_cached_blocks, donor, num_shared, len(tokens) - num_shared)
+
+    def _make_room(self, seq: Sequence, plan: _Plan, num_new: int, out: SchedulerOutput) -> bool | None:
+        """Frees a sequence slot and the blocks `seq` needs, preempting running sequences it outranks.
+        True: there is room; False: a preempted sequence was its donor (plan again); None: no room."""
+        while (len(self.running) >= self.max_num_seqs
+               or not self.blocks.can_admit(plan.num_shared + num_new, plan.num_cached_blocks)):
+            victim = self.victim()
+            if victim is None or not self.outranks(seq, victim):
+                return None
+            self._preempt_scheduled(victim, out)
+            if victim is plan.donor:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence, plan: _Plan, num_new: int, out: SchedulerOutput) -> None:
+        self.waiting.remove(seq)
+        cacheable = self.cacheable(seq)
+        seq.block_table = self.blocks.match(plan.tokens, len(plan.tokens) - 1) if cacheable else BlockTable()
+        self.blocks.ensure(seq.block_table, plan.num_shared + num_new)
+        num_cached = plan.num_cached_blocks * self.blocks.block_size
+        if plan.donor is not None and plan.num_shared > num_cached:  # the partial block: a copy of its slots
+            bs = self.blocks.block_size
+            out.copies.append(PrefixCopy(plan.donor.block_table.slots(num_cached, plan.num_shared, bs),
+                                         seq.block_table.slots(num_cached, plan.num_shared, bs)))
+        seq.num_computed_tokens = plan.num_shared
+        out.num_cached_tokens += plan.num_shared
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.running_by_tenant[seq.tenant] += 1
+        self._schedule(out, seq, num_new)
+
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Gives a running sequence blocks for `num_tokens`, preempting victims while none are free;
+        False when it was preempted itself."""
+        while not self.blocks.ensure(seq.block_table, num_tokens):
+            victim = self.victim()
+            self._preempt_scheduled(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput) -> None:
+        """Preempts `victim`, taking it out of this step if it was scheduled already."""
+        for i, item in enumerate(out.scheduled):
+            if item.seq is victim:
+                del out.scheduled[i]
+                out.num_pairs -= chunk_pairs(victim.num_computed_tokens, item.num_new_tokens)
+                if item.num_new_tokens > 1:
+                    out.num_prefill_tokens -= item.num_new_tokens
+                break
+        self.preempt(victim)
+        out.num_preempted += 1
 
     def running_prefix(self, tokens: list[int], at_least: int) -> tuple[Sequence | None, int]:
         """The running sequence whose computed tokens share the longest prefix with `tokens` (at most
@@ -223,22 +401,23 @@ class Scheduler:
                 best, best_len = other, low
         return best, best_len
 
-    def victim(self) -> Sequence:
-        """The running sequence to preempt when blocks run out: the most recently admitted (the
-        hook for a scheduling policy)."""
-        return self.running[-1]
-
     def preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's blocks (the full ones stay cached) and puts it at the front
         of the waiting queue, to be recomputed from its tokens."""
         self.running.remove(seq)
+        self._untrack(seq)
         self.blocks.free(seq.block_table)
         seq.block_table = None
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)  # its arrival ranks it before those that came later
         self.num_preemptions += 1
+
+    def _untrack(self, seq: Sequence) -> None:
+        self.running_by_tenant[seq.tenant] -= 1
+        if not self.running_by_tenant[seq.tenant]:
+            del self.running_by_tenant[seq.tenant]  # bounded by the running sequences, not by all tenants
 
     def update(self, out: SchedulerOutput, sampled: dict[Hashable, int]) -> list[Sequence]:
         """Records the computed tokens and the sampled ones; returns the sequences that finished."""
@@ -283,6 +462,7 @@ class Scheduler:
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
+            self._untrack(seq)
         if seq.block_table is not None:
             self.blocks.free(seq.block_table)
             seq.block_table = None

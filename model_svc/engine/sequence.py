@@ -78,6 +78,12 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     processors: object | None = None  # the sampler's per-sequence logits processors
+    # Scheduling: who asked (fair shares are per tenant), how urgent (higher first), when it arrived
+    # (the scheduler numbers arrivals), and when its caller stops waiting (time.monotonic(), or None).
+    tenant: str = ""
+    priority: int = 0
+    arrival: int = 0
+    deadline: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

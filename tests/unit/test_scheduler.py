@@ -3,17 +3,19 @@
 import pytest
 
 from model_svc.engine.block_manager import BlockManager
-from model_svc.engine.scheduler import Scheduler, SchedulerFull
+from model_svc.engine.scheduler import DeadlineUnmeetable, Scheduler, SchedulerFull
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from model_svc.engine.step_cost import StepCost
 
 EOS = 2
+COST = (0.010, 0.001, 0.0)  # the step-time model the tests schedule by: 10 ms a step + 1 ms a token
 
 
 def make(max_num_seqs=4, max_batch_tokens=16, kv_tokens=1000, max_waiting=10, max_context=100, block_size=4,
          watermark_blocks=0, max_cached_prompt=0):
     blocks = BlockManager(kv_tokens // block_size, block_size, watermark_blocks=watermark_blocks)
     return Scheduler(blocks, max_num_seqs, max_batch_tokens, max_waiting, max_context, [EOS],
-                     max_cached_prompt=max_cached_prompt)
+                     max_cached_prompt=max_cached_prompt, cost=StepCost(COST))
 
 
 def seq(i, n_prompt=3, **params):
@@ -162,19 +164,22 @@ def test_sampling_params_are_checked():
         SamplingParams(temperature=float("nan"))
 
 
-def test_prefill_budget_spreads_a_burst_and_never_splits_a_short_prompt():
+def test_a_burst_fills_an_idle_step_then_spreads_beside_decodes_and_short_prompts_are_never_split():
     s = make(max_num_seqs=8, max_batch_tokens=64)
     s.max_prefill_tokens = 8
-    for i in range(4):
+    s.idle_step_seconds = 0.0095  # 9 tokens at 1 ms a token (beyond the 10 ms any step costs)
+    for i in range(5):
         s.add(seq(i, n_prompt=3, max_new_tokens=5))
     out, _ = step(s)
-    # 3 + 3 fit the prefill budget of 8; the third prompt would be split, so it waits.
-    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 3), (1, 3)]
+    # Nothing decodes: the prompts whose work fits the idle step; the fourth would pass it.
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 3), (1, 3), (2, 3)]
     out, _ = step(s)
-    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 1), (1, 1), (2, 3), (3, 3)]
-    s.add(seq("long", n_prompt=20, max_new_tokens=5))
+    # Beside decoding sequences, max_prefill_tokens (8) a step: 3 + 3 fit; a fifth prompt would be
+    # split, so it waits for the next step.
+    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [(0, 1), (1, 1), (2, 1), (3, 3), (4, 3)]
+    s.add(seq("long", n_prompt=40, max_new_tokens=5))
     out, _ = step(s)
-    assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled][-1] == ("long", 8)  # longer: chunked
+    assert out.scheduled[-1].seq.seq_id == "long" and out.scheduled[-1].num_new_tokens < 40  # longer: chunked
 
 
 def test_prefix_cache_serves_whole_blocks_of_running_and_finished_sequences():
@@ -219,3 +224,126 @@ def test_prefix_caching_is_off_by_default_and_bounded_by_prompt_length():
         out, _ = step(s)
         assert out.num_cached_tokens == 0 and not s.blocks.by_hash and not out.copies
         assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", prompt_len)]
+
+
+def ids_of(out):
+    return [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled]
+
+
+def test_a_long_prefill_never_holds_the_door():
+    s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000)
+    s.max_prefill_tokens = 16
+    s.idle_step_seconds = 0.1  # ~100 tokens a step when nothing else runs
+    s.add(seq("long", n_prompt=600, max_new_tokens=2))
+    out, _ = step(s)
+    assert ids_of(out) == [("long", 100)]  # alone: a chunk that fills the idle step
+    s.add(seq("short", n_prompt=5, max_new_tokens=3))
+    out, _ = step(s)
+    # The short prompt is admitted at once, and the long one's chunk shrinks to keep the step short:
+    # up to prefill_slowdown (2x) the short prompt's step, 10 + 5 ms -> 15 ms more: 15 tokens.
+    assert ids_of(out) == [("short", 5), ("long", 15)]
+    out, _ = step(s)
+    # Beside one decoding stream (a 11 ms step) the chunk adds at most as much again: 11 tokens.
+    assert ids_of(out) == [("short", 1), ("long", 11)]
+
+
+def test_chunks_keep_a_minimum_pace_and_grow_back_when_alone():
+    s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000)
+    s.cost = StepCost((0.010, 0.001, 1e-5))  # attention dear: a chunk at a long context costs more
+    s.idle_step_seconds = 0.05
+    s.add(seq("long", n_prompt=900, max_new_tokens=1))
+    sizes = []
+    s.add(seq("short", n_prompt=3, max_new_tokens=30))
+    while s.by_id.get("long"):
+        out, _ = step(s)
+        sizes.append(dict(ids_of(out)).get("long"))
+        if s.by_id.get("short") and len(sizes) == 3:
+            s.abort("short")
+    assert sizes[1] == sizes[2] and 4 <= sizes[1] < sizes[0]  # beside the stream: small, but on
+    assert sizes[3] > sizes[2]  # alone again: large chunks
+    assert sizes[-2] < sizes[3]  # at a longer context the same time buys fewer tokens
+
+
+def test_fair_shares_admit_round_robin_between_tenants():
+    s = make(max_num_seqs=4, max_batch_tokens=64)
+    for i in range(6):
+        s.add(Sequence(f"a{i}", [10, 11, 12], SamplingParams(max_new_tokens=50), tenant="A"))
+    s.add(Sequence("b0", [10, 11, 12], SamplingParams(max_new_tokens=50), tenant="B"))
+    s.add(Sequence("b1", [10, 11, 12], SamplingParams(max_new_tokens=50), tenant="B"))
+    out, _ = step(s)
+    assert [i.seq.seq_id for i in out.scheduled] == ["a0", "b0", "a1", "b1"]  # though A came first
+    assert s.running_by_tenant == {"A": 2, "B": 2}
+
+
+def test_a_tenant_over_its_share_gives_way_once_and_nobody_trades_places():
+    s = make(max_num_seqs=4, max_batch_tokens=64)
+    for i in range(6):
+        s.add(Sequence(f"a{i}", [10, 11, 12], SamplingParams(max_new_tokens=50), tenant="A"))
+    step(s)
+    assert s.running_by_tenant["A"] == 4
+    s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=3), tenant="B"))
+    out, _ = step(s)
+    # b is admitted at once; A's most recently admitted sequence is paused for it.
+    assert ("b", 3) in ids_of(out) and out.num_preempted == 1 and s.by_id["a3"].status is SequenceStatus.WAITING
+    finished = []
+    for _ in range(2):  # while b runs, A (3 running) does not take its slot back, nor b A's
+        out, done = step(s)
+        finished += done
+        assert out.num_preempted == 0 and s.running_by_tenant["A"] == 3
+    assert [f.seq_id for f in finished] == ["b"] and s.running_by_tenant == {"A": 3}
+    resumed = 3 + len(s.by_id["a3"].output_ids)  # its prompt and what it had generated
+    out, _ = step(s)
+    assert ("a3", resumed) in ids_of(out)  # b's slot back to A, a3 first
+
+
+def test_priority_goes_first_and_preempts_the_least_urgent():
+    s = make(max_num_seqs=3, max_batch_tokens=64)
+    s.add(Sequence("low", [10, 11], SamplingParams(max_new_tokens=50), priority=-5))
+    s.add(Sequence("mid0", [10, 11], SamplingParams(max_new_tokens=50)))
+    s.add(Sequence("mid1", [10, 11], SamplingParams(max_new_tokens=50)))
+    step(s)
+    s.add(Sequence("later", [10, 11], SamplingParams(max_new_tokens=50)))
+    s.add(Sequence("urgent", [10, 11], SamplingParams(max_new_tokens=50), priority=9))
+    out, _ = step(s)
+    # urgent arrived last but goes first, and takes the slot of the least urgent running sequence
+    # (though older); "later" is as urgent as those left and waits, preempting nobody.
+    assert ("urgent", 2) in ids_of(out) and s.by_id["low"].status is SequenceStatus.WAITING
+    assert s.by_id["later"].status is SequenceStatus.WAITING and out.num_preempted == 1
+    s.abort("mid0")
+    out, _ = step(s)
+    assert ("later", 2) in ids_of(out)  # a free slot: "later" outranks "low" by priority
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
+    s = make(max_num_seqs=2, max_batch_tokens=64)
+    for i in range(2):  # both slots held by sequences that must run 40 more tokens
+        s.add(Sequence(i, [10, 11, 12], SamplingParams(max_new_tokens=40, ignore_eos=True)))
+    step(s)
+    now = 1000.0
+    with pytest.raises(DeadlineUnmeetable, match="retry later"):  # ~40 steps of ~12 ms: ~0.5 s
+        s.add(Sequence("hurried", [10, 11], SamplingParams(max_new_tokens=5), deadline=now + 0.2), now=now)
+    s.add(Sequence("patient", [10, 11], SamplingParams(max_new_tokens=5), deadline=now + 2.0), now=now)
+    assert "hurried" not in s.by_id and s.by_id["patient"].status is SequenceStatus.WAITING
+    # A sequence that may stop at EOS any step could free its slot at once: no refusal for it.
+    t = make(max_num_seqs=1, max_batch_tokens=64)
+    t.add(Sequence(0, [10, 11, 12], SamplingParams(max_new_tokens=40)))
+    step(t)
+    t.add(Sequence("hurried", [10, 11], SamplingParams(max_new_tokens=5), deadline=now + 0.2), now=now)
+
+
+def test_step_cost_learns_the_machine():
+    truth = (0.004, 0.0004, 2e-6)
+    cost = StepCost()  # the prior is this CPU's, about 3x slower than "truth"
+    import random
+    rng = random.Random(1)
+    for _ in range(300):
+        tokens = rng.choice([1, 4, 16, 64, 300])
+        pairs = tokens * rng.randrange(1, 3000)
+        cost.observe(tokens, pairs, truth[0] + truth[1] * tokens + truth[2] * pairs)
+    for tokens, pairs in ((1, 100), (64, 64 * 2000), (300, 300 * 500)):
+        want = truth[0] + truth[1] * tokens + truth[2] * pairs
+        assert abs(cost.seconds(tokens, pairs) - want) < 0.05 * want
+    start, budget = 1000, 0.05
+    n = cost.chunk_for(budget, start, 10_000)
+    from model_svc.engine.step_cost import chunk_pairs
+    assert cost.marginal(n, chunk_pairs(start, n)) <= budget < cost.marginal(n + 1, chunk_pairs(start, n + 1))
