@@ -26,7 +26,15 @@ def parse_args(argv=None):
                              "it is plain text, and only the chat template's own markup is special")
     parser.add_argument("--max-inflight-sequences", type=int, default=512,
                         help="sequences in flight at once; past it RESOURCE_EXHAUSTED")
-    return parser.parse_args(argv)
+    parser.add_argument("--max-inflight-per-client", type=int, default=0,
+                        help="one client's sequences in flight at most (0: half of --max-inflight-sequences); past "
+                             "it RESOURCE_EXHAUSTED to that client only. A client is its bearer token when auth is "
+                             "on, else its x-genrpc-client metadata value, else its IP address")
+    args = parser.parse_args(argv)
+    if args.max_inflight_sequences < 1 or not 0 <= args.max_inflight_per_client <= args.max_inflight_sequences:
+        parser.error(f"--max-inflight-sequences={args.max_inflight_sequences} must be >= 1 and "
+                     f"--max-inflight-per-client={args.max_inflight_per_client} in [0, --max-inflight-sequences]")
+    return args
 
 
 def _addresses(value: str) -> list[str]:
@@ -43,7 +51,8 @@ async def serve(args, security: ServerSecurity) -> None:
             asyncio.get_running_loop().create_task(handle_box[0].set_ready(healthy))
 
     models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change, internal)
-    generator = Generator(tokenizers, models, args.max_inflight_sequences, args.parse_special_tokens)
+    generator = Generator(tokenizers, models, args.max_inflight_sequences, args.parse_special_tokens,
+                          args.max_inflight_per_client)
     service_name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
     def register(server):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import grpc
 from opentelemetry.trace import SpanKind
 
 from genrpc import tracing
@@ -82,12 +84,17 @@ class SequenceRun:
 
 class Generator:
     def __init__(self, tokenizers: TokenizerPool, models: ModelPool, max_inflight_sequences: int,
-                 parse_special_tokens: bool = False):
+                 parse_special_tokens: bool = False, max_inflight_per_client: int | None = None):
+        """max_inflight_per_client: one client's share of max_inflight_sequences (default: half), so
+        that a client flooding the gateway is refused before anyone else is."""
         self.tokenizers = tokenizers
         self.models = models
         self.max_inflight_sequences = max_inflight_sequences
+        self.max_inflight_per_client = max_inflight_per_client or max(1, max_inflight_sequences // 2)
         self.parse_special_tokens = parse_special_tokens  # markup in callers' text may become special tokens
         self.num_inflight = 0
+        self.inflight_by_client: Counter[str] = Counter()  # only clients with sequences in flight
+        metrics.ACTIVE_CLIENTS.set_function(lambda: len(self.inflight_by_client))
 
     async def encode(self, prompts: Prompts, truncate: int | None, pad: bool, return_tokens: bool,
                      timeout: float | None) -> tokenizer_pb2.EncodeResponse:
@@ -111,27 +118,38 @@ class Generator:
             logprobs=config.logprobs, top_logprobs=config.top_logprobs,
         )
 
-    async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None
-                     ) -> AsyncIterator[Delta]:
-        """Generates every prompt; yields deltas as tokens arrive (sequences interleaved)."""
+    async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None,
+                     client: str = "") -> AsyncIterator[Delta]:
+        """Generates every prompt for `client` (the identity fair shares and caps are kept by);
+        yields deltas as tokens arrive (sequences interleaved)."""
         started = time.monotonic()
         num_seqs = len(prompts.texts) + len(prompts.chats)
+        mine = self.inflight_by_client[client]
+        if mine + num_seqs > self.max_inflight_per_client:
+            metrics.CLIENT_CAP_REFUSALS.inc()
+            raise ResourceExhausted(
+                f"this client has {mine} sequences in flight and asks for {num_seqs} more: at most "
+                f"{self.max_inflight_per_client} per client; retry later")
         if self.num_inflight + num_seqs > self.max_inflight_sequences:
             raise ResourceExhausted(
                 f"the gateway is at capacity ({self.num_inflight} sequences in flight, "
                 f"max {self.max_inflight_sequences}); retry later")
         self.num_inflight += num_seqs
+        self.inflight_by_client[client] += num_seqs
         metrics.INFLIGHT_SEQUENCES.inc(num_seqs)
         try:
-            async for delta in self._stream(prompts, config, deadline, started):
+            async for delta in self._stream(prompts, config, deadline, started, client):
                 if delta.finish_reason != RUNNING:
                     metrics.FINISHED_SEQUENCES.labels(gen_pb2.FinishReason.Name(delta.finish_reason)).inc()
                 yield delta
         finally:
             self.num_inflight -= num_seqs
+            self.inflight_by_client[client] -= num_seqs
+            if not self.inflight_by_client[client]:
+                del self.inflight_by_client[client]
             metrics.INFLIGHT_SEQUENCES.dec(num_seqs)
 
-    async def _stream(self, prompts, config, deadline, started) -> AsyncIterator[Delta]:
+    async def _stream(self, prompts, config, deadline, started, client) -> AsyncIterator[Delta]:
         info = self.models.info()
         context_limit = min(info.max_context_tokens, info.kv_cache_tokens or info.max_context_tokens)
         encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline))
@@ -154,7 +172,7 @@ class Generator:
                 "model.Submit", kind=SpanKind.CLIENT, attributes={"genrpc.worker": worker.address,
                                                                   "genrpc.num_sequences": len(rows)}):
             handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline),
-                                          metadata=_metadata())
+                                          metadata=_metadata(), tenant=client, priority=config.priority)
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
         num_unfinished = len(handles)
@@ -191,6 +209,8 @@ class Generator:
         if event.error and event.finish_reason in (RUNNING, gen_pb2.FINISH_REASON_ERROR):
             if event.finish_reason == RUNNING:
                 raise Unavailable(event.error)
+            if event.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
+                raise ResourceExhausted(f"the model worker refused the sequence: {event.error}")
             raise GenrpcError(f"the model worker failed the sequence: {event.error}")
         token_ids, logprobs = [], []
         if event.token_id is not None:

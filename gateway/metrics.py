@@ -17,3 +17,7 @@ FINISHED_SEQUENCES = Counter("genrpc_gateway_finished_sequences", "sequences fin
 COALESCED_CALLS = Histogram(
     "genrpc_gateway_coalesced_calls", "requests carried by one backend call (concurrent ones merge), by call",
     ["call"], buckets=(1, 2, 4, 8, 16, 32, 64))
+CLIENT_CAP_REFUSALS = Counter(
+    "genrpc_gateway_client_cap_refusals", "requests refused because their client had its share in flight "
+    "(--max-inflight-per-client); unlabelled: clients are unbounded")
+ACTIVE_CLIENTS = Gauge("genrpc_gateway_active_clients", "clients with sequences in flight")

@@ -8,6 +8,7 @@ import uuid
 
 from genrpc.errors import grpc_errors
 from genrpc.logs import REQUEST_ID_HEADER, request_id
+from genrpc.security import ANONYMOUS, caller
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from gateway import convert
@@ -35,6 +36,26 @@ def _log_done(method: str, started: float, finish_reasons: list[int], num_tokens
         "finish_reasons": [pb.FinishReason.Name(r) for r in finish_reasons]}})
 
 
+CLIENT_HEADER = "x-genrpc-client"
+
+
+def client_identity(context) -> str:
+    """Who a request counts against for fair shares and caps: its bearer token when auth is on,
+    else the x-genrpc-client metadata value, else its IP address (all connections from one host
+    are one client)."""
+    who = caller.get()
+    if who != ANONYMOUS:
+        return who
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_HEADER and value:
+            return "client:" + (value if isinstance(value, str) else value.decode(errors="replace"))[:128]
+    peer = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rsplit(":", 1)[0]  # without the port
+    return "peer:" + address
+
+
 def _deadline(context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -57,7 +78,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         config = self._resolve(prompts, request.config, single=False)
         check_answer_size(len(prompts.texts) + len(prompts.chats), config)
         by_index: list[list] = [[] for _ in range(len(prompts.texts) + len(prompts.chats))]
-        async for delta in self.generator.stream(prompts, config, _deadline(context)):
+        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context)):
             by_index[delta.index].append(delta)
         response = convert.completions(by_index)
         _log_done("Generate", started, [c.finish_reason for c in response.completions],
@@ -70,7 +91,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await _begin(context)
         prompts = convert.stream_prompts(request)
         config = self._resolve(prompts, request.config, single=True)
-        async for delta in self.generator.stream(prompts, config, _deadline(context)):
+        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context)):
             if delta.finish_reason:
                 _log_done("GenerateStream", started, [delta.finish_reason], delta.generated_tokens)
             yield convert.stream_response(delta)

@@ -17,6 +17,7 @@ MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TIME_LIMIT_MS = 3_600_000
 MAX_TOP_LOGPROBS = 20
+MAX_PRIORITY = 100  # priorities are -MAX_PRIORITY .. MAX_PRIORITY, higher first
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)
@@ -54,6 +55,7 @@ class RequestedConfig:
     time_limit_ms: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    priority: int | None = None
 
 
 @dataclass
@@ -89,6 +91,7 @@ class ResolvedConfig:
     time_limit_ms: int | None
     logprobs: bool
     top_logprobs: int
+    priority: int
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -143,6 +146,9 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
                f"must be in [1, {MAX_TIME_LIMIT_MS}]")
     top_logprobs = req.top_logprobs if req.top_logprobs is not None else 0
     _check(0 <= top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", top_logprobs, f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    priority = req.priority if req.priority is not None else 0
+    _check(-MAX_PRIORITY <= priority <= MAX_PRIORITY, "priority", priority,
+           f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] (higher is more urgent; default 0)")
     return ResolvedConfig(
         max_new_tokens=max_new,
         max_new_tokens_explicit=req.max_new_tokens is not None,
@@ -160,6 +166,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         time_limit_ms=req.time_limit_ms,
         logprobs=bool(req.logprobs) or top_logprobs > 0,
         top_logprobs=top_logprobs,
+        priority=priority,
     )
 
 

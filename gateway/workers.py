@@ -165,6 +165,7 @@ class SequenceEvent:
     logprob: float | None = None
     top_logprobs: list = field(default_factory=list)
     error: str = ""
+    error_code: int = 0  # a grpc status code for `error` (0: a failure); RESOURCE_EXHAUSTED: retry later
 
 
 @dataclass
@@ -289,7 +290,7 @@ class ModelWorkerClient:
             piece = SequenceEvent(
                 handle.sequence_id, event.token_id if event.has_token else None, result.text, event.finish_reason,
                 event.logprob if event.has_token and (event.logprob or event.top_logprobs) else None,
-                list(event.top_logprobs), event.error,
+                list(event.top_logprobs), event.error, event.error_code,
             )
             if event.finish_reason != 0:
                 self._end(handle, piece)
@@ -304,16 +305,20 @@ class ModelWorkerClient:
     async def submit(
         self, rows: list[tuple[list[int], list[int]]], params: list[model_pb2.SamplingParams],
         skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None, metadata=None,
+        tenant: str = "", priority: int = 0,
     ) -> list[SequenceHandle]:
         """Submits (input_ids, attention_mask) rows; returns their handles, in order. Their
-        events all go to `queue`."""
+        events all go to `queue`. The worker schedules them for `tenant` at `priority`, and refuses
+        them at once when they could not start within `timeout`."""
+        timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         handles, inputs = [], []
         for (ids, mask), p in zip(rows, params):
             tail = [i for i, m in zip(ids, mask) if m][-PROMPT_TAIL_TOKENS:]
             handle = SequenceHandle(next(self._ids), DetokState(tail, len(tail), skip_special_tokens), queue)
             handles.append(handle)
             inputs.append(model_pb2.SequenceInput(
-                sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p))
+                sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p, tenant=tenant,
+                priority=priority, timeout_ms=timeout_ms))
         for handle in handles:
             self.sequences[handle.sequence_id] = handle
         try:

@@ -21,7 +21,7 @@ FINISH = {v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in pb.Fi
 def _config(args) -> pb.GenerationConfig:
     config = pb.GenerationConfig(stop=args.stop or [])
     for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
-                 "repetition_penalty", "seed", "time_limit_ms"):
+                 "repetition_penalty", "seed", "time_limit_ms", "priority"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -100,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--time-limit-ms", type=int)
+    g.add_argument("--priority", type=int, help="-100 .. 100, higher is more urgent (default 0)")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason, tokens and seed")
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tokenize", help="show the tokens of a text")

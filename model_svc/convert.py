@@ -73,5 +73,5 @@ def default_config(loaded: LoadedModel) -> generation_pb2.GenerationConfig:
         max_new_tokens=d.max_new_tokens, min_new_tokens=0, do_sample=d.do_sample, temperature=d.temperature,
         top_k=d.top_k, top_p=d.top_p, min_p=d.min_p, typical_p=d.typical_p,
         repetition_penalty=d.repetition_penalty, include_stop_sequence=False, ignore_eos=False,
-        skip_special_tokens=True, logprobs=False, top_logprobs=0,
+        skip_special_tokens=True, logprobs=False, top_logprobs=0, priority=0,
     )

@@ -60,7 +60,8 @@ def test_stop_string_aborts_on_the_model_service(stack, stub):
 def small_gateway(stack):
     """A gateway that admits at most 2 sequences, in front of the shared workers."""
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", stack.model.address, "--max-inflight-sequences", "2", *stack.credentials.client_flags())
+                            "--model-addrs", stack.model.address, "--max-inflight-sequences", "2",
+                            "--max-inflight-per-client", "2", *stack.credentials.client_flags())
     wait_serving(gateway.address)
     yield gateway
     gateway.stop()
