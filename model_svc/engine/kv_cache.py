@@ -7,7 +7,11 @@ Attention reads each sequence's own keys and values, exact length, with no paddi
 makes a sequence's tokens identical whether it runs alone or beside others (a left-padded merged
 cache changes the attention's reduction and flips greedy tokens in bfloat16; see the README). One
 arena (rather than a buffer per sequence) lets a step write every new key of a layer with one call.
-The arena is allocated once, empty: its pages become resident only as they are used.
+The arena is allocated once and zeroed, so its memory is committed at start: the process is as
+large from its first request as it will be under full load (a limit that is too small fails at
+start, not hours later), and a steady RSS afterwards means nothing leaks. Left lazy, the prefix
+cache would touch fresh blocks for hours (it keeps freed blocks for reuse and takes never-used ones
+first), and RSS would creep up to the arena's size.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class KVCache:
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.scratch_slot = self.num_slots
-        self.arena = torch.empty((spec.num_layers, 2, spec.num_kv_heads, self.num_slots + 1, spec.head_dim),
+        self.arena = torch.zeros((spec.num_layers, 2, spec.num_kv_heads, self.num_slots + 1, spec.head_dim),
                                  dtype=spec.dtype, device=spec.device)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
