@@ -15,8 +15,9 @@ Each point keeps its best round, and the rounds alternate the two sides: this ma
 drifts by up to 2x from minute to minute (shared cores), and back-to-back repeats of one side
 could all land in a slow minute the other side never saw.
 Then the CPU-contention section (bench/cpu_contention.py: the thread policies idle, beside a busy
-neighbour and under a CPU quota) and the memory-model workloads (bench/memory_model.py: long
-max_new_tokens, a shared system prompt, a multi-turn chat), and it writes
+neighbour and under a CPU quota), the memory-model workloads (bench/memory_model.py: long
+max_new_tokens, a shared system prompt, a multi-turn chat) and the scheduling ones
+(bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), and it writes
 bench/results/latest.json, latest.png and cpu_contention.png.
 
     python -m bench.run [--quick]
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model
+from bench import cpu_contention, memory_model, mixed_tenants
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -276,6 +277,7 @@ def main() -> None:
                                                          args.repeats)
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["memory_model"] = memory_model.run()
+    report["mixed_tenants"] = mixed_tenants.run()
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
@@ -295,6 +297,7 @@ def main() -> None:
     print(json.dumps(report["cpu_contention"]["summary"], indent=2))
     print(cpu_contention.markdown(report["cpu_contention"]))
     print(memory_model.markdown(report["memory_model"]))
+    print(mixed_tenants.markdown(report["mixed_tenants"]))
 
 
 if __name__ == "__main__":
