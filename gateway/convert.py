@@ -41,10 +41,10 @@ def stream_prompts(request: pb.GenerateStreamRequest) -> Prompts:
 def logprobs(items) -> list[pb.GeneratedTokenLogprob]:
     return [
         pb.GeneratedTokenLogprob(
-            token_id=token_id, logprob=logprob,
-            top=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in top],
+            token_id=token_id, logprob=logprob, token=text,
+            top=[pb.TokenLogprob(token_id=t, logprob=lp, token=t_text) for t, lp, t_text in top],
         )
-        for token_id, logprob, top in items
+        for token_id, logprob, text, top in items
     ]
 
 

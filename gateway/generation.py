@@ -47,7 +47,8 @@ class Delta:
     index: int  # the prompt's position in the request
     text: str
     token_ids: list[int]
-    logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (id, logprob, [(id, logprob)])
+    # (id, logprob, text, [(id, logprob, text) of the most likely tokens])
+    logprobs: list[tuple[int, float, str, list]] = field(default_factory=list)
     finish_reason: int = RUNNING
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -217,8 +218,8 @@ class Generator:
             token_ids.append(event.token_id)
             run.count_token()
             if event.logprob is not None:
-                logprobs.append((event.token_id, event.logprob,
-                                 [(t.token_id, t.logprob) for t in event.top_logprobs]))
+                logprob, text, top = event.logprob
+                logprobs.append((event.token_id, logprob, text, top))
         match = run.matcher.feed(event.text)
         if match.stop is not None:
             return run.delta(match.text, token_ids, logprobs, gen_pb2.FINISH_REASON_STOP_SEQUENCE, match.stop)

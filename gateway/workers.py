@@ -162,8 +162,8 @@ class SequenceEvent:
     token_id: int | None
     text: str
     finish_reason: int  # genrpc.v1.FinishReason; 0 while running
-    logprob: float | None = None
-    top_logprobs: list = field(default_factory=list)
+    # With logprobs: (logprob, the token's text, [(id, logprob, text) of the most likely tokens])
+    logprob: tuple[float, str, list] | None = None
     error: str = ""
     error_code: int = 0  # a grpc status code for `error` (0: a failure); RESOURCE_EXHAUSTED: retry later
 
@@ -267,7 +267,7 @@ class ModelWorkerClient:
 
     async def _on_step(self, step: model_pb2.StepEvents) -> None:
         """Detokenizes one step's new tokens in one call and hands each sequence its piece."""
-        targets, items = [], []
+        targets, items, piece_ids = [], [], []
         for event in step.events:
             handle = self.sequences.get(event.sequence_id)
             if handle is None:
@@ -276,21 +276,29 @@ class ModelWorkerClient:
                 handle.detok.ids.append(event.token_id)
             targets.append((handle, event))
             items.append(handle.detok.request_item(final=event.finish_reason != 0))
+            if event.has_token and event.HasField("logprob"):
+                piece_ids.append(event.token_id)
+                piece_ids.extend(t.token_id for t in event.top_logprobs)
         if not targets:
             return
         try:
-            response = await self.tokenizers.call("DecodeStream", tokenizer_pb2.DecodeStreamRequest(items=items))
+            response = await self.tokenizers.call(
+                "DecodeStream", tokenizer_pb2.DecodeStreamRequest(items=items, piece_ids=piece_ids))
         except Exception as exc:
             for handle, _ in targets:
                 self._end(handle, SequenceEvent(
                     handle.sequence_id, None, "", 0, error=f"detokenization failed: {_describe(exc)}"))
             return
+        texts = dict(zip(piece_ids, response.pieces))
         for (handle, event), result in zip(targets, response.results):
             handle.detok.advance(result)
+            logprob = None
+            if event.has_token and event.HasField("logprob"):  # 0.0 is a logprob too: presence, not truth
+                logprob = (event.logprob, texts.get(event.token_id, ""),
+                           [(t.token_id, t.logprob, texts.get(t.token_id, "")) for t in event.top_logprobs])
             piece = SequenceEvent(
                 handle.sequence_id, event.token_id if event.has_token else None, result.text, event.finish_reason,
-                event.logprob if event.has_token and (event.logprob or event.top_logprobs) else None,
-                list(event.top_logprobs), event.error, event.error_code,
+                logprob, event.error, event.error_code,
             )
             if event.finish_reason != 0:
                 self._end(handle, piece)

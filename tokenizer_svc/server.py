@@ -80,6 +80,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                              it.skip_special_tokens, it.final)
             for i, it in enumerate(request.items)
         ]
+        pieces = self._check_ids(request.piece_ids, "piece_ids")
         try:
             steps = self.tokenizer.decode_stream(items)
         except ValueError as exc:
@@ -88,7 +89,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             results=[
                 tokenizer_pb2.DecodeStreamResult(text=s.text, prefix_offset=s.prefix_offset, read_offset=s.read_offset)
                 for s in steps
-            ]
+            ],
+            pieces=self.tokenizer.pieces(pieces) if pieces else [],
         )
 
     @grpc_errors

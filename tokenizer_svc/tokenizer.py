@@ -74,6 +74,7 @@ class Tokenizer:
     """A loaded tokenizer and the operations the service offers."""
 
     def __init__(self, model: str):
+        self._piece_cache: dict[int, str] = {}
         source = ModelSource.parse(model)
         self.name = source.display_name
         self.hf = AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
@@ -210,6 +211,15 @@ class Tokenizer:
 
     def decode_batch(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return self.hf.batch_decode([list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+
+    def pieces(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's own text, special tokens kept (a byte-level piece of a character decodes to
+        U+FFFD): what logprobs show for a token. Cached: there are only vocab_size of them."""
+        missing = [i for i in dict.fromkeys(token_ids) if i not in self._piece_cache]
+        if missing:
+            for i, text in zip(missing, self.hf.batch_decode([[i] for i in missing], skip_special_tokens=False)):
+                self._piece_cache[i] = text
+        return [self._piece_cache[i] for i in token_ids]
 
     def decode_stream(self, items: Sequence[DecodeStreamItem]) -> list[DecodeStep]:
         return [

@@ -231,6 +231,10 @@ def test_logprobs(stub):
         assert len(lp.top) == 3
         assert lp.top[0].token_id == token_id  # greedy picks the most likely
         assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+    # Each token carries its text, as the tokenizer decodes it alone; the alternatives too.
+    pieces = [lp.token for lp in c.logprobs]
+    assert all(pieces) and "".join(pieces) == c.text
+    assert all(t.token for lp in c.logprobs for t in lp.top) and c.logprobs[0].top[0].token == pieces[0]
 
 
 def test_time_limit_ends_with_partial_text(stub):
