@@ -1,40 +1,106 @@
 """`genrpc`: a command line for people.
 
-    genrpc generate "Tell me a joke" [--stream] [--chat] [--max-new-tokens N] [--do-sample ...]
+    genrpc [--addr HOST:PORT] [--tls-ca CA] [--token-file FILE] generate "Tell me a joke" [--stream] ...
     genrpc tokenize "some text"
-    genrpc info
+    genrpc info [--json]
+
+Exit status: 0 done; 1 the server refused or failed the call (its status and message on stderr);
+2 a bad command line (one line on stderr); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 
 FINISH = {v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in pb.FinishReason.DESCRIPTOR.values}
+INT32_MAX = 2**31 - 1
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise UsageError(message)
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one worth showing (unset means the server's default)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def ranged(kind, low, high, low_open: bool = False):
+    """An argparse type: `kind` in [low, high] (or (low, high]), else a one-line error naming the range."""
+    what = f"{'(' if low_open else '['}{low}, {high}]" if kind is float else f"{low} .. {high}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+    return convert
+
+
+# (flag, GenerationConfig field, argparse type, help)
+GENERATION_FLAGS = [
+    ("--max-new-tokens", "max_new_tokens", ranged(int, 1, INT32_MAX), "tokens to generate at most (model default, else 20)"),
+    ("--min-new-tokens", "min_new_tokens", ranged(int, 0, INT32_MAX), "tokens before EOS may end it (0)"),
+    ("--temperature", "temperature", ranged(float, 0.0, 100.0, low_open=True), "sampling temperature (1.0)"),
+    ("--top-k", "top_k", ranged(int, 0, INT32_MAX), "keep the k most likely tokens, 0: off (model default, else 50)"),
+    ("--top-p", "top_p", ranged(float, 0.0, 1.0, low_open=True), "nucleus sampling (1.0)"),
+    ("--min-p", "min_p", ranged(float, 0.0, 1.0), "min-p sampling, 0 .. 1 (0)"),
+    ("--typical-p", "typical_p", ranged(float, 0.0, 1.0, low_open=True), "typical sampling (1.0)"),
+    ("--repetition-penalty", "repetition_penalty", ranged(float, 0.0, 100.0, low_open=True), "1.0: off"),
+    ("--seed", "seed", ranged(int, 0, 2**64 - 1), "reproduce a sample (random when unset)"),
+    ("--time-limit-ms", "time_limit_ms", ranged(int, 1, 3_600_000), "stop after this long; the text so far is kept"),
+    ("--truncate-input-tokens", "truncate_input_tokens", ranged(int, 1, INT32_MAX),
+     "keep only the prompt's last N tokens"),
+    ("--top-logprobs", "top_logprobs", ranged(int, 0, 20), "also the N most likely tokens at each step, 0 .. 20"),
+    ("--priority", "priority", ranged(int, -100, 100), "-100 .. 100, higher is more urgent (0)"),
+]
 
 
 def _config(args) -> pb.GenerationConfig:
-    config = pb.GenerationConfig(stop=args.stop or [])
-    for name in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
-                 "repetition_penalty", "seed", "time_limit_ms", "priority"):
+    config = pb.GenerationConfig(stop=args.stop or [], stop_token_ids=args.stop_token_id or [])
+    for _, name, _, _ in GENERATION_FLAGS:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
-    if args.do_sample:
-        config.do_sample = True
-    if args.ignore_eos:
-        config.ignore_eos = True
+    for flag in ("do_sample", "ignore_eos", "logprobs", "include_stop_sequence"):
+        if getattr(args, flag):
+            setattr(config, flag, True)
+    if args.keep_special_tokens:
+        config.skip_special_tokens = False
     return config
 
 
 def _chat(text: str, system: str | None) -> pb.Chat:
     messages = [pb.Message(role="system", content=system)] if system else []
     return pb.Chat(messages=[*messages, pb.Message(role="user", content=text)])
+
+
+def _logprob_lines(logprobs) -> list[str]:
+    lines = []
+    for item in logprobs:
+        alternatives = "  ".join(f"{a.token!r} {a.logprob:.3f}" for a in item.top)
+        lines.append(f"{item.token_id}\t{item.token!r}\t{item.logprob:.4f}" + (f"\t{alternatives}" if alternatives else ""))
+    return lines
 
 
 def cmd_generate(stub, args) -> None:
@@ -45,81 +111,141 @@ def cmd_generate(stub, args) -> None:
             request.chat.CopyFrom(_chat(args.prompt, args.system))
         else:
             request.prompt = args.prompt
-        last = None
-        for last in stub.GenerateStream(request, timeout=args.timeout):
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
+        last, logprobs = None, []
+        call = stub.GenerateStream(request, timeout=args.timeout, metadata=args.metadata)
+        try:
+            for last in call:
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+                logprobs.extend(last.logprobs)
+        except KeyboardInterrupt:
+            call.cancel()
+            raise
         print()
+        if logprobs:
+            print("\n".join(_logprob_lines(logprobs)), file=sys.stderr)
         if last is not None and args.verbose:
-            print(f"[{FINISH[last.finish_reason]}, {last.generated_tokens} tokens, seed {last.seed}]",
-                  file=sys.stderr)
+            print(f"[{FINISH[last.finish_reason]}, {last.generated_tokens} tokens, seed {last.seed}]", file=sys.stderr)
         return
     request = pb.GenerateRequest(config=config)
     if args.chat:
         request.chats.append(_chat(args.prompt, args.system))
     else:
         request.prompts.append(args.prompt)
-    completion = stub.Generate(request, timeout=args.timeout).completions[0]
+    completion = stub.Generate(request, timeout=args.timeout, metadata=args.metadata).completions[0]
     print(completion.text)
+    if completion.logprobs:
+        print("\n".join(_logprob_lines(completion.logprobs)), file=sys.stderr)
     if args.verbose:
         print(f"[{FINISH[completion.finish_reason]}, {completion.generated_tokens} tokens, "
               f"seed {completion.seed}]", file=sys.stderr)
 
 
 def cmd_tokenize(stub, args) -> None:
-    result = stub.Tokenize(pb.TokenizeRequest(prompts=[args.text]), timeout=args.timeout).prompts[0]
+    result = stub.Tokenize(pb.TokenizeRequest(prompts=[args.text]), timeout=args.timeout,
+                           metadata=args.metadata).prompts[0]
     for token_id, token in zip(result.token_ids, result.tokens):
         print(f"{token_id}\t{token}")
     print(f"{result.num_tokens} tokens", file=sys.stderr)
 
 
 def cmd_info(stub, args) -> None:
-    print(stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout), end="")
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout, metadata=args.metadata)
+    if args.json:
+        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+        return
+    defaults = MessageToDict(info.default_config, preserving_proto_field_name=True)
+    rows = [
+        ("model", info.model_name),
+        ("context", f"{info.max_context_tokens} tokens"),
+        ("weights", f"{info.dtype}, quantization {info.quantization}, on {info.device}"),
+        ("vocabulary", f"{info.vocab_size} tokens; EOS {', '.join(map(str, info.eos_token_ids))}"),
+        ("model workers", str(info.num_model_workers)),
+        ("KV cache", f"{info.kv_cache_tokens} tokens in blocks of {info.kv_block_size}, prefix caching "
+                     f"{'on' if info.prefix_caching else 'off'}"),
+        ("threads", info.thread_policy),
+        ("defaults", ", ".join(f"{k}={v}" for k, v in defaults.items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genrpc", description="Call a genrpc gateway.")
+def parser() -> Parser:
+    p = Parser(prog="genrpc", description="Call a genrpc gateway.",
+               formatter_class=Help)
     p.add_argument("--addr", default="127.0.0.1:50051", help="gateway address")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text")
+    p.add_argument("--timeout", type=ranged(float, 0.0, 86400.0, low_open=True), default=300.0, help="seconds the call may take")
+    p.add_argument("--tls-ca", default="", help="PEM CA of the gateway's certificate: connect over TLS")
+    p.add_argument("--tls-cert", default="", help="PEM client certificate, for a gateway that asks for one")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", default="", help="the name the gateway's certificate carries, if not --addr's")
+    p.add_argument("--token-file", default="", help="file whose first line is a bearer token (sent only over TLS)")
+    p.add_argument("--client", default="", help="x-genrpc-client: the name fair shares count you under")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    g = sub.add_parser("generate", help="generate text", formatter_class=Help)
     g.add_argument("prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--min-new-tokens", type=int)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--typical-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int)
+    for flag, name, kind, help_text in GENERATION_FLAGS:
+        g.add_argument(flag, dest=name, type=kind, help=help_text)
+    g.add_argument("--do-sample", action="store_true", help="sample (greedy without it)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--time-limit-ms", type=int)
-    g.add_argument("--priority", type=int, help="-100 .. 100, higher is more urgent (default 0)")
+    g.add_argument("--include-stop-sequence", action="store_true", help="keep the stop string in the text")
+    g.add_argument("--stop-token-id", type=ranged(int, 0, INT32_MAX), action="append",
+                   help="a token id that ends generation like EOS (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to --max-new-tokens")
+    g.add_argument("--keep-special-tokens", action="store_true", help="leave special tokens in the text")
+    g.add_argument("--logprobs", action="store_true", help="print each token's log-probability on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason, tokens and seed")
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tokenize", help="show the tokens of a text")
     t.add_argument("text")
     t.set_defaults(func=cmd_tokenize)
     i = sub.add_parser("info", help="describe the served model")
+    i.add_argument("--json", action="store_true", help="the ModelInfo response as JSON, for scripts")
     i.set_defaults(func=cmd_info)
     return p
 
 
+def _channel(args) -> grpc.Channel:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if (args.tls_cert or args.token_file) and not args.tls_ca:
+        raise UsageError("--tls-cert and --token-file need --tls-ca: a key or a secret is only sent over TLS")
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.addr)
+    from genrpc.security import channel_credentials  # TLS only: keeps the plain path light
+
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)
+    except OSError as exc:
+        raise UsageError(f"{exc.filename}: {exc.strerror}")
+    except SystemExit as exc:  # a token file that cannot be read says so
+        raise UsageError(str(exc))
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(args.addr, credentials, options=options)
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    with grpc.insecure_channel(args.addr) as channel:
+    try:
+        args = parser().parse_args(argv)
+        args.metadata = (("x-genrpc-client", args.client),) if args.client else None
+        channel = _channel(args)
+    except UsageError as exc:
+        print(f"genrpc: error: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             args.func(stub, args)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -13,6 +15,7 @@ import pytest
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from tests.conftest import MODEL, start_service, wait_serving
+from genrpc.launch import ROOT
 from tests.helpers import make_certificates, metric, wait_for
 
 RUNNING = "genrpc_model_running_sequences"
@@ -217,6 +220,16 @@ def test_tls_mutual_tls_and_bearer_tokens(stack, tmp_path):
         with grpc.insecure_channel(gateway.address) as channel:
             with pytest.raises(grpc.RpcError):
                 generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=5)
+        # The command line reaches it with the same certificates and a token file.
+        token_file = tmp_path / "token"
+        token_file.write_text("s3cret\n")
+        cli = [sys.executable, "-m", "genrpc.cli", "--addr", gateway.address, "--tls-ca", certs["ca"],
+               "--tls-cert", certs["client_cert"], "--tls-key", certs["client_key"]]
+        ok = subprocess.run([*cli, "--token-file", str(token_file), "generate", "Hi", "--max-new-tokens", "2", "-v"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert ok.returncode == 0 and "2 tokens" in ok.stderr, ok.stderr
+        refused = subprocess.run([*cli, "generate", "Hi"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     finally:
         gateway.stop()
 

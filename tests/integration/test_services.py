@@ -90,8 +90,59 @@ def test_cli(stack):
     assert tokens.stdout.splitlines()[0].split("\t")[1] == "Hello"
     info = subprocess.run([*cli, "info"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "SmolLM2-135M-Instruct" in info.stdout
-    bad = subprocess.run([*cli, "generate", "x", "--top-p", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+    bad = subprocess.run([*cli, "generate", "x", "--top-k", "-1"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "--top-k" in bad.stderr  # refused by the command line itself
+    refused = subprocess.run([*cli, "generate", "x", "--max-new-tokens", "5", "--min-new-tokens", "9"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "min_new_tokens" in refused.stderr
+
+
+def run_cli(stack, *args, timeout=120):
+    cli = [sys.executable, "-m", "genrpc.cli", "--addr", stack.gateway.address]
+    return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, names", [
+    (("--seed", "-1"), "--seed"), (("--max-new-tokens", "99999999999"), "--max-new-tokens"),
+    (("--temperature", "nan"), "--temperature"), (("--top-logprobs", "21"), "--top-logprobs"),
+    (("--priority", "101"), "--priority"), (("--seed", "x"), "--seed")])
+def test_cli_refuses_bad_values_in_one_line(stack, args, names):
+    out = run_cli(stack, "generate", "x", *args)
+    assert out.returncode == 2 and names in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_generation_flags_and_info(stack, stub):
+    ids = list(stub.Tokenize(pb.TokenizeRequest(prompts=["one two three four five six"]), timeout=30).prompts[0].token_ids)
+    out = run_cli(stack, "generate", "one two three four five six", "--truncate-input-tokens", "2",
+                  "--max-new-tokens", "3", "--logprobs", "--top-logprobs", "2", "--seed", "1", "-v")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    logprob_lines, summary = lines[:-1], lines[-1]
+    assert len(logprob_lines) == 3 and "3 tokens" in summary
+    reference = stub.Generate(pb.GenerateRequest(prompts=["one two three four five six"], config=pb.GenerationConfig(
+        truncate_input_tokens=2, max_new_tokens=3, logprobs=True, top_logprobs=2)), timeout=60).completions[0]
+    assert [int(line.split("\t")[0]) for line in logprob_lines] == list(reference.token_ids)
+    assert reference.prompt_tokens == 2 < len(ids)
+    stop_id = reference.token_ids[0]
+    stopped = run_cli(stack, "generate", "one two three four five six", "--truncate-input-tokens", "2",
+                      "--max-new-tokens", "3", "--stop-token-id", str(stop_id), "-v")
+    assert stopped.returncode == 0 and "eos_token, 1 tokens" in stopped.stderr
+    info = run_cli(stack, "info")
+    assert info.returncode == 0 and info.stdout.splitlines()[0].split() == ["model", "SmolLM2-135M-Instruct"]
+    assert "{" not in info.stdout  # lines for people, not protobuf text
+    as_json = json.loads(run_cli(stack, "info", "--json").stdout)
+    assert as_json["model_name"] == "SmolLM2-135M-Instruct" and as_json["max_context_tokens"] > 0
+
+
+def test_cli_ctrl_c_during_a_stream_exits_quietly(stack):
+    cli = [sys.executable, "-m", "genrpc.cli", "--addr", stack.gateway.address]
+    proc = subprocess.Popen([*cli, "generate", "Tell me a long story.", "--stream", "--max-new-tokens", "2000",
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.read(8)  # streaming
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err
 
 
 def test_env_variables_set_flags(tmp_path):
