@@ -124,5 +124,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             device=info.device, eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size,
             num_model_workers=len(self.generator.models.healthy_workers), thread_policy=info.thread_policy,
             kv_cache_tokens=info.kv_cache_tokens, kv_block_size=info.kv_block_size,
-            prefix_caching=info.prefix_caching,
+            prefix_caching=info.prefix_caching, decode_attention=info.decode_attention,
+            prefill_attention=info.prefill_attention,
         )

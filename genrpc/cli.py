@@ -163,6 +163,7 @@ def cmd_info(stub, args) -> None:
         ("model workers", str(info.num_model_workers)),
         ("KV cache", f"{info.kv_cache_tokens} tokens in blocks of {info.kv_block_size}, prefix caching "
                      f"{'on' if info.prefix_caching else 'off'}"),
+        ("attention", f"decoded tokens {info.decode_attention}, prompts {info.prefill_attention}"),
         ("threads", info.thread_policy),
         ("defaults", ", ".join(f"{k}={v}" for k, v in defaults.items())),
     ]

@@ -58,19 +58,55 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                         help="tokens per KV-cache block: the unit of allocation and of prefix caching")
     parser.add_argument("--match-generate", action="store_true",
-                        help="decode attention exactly as batch-1 generate() does (bit-identical tokens, slower)")
-    parser.add_argument("--decode-attention", default="native", choices=list(DECODE_ATTENTION),
-                        help="native: all decoded tokens of a step in one call of a C kernel compiled on first "
-                             "use (falls back to sdpa without a C compiler); sdpa: one SDPA call per sequence")
-    parser.add_argument("--prefill-attention", default="native", choices=list(PREFILL_ATTENTION),
-                        help="native: prompts attend through the decode kernel: chunking-invariant, so prefixes "
-                             "are shared exactly; sdpa: through the call generate() makes (generate()'s very "
-                             "numbers for a prompt, no prefix sharing)")
+                        help="prompts and decoded tokens attend exactly as batch-1 generate() does (bit-identical "
+                             "greedy tokens, slower, no prefix caching); excludes the two flags below")
+    parser.add_argument("--decode-attention", default=None, choices=list(DECODE_ATTENTION),
+                        help="native (default for bfloat16 on the CPU): all decoded tokens of a step in one call "
+                             "of a C kernel compiled on first use (falls back to sdpa without a C compiler); "
+                             "sdpa: one SDPA call per sequence")
+    parser.add_argument("--prefill-attention", default=None, choices=list(PREFILL_ATTENTION),
+                        help="native (default with native decode; needs it): prompts attend through the decode "
+                             "kernel: chunking-invariant, so prefixes are cached exactly; sdpa: through the call "
+                             "generate() makes (generate()'s very numbers for a prompt, no prefix caching)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
-                             "sequences with the same leading tokens (on with native prefill attention only)")
+                             "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
+
+
+def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
+    """The (decode, prefill) attention the flags ask for, each "native" or "sdpa" (decode "generate"
+    with --match-generate); refuses contradictory flags at start, naming them. `native_possible`:
+    bfloat16 on the CPU, the only place the native kernel runs. The kernel's build can still fail
+    later (no C compiler): the runner then uses sdpa, logs it, and ModelInfo reports what runs."""
+    decode, prefill = args.decode_attention, args.prefill_attention
+    if args.match_generate:
+        if decode or prefill:
+            raise SystemExit("--match-generate makes prompts and decoded tokens attend as generate() does: "
+                             "drop --decode-attention/--prefill-attention")
+        if args.no_prefix_caching:
+            raise SystemExit("--no-prefix-caching: prefix caching is already off with --match-generate")
+        return "generate", "sdpa"
+    if not native_possible and "native" in (decode, prefill):
+        raise SystemExit("native attention runs bfloat16 models on the CPU only: for this --dtype/--device (or "
+                         "model) use --decode-attention sdpa --prefill-attention sdpa, or drop them")
+    decode = decode or ("native" if native_possible else "sdpa")
+    if decode == "sdpa" and prefill == "native":
+        raise SystemExit("--prefill-attention native needs --decode-attention native (prompts attend through "
+                         "the decode kernel)")
+    prefill = prefill or decode
+    if prefill != "native" and args.no_prefix_caching:
+        raise SystemExit(f"--no-prefix-caching: prefix caching is already off with {prefill} prefill attention "
+                         "(only native prefill attention caches prefixes)")
+    return decode, prefill
+
+
+def _native_possible(args) -> bool:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.dtype == "bfloat16" and device == "cpu"
 
 
 def build_engine(args) -> tuple:
@@ -78,6 +114,7 @@ def build_engine(args) -> tuple:
     on the thread that will step the engine: OpenMP keeps a pool per thread)."""
     if args.threads < 0:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
+    resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
@@ -87,8 +124,10 @@ def build_engine(args) -> tuple:
 
 def engine_for(loaded, args) -> Engine:
     """The engine the flags describe, around a loaded model."""
-    runner = ModelRunner(loaded.model, match_generate=args.match_generate, decode_attention_impl=args.decode_attention,
-                         prefill_attention_impl=args.prefill_attention)
+    decode, prefill = resolve_attention(args, loaded.dtype == "bfloat16" and loaded.device == "cpu")
+    runner = ModelRunner(loaded.model, match_generate=args.match_generate,
+                         decode_attention_impl="native" if decode == "generate" else decode,
+                         prefill_attention_impl=prefill)
     log.info("decode attention: %s; prefill attention: %s", runner.decode_attention, runner.prefill_attention)
     if args.block_size < 1 or args.kv_cache_tokens < args.block_size:
         raise SystemExit(f"--block-size={args.block_size} and --kv-cache-tokens={args.kv_cache_tokens}: need "

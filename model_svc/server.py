@@ -141,6 +141,8 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             kv_cache_used_tokens=blocks.num_used_blocks * blocks.block_size, kv_block_size=blocks.block_size,
             kv_cached_tokens=blocks.num_cached_blocks * blocks.block_size,
             prefix_caching=blocks.enable_prefix_caching, thread_policy=self.thread_policy.describe,
+            decode_attention=self.engine_loop.engine.runner.decode_attention,
+            prefill_attention=self.engine_loop.engine.runner.prefill_attention,
             num_threads=self.thread_policy.threads,
         )
 

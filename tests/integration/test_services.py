@@ -251,3 +251,14 @@ def _worker_policy(stack) -> str:
 
     with stack.channel(stack.model) as channel:  # with the gateway's credentials
         return model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10).thread_policy
+
+
+def test_contradictory_model_flags_stop_start_up_with_a_message():
+    out = subprocess.run([sys.executable, "-m", "model_svc", "--model", MODEL, "--port", "0", "--match-generate",
+                          "--decode-attention", "sdpa"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "--match-generate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_info_reports_the_attention_in_use(stub):
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert (info.decode_attention, info.prefill_attention) == ("native", "native")

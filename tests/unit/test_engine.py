@@ -21,9 +21,13 @@ def make_engine(loaded, max_batch_tokens=512, match_generate=False, prefix_cachi
     default, or prefill="sdpa": generate()'s own prompt numbers, where a test compares with
     generate() to the last bit); prompts are prefilled up to max_batch_tokens a step."""
     flags = ["--kv-cache-tokens", str(kv_cache_tokens), "--max-num-seqs", str(max_num_seqs), "--max-waiting", "64",
-             "--max-batch-tokens", str(max_batch_tokens), "--max-prefill-tokens", str(max_batch_tokens),
-             "--prefill-attention", prefill]
-    flags += ["--match-generate"] * match_generate + ["--no-prefix-caching"] * (not prefix_caching)
+             "--max-batch-tokens", str(max_batch_tokens), "--max-prefill-tokens", str(max_batch_tokens)]
+    if match_generate:
+        flags += ["--match-generate"]
+    else:
+        flags += ["--prefill-attention", "sdpa"] * (prefill == "sdpa")  # native: the default, where it can run
+        native = loaded.dtype == "bfloat16" and loaded.device == "cpu"  # else attention is SDPA, uncached anyway
+        flags += ["--no-prefix-caching"] * (not prefix_caching and prefill == "native" and native)
     return engine_for(loaded, parse_args(flags))
 
 
