@@ -138,12 +138,22 @@ class Generator:
         self.num_inflight += num_seqs
         self.inflight_by_client[client] += num_seqs
         metrics.INFLIGHT_SEQUENCES.inc(num_seqs)
+        num_finished = 0
+        ended_by = gen_pb2.FINISH_REASON_CANCELLED  # unless an error ends it: client gone, deadline
         try:
             async for delta in self._stream(prompts, config, deadline, started, client):
                 if delta.finish_reason != RUNNING:
+                    num_finished += 1
                     metrics.FINISHED_SEQUENCES.labels(gen_pb2.FinishReason.Name(delta.finish_reason)).inc()
                 yield delta
+        except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
+            raise
+        except BaseException:
+            ended_by = gen_pb2.FINISH_REASON_ERROR
+            raise
         finally:
+            if num_finished < num_seqs:  # sequences that ended without a finish reason of their own
+                metrics.FINISHED_SEQUENCES.labels(gen_pb2.FinishReason.Name(ended_by)).inc(num_seqs - num_finished)
             self.num_inflight -= num_seqs
             self.inflight_by_client[client] -= num_seqs
             if not self.inflight_by_client[client]:

@@ -13,7 +13,8 @@ from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from gateway import convert
 from gateway.generation import Generator, Prompts
-from gateway.validation import check_answer_size, check_tokenize_size, resolve_config, validate_prompts
+from gateway.validation import (check_answer_size, check_tokenize_size, check_truncate, resolve_config,
+                                validate_prompts)
 
 
 log = logging.getLogger("genrpc.gateway")
@@ -104,10 +105,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         check_tokenize_size(prompts.texts, prompts.chats)
         limits = convert.model_limits(self.generator.models.info())
         truncate = None
-        if request.HasField("truncate_input_tokens"):
-            truncate = resolve_config(
-                convert.requested_config(pb.GenerationConfig(truncate_input_tokens=request.truncate_input_tokens)),
-                limits).truncate_input_tokens
+        if request.HasField("truncate_input_tokens"):  # a field of TokenizeRequest itself, not of a config
+            truncate = check_truncate(request.truncate_input_tokens, limits.max_context, "truncate_input_tokens")
         encoded = await self.generator.encode(prompts, truncate, False, True, context.time_remaining())
         return pb.TokenizeResponse(prompts=[
             pb.TokenizedPrompt(token_ids=row.input_ids, tokens=row.tokens, num_tokens=row.num_tokens)

@@ -105,6 +105,12 @@ def _finite_in(value: float, low: float, high: float, low_open: bool) -> bool:
     return (low < value if low_open else low <= value) and value <= high
 
 
+def check_truncate(value: int, max_context: int, name: str) -> int:
+    if not 1 <= value <= max_context - 1:
+        raise InvalidArgument.field(name, value, f"must be in [1, {max_context - 1}]")
+    return value
+
+
 def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     d = limits.defaults
     ctx = limits.max_context
@@ -115,8 +121,11 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     min_new = req.min_new_tokens if req.min_new_tokens is not None else 0
     _check(0 <= min_new <= max_new, "min_new_tokens", min_new, f"must be in [0, max_new_tokens={max_new}]")
     temperature = req.temperature if req.temperature is not None else d.temperature
+    do_sample = req.do_sample if req.do_sample is not None else bool(d.do_sample)
     _check(_finite_in(temperature, 0.0, MAX_TEMPERATURE, True), "temperature", temperature,
-           f"must be a number in (0, {MAX_TEMPERATURE:g}]; for greedy decoding set do_sample=false")
+           f"must be a number in (0, {MAX_TEMPERATURE:g}]; "
+           + ("for greedy decoding set do_sample=false" if do_sample
+              else "it is unused without do_sample=true: leave it unset"))
     top_k = req.top_k if req.top_k is not None else d.top_k
     _check(0 <= top_k <= INT32_MAX, "top_k", top_k, "must be >= 0 (0 turns it off)")
     top_p = req.top_p if req.top_p is not None else d.top_p
@@ -139,8 +148,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         _check(0 <= token_id < limits.vocab_size, f"stop_token_ids[{i}]", token_id,
                f"must be in [0, {limits.vocab_size - 1}]")
     if req.truncate_input_tokens is not None:
-        _check(1 <= req.truncate_input_tokens <= ctx - 1, "truncate_input_tokens", req.truncate_input_tokens,
-               f"must be in [1, {ctx - 1}]")
+        check_truncate(req.truncate_input_tokens, ctx, "config.truncate_input_tokens")
     if req.time_limit_ms is not None:
         _check(1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS, "time_limit_ms", req.time_limit_ms,
                f"must be in [1, {MAX_TIME_LIMIT_MS}]")
@@ -153,7 +161,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         max_new_tokens=max_new,
         max_new_tokens_explicit=req.max_new_tokens is not None,
         min_new_tokens=min_new,
-        do_sample=req.do_sample if req.do_sample is not None else bool(d.do_sample),
+        do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=penalty,
         seed=req.seed,

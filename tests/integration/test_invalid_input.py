@@ -101,3 +101,10 @@ def test_special_token_strings_and_control_characters_are_plain_text(stub):
     reply = stub.Generate(pb.GenerateRequest(prompts=[weird], config=pb.GenerationConfig(max_new_tokens=3)),
                           timeout=60)
     assert reply.completions[0].generated_tokens == 3
+
+
+def test_tokenize_names_its_own_truncate_field(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Tokenize(pb.TokenizeRequest(prompts=["Hello"], truncate_input_tokens=0), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("truncate_input_tokens=0 ")  # a top-level field, not config.*

@@ -221,3 +221,16 @@ def test_kubernetes_manifests_are_valid():
             "app.kubernetes.io/name": "genrpc", "app.kubernetes.io/component": "gateway"}}}]
         assert rules[metrics_port] == [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_cancels_and_deadlines_count_as_cancelled_sequences(stack, stub):
+    g = stack.gateway.metrics_port
+    before = metric(g, "genrpc_gateway_finished_sequences_total", {"reason": "FINISH_REASON_CANCELLED"})
+    long = pb.GenerationConfig(max_new_tokens=2000, ignore_eos=True)
+    call = stub.GenerateStream(pb.GenerateStreamRequest(prompt="Go on.", config=long), timeout=60)
+    next(call)
+    call.cancel()
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(pb.GenerateRequest(prompts=["Go on.", "And on."], config=long), timeout=1.0)
+    wait_for(lambda: metric(g, "genrpc_gateway_finished_sequences_total",
+                            {"reason": "FINISH_REASON_CANCELLED"}) - before == 3, timeout=10)

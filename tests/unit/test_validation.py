@@ -58,3 +58,10 @@ def test_fit_to_context():
     explicit = resolve_config(RequestedConfig(max_new_tokens=50), LIMITS)
     with pytest.raises(InvalidArgument, match="at most 10 new tokens"):
         fit_to_context(90, explicit, 100, "prompts[0]")
+
+
+def test_a_bad_temperature_says_what_to_do_whether_sampling_or_not():
+    with pytest.raises(InvalidArgument, match="unused without do_sample=true"):
+        resolve_config(RequestedConfig(temperature=-1.0), LIMITS)
+    with pytest.raises(InvalidArgument, match="for greedy decoding set do_sample=false"):
+        resolve_config(RequestedConfig(temperature=-1.0, do_sample=True), LIMITS)
