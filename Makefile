@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  := models/SmolLM2-135M-Instruct
 STAMP  := $(VENV)/.installed-stamp
-PROTOS := $(wildcard protos/genrpc/v1/*.proto)
-STUBS  := genrpc/v1/generation_pb2.py genrpc/v1/tokenizer_pb2.py genrpc/v1/model_pb2.py
+PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
+STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
 
 .PHONY: setup stubs model run test soak unit integration bench loadtest clean
 
@@ -54,4 +54,4 @@ loadtest: setup
 	$(BIN)/python -m bench.loadtest $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi
+	rm -rf $(VENV) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi genrpc/internal/v1

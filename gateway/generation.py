@@ -23,7 +23,7 @@ from genrpc import tracing
 from genrpc.errors import GenrpcError, ResourceExhausted, Unavailable
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.v1 import generation_pb2 as gen_pb2
-from genrpc.v1 import model_pb2, tokenizer_pb2
+from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from gateway import metrics
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import ResolvedConfig, fit_to_context

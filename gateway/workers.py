@@ -25,7 +25,7 @@ import grpc
 from genrpc.errors import Unavailable
 from genrpc.security import ClientSecurity
 from genrpc.serving import CHANNEL_OPTIONS
-from genrpc.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from gateway.coalesce import Coalescer
 from gateway.routing import PrefixRouter, block_hashes
 
@@ -265,7 +265,7 @@ class ModelWorkerClient:
             handle.queue.put_nowait(SequenceEvent(handle.sequence_id, None, "", 0, error=message))
         self.sequences.clear()
 
-    async def _on_step(self, step: model_pb2.StepEvents) -> None:
+    async def _on_step(self, step: model_pb2.EventsResponse) -> None:
         """Detokenizes one step's new tokens in one call and hands each sequence its piece."""
         targets, items, piece_ids = [], [], []
         for event in step.events:

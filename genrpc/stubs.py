@@ -1,4 +1,5 @@
-"""Generates the Python stubs from protos/ into genrpc/v1 (`make stubs`); never edit them.
+"""Generates the Python stubs from protos/ into genrpc/v1 (public) and genrpc/internal/v1 (the
+tokenizer and model services, which only the gateway calls) (`make stubs`); never edit them.
 
     python -m genrpc.stubs [--out DIR]
 """
@@ -17,13 +18,15 @@ PROTO_DIR = os.path.join(ROOT, "protos")
 
 
 def generate(out: str) -> None:
-    protos = sorted(glob.glob(os.path.join(PROTO_DIR, "genrpc", "v1", "*.proto")))
+    protos = sorted(glob.glob(os.path.join(PROTO_DIR, "genrpc", "v1", "*.proto"))
+                    + glob.glob(os.path.join(PROTO_DIR, "genrpc", "internal", "v1", "*.proto")))
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
             f"--grpc_python_out={out}", *protos]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
-    open(os.path.join(out, "genrpc", "v1", "__init__.py"), "a").close()
+    for package in (("v1",), ("internal", "v1")):
+        open(os.path.join(out, "genrpc", *package, "__init__.py"), "a").close()
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
-from genrpc.v1 import model_pb2, model_pb2_grpc
+from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.kv_cache import KVCache

@@ -16,7 +16,7 @@ from prometheus_client import Counter
 
 from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, grpc_errors
 from genrpc.security import caller
-from genrpc.v1 import model_pb2, model_pb2_grpc
+from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from model_svc import convert
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
@@ -58,7 +58,7 @@ class Subscriptions:
         for client_id, events in by_client.items():
             queue = self.queues.get(client_id)
             if queue is not None:
-                queue.put_nowait(model_pb2.StepEvents(events=events))
+                queue.put_nowait(model_pb2.EventsResponse(events=events))
 
 
 class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
@@ -82,7 +82,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
         self.subs.queues[client_id] = queue
         self.subs.owners[client_id] = caller.get()
         try:
-            yield model_pb2.StepEvents()  # the subscription is live
+            yield model_pb2.EventsResponse()  # the subscription is live
             while True:
                 item = await queue.get()
                 if item is None:

@@ -12,7 +12,7 @@ from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
 from genrpc.security import server_security
 from genrpc.serving import run_until_signal, start_server
-from genrpc.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.server import TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer
 

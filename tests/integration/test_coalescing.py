@@ -9,7 +9,7 @@ import asyncio
 import grpc
 
 from genrpc.v1 import generation_pb2 as gen_pb2
-from genrpc.v1 import model_pb2, tokenizer_pb2
+from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from gateway.workers import ModelWorkerClient, TokenizerPool
 from tests.conftest import MODEL, start_service
 

@@ -81,11 +81,11 @@ def test_one_trace_across_gateway_tokenizer_and_model(traced):
         with open(spans_file) as f:
             return [json.loads(line) for line in f]
 
-    wait_for(lambda: any(s["name"] == "genrpc.v1.ModelWorker/Submit" for s in spans()), timeout=10)
+    wait_for(lambda: any(s["name"] == "genrpc.internal.v1.ModelWorker/Submit" for s in spans()), timeout=10)
     by_name = {s["name"]: s for s in spans() if s["name"] != "grpc.health.v1.Health/Check"}
     root = by_name["genrpc.v1.Generation/Generate"]
     encode_client, submit_client = by_name["tokenizer.Encode"], by_name["model.Submit"]
-    encode_server, submit_server = by_name["genrpc.v1.Tokenizer/Encode"], by_name["genrpc.v1.ModelWorker/Submit"]
+    encode_server, submit_server = by_name["genrpc.internal.v1.Tokenizer/Encode"], by_name["genrpc.internal.v1.ModelWorker/Submit"]
     assert {s["trace_id"] for s in (root, encode_client, submit_client, encode_server, submit_server)} == {root["trace_id"]}
     assert root["service"] == "genrpc-gateway" and root["kind"] == "SERVER" and root["parent_id"] is None
     assert encode_client["parent_id"] == root["span_id"] and submit_client["parent_id"] == root["span_id"]

@@ -99,9 +99,11 @@ def test_model_waiting_bound(stack):
         wait_serving(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
-            first = stub.GenerateStream(pb.GenerateStreamRequest(prompt="a", config=LONG), timeout=60)
+            first = stub.GenerateStream(pb.GenerateStreamRequest(prompt="a", config=LONG), timeout=600)
             next(first)  # running
-            second = stub.GenerateStream(pb.GenerateStreamRequest(prompt="b", config=LONG), timeout=60)
+            # Time enough to wait for the first one's 2,000 tokens: a shorter deadline would be refused
+            # at once as one the queue cannot meet (see test_scheduling.py).
+            second = stub.GenerateStream(pb.GenerateStreamRequest(prompt="b", config=LONG), timeout=600)
             wait_for(lambda: metric(model.metrics_port, "genrpc_model_waiting_sequences") == 1)
             with pytest.raises(grpc.RpcError) as info:
                 stub.Generate(pb.GenerateRequest(prompts=["c"]), timeout=30)

@@ -22,8 +22,8 @@ from tests.conftest import MODEL, ROOT, start_service, wait_serving
 from tests.helpers import metric
 
 SERVICES = {
-    "tokenizer": "genrpc.v1.Tokenizer",
-    "model": "genrpc.v1.ModelWorker",
+    "tokenizer": "genrpc.internal.v1.Tokenizer",
+    "model": "genrpc.internal.v1.ModelWorker",
     "gateway": "genrpc.v1.Generation",
 }
 
@@ -247,7 +247,7 @@ def test_model_service_serves_with_threads_set_explicitly(stack):
 
 
 def _worker_policy(stack) -> str:
-    from genrpc.v1 import model_pb2, model_pb2_grpc
+    from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 
     with stack.channel(stack.model) as channel:  # with the gateway's credentials
         return model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10).thread_policy

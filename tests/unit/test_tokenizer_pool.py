@@ -7,7 +7,7 @@ import pytest
 
 from gateway.workers import TokenizerPool
 from genrpc.errors import GenrpcError
-from genrpc.v1 import tokenizer_pb2
+from genrpc.internal.v1 import tokenizer_pb2
 
 
 def unavailable():

@@ -3,7 +3,8 @@
 import asyncio
 
 from gateway.workers import DetokState, ModelWorkerClient, SequenceHandle
-from genrpc.v1 import generation_pb2, model_pb2, tokenizer_pb2
+from genrpc.v1 import generation_pb2
+from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 
 
 class Tokenizers:
@@ -23,7 +24,7 @@ def test_a_logprob_of_exactly_zero_is_kept_and_tokens_carry_their_text():
         queue: asyncio.Queue = asyncio.Queue()
         for sequence_id in (1, 2, 3):
             client.sequences[sequence_id] = SequenceHandle(sequence_id, DetokState([], 0, True), queue)
-        step = model_pb2.StepEvents(events=[
+        step = model_pb2.EventsResponse(events=[
             # A certain token: its logprob is 0.0, which proto3 without presence would have dropped.
             model_pb2.TokenEvent(sequence_id=1, has_token=True, token_id=5, logprob=0.0),
             model_pb2.TokenEvent(sequence_id=2, has_token=True, token_id=6, logprob=-0.5, top_logprobs=[

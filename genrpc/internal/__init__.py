@@ -1,0 +1,1 @@
+"""Internal protocols: the tokenizer and model services, which only the gateway calls."""
