@@ -101,7 +101,9 @@ def test_a_merged_submit_refused_for_room_fails_only_the_requests_that_do_not_fi
 
             async def submit(ids):
                 rows, params = _inputs(ids, 4)
-                return await client.submit(rows, params, True, asyncio.Queue(), 30)
+                # No deadline: one would be weighed against the 2,000 tokens ahead, and a sequence
+                # refused for it (after Submit, on the engine thread) would leave room to another.
+                return await client.submit(rows, params, True, asyncio.Queue(), None)
 
             first = asyncio.ensure_future(submit([7]))  # sent alone
             behind = [asyncio.ensure_future(submit(ids)) for ids in ([8], [9], [10])]  # merged: 3 > room for 2
