@@ -13,8 +13,11 @@ With native prefill (the default) the norms, rotary positions and cache
 writes run as fused native calls with the modules' weights (fused.py).
 
 Supported: decoder-only models built like Llama (Llama, Mistral, Qwen2,
-SmolLM): pre-norm layers with q/k/v/o projections, rotary positions and a
-gated MLP.
+SmolLM): pre-norm layers with q/k/v/o projections (with or without biases),
+rotary positions (with the model's own scaling, e.g. Llama 3's) and a gated
+MLP; a sliding window (Mistral) through SDPA with the window applied.
+tests/unit/test_architectures.py checks each against generate() on tiny
+random-weight models; any other model type is refused at start.
 """
 
 from __future__ import annotations
@@ -100,6 +103,15 @@ class ModelRunner:
             raise ValueError(
                 f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        # A sliding window (Mistral): a token attends to itself and the window - 1 tokens before it.
+        # The native kernel has no window: such a model attends through SDPA, with the window applied.
+        window = getattr(config, "sliding_window", None)
+        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None  # Qwen2 carries a window in its config but uses it only when told to
+        if window is not None and config.model_type == "qwen2" and getattr(config, "max_window_layers", 0) < \
+                config.num_hidden_layers:
+            raise ValueError("Qwen2 with a sliding window on some layers only (max_window_layers) is not supported")
+        self.sliding_window = int(window) if window and window < config.max_position_embeddings else None
         self.model = model
         self.match_generate = match_generate
         self.base = model.model
@@ -111,7 +123,7 @@ class ModelRunner:
         self.kv_spec = KVSpec(config.num_hidden_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         self.native_decode = None
         if (decode_attention_impl == "native" and not match_generate and self.dtype == torch.bfloat16
-                and self.device.type == "cpu"):
+                and self.device.type == "cpu" and self.sliding_window is None):
             self.native_decode = decode_attention.load()
         self.native_prefill = prefill_attention_impl == "native" and self.native_decode is not None
         # Native numerics only (fused.py): norms, rotary positions and cache writes in one call each.
@@ -230,6 +242,18 @@ class ModelRunner:
             return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
+    def _windowed_prefill(self, query, keys, values, kv_length: int, scaling: float) -> torch.Tensor:
+        """Prompt tokens [t, Hq, D] of a sliding-window model: causal, and no key more than window - 1
+        positions back, as one explicit mask (the one transformers builds for it)."""
+        length = query.shape[0]
+        q_pos = torch.arange(kv_length - length, kv_length, device=self.device)[:, None]
+        k_pos = torch.arange(kv_length, device=self.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
+        q = query.transpose(0, 1)[None]  # [1, Hq, t, D]
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None, None], scale=scaling,
+                                                  enable_gqa=True)
+        return attended[0].transpose(0, 1)  # [t, Hq, D]
+
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCache):
         num_tokens = hidden.shape[1]
         # Token-major layouts, [T, heads, D], so that one decoded token's heads are one contiguous block.
@@ -254,6 +278,13 @@ class ModelRunner:
             # [1, Hkv, L, D]: a view where the sequence's blocks are one run, else gathered
             keys = keys_all[None, :, kv_slots]
             values = values_all[None, :, kv_slots]
+            window = self.sliding_window
+            if window is not None and length == 1 and kv_length > window:  # a decoded token: the last keys
+                keys, values = keys[:, :, -window:], values[:, :, -window:]
+            if window is not None and length > 1 and kv_length > window:
+                attended = self._windowed_prefill(query[start:start + length], keys, values, kv_length, attn.scaling)
+                out[start:start + length] = attended
+                continue
             if length == 1 and not self.match_generate:
                 # The query heads sharing a key/value head become the rows of one query block.
                 attended = F.scaled_dot_product_attention(grouped[start][None], keys, values, scale=attn.scaling)
