@@ -12,7 +12,8 @@ from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import generation_pb2, generation_pb2_grpc
 from gateway.generation import Generator
 from gateway.server import GenerationServicer
-from gateway.workers import ModelPool, TokenizerPool
+from gateway.model_pool import ModelPool
+from gateway.tokenizers import TokenizerPool
 
 
 def parse_args(argv=None):

@@ -27,7 +27,9 @@ from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from gateway import metrics
 from gateway.stop_strings import StopStringMatcher
 from gateway.validation import ResolvedConfig, fit_to_context
-from gateway.workers import ModelPool, SequenceEvent, TokenizerPool
+from gateway.model_pool import ModelPool
+from gateway.model_worker import SequenceEvent
+from gateway.tokenizers import TokenizerPool
 
 RUNNING = gen_pb2.FINISH_REASON_UNSPECIFIED
 

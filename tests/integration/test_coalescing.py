@@ -10,7 +10,8 @@ import grpc
 
 from genrpc.v1 import generation_pb2 as gen_pb2
 from genrpc.internal.v1 import model_pb2, tokenizer_pb2
-from gateway.workers import ModelWorkerClient, TokenizerPool
+from gateway.model_worker import ModelWorkerClient
+from gateway.tokenizers import TokenizerPool
 from tests.conftest import MODEL, start_service
 
 TEXTS = ["Hi", "Write a long story about a lighthouse keeper in great detail.", "2 + 2 =",

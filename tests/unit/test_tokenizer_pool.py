@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 
-from gateway.workers import TokenizerPool
+from gateway.tokenizers import TokenizerPool
 from genrpc.errors import GenrpcError
 from genrpc.internal.v1 import tokenizer_pb2
 

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from gateway.workers import DetokState, ModelWorkerClient, SequenceHandle
+from gateway.model_worker import DetokState, ModelWorkerClient, SequenceHandle
 from genrpc.v1 import generation_pb2
 from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 
