@@ -32,6 +32,7 @@ from gateway.model_worker import SequenceEvent
 from gateway.tokenizers import TokenizerPool
 
 RUNNING = gen_pb2.FINISH_REASON_UNSPECIFIED
+SAMPLING_FIELDS = [f.name for f in model_pb2.SamplingParams.DESCRIPTOR.fields]  # each one a ResolvedConfig field
 
 
 @dataclass
@@ -113,13 +114,12 @@ class Generator:
             return await self.tokenizers.encode(request, timeout=timeout, metadata=_metadata())
 
     def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int) -> model_pb2.SamplingParams:
-        return model_pb2.SamplingParams(
-            max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
-            do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-            min_p=config.min_p, typical_p=config.typical_p, repetition_penalty=config.repetition_penalty,
-            seed=seed, stop_token_ids=config.stop_token_ids, ignore_eos=config.ignore_eos,
-            logprobs=config.logprobs, top_logprobs=config.top_logprobs,
-        )
+        """The resolved config's token-selection fields (the .proto message's names), with this
+        sequence's own length limit and seed."""
+        values = {name: getattr(config, name) for name in SAMPLING_FIELDS}
+        values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
+                      seed=seed)
+        return model_pb2.SamplingParams(**values)
 
     async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None,
                      client: str = "") -> AsyncIterator[Delta]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import grpc
@@ -23,13 +24,13 @@ FINISH_REASONS = {
 }
 
 
+SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]  # the .proto message has the same names
+
+
 def sampling_params(pb: model_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=pb.max_new_tokens, min_new_tokens=pb.min_new_tokens, do_sample=pb.do_sample,
-        temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p, min_p=pb.min_p, typical_p=pb.typical_p,
-        repetition_penalty=pb.repetition_penalty, seed=pb.seed, stop_token_ids=frozenset(pb.stop_token_ids),
-        ignore_eos=pb.ignore_eos, logprobs=pb.logprobs, top_logprobs=pb.top_logprobs,
-    )
+    values = {name: getattr(pb, name) for name in SAMPLING_FIELDS}
+    values["stop_token_ids"] = frozenset(values["stop_token_ids"])
+    return SamplingParams(**values)
 
 
 def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int) -> Sequence:

@@ -65,3 +65,17 @@ def test_a_bad_temperature_says_what_to_do_whether_sampling_or_not():
         resolve_config(RequestedConfig(temperature=-1.0), LIMITS)
     with pytest.raises(InvalidArgument, match="for greedy decoding set do_sample=false"):
         resolve_config(RequestedConfig(temperature=-1.0, do_sample=True), LIMITS)
+
+
+def test_sampling_fields_have_one_definition():
+    """The gateway passes, and the model service reads, SamplingParams by its .proto field names:
+    the engine's dataclass and the gateway's resolved config must carry each of them."""
+    import dataclasses
+
+    from gateway.validation import ResolvedConfig
+    from genrpc.internal.v1 import model_pb2
+    from model_svc.engine.sequence import SamplingParams
+
+    wire = {f.name for f in model_pb2.SamplingParams.DESCRIPTOR.fields}
+    assert wire == {f.name for f in dataclasses.fields(SamplingParams)}
+    assert wire <= {f.name for f in dataclasses.fields(ResolvedConfig)}
