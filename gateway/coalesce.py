@@ -1,10 +1,9 @@
 """Merging concurrent backend calls into one (request coalescing, with no added wait).
 
 A burst of requests would otherwise make one tokenizer Encode and one model Submit each. A unary
-call costs its callee about 0.5 ms of CPU and us about 0.25 ms whatever it carries (measured here:
-an Encode of one short prompt took the tokenizer service 0.45-0.7 ms; the same prompt inside one
-Encode of 16 took 0.05 ms), and where the services share cores with the model, that time comes out
-of the step that is prefilling the burst's first prompts.
+call costs its callee a fixed amount of CPU whatever it carries, ten times a short prompt's own
+share in a batch (README, "Measured costs behind the design"), and where the services share cores
+with the model, that time comes out of the step that is prefilling the burst's first prompts.
 
 `Coalescer.call()` sends at once while fewer than `max_in_flight` calls are in flight, so a lone
 request pays nothing and no timer is involved. A call that finds them all busy queues, and when one

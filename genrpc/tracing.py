@@ -80,7 +80,7 @@ _TRACER: trace.Tracer | None = None
 
 def tracer() -> trace.Tracer:
     """This process's tracer. Made once: before a provider is installed it is the API's proxy,
-    which hands over to the provider's tracer once one is (get_tracer per call cost ~10 us)."""
+    which hands over to the provider's tracer once one is (get_tracer per call is not free)."""
     global _TRACER
     if _TRACER is None:
         _TRACER = trace.get_tracer(TRACER_NAME)

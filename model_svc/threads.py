@@ -3,10 +3,9 @@
 Every parallel kernel (bitsandbytes' 4-bit product, PyTorch's ops) splits its work over an OpenMP
 team and waits at a barrier for the slowest thread. When another process wants one of our cores,
 the thread that shares it is descheduled for a time slice at a time and every barrier of the step
-waits for it: measured here through the service with one core held by a busy loop, 2 threads made
-8 streams 0.32x as fast as idle (the issue saw 0.02x), and bounding OpenMP's spin
-(GOMP_SPINCOUNT=10000) made it worse (5x the latency). One thread fewer than that is steady (1.00x),
-but costs ~20% when the cores are free. So the pool is:
+waits for it (a few times slower; bounding OpenMP's spin made it worse). One thread fewer than that
+is steady, but costs when the cores are free (figures: README, "Measured costs behind the design").
+So the pool is:
 
 1. sized from the CPUs the process may really use: its affinity mask and its cgroup quota
    (`cpu.max`: 1.5 cores of quota make 1 thread, since a team larger than the quota is throttled

@@ -21,9 +21,8 @@ def parse_args(argv=None):
     parser = server_parser("genrpc tokenizer service", default_port=50052, default_metrics_port=9052)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id or GGUF file")
     parser.add_argument("--threads", type=int, default=1,
-                        help="threads that encode and decode (and the tokenizers library's pool): a batch of "
-                             "prompts is ~0.05 ms each, and more threads would take cores from a model service "
-                             "beside it")
+                        help="threads that encode and decode (and the tokenizers library's pool): batches are "
+                             "cheap per prompt, and more threads would take cores from a model service beside it")
     return parser.parse_args(argv)
 
 

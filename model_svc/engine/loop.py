@@ -4,8 +4,8 @@ gRPC handlers run on an asyncio loop in a helper thread; the engine steps on the
 process's main thread (torch releases the GIL while it computes). The main
 thread, because OpenMP keeps one worker pool per thread that has used it: the
 weights are loaded on the main thread, and stepping on a second one made every
-parallel kernel wait on two pools (measured: 16 sequences at 210 tokens/s on a
-second thread against 430 on the main one). Commands (add, abort) are queued
+parallel kernel wait on two pools (half the throughput, measured: see the README's
+"Measured costs behind the design"). Commands (add, abort) are queued
 and applied between steps, and each step's outputs go to `publish`, which the
 server uses to hand them back to the asyncio loop.
 """

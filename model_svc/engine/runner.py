@@ -70,12 +70,12 @@ class ModelRunner:
     - `match_generate`: through the very SDPA call transformers makes for a batch-1 `generate()`
       (GQA inside the kernel), so greedy tokens equal it bit for bit;
     - `decode_attention="sdpa"`: one SDPA call per sequence with its query heads grouped under their
-      shared key/value head as one small block: the same math, 2.5-6x faster than the above on this
-      CPU (40 vs 15 us at 40 cached tokens, 305 vs 52 at 600), rounding differently in the last bit
+      shared key/value head as one small block: the same math, several times faster than the above,
+      rounding differently in the last bit
       now and then;
     - `decode_attention="native"` (default; falls back to "sdpa" where it cannot be compiled): every
-      decoded token of the step in one call of the C kernel, 7x faster than "sdpa" for 16 sequences
-      (57 vs 388 us a layer), rounding like "sdpa" does (float32 scores, bfloat16 probabilities).
+      decoded token of the step in one call of the C kernel, much faster than "sdpa" for many
+      sequences, rounding like "sdpa" does (float32 scores, bfloat16 probabilities).
       bfloat16 models only; others use "sdpa".
     How a prompt attends:
     - `prefill_attention="native"` (default, with native decode): each prompt token of a prompt up to
@@ -299,8 +299,8 @@ class ModelRunner:
             else:  # a prefill chunk after earlier chunks: causal with an offset, as an explicit mask
                 # The query heads sharing a key/value head become rows of one block (rows: head in the
                 # group, then token), so the keys and values are read in place, not repeated per query
-                # head: the same values as transformers' repeat-and-mask call, 2x faster for a short
-                # chunk after thousands of tokens (5.6 vs 10.8 ms a layer, 32 tokens after 7,000).
+                # head: the same values as transformers' repeat-and-mask call, and faster for a short
+                # chunk after thousands of tokens (README, "Measured costs behind the design").
                 past = kv_length - length
                 group = self.num_heads // self.num_kv_heads
                 q_pos = torch.arange(past, kv_length, device=self.device)[:, None]

@@ -58,8 +58,8 @@ def build_processors(params: SamplingParams) -> LogitsProcessorList | None:
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     """One index per row of probs [B, n], row i drawn with generators[i]: one uniform number per row,
-    looked up in the row's cumulative distribution. torch.multinomial draws an exponential number per
-    vocabulary entry instead: 1.15 ms against 0.05 for a 49,152-token row (measured)."""
+    looked up in the row's cumulative distribution: torch.multinomial draws an exponential number per
+    vocabulary entry instead, twenty times the cost for this vocabulary."""
     uniform = torch.stack([torch.rand((), generator=g) for g in generators])  # [B]
     cumulative = probs.cumsum(dim=-1)
     # right=True: the first index whose cumulative mass exceeds the draw, so a token of probability 0

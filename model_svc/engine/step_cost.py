@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# This CPU, 2 threads, the default model (nf4 + bfloat16): ~11 ms a step, ~1 ms a token, and 30
-# layers x ~19 ns per attention pair. Only a starting point: the fit replaces it within steps.
+# The development machine's costs for the default model (a fixed part, per token, per attention
+# pair; README, "Measured costs behind the design"). Only a starting point: the fit replaces it.
 PRIOR = (0.011, 0.001, 6e-7)
 
 
