@@ -33,9 +33,14 @@ def prompts(request: pb.GenerateRequest) -> Prompts:
 
 
 def stream_prompts(request: pb.GenerateStreamRequest) -> Prompts:
-    if request.HasField("chat"):
-        return Prompts([request.prompt] if request.prompt else [], chats([request.chat]))
-    return Prompts([request.prompt] if request.prompt else [], [])
+    """The request's one input; neither set leaves both empty (validation names them). A prompt set
+    to "" is a prompt, so validation calls it empty."""
+    which = request.WhichOneof("input")
+    if which == "chat":
+        return Prompts([], chats([request.chat]))
+    if which == "prompt":
+        return Prompts([request.prompt] if request.prompt else [""], [])
+    return Prompts([], [])
 
 
 def logprobs(items) -> list[pb.GeneratedTokenLogprob]:

@@ -61,6 +61,17 @@ def contract(file_descriptor) -> dict:
     return {"messages": messages, "enums": enums, "rpcs": rpcs}
 
 
+def _into_new_oneof(kind: str, was, now, fields_now: dict, fields_then: dict) -> bool:
+    """A field that moved, number and type unchanged, into a oneof that did not exist before and
+    whose members were all plain fields then: the same bytes on the wire. (A server that refused
+    two of them set at once loses nothing: the last one set wins, as the oneof's documentation says.)"""
+    if kind != "messages" or was[:3] != now[:3] or was[3] or not now[3]:
+        return False
+    members = [f for f, spec in fields_now.items() if spec[3] == now[3]]
+    return all(f in fields_then and not fields_then[f][3] for f in members) and \
+        not any(spec[3] == now[3] for spec in fields_then.values())
+
+
 def breaking_changes(released: dict, current: dict) -> list[str]:
     """What `current` breaks of `released`, one line each (empty: wire-compatible)."""
     problems = []
@@ -73,7 +84,7 @@ def breaking_changes(released: dict, current: dict) -> list[str]:
             for member, spec in members.items():
                 if member not in now:
                     problems.append(f"{name}.{member} was removed (or renamed)")
-                elif now[member] != spec:
+                elif now[member] != spec and not _into_new_oneof(kind, spec, now[member], current[kind][name], members):
                     problems.append(f"{name}.{member} changed from {spec} to {now[member]}")
     for rpc, spec in released["rpcs"].items():
         if current["rpcs"].get(rpc) != spec:

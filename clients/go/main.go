@@ -71,7 +71,8 @@ func main() {
 	c := reply.Completions[0]
 	out["unary"] = completion{c.Text, c.TokenIds, c.FinishReason.String(), c.GeneratedTokens, c.Seed, 0}
 
-	stream, err := client.GenerateStream(ctx, &genrpcv1.GenerateStreamRequest{Prompt: prompt, Config: config})
+	stream, err := client.GenerateStream(ctx, &genrpcv1.GenerateStreamRequest{
+		Input: &genrpcv1.GenerateStreamRequest_Prompt{Prompt: prompt}, Config: config})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "GenerateStream:", err)
 		os.Exit(1)

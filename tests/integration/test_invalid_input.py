@@ -64,7 +64,13 @@ def test_bad_prompts(stub):
     assert_invalid(lambda: stub.Generate(pb.GenerateRequest(prompts=["a"] * 65), timeout=30), "64")
     both = pb.GenerateRequest(prompts=["a"], chats=[pb.Chat(messages=[pb.Message(role="user", content="b")])])
     assert_invalid(lambda: stub.Generate(both, timeout=30), "exactly one")
-    assert_invalid(lambda: list(stub.GenerateStream(pb.GenerateStreamRequest(), timeout=30)), "prompt")
+    assert_invalid(lambda: list(stub.GenerateStream(pb.GenerateStreamRequest(), timeout=30)), "exactly one", "chat")
+    # The stream's input is a oneof: a prompt set to "" is a prompt, and an empty one.
+    assert_invalid(lambda: list(stub.GenerateStream(pb.GenerateStreamRequest(prompt=""), timeout=30)),
+                   "prompt is empty")
+    request = pb.GenerateStreamRequest(prompt="a")
+    request.chat.CopyFrom(pb.Chat(messages=[pb.Message(role="user", content="b")]))
+    assert request.WhichOneof("input") == "chat"  # the last one set wins, as for any oneof
 
 
 def test_bad_chat_roles(stub):

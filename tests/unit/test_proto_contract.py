@@ -23,6 +23,14 @@ def test_the_check_sees_what_breaks_a_client():
     for released in (renumbered, retyped):
         assert len(breaking_changes(released, current)) == 1
     assert breaking_changes(current, {**current, "rpcs": {}})  # an RPC gone
+    # Moving plain fields into a new oneof keeps the wire; moving one into an existing oneof does not.
+    plain = copy.deepcopy(current)
+    for field in ("prompt", "chat"):
+        plain["messages"]["genrpc.v1.GenerateStreamRequest"][field][3] = ""
+    assert breaking_changes(plain, current) == []
+    regrouped = copy.deepcopy(current)
+    regrouped["messages"]["genrpc.v1.GenerateStreamRequest"]["config"][3] = "input"
+    assert breaking_changes(current, regrouped)
     added = copy.deepcopy(current)
     added["messages"]["genrpc.v1.GenerationConfig"]["something_new"] = [99, "TYPE_INT32", False, ""]
     assert breaking_changes(current, added) == []  # additions are free
