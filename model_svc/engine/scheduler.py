@@ -153,6 +153,8 @@ class Scheduler:
         self.running_by_tenant: Counter[str] = Counter()
         self.by_id: dict[Hashable, Sequence] = {}
         self.num_preemptions = 0  # since start
+        self._step_tokens = 0
+        self._step_seqs: set[int] = set()
         self._arrivals = itertools.count()
 
     # -- admission -----------------------------------------------------------------
@@ -248,6 +250,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._step_tokens = 0  # tokens scheduled so far this step (kept, not summed: 64+ rows a step)
+        self._step_seqs = set()  # id() of the sequences scheduled this step
         # 1. Every decoding sequence advances one token, oldest first.
         for seq in list(self.running):
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
@@ -293,13 +297,15 @@ class Scheduler:
         return out
 
     def _room(self, out: SchedulerOutput) -> int:
-        return self.max_batch_tokens - out.num_batched_tokens
+        return self.max_batch_tokens - self._step_tokens
 
     def _scheduled(self, out: SchedulerOutput, seq: Sequence) -> bool:
-        return any(item.seq is seq for item in out.scheduled)
+        return id(seq) in self._step_seqs
 
     def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         out.scheduled.append(ScheduledSequence(seq, num_new))
+        self._step_tokens += num_new
+        self._step_seqs.add(id(seq))
         out.num_pairs += chunk_pairs(seq.num_computed_tokens, num_new)
         if num_new > 1:
             out.num_prefill_tokens += num_new
@@ -374,6 +380,8 @@ class Scheduler:
         for i, item in enumerate(out.scheduled):
             if item.seq is victim:
                 del out.scheduled[i]
+                self._step_tokens -= item.num_new_tokens
+                self._step_seqs.discard(id(victim))
                 out.num_pairs -= chunk_pairs(victim.num_computed_tokens, item.num_new_tokens)
                 if item.num_new_tokens > 1:
                     out.num_prefill_tokens -= item.num_new_tokens
