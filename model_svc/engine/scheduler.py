@@ -54,6 +54,7 @@ from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step (1 for a decode, a chunk for a prefill)
+    kind: str = "decode"  # "decode", "short" (a prompt admitted whole) or "long" (a long prompt's chunk)
     completes_prompt: bool = field(init=False)  # this step reaches the sequence's last token, so one is sampled
 
     def __post_init__(self) -> None:
@@ -74,12 +75,37 @@ class SchedulerOutput:
     copies: list[PrefixCopy] = field(default_factory=list)  # partial blocks from running sequences
     num_cached_tokens: int = 0  # tokens admitted sequences took from the cache or copied (not computed)
     num_preempted: int = 0  # sequences preempted to make room this step
+    num_batched_tokens: int = 0  # tokens computed this step (prefill chunks and decodes)
     num_pairs: int = 0  # attention (query, key) pairs of the scheduled tokens (step_cost.py)
-    num_prefill_tokens: int = 0  # tokens of prompt chunks (not single decoded tokens)
+    num_short_tokens: int = 0  # of prompts admitted whole
+    num_long_tokens: int = 0  # of long prompts' chunks
+    _members: set[int] = field(default_factory=set, repr=False)  # id() of the scheduled sequences
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    def add(self, seq: Sequence, num_new: int, kind: str = "decode") -> None:
+        """Schedules `num_new` tokens of `seq` (before the step: its computed tokens not yet counted)."""
+        self.scheduled.append(ScheduledSequence(seq, num_new, kind))
+        self._members.add(id(seq))
+        self._count(seq, num_new, kind, 1)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes `seq` out of the step if it is in it (it was preempted)."""
+        for i, item in enumerate(self.scheduled):
+            if item.seq is seq:
+                del self.scheduled[i]
+                self._members.discard(id(seq))
+                self._count(seq, item.num_new_tokens, item.kind, -1)
+                return
+
+    def _count(self, seq: Sequence, num_new: int, kind: str, sign: int) -> None:
+        self.num_batched_tokens += sign * num_new
+        self.num_pairs += sign * chunk_pairs(seq.num_computed_tokens, num_new)
+        if kind == "short":
+            self.num_short_tokens += sign * num_new
+        elif kind == "long":
+            self.num_long_tokens += sign * num_new
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return id(seq) in self._members
 
     @property
     def is_empty(self) -> bool:
@@ -153,8 +179,6 @@ class Scheduler:
         self.running_by_tenant: Counter[str] = Counter()
         self.by_id: dict[Hashable, Sequence] = {}
         self.num_preemptions = 0  # since start
-        self._step_tokens = 0
-        self._step_seqs: set[int] = set()
         self._arrivals = itertools.count()
 
     # -- admission -----------------------------------------------------------------
@@ -250,31 +274,28 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._step_tokens = 0  # tokens scheduled so far this step (kept, not summed: 64+ rows a step)
-        self._step_seqs = set()  # id() of the sequences scheduled this step
         # 1. Every decoding sequence advances one token, oldest first.
         for seq in list(self.running):
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
                 if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
-                    self._schedule(out, seq, 1)
+                    out.add(seq, 1)
         decode_seconds = self.cost.seconds(len(out.scheduled), out.num_pairs) if out.scheduled else 0.0
         # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
         # the chunks of long prompts already running, so that a long prefill never holds the door.
-        short_tokens = 0
         while self.waiting:
             seq = min(self.waiting, key=self.rank)
             plan = self._plan(seq)
             room = self._room(out)
-            if plan.uncomputed <= self.max_prefill_tokens:  # short: whole, never split
-                fits = (short_tokens + plan.uncomputed <= self.max_prefill_tokens
-                        or (not decode_seconds and self.cost.marginal(short_tokens + plan.uncomputed, 0)
-                            <= self.idle_step_seconds))
+            kind = "short" if plan.uncomputed <= self.max_prefill_tokens else "long"
+            if kind == "short":  # whole, never split
+                shorts = out.num_short_tokens + plan.uncomputed
+                fits = shorts <= self.max_prefill_tokens or (
+                    not decode_seconds and self.cost.marginal(shorts, 0) <= self.idle_step_seconds)
                 if not fits or plan.uncomputed > room:
                     break  # the next step
                 num_new = plan.uncomputed
             else:
-                num_new = self._chunk(out, plan.num_shared, min(plan.uncomputed, room), decode_seconds,
-                                      short_tokens)
+                num_new = self._chunk(out, plan.num_shared, min(plan.uncomputed, room), decode_seconds)
                 if num_new <= 0:
                     break
             admitted = self._make_room(seq, plan, num_new, out)
@@ -282,39 +303,25 @@ class Scheduler:
                 break  # first come (in policy order), first served: the others wait behind it
             if not admitted:
                 continue  # a preemption changed what it can share: plan again
-            self._admit(seq, plan, num_new, out)
-            if plan.uncomputed <= self.max_prefill_tokens:
-                short_tokens += num_new
+            self._admit(seq, plan, num_new, kind, out)
         # 3. Long prompts already running take the next chunk of what time allows.
         for seq in list(self.running):
             uncomputed = seq.num_uncomputed_tokens
-            if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or self._scheduled(out, seq):
+            if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or seq in out:
                 continue
-            num_new = self._chunk(out, seq.num_computed_tokens, min(uncomputed, self._room(out)), decode_seconds,
-                                  short_tokens)
+            num_new = self._chunk(out, seq.num_computed_tokens, min(uncomputed, self._room(out)), decode_seconds)
             if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
-                self._schedule(out, seq, num_new)
+                out.add(seq, num_new, "long")
         return out
 
     def _room(self, out: SchedulerOutput) -> int:
-        return self.max_batch_tokens - self._step_tokens
+        return self.max_batch_tokens - out.num_batched_tokens
 
-    def _scheduled(self, out: SchedulerOutput, seq: Sequence) -> bool:
-        return id(seq) in self._step_seqs
-
-    def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        out.scheduled.append(ScheduledSequence(seq, num_new))
-        self._step_tokens += num_new
-        self._step_seqs.add(id(seq))
-        out.num_pairs += chunk_pairs(seq.num_computed_tokens, num_new)
-        if num_new > 1:
-            out.num_prefill_tokens += num_new
-
-    def _chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float, short_tokens: int) -> int:
+    def _chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float) -> int:
         """Tokens of a long prompt (`start` computed) this step may compute: what keeps the step within
         `prefill_slowdown` times its other work, or within `idle_step_seconds` when there is none;
         at least `min_chunk` while no other long prompt advanced this step."""
-        long_tokens = out.num_prefill_tokens - short_tokens
+        long_tokens, short_tokens = out.num_long_tokens, out.num_short_tokens
         other = decode_seconds + (self.cost.marginal(short_tokens, 0) if short_tokens else 0.0)
         if other:
             allowance = (self.prefill_slowdown - 1) * (other if decode_seconds else other + self.cost.seconds(0, 0))
@@ -348,7 +355,7 @@ class Scheduler:
                 return False
         return True
 
-    def _admit(self, seq: Sequence, plan: _Plan, num_new: int, out: SchedulerOutput) -> None:
+    def _admit(self, seq: Sequence, plan: _Plan, num_new: int, kind: str, out: SchedulerOutput) -> None:
         self.waiting.remove(seq)
         cacheable = self.cacheable(seq)
         seq.block_table = self.blocks.match(plan.tokens, len(plan.tokens) - 1) if cacheable else BlockTable()
@@ -363,7 +370,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         self.running_by_tenant[seq.tenant] += 1
-        self._schedule(out, seq, num_new)
+        out.add(seq, num_new, kind)
 
     def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Gives a running sequence blocks for `num_tokens`, preempting victims while none are free;
@@ -377,15 +384,7 @@ class Scheduler:
 
     def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput) -> None:
         """Preempts `victim`, taking it out of this step if it was scheduled already."""
-        for i, item in enumerate(out.scheduled):
-            if item.seq is victim:
-                del out.scheduled[i]
-                self._step_tokens -= item.num_new_tokens
-                self._step_seqs.discard(id(victim))
-                out.num_pairs -= chunk_pairs(victim.num_computed_tokens, item.num_new_tokens)
-                if item.num_new_tokens > 1:
-                    out.num_prefill_tokens -= item.num_new_tokens
-                break
+        out.remove(victim)
         self.preempt(victim)
         out.num_preempted += 1
 

@@ -347,3 +347,18 @@ def test_step_cost_learns_the_machine():
     n = cost.chunk_for(budget, start, 10_000)
     from model_svc.engine.step_cost import chunk_pairs
     assert cost.marginal(n, chunk_pairs(start, n)) <= budget < cost.marginal(n + 1, chunk_pairs(start, n + 1))
+
+
+def test_a_one_token_prompt_counts_as_a_short_prompt_when_chunks_are_sized():
+    s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000, max_cached_prompt=20)
+    s.max_prefill_tokens = 16
+    prompt = list(range(10, 19))  # 9 tokens: two full blocks of 4 are cached once it has run
+    s.add(Sequence("a", prompt, SamplingParams(max_new_tokens=1)))
+    step(s)
+    assert not s.has_work
+    s.add(Sequence("again", prompt, SamplingParams(max_new_tokens=1)))  # all but its last token cached
+    s.add(seq("long", n_prompt=600, max_new_tokens=1))
+    out, _ = step(s)
+    # "again" computes 1 token (10 + 1 ms); the long chunk may add as much again: 11 tokens.
+    assert ids_of(out) == [("again", 1), ("long", 11)]
+    assert (out.num_short_tokens, out.num_long_tokens, out.num_batched_tokens) == (1, 11, 12)
