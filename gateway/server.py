@@ -20,11 +20,16 @@ from gateway.validation import (check_answer_size, check_tokenize_size, check_tr
 log = logging.getLogger("genrpc.gateway")
 
 
+def _metadata_value(context, key: str) -> str:
+    """The caller's metadata value for `key` as text, at most 128 characters ("" when absent)."""
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), "")
+    return (value if isinstance(value, str) else value.decode(errors="replace"))[:128]
+
+
 async def _begin(context) -> str:
     """Takes the caller's x-request-id (or makes one), echoes it in the response metadata and
     tags this call's logs with it."""
-    rid = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
-    rid = (rid if isinstance(rid, str) else rid.decode(errors="replace"))[:128] or uuid.uuid4().hex
+    rid = _metadata_value(context, REQUEST_ID_HEADER) or uuid.uuid4().hex
     request_id.set(rid)
     await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
     return rid
@@ -47,9 +52,9 @@ def client_identity(context) -> str:
     who = caller.get()
     if who != ANONYMOUS:
         return who
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_HEADER and value:
-            return "client:" + (value if isinstance(value, str) else value.decode(errors="replace"))[:128]
+    named = _metadata_value(context, CLIENT_HEADER)
+    if named:
+        return "client:" + named
     peer = context.peer() or ""
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6"):

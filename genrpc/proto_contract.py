@@ -20,12 +20,15 @@ from genrpc.stubs import PROTO_DIR
 CONTRACT = os.path.join(PROTO_DIR, "genrpc", "v1", "generation.fields.json")
 
 
+_TYPE_NAMES = {v: k for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}
+
+
 def _type(field: FieldDescriptor) -> str:
     if field.message_type is not None:
         return field.message_type.full_name
     if field.enum_type is not None:
         return field.enum_type.full_name
-    return {v: k for k, v in vars(FieldDescriptor).items() if k.startswith("TYPE_")}[field.type]
+    return _TYPE_NAMES[field.type]
 
 
 def _repeated(field: FieldDescriptor) -> bool:

@@ -242,17 +242,16 @@ class ModelRunner:
             return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
-    def _windowed_prefill(self, query, keys, values, kv_length: int, scaling: float) -> torch.Tensor:
-        """Prompt tokens [t, Hq, D] of a sliding-window model: causal, and no key more than window - 1
-        positions back, as one explicit mask (the one transformers builds for it)."""
-        length = query.shape[0]
+    def _prompt_mask(self, kv_length: int, length: int) -> torch.Tensor:
+        """[t, kv_length]: which keys each of a prompt's last `length` tokens sees: those up to its own
+        position, and with a sliding window none more than window - 1 positions back (the mask
+        transformers builds)."""
         q_pos = torch.arange(kv_length - length, kv_length, device=self.device)[:, None]
         k_pos = torch.arange(kv_length, device=self.device)[None, :]
-        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
-        q = query.transpose(0, 1)[None]  # [1, Hq, t, D]
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None, None], scale=scaling,
-                                                  enable_gqa=True)
-        return attended[0].transpose(0, 1)  # [t, Hq, D]
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
 
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCache):
         num_tokens = hidden.shape[1]
@@ -281,30 +280,25 @@ class ModelRunner:
             window = self.sliding_window
             if window is not None and length == 1 and kv_length > window:  # a decoded token: the last keys
                 keys, values = keys[:, :, -window:], values[:, :, -window:]
-            if window is not None and length > 1 and kv_length > window:
-                attended = self._windowed_prefill(query[start:start + length], keys, values, kv_length, attn.scaling)
-                out[start:start + length] = attended
-                continue
+            windowed = window is not None and length > 1 and kv_length > window
             if length == 1 and not self.match_generate:
                 # The query heads sharing a key/value head become the rows of one query block.
                 attended = F.scaled_dot_product_attention(grouped[start][None], keys, values, scale=attn.scaling)
                 out[start] = attended.view(-1, self.head_dim)
                 continue
             q = query[start:start + length].transpose(0, 1)[None]  # [1, Hq, t, D], as transformers lays it out
-            if length == 1 or kv_length == length:
+            if length == 1 or (kv_length == length and not windowed):
                 # As transformers' sdpa_attention_forward calls it with no mask: GQA in the kernel,
                 # causal for a prompt, plain for one decoded token.
                 attended = F.scaled_dot_product_attention(
                     q, keys, values, dropout_p=0.0, scale=attn.scaling, is_causal=length > 1, enable_gqa=True)
-            else:  # a prefill chunk after earlier chunks: causal with an offset, as an explicit mask
+            else:  # a chunk after earlier ones (or a windowed prompt): causal with an offset, a mask
                 # The query heads sharing a key/value head become rows of one block (rows: head in the
                 # group, then token), so the keys and values are read in place, not repeated per query
                 # head: the same values as transformers' repeat-and-mask call, and faster for a short
                 # chunk after thousands of tokens (README, "Measured costs behind the design").
-                past = kv_length - length
                 group = self.num_heads // self.num_kv_heads
-                q_pos = torch.arange(past, kv_length, device=self.device)[:, None]
-                mask = (q_pos >= torch.arange(kv_length, device=self.device)[None, :]).repeat(group, 1)
+                mask = self._prompt_mask(kv_length, length).repeat(group, 1)
                 rows = q.reshape(1, self.num_kv_heads, group * length, self.head_dim)
                 attended = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask[None, None],
                                                           scale=attn.scaling)
