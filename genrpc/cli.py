@@ -211,13 +211,13 @@ def parser() -> Parser:
 
 
 def _channel(args) -> grpc.Channel:
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    if (args.tls_cert or args.token_file) and not args.tls_ca:
-        raise UsageError("--tls-cert and --token-file need --tls-ca: a key or a secret is only sent over TLS")
+    from genrpc.security import channel_credentials, client_flags_problem
+
+    problem = client_flags_problem(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)
+    if problem:
+        raise UsageError(problem)
     if not args.tls_ca:
         return grpc.insecure_channel(args.addr)
-    from genrpc.security import channel_credentials  # TLS only: keeps the plain path light
 
     try:
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)

@@ -273,6 +273,16 @@ class _TokenPlugin(grpc.AuthMetadataPlugin):
         callback((("authorization", f"Bearer {self.tokens.first()}"),), None)
 
 
+def client_flags_problem(ca: str, cert: str, key: str, token_file: str, prefix: str = "--") -> str:
+    """What is wrong with a client's TLS flags ("" when nothing): a certificate without its key, or a
+    key or secret to be sent without TLS. `prefix` names the flags (--, or --internal- for the gateway)."""
+    if bool(cert) != bool(key):
+        return f"{prefix}tls-cert and {prefix}tls-key go together"
+    if (cert or token_file) and not ca:
+        return f"{prefix}tls-cert and {prefix}token-file need {prefix}tls-ca: a secret or a key is only sent over TLS"
+    return ""
+
+
 def channel_credentials(ca: str, cert: str = "", key: str = "", token_file: str = "") -> grpc.ChannelCredentials:
     """TLS against `ca`, with a client certificate and a bearer token from `token_file` if given."""
     credentials = grpc.ssl_channel_credentials(read_file(ca), read_file(key) if key else None,
@@ -292,11 +302,10 @@ class ClientSecurity:
 
     @classmethod
     def from_args(cls, args) -> "ClientSecurity":
-        if bool(args.internal_tls_cert) != bool(args.internal_tls_key):
-            raise SystemExit("--internal-tls-cert and --internal-tls-key go together")
-        if (args.internal_tls_cert or args.internal_token_file) and not args.internal_tls_ca:
-            raise SystemExit("--internal-tls-cert and --internal-token-file need --internal-tls-ca: a secret or "
-                             "a key is only sent over TLS")
+        problem = client_flags_problem(args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key,
+                                       args.internal_token_file, prefix="--internal-")
+        if problem:
+            raise SystemExit(problem)
         if not args.internal_tls_ca:
             return cls()
         return cls(channel_credentials(args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key,
