@@ -117,6 +117,7 @@ class Generator:
         """The resolved config's token-selection fields (the .proto message's names), with this
         sequence's own length limit and seed."""
         values = {name: getattr(config, name) for name in SAMPLING_FIELDS}
+        values = {name: value for name, value in values.items() if value is not None}  # unset: the worker's
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
                       seed=seed)
         return model_pb2.SamplingParams(**values)

@@ -141,43 +141,54 @@ class ModelWorkerClient:
         self.sequences.clear()
 
     async def _on_step(self, step: model_pb2.EventsResponse) -> None:
-        """Detokenizes one step's new tokens in one call and hands each sequence its piece."""
-        targets, items, piece_ids = [], [], []
+        """Detokenizes one step's new tokens in one call and hands each sequence its pieces: one per
+        token, in order (a speculative step brings a sequence several, each with its own text)."""
+        groups: dict[int, tuple[SequenceHandle, list]] = {}
         for event in step.events:
             handle = self.sequences.get(event.sequence_id)
             if handle is None:
                 continue  # ended on our side already (stop string, cancel)
-            if event.has_token:
-                handle.detok.ids.append(event.token_id)
-            targets.append((handle, event))
-            items.append(handle.detok.request_item(final=event.finish_reason != 0))
-            if event.has_token and event.HasField("logprob"):
-                piece_ids.append(event.token_id)
-                piece_ids.extend(t.token_id for t in event.top_logprobs)
-        if not targets:
+            groups.setdefault(event.sequence_id, (handle, []))[1].append(event)
+        if not groups:
             return
+        items, piece_ids = [], []
+        for handle, events in groups.values():
+            new = [event.token_id for event in events if event.has_token]
+            handle.detok.ids.extend(new)
+            item = handle.detok.request_item(final=events[-1].finish_reason != 0)
+            if len(new) > 1:
+                item.num_new_tokens = len(new)
+            items.append(item)
+            for event in events:
+                if event.has_token and event.HasField("logprob"):
+                    piece_ids.append(event.token_id)
+                    piece_ids.extend(t.token_id for t in event.top_logprobs)
         try:
             response = await self.tokenizers.call(
                 "DecodeStream", tokenizer_pb2.DecodeStreamRequest(items=items, piece_ids=piece_ids))
         except Exception as exc:
-            for handle, _ in targets:
+            for handle, _ in groups.values():
                 self._end(handle, SequenceEvent(
                     handle.sequence_id, None, "", 0, error=f"detokenization failed: {describe(exc)}"))
             return
         texts = dict(zip(piece_ids, response.pieces))
-        for (handle, event), result in zip(targets, response.results):
+        for (handle, events), result in zip(groups.values(), response.results):
             handle.detok.advance(result)
-            logprob = None
-            if event.has_token and event.HasField("logprob"):  # 0.0 is a logprob too: presence, not truth
-                logprob = (event.logprob, texts.get(event.token_id, ""),
-                           [(t.token_id, t.logprob, texts.get(t.token_id, "")) for t in event.top_logprobs])
-            piece = SequenceEvent(
-                handle.sequence_id, event.token_id if event.has_token else None, result.text, event.finish_reason,
-                logprob, event.error, event.error_code,
-            )
-            if event.finish_reason != 0:
-                self._end(handle, piece)
-            else:
+            token_texts = iter(result.texts if len(result.texts) > 1 else [result.text])
+            any_token = any(event.has_token for event in events)
+            for event in events:
+                logprob = None
+                if event.has_token and event.HasField("logprob"):  # 0.0 is a logprob too: presence, not truth
+                    logprob = (event.logprob, texts.get(event.token_id, ""),
+                               [(t.token_id, t.logprob, texts.get(t.token_id, "")) for t in event.top_logprobs])
+                text = next(token_texts, "") if event.has_token or not any_token else ""
+                piece = SequenceEvent(
+                    handle.sequence_id, event.token_id if event.has_token else None, text, event.finish_reason,
+                    logprob, event.error, event.error_code,
+                )
+                if event.finish_reason != 0:
+                    self._end(handle, piece)
+                    break
                 handle.queue.put_nowait(piece)
 
     def _end(self, handle: SequenceHandle, piece: SequenceEvent) -> None:

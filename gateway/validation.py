@@ -18,6 +18,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TIME_LIMIT_MS = 3_600_000
 MAX_TOP_LOGPROBS = 20
 MAX_PRIORITY = 100  # priorities are -MAX_PRIORITY .. MAX_PRIORITY, higher first
+MAX_PROMPT_LOOKUP = 32  # as the model service's SamplingParams allow
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)
@@ -56,6 +57,7 @@ class RequestedConfig:
     logprobs: bool | None = None
     top_logprobs: int | None = None
     priority: int | None = None
+    prompt_lookup_num_tokens: int | None = None
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ResolvedConfig:
     logprobs: bool
     top_logprobs: int
     priority: int
+    prompt_lookup_num_tokens: int | None  # None: the model worker's default
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -157,6 +160,10 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     priority = req.priority if req.priority is not None else 0
     _check(-MAX_PRIORITY <= priority <= MAX_PRIORITY, "priority", priority,
            f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] (higher is more urgent; default 0)")
+    lookup = req.prompt_lookup_num_tokens
+    if lookup is not None:
+        _check(0 <= lookup <= MAX_PROMPT_LOOKUP, "prompt_lookup_num_tokens", lookup,
+               f"must be in [0, {MAX_PROMPT_LOOKUP}] (0 turns speculation off)")
     return ResolvedConfig(
         max_new_tokens=max_new,
         max_new_tokens_explicit=req.max_new_tokens is not None,
@@ -175,6 +182,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         logprobs=bool(req.logprobs) or top_logprobs > 0,
         top_logprobs=top_logprobs,
         priority=priority,
+        prompt_lookup_num_tokens=lookup,
     )
 
 

@@ -24,11 +24,14 @@ from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
+from model_svc.engine.sequence import MAX_PROMPT_LOOKUP
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
 from model_svc.server import ModelWorkerServicer, Subscriptions
 from model_svc.threads import LoadMonitor, ThreadPolicy, machine_policy
 
 log = logging.getLogger("genrpc.model")
+
+DEFAULT_PROMPT_LOOKUP = 8  # proposals a step may verify per sequence (the adaptive budget usually asks fewer)
 
 
 def parse_args(argv=None):
@@ -71,6 +74,12 @@ def parse_args(argv=None):
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
                              "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
+    parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
+                        help="speculative decoding by prompt lookup: a request that does not set "
+                             "prompt_lookup_num_tokens may propose up to this many tokens a step, copied from "
+                             "earlier in its prompt or output and verified in one pass (the output is bit for bit "
+                             f"the same; 0: off; at most {MAX_PROMPT_LOOKUP}). Default {DEFAULT_PROMPT_LOOKUP} with "
+                             "native decode attention, else 0 (only native decode verifies exactly)")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -87,6 +96,9 @@ def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
                              "drop --decode-attention/--prefill-attention")
         if args.no_prefix_caching:
             raise SystemExit("--no-prefix-caching: prefix caching is already off with --match-generate")
+        if args.prompt_lookup_num_tokens:
+            raise SystemExit("--prompt-lookup-num-tokens: speculation verifies proposals exactly only with native "
+                             "decode attention, not with --match-generate; drop it (or set 0)")
         return "generate", "sdpa"
     if not native_possible and "native" in (decode, prefill):
         raise SystemExit("native attention runs bfloat16 models on the CPU only: for this --dtype/--device (or "
@@ -96,6 +108,12 @@ def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
         raise SystemExit("--prefill-attention native needs --decode-attention native (prompts attend through "
                          "the decode kernel)")
     prefill = prefill or decode
+    lookup = args.prompt_lookup_num_tokens
+    if lookup is not None and not 0 <= lookup <= MAX_PROMPT_LOOKUP:
+        raise SystemExit(f"--prompt-lookup-num-tokens={lookup} is invalid: must be in [0, {MAX_PROMPT_LOOKUP}]")
+    if lookup and decode != "native":
+        raise SystemExit("--prompt-lookup-num-tokens: speculation verifies proposals exactly only with native decode "
+                         "attention; drop it (or set 0) with --decode-attention sdpa or --match-generate")
     if prefill != "native" and args.no_prefix_caching:
         raise SystemExit(f"--no-prefix-caching: prefix caching is already off with {prefill} prefill attention "
                          "(only native prefill attention caches prefixes)")
@@ -146,7 +164,16 @@ def engine_for(loaded, args) -> Engine:
         prefill_slowdown=args.prefill_slowdown, idle_step_seconds=args.idle_step_ms / 1000,
     )
     kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache)
+    lookup = args.prompt_lookup_num_tokens
+    if runner.native_decode is None:
+        if lookup:  # the kernel did not build here (no C compiler): decoded rows attend per sequence
+            log.warning("--prompt-lookup-num-tokens=%d: speculation is off: native decode attention is unavailable",
+                        lookup)
+        lookup = 0
+    elif lookup is None:
+        lookup = DEFAULT_PROMPT_LOOKUP
+    scheduler.speculation = runner.native_decode is not None
+    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache, default_prompt_lookup=lookup)
 
 
 def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:

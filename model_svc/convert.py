@@ -27,13 +27,16 @@ FINISH_REASONS = {
 SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]  # the .proto message has the same names
 
 
-def sampling_params(pb: model_pb2.SamplingParams) -> SamplingParams:
+def sampling_params(pb: model_pb2.SamplingParams, default_prompt_lookup: int = 0) -> SamplingParams:
     values = {name: getattr(pb, name) for name in SAMPLING_FIELDS}
     values["stop_token_ids"] = frozenset(values["stop_token_ids"])
+    if not pb.HasField("prompt_lookup_num_tokens"):
+        values["prompt_lookup_num_tokens"] = default_prompt_lookup
     return SamplingParams(**values)
 
 
-def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int) -> Sequence:
+def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
+             default_prompt_lookup: int = 0) -> Sequence:
     """A SequenceInput as an engine Sequence keyed by (client, id); padding dropped by the mask."""
     ids = list(pb.input_ids)
     if pb.attention_mask:
@@ -51,7 +54,7 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int) -> Se
     if not -MAX_PRIORITY <= pb.priority <= MAX_PRIORITY:
         raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
     deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
-    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params), tenant=pb.tenant[:256],
+    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params, default_prompt_lookup), tenant=pb.tenant[:256],
                     priority=pb.priority, deadline=deadline)
 
 

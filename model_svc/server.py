@@ -104,7 +104,8 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
         if client_id not in self.subs.queues:
             raise FailedPrecondition(f"client {_shown(client_id)} has no open Events stream; open it before Submit")
         try:
-            seqs = [convert.sequence(client_id, s, self.loaded.vocab_size) for s in request.sequences]
+            lookup = self.engine_loop.engine.default_prompt_lookup
+            seqs = [convert.sequence(client_id, s, self.loaded.vocab_size, lookup) for s in request.sequences]
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         owned = self.subs.owned[client_id]

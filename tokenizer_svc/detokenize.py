@@ -26,6 +26,7 @@ class DecodeStep:
     text: str
     prefix_offset: int
     read_offset: int
+    texts: tuple[str, ...] = ()  # decode_steps: each new id's text (they add up to `text`)
 
 
 def decode_incremental(
@@ -45,3 +46,24 @@ def decode_incremental(
     if final:
         return DecodeStep("", read_offset, len(token_ids))
     return DecodeStep("", 0, read_offset)
+
+
+def decode_steps(
+    decode: Decode, token_ids: Sequence[int], read_offset: int, skip_special_tokens: bool, final: bool,
+    num_new: int,
+) -> DecodeStep:
+    """`decode_incremental` for the last `num_new` ids one at a time, as that many successive calls
+    would decode them (a step of speculative decoding brings several ids): each id's text, in order,
+    and the offsets after the last (`final` applies to the last id only)."""
+    if not 1 <= num_new <= len(token_ids) - read_offset:
+        raise ValueError(f"num_new_tokens {num_new} is not in [1, {len(token_ids) - read_offset}] "
+                         f"(ids past read_offset {read_offset} of the {len(token_ids)} sent)")
+    prefix, read = 0, read_offset
+    texts = []
+    first_new = len(token_ids) - num_new
+    for j in range(num_new):
+        step = decode_incremental(decode, token_ids[prefix:first_new + j + 1], read - prefix, skip_special_tokens,
+                                  final and j == num_new - 1)
+        texts.append(step.text)
+        prefix, read = prefix + step.prefix_offset, prefix + step.read_offset
+    return DecodeStep("".join(texts), prefix, read, tuple(texts))

@@ -77,7 +77,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def DecodeStream(self, request, context):
         items = [
             DecodeStreamItem(self._check_ids(it.token_ids, f"items[{i}]"), it.read_offset,
-                             it.skip_special_tokens, it.final)
+                             it.skip_special_tokens, it.final, it.num_new_tokens)
             for i, it in enumerate(request.items)
         ]
         pieces = self._check_ids(request.piece_ids, "piece_ids")
@@ -87,7 +87,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             raise InvalidArgument(str(exc)) from exc
         return tokenizer_pb2.DecodeStreamResponse(
             results=[
-                tokenizer_pb2.DecodeStreamResult(text=s.text, prefix_offset=s.prefix_offset, read_offset=s.read_offset)
+                tokenizer_pb2.DecodeStreamResult(text=s.text, prefix_offset=s.prefix_offset, read_offset=s.read_offset,
+                                                 texts=s.texts)
                 for s in steps
             ],
             pieces=self.tokenizer.pieces(pieces) if pieces else [],

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer
 
 from genrpc.model_path import ModelSource
-from tokenizer_svc.detokenize import DecodeStep, decode_incremental
+from tokenizer_svc.detokenize import DecodeStep, decode_incremental, decode_steps
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # Private-use characters around a message's index: no template writes them.
@@ -50,6 +50,7 @@ class DecodeStreamItem:
     read_offset: int
     skip_special_tokens: bool
     final: bool = False
+    num_new_tokens: int = 0  # > 1: decode the last ones one at a time (detokenize.decode_steps)
 
 
 class TokenizerError(ValueError):
@@ -223,6 +224,8 @@ class Tokenizer:
 
     def decode_stream(self, items: Sequence[DecodeStreamItem]) -> list[DecodeStep]:
         return [
+            decode_steps(self.decode, item.token_ids, item.read_offset, item.skip_special_tokens, item.final,
+                         item.num_new_tokens) if item.num_new_tokens > 1 else
             decode_incremental(self.decode, item.token_ids, item.read_offset, item.skip_special_tokens, item.final)
             for item in items
         ]

@@ -128,6 +128,19 @@ class BlockManager:
         table.block_ids.extend(self._take() for _ in range(missing))
         return True
 
+    def trim(self, table: BlockTable, num_tokens: int) -> None:
+        """Gives back the table's blocks past those holding `num_tokens` tokens (rejected proposals'
+        room); they were never hashed, since only computed tokens' full blocks are."""
+        keep = self.blocks_for(num_tokens)
+        while len(table.block_ids) > keep:
+            block = self.blocks[table.block_ids.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:  # not expected (see above); kept cached all the same
+                    self.cached[block.block_id] = None
+                else:
+                    self.empty.append(block.block_id)
+
     def can_admit(self, num_tokens: int, num_cached_blocks: int = 0) -> bool:
         """Room for a new sequence's first `num_tokens` tokens (its first `num_cached_blocks` blocks
         come from the cache), keeping the watermark free for running ones."""

@@ -7,9 +7,10 @@ from typing import Hashable
 
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner
-from model_svc.engine.sampler import Sampler
+from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
+from model_svc.engine.speculation import accepted_count
 
 
 @dataclass
@@ -32,10 +33,17 @@ class StepStats:
     num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache instead
     num_preempted: int = 0  # sequences preempted this step
     num_pairs: int = 0  # attention pairs computed (the step-time model's input)
+    num_proposed: int = 0  # proposals verified (speculation.py)
+    num_accepted: int = 0  # of which kept and emitted
+    verified: list[tuple[int, int]] = field(default_factory=list)  # (proposed, kept) of each verified sequence
+    emitted: list[int] = field(default_factory=list)  # tokens each sequence that got any got
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache,
+                 default_prompt_lookup: int = 0):
+        """default_prompt_lookup: the prompt_lookup_num_tokens of a request that does not say."""
+        self.default_prompt_lookup = default_prompt_lookup
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
@@ -61,15 +69,45 @@ class Engine:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self.runner.execute(out.scheduled, self.kv_cache)
-            sampling = [item.seq for item in out.scheduled if item.completes_prompt]
-            tokens = self.sampler.sample(logits, sampling)
+            rows = []
+            for item in out.scheduled:
+                if item.proposals:  # the last token's row, then one per proposal
+                    rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j]))
+                                for j in range(len(item.proposals) + 1))
+                elif item.completes_prompt:
+                    rows.append(SampleRow(item.seq))
+            tokens = self.sampler.sample(logits, rows)
         except Exception as exc:  # a failed step fails its sequences, never the server
             seqs = [item.seq for item in out.scheduled]
             self.scheduler.fail(seqs)
             message = f"{type(exc).__name__}: {exc}"
             return [TokenOutput(s.seq_id, None, FinishReason.ERROR, error=message) for s in seqs]
-        self.scheduler.update(out, {seq.seq_id: t.token_id for seq, t in zip(sampling, tokens)})
-        return [
-            TokenOutput(seq.seq_id, t.token_id, seq.finish_reason, t.logprob, t.top_logprobs)
-            for seq, t in zip(sampling, tokens)
-        ]
+        emitted: dict[Hashable, list[SampledToken]] = {}
+        position = 0
+        for item in out.scheduled:
+            if item.proposals:
+                sampled = tokens[position:position + len(item.proposals) + 1]
+                position += len(sampled)
+                kept = accepted_count(item.proposals, [t.token_id for t in sampled])
+                emitted[item.seq.seq_id] = sampled[:kept + 1]
+            elif item.completes_prompt:
+                emitted[item.seq.seq_id] = [tokens[position]]
+                position += 1
+        lengths = {item.seq.seq_id: len(item.seq.output_ids) for item in out.scheduled}
+        self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
+        self.last_step.num_proposed = out.num_proposed_tokens
+        outputs = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.seq_id not in emitted:
+                continue
+            appended = emitted[seq.seq_id][:len(seq.output_ids) - lengths[seq.seq_id]]
+            if item.proposals:
+                self.last_step.num_accepted += len(emitted[seq.seq_id]) - 1
+                self.last_step.verified.append((len(item.proposals), len(emitted[seq.seq_id]) - 1))
+            self.last_step.emitted.append(len(appended))
+            for i, t in enumerate(appended):
+                last = i == len(appended) - 1
+                outputs.append(TokenOutput(seq.seq_id, t.token_id, seq.finish_reason if last else None,
+                                           t.logprob, t.top_logprobs))
+        return outputs

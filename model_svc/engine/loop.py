@@ -34,6 +34,15 @@ BATCH_SEQUENCES = Histogram("genrpc_model_batch_sequences", "sequences computed 
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
                                "tokens admitted sequences took from the prefix cache instead of computing them")
+SPEC_PROPOSED = Counter("genrpc_model_spec_proposed_tokens",
+                        "tokens proposed by prompt lookup and verified (speculative decoding)")
+SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens", "of those, tokens kept (emitted without a step of their own)")
+SPEC_ACCEPT_RATE = Histogram("genrpc_model_spec_acceptance_rate",
+                             "share of a sequence's proposals kept, one observation per verification",
+                             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
+SEQUENCE_STEP_TOKENS = Histogram("genrpc_model_sequence_step_tokens",
+                                 "tokens one sequence got from one step (1 without speculation)",
+                                 buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 33))
 BATCH_TOKENS = Histogram("genrpc_model_batch_tokens", "tokens computed in one step (prefill and decode)",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
 
@@ -120,6 +129,13 @@ class EngineLoop:
                     BATCH_SEQUENCES.observe(stats.num_sequences)
                     BATCH_TOKENS.observe(stats.num_tokens)
                     CACHED_PREFIX_TOKENS.inc(stats.num_cached_tokens)
+                    if stats.num_proposed:
+                        SPEC_PROPOSED.inc(stats.num_proposed)
+                        SPEC_ACCEPTED.inc(stats.num_accepted)
+                        for proposed, kept in stats.verified:
+                            SPEC_ACCEPT_RATE.observe(kept / proposed)
+                    for count in stats.emitted:
+                        SEQUENCE_STEP_TOKENS.observe(count)
             except Exception:  # never let the engine thread die
                 log.exception("engine step failed")
                 continue

@@ -46,7 +46,7 @@ class PackedBatch:
     starts: list[int]
     lengths: list[int]
     kv_lengths: list[int]  # each sequence's cached length after this step
-    logit_rows: list[int]  # packed index of the last token of each sequence that samples this step
+    logit_rows: list[int]  # packed rows sampled this step: a sequence's last, or each row of a verified one
     # Rows attended by the native kernel: (packed rows, the block tables concatenated, each row's
     # table offset, number of keys each row sees), and which sequences those rows cover.
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -149,14 +149,16 @@ class ModelRunner:
         for item in scheduled:
             seq = item.seq
             start = seq.num_computed_tokens
-            tokens = seq.token_ids()[start:start + item.num_new_tokens]
+            tokens = item.tokens()
             starts.append(len(ids))
             lengths.append(len(tokens))
             kv_lengths.append(start + len(tokens))
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
             slots.extend(seq.block_table.slots(start, start + len(tokens), bs))
-            if item.completes_prompt:
+            if item.proposals:  # every row is sampled: the last token's and each proposal's
+                logit_rows.extend(range(len(ids) - len(tokens), len(ids)))
+            elif item.completes_prompt:
                 logit_rows.append(len(ids) - 1)
         if len(ids) == 1:
             # Matrix products on one row take a different kernel (GEMV) than on two or more (GEMM),
@@ -174,8 +176,8 @@ class ModelRunner:
             rows, tables, offsets, kv_counts = [], [], [], []
             native_seqs = []
             for item, start, length, kv_length in zip(scheduled, starts, lengths, kv_lengths):
-                native_seqs.append(length == 1 or (self.native_prefill
-                                                   and item.seq.num_prompt_tokens <= NATIVE_MAX_PROMPT))
+                native_seqs.append(length == 1 or bool(item.proposals) or (
+                    self.native_prefill and item.seq.num_prompt_tokens <= NATIVE_MAX_PROMPT))
                 if native_seqs[-1]:
                     past = kv_length - length
                     rows.extend(range(start, start + length))
@@ -199,8 +201,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCache) -> torch.Tensor:
-        """Computes the step; returns float32 logits [N, vocab], one row per sequence that samples,
-        in the order of `scheduled`."""
+        """Computes the step; returns float32 logits [N, vocab] in the order of `scheduled`: a row per
+        sequence that samples, and for a decode with proposals one per computed token. A proposal's
+        row attends like a decoded token's (native kernel): its numbers are those of a one-token step."""
         batch = self.pack(scheduled, kv)
         if self.fused is not None:
             return self._execute_fused(batch, kv)

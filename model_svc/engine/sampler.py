@@ -10,6 +10,9 @@ Three paths, each row on exactly one:
 - everything else: transformers' own processors (repetition penalty, temperature, top-k, top-p,
   min-p, typical-p, in `generate()`'s order), row by row.
 Every operation is row-wise, so a seed gives the same tokens whatever else shares the batch.
+A sampled row draws with the random number of its output position (Sequence.uniform), so a row
+that samples a later position of a sequence (speculation.py: `SampleRow.offset`) draws exactly what
+ordinary decoding would draw there; the caller spends the numbers of the positions it keeps.
 """
 
 from __future__ import annotations
@@ -56,11 +59,21 @@ def build_processors(params: SamplingParams) -> LogitsProcessorList | None:
     return processors or None
 
 
-def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
-    """One index per row of probs [B, n], row i drawn with generators[i]: one uniform number per row,
+@dataclass
+class SampleRow:
+    """One row of logits to select a token from: position len(seq.output_ids) + offset of `seq`'s
+    output, after the tokens `before` (proposals not yet in the sequence; len(before) == offset)."""
+
+    seq: Sequence
+    offset: int = 0
+    before: tuple[int, ...] = ()
+
+
+def draw(probs: torch.Tensor, uniforms: list[float]) -> list[int]:
+    """One index per row of probs [B, n], row i drawn with uniforms[i] in [0, 1): the number is
     looked up in the row's cumulative distribution: torch.multinomial draws an exponential number per
     vocabulary entry instead, twenty times the cost for this vocabulary."""
-    uniform = torch.stack([torch.rand((), generator=g) for g in generators])  # [B]
+    uniform = torch.tensor(uniforms, dtype=torch.float32)  # [B]
     cumulative = probs.cumsum(dim=-1)
     # right=True: the first index whose cumulative mass exceeds the draw, so a token of probability 0
     # (an empty interval) is never chosen.
@@ -78,56 +91,59 @@ class Sampler:
         if seq.params.do_sample:
             seq.generator = torch.Generator(device="cpu").manual_seed(seq.params.seed)
 
-    def _needs_row_work(self, seq: Sequence) -> bool:
-        return seq.params.do_sample or seq.processors is not None or self._suppresses_eos(seq)
+    def _needs_row_work(self, row: SampleRow) -> bool:
+        return row.seq.params.do_sample or row.seq.processors is not None or self._suppresses_eos(row)
 
-    def _vectorizable(self, seq: Sequence) -> bool:
-        p = seq.params
+    def _vectorizable(self, row: SampleRow) -> bool:
+        p = row.seq.params
         return (p.do_sample and p.top_k > 0 and p.repetition_penalty == 1.0 and p.typical_p == 1.0
-                and not self._suppresses_eos(seq))
+                and not self._suppresses_eos(row))
 
-    def _suppresses_eos(self, seq: Sequence) -> bool:
-        return len(seq.output_ids) < seq.params.min_new_tokens
+    def _suppresses_eos(self, row: SampleRow) -> bool:
+        return len(row.seq.output_ids) + row.offset < row.seq.params.min_new_tokens
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-        """logits: float32 [N, vocab], row i for seqs[i]. Returns one token per row."""
-        tokens: list[SampledToken | None] = [None] * len(seqs)
-        plain = [i for i, seq in enumerate(seqs) if not self._needs_row_work(seq)]
+    def sample(self, logits: torch.Tensor, rows: list[Sequence | SampleRow]) -> list[SampledToken]:
+        """logits: float32 [N, vocab], row i for rows[i] (a Sequence: its next position). Returns one
+        token per row; spends no random number (the caller spends those of the positions it keeps)."""
+        rows = [row if isinstance(row, SampleRow) else SampleRow(row) for row in rows]
+        tokens: list[SampledToken | None] = [None] * len(rows)
+        plain = [i for i, row in enumerate(rows) if not self._needs_row_work(row)]
         if plain:
-            rows = logits if len(plain) == len(seqs) else logits[plain]  # no copy when all rows are plain
-            chosen = rows.argmax(dim=-1).tolist()
+            chosen_rows = logits if len(plain) == len(rows) else logits[plain]  # no copy when all rows are plain
+            chosen = chosen_rows.argmax(dim=-1).tolist()
             for i, token_id in zip(plain, chosen):
                 tokens[i] = SampledToken(token_id)
-        batched = [i for i, seq in enumerate(seqs) if tokens[i] is None and self._vectorizable(seq)]
+        batched = [i for i, row in enumerate(rows) if tokens[i] is None and self._vectorizable(row)]
         if batched:
-            chosen = self._sample_top_k_rows(logits[batched], [seqs[i] for i in batched])
+            chosen = self._sample_top_k_rows(logits[batched], [rows[i] for i in batched])
             for i, token_id in zip(batched, chosen):
                 tokens[i] = SampledToken(token_id)
-        for i, seq in enumerate(seqs):
+        for i, row in enumerate(rows):
             if tokens[i] is None:
-                tokens[i] = SampledToken(self._select_row(logits[i:i + 1], seq))
-        for i, seq in enumerate(seqs):
-            if seq.params.logprobs or seq.params.top_logprobs:
-                self._add_logprobs(tokens[i], logits[i], seq.params.top_logprobs)
+                tokens[i] = SampledToken(self._select_row(logits[i:i + 1], row))
+        for i, row in enumerate(rows):
+            if row.seq.params.logprobs or row.seq.params.top_logprobs:
+                self._add_logprobs(tokens[i], logits[i], row.seq.params.top_logprobs)
         return tokens  # type: ignore[return-value]
 
-    def _select_row(self, scores: torch.Tensor, seq: Sequence) -> int:
+    def _select_row(self, scores: torch.Tensor, row: SampleRow) -> int:
         """scores: [1, vocab]."""
+        seq = row.seq
         scores = scores.clone()
-        if self._suppresses_eos(seq):
+        if self._suppresses_eos(row):
             banned = [t for t in (*self.eos_token_ids, *seq.params.stop_token_ids) if t < scores.shape[-1]]
             scores[:, banned] = -float("inf")
         if seq.processors is not None:
-            ids = torch.tensor([seq.token_ids()], dtype=torch.long)
+            ids = torch.tensor([seq.token_ids() + list(row.before)], dtype=torch.long)
             scores = seq.processors(ids, scores)
         if not seq.params.do_sample:
             return int(scores.argmax(dim=-1))
-        return draw(torch.softmax(scores, dim=-1), [seq.generator])[0]
+        return draw(torch.softmax(scores, dim=-1), [seq.uniform(row.offset)])[0]
 
     @staticmethod
-    def _sample_top_k_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample_top_k_rows(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
         """logits: [B, vocab] of sampled rows that all have top_k > 0. One pass for all rows."""
-        params = [seq.params for seq in seqs]
+        params = [row.seq.params for row in rows]
         vocab = logits.shape[-1]
         top_k = torch.tensor([min(p.top_k, vocab) for p in params])  # [B]
         scores = logits / torch.tensor([p.temperature for p in params])[:, None]  # [B, V]
@@ -153,8 +169,8 @@ class Sampler:
             remove = probs < min_p * probs[:, :1]
             remove[:, 0] = False
             candidates = candidates.masked_fill(remove, -float("inf"))
-        chosen = draw(candidates.softmax(dim=-1), [seq.generator for seq in seqs])  # [B, K] probabilities
-        return candidate_ids[torch.arange(len(seqs)), torch.tensor(chosen)].tolist()
+        chosen = draw(candidates.softmax(dim=-1), [row.seq.uniform(row.offset) for row in rows])  # [B, K] probabilities
+        return candidate_ids[torch.arange(len(rows)), torch.tensor(chosen)].tolist()
 
     @staticmethod
     def _add_logprobs(token: SampledToken, logits: torch.Tensor, top: int) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
 from model_svc.engine.block_manager import BlockManager, BlockTable
+from model_svc.engine.speculation import Speculator
 from model_svc.engine.step_cost import StepCost, chunk_pairs
 from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -53,12 +54,19 @@ from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step (1 for a decode, a chunk for a prefill)
+    num_new_tokens: int  # tokens computed this step (1 for a decode, a chunk for a prefill, 1 + proposals)
     kind: str = "decode"  # "decode", "short" (a prompt admitted whole) or "long" (a long prompt's chunk)
     completes_prompt: bool = field(init=False)  # this step reaches the sequence's last token, so one is sampled
+    # A decode's proposed next tokens (speculation.py): computed after its last token, each row sampled.
+    proposals: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.completes_prompt = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        self.completes_prompt = self.seq.num_computed_tokens + self.num_new_tokens >= self.seq.num_tokens
+
+    def tokens(self) -> list[int]:
+        """The token ids this step computes for the sequence."""
+        start = self.seq.num_computed_tokens
+        return self.seq.token_ids()[start:start + self.num_new_tokens - len(self.proposals)] + self.proposals
 
 
 @dataclass
@@ -79,6 +87,7 @@ class SchedulerOutput:
     num_pairs: int = 0  # attention (query, key) pairs of the scheduled tokens (step_cost.py)
     num_short_tokens: int = 0  # of prompts admitted whole
     num_long_tokens: int = 0  # of long prompts' chunks
+    num_proposed_tokens: int = 0  # proposals to verify (speculation.py)
     _members: set[int] = field(default_factory=set, repr=False)  # id() of the scheduled sequences
 
     def add(self, seq: Sequence, num_new: int, kind: str = "decode") -> None:
@@ -87,6 +96,15 @@ class SchedulerOutput:
         self._members.add(id(seq))
         self._count(seq, num_new, kind, 1)
 
+    def propose(self, item: ScheduledSequence, proposals: list[int]) -> None:
+        """Adds a scheduled decode's proposals to the step."""
+        seq = item.seq
+        self._count(seq, item.num_new_tokens, item.kind, -1)
+        item.proposals = list(proposals)
+        item.num_new_tokens = 1 + len(proposals)
+        self._count(seq, item.num_new_tokens, item.kind, 1)
+        self.num_proposed_tokens += len(proposals)
+
     def remove(self, seq: Sequence) -> None:
         """Takes `seq` out of the step if it is in it (it was preempted)."""
         for i, item in enumerate(self.scheduled):
@@ -94,6 +112,7 @@ class SchedulerOutput:
                 del self.scheduled[i]
                 self._members.discard(id(seq))
                 self._count(seq, item.num_new_tokens, item.kind, -1)
+                self.num_proposed_tokens -= len(item.proposals)
                 return
 
     def _count(self, seq: Sequence, num_new: int, kind: str, sign: int) -> None:
@@ -145,6 +164,7 @@ class Scheduler:
         cost: StepCost | None = None,
         prefill_slowdown: float = 2.0,
         idle_step_seconds: float = 0.25,
+        speculation: bool = False,
     ):
         """max_prefill_tokens: prompt tokens a step admits whole beside decoding sequences (a prompt
         up to this long is never split); longer prompts are chunked by time (below).
@@ -154,7 +174,9 @@ class Scheduler:
         cost: the step-time model chunks are sized by (step_cost.py). A long prompt's chunk may make
         a step up to `prefill_slowdown` times as long as the rest of it (the decoding sequences' and
         the short prompts' work) would take alone; when nothing else runs, up to `idle_step_seconds`
-        (a request arriving meanwhile waits for that step to end)."""
+        (a request arriving meanwhile waits for that step to end).
+        speculation: decoding sequences that ask for it (prompt_lookup_num_tokens) may propose tokens
+        to verify (speculation.py); only where the runner's rows are batch-invariant (native decode)."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
@@ -173,6 +195,7 @@ class Scheduler:
         self.cost = cost or StepCost()
         self.prefill_slowdown = prefill_slowdown
         self.idle_step_seconds = idle_step_seconds
+        self.speculation = speculation
         self.min_chunk = 4  # a long prompt advances at least this much a step
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # in admission order
@@ -279,7 +302,9 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
                 if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
                     out.add(seq, 1)
-        decode_seconds = self.cost.seconds(len(out.scheduled), out.num_pairs) if out.scheduled else 0.0
+        if self.speculation and out.scheduled:
+            self._speculate(out)
+        decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0
         # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
         # the chunks of long prompts already running, so that a long prefill never holds the door.
         while self.waiting:
@@ -313,6 +338,28 @@ class Scheduler:
             if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
                 out.add(seq, num_new, "long")
         return out
+
+    def _speculate(self, out: SchedulerOutput) -> None:
+        """Gives the step's decodes proposals where they pay (speculation.py): a proposal's row must
+        be worth its marginal time at the rate the step earns tokens now. Proposals take free blocks
+        only (never preempt) and room the step has left."""
+        decodes = list(out.scheduled)
+        seconds_per_token = self.cost.seconds(out.num_batched_tokens, out.num_pairs) / len(decodes)
+        for item in decodes:
+            seq = item.seq
+            params = seq.params
+            most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - len(seq.output_ids) - 1,
+                       self.max_context - seq.num_tokens - 1, self._room(out))
+            if most <= 0:
+                continue
+            if seq.speculator is None:
+                seq.speculator = Speculator()
+            speculator = seq.speculator
+            num = speculator.budget(self.cost.marginal(1, seq.num_tokens) / seconds_per_token, most)
+            speculator.index.sync(seq.prompt_ids, seq.output_ids)
+            proposals = speculator.index.propose(num)
+            if proposals and self.blocks.ensure(seq.block_table, seq.num_computed_tokens + 1 + len(proposals)):
+                out.propose(item, proposals)
 
     def _room(self, out: SchedulerOutput) -> int:
         return self.max_batch_tokens - out.num_batched_tokens
@@ -426,27 +473,50 @@ class Scheduler:
         if not self.running_by_tenant[seq.tenant]:
             del self.running_by_tenant[seq.tenant]  # bounded by the running sequences, not by all tenants
 
-    def update(self, out: SchedulerOutput, sampled: dict[Hashable, int]) -> list[Sequence]:
-        """Records the computed tokens and the sampled ones; returns the sequences that finished."""
+    def update(self, out: SchedulerOutput, sampled: dict[Hashable, int | list[int]]) -> list[Sequence]:
+        """Records the computed tokens and the sampled ones: a token per sequence that completed its
+        prompt or decoded, and for a decode with proposals the tokens it emits (its kept proposals,
+        then the one sampled after them). Tokens are appended in order until one ends the sequence.
+        Returns the sequences that finished."""
         finished = []
         for item in out.scheduled:
             seq = item.seq
             if seq.is_finished:  # aborted while the step ran
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            table = seq.block_table
-            if (self.cacheable(seq)
-                    and seq.num_computed_tokens >= (table.num_hashed_blocks + 1) * self.blocks.block_size):
-                self.blocks.register(table, seq.token_ids(), seq.num_computed_tokens)
-            token_id = sampled.get(seq.seq_id)
-            if token_id is None:
-                continue  # a prefill chunk that did not reach the prompt's end
-            seq.output_ids.append(token_id)
-            reason = self.check_stop(seq, token_id)
+            tokens = sampled.get(seq.seq_id)
+            if tokens is None:  # a prefill chunk that did not reach the prompt's end
+                seq.num_computed_tokens += item.num_new_tokens
+                self._register(seq)
+                continue
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            computed = seq.num_computed_tokens + (len(tokens) if item.proposals else item.num_new_tokens)
+            if item.proposals:
+                seq.speculator.record(len(item.proposals), len(tokens) - 1)
+            reason, appended = None, 0
+            for token_id in tokens:
+                seq.output_ids.append(token_id)
+                appended += 1
+                reason = self.check_stop(seq, token_id)
+                if reason is not None:
+                    break
+            if seq.params.do_sample:
+                seq.consume_uniforms(appended)
+            # Computed: the last token and the kept proposals (those past a stop included); the
+            # rejected proposals' keys and values roll back, and so do the blocks only they used.
+            seq.num_computed_tokens = min(computed, seq.num_tokens)
+            if item.proposals:
+                self.blocks.trim(seq.block_table, seq.num_tokens)
+            self._register(seq)
             if reason is not None:
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _register(self, seq: Sequence) -> None:
+        """Hashes the blocks the sequence's computed tokens filled (prefix caching)."""
+        table = seq.block_table
+        if self.cacheable(seq) and seq.num_computed_tokens >= (table.num_hashed_blocks + 1) * self.blocks.block_size:
+            self.blocks.register(table, seq.token_ids(), seq.num_computed_tokens)
 
     def check_stop(self, seq: Sequence, token_id: int) -> FinishReason | None:
         """Token-level stops, as values: EOS or a stop token, then the length limits."""

@@ -9,6 +9,7 @@ from typing import Hashable
 
 import torch
 
+MAX_PROMPT_LOOKUP = 32  # proposals a step may verify for one sequence
 
 class FinishReason(enum.Enum):
     """Token-level reasons the engine ends a sequence (text-level ones live in the gateway)."""
@@ -43,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_lookup_num_tokens: int = 0  # most tokens a step may propose by prompt lookup (speculation.py); 0: off
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,6 +59,8 @@ class SamplingParams:
              math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("seed", 0 <= self.seed < 2**64, "in [0, 2^64)"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+            ("prompt_lookup_num_tokens", 0 <= self.prompt_lookup_num_tokens <= MAX_PROMPT_LOOKUP,
+             f"in [0, {MAX_PROMPT_LOOKUP}]"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -77,6 +81,11 @@ class Sequence:
     block_table: object | None = None  # its block_manager.BlockTable while running
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # The random numbers of the next output positions, drawn from `generator` in order (`uniform`):
+    # position i of the output always uses the generator's i-th number, however many positions a step
+    # samples at once (speculation samples several and keeps some).
+    uniforms: list[float] = field(default_factory=list)
+    speculator: object | None = None  # its speculation.Speculator when it may speculate
     processors: object | None = None  # the sampler's per-sequence logits processors
     # Scheduling: who asked (fair shares are per tenant), how urgent (higher first), when it arrived
     # (the scheduler numbers arrivals), and when its caller stops waiting (time.monotonic(), or None).
@@ -99,6 +108,16 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def uniform(self, offset: int = 0) -> float:
+        """The random number of output position len(output_ids) + offset (float32, in [0, 1))."""
+        while len(self.uniforms) <= offset:
+            self.uniforms.append(float(torch.rand((), generator=self.generator)))
+        return self.uniforms[offset]
+
+    def consume_uniforms(self, count: int) -> None:
+        """`count` output positions were filled: their numbers are spent."""
+        del self.uniforms[:count]
 
     @property
     def is_finished(self) -> bool:

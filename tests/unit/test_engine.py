@@ -339,7 +339,7 @@ def test_gguf_file_loads_and_generates(hf_tokenizer):
 ])
 def test_vectorized_sampling_keeps_the_tokens_transformers_keeps(params):
     """The batched top-k path may only draw tokens that transformers' own warpers leave possible."""
-    from model_svc.engine.sampler import Sampler, build_processors
+    from model_svc.engine.sampler import SampleRow, Sampler, build_processors
 
     torch.manual_seed(0)
     logits = torch.randn(4, 1000) * 3
@@ -349,11 +349,12 @@ def test_vectorized_sampling_keeps_the_tokens_transformers_keeps(params):
     seqs = [Sequence(i, [1], SamplingParams(do_sample=True, seed=i, **params)) for i in range(4)]
     for seq in seqs:
         sampler.prepare(seq)
-        assert sampler._vectorizable(seq)
+        assert sampler._vectorizable(SampleRow(seq))
     drawn = [set() for _ in range(4)]
     for _ in range(200):
         for i, token in enumerate(sampler.sample(logits, seqs)):
             drawn[i].add(token.token_id)
+            seqs[i].consume_uniforms(1)  # the position is filled: the next draw uses the next number
     for i in range(4):
         assert drawn[i] <= set(allowed[i].nonzero().flatten().tolist())
         assert len(drawn[i]) > 1 or allowed[i].sum() == 1  # it really samples
