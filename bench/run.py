@@ -17,8 +17,10 @@ could all land in a slow minute the other side never saw.
 Then the CPU-contention section (bench/cpu_contention.py: the thread policies idle, beside a busy
 neighbour and under a CPU quota), the memory-model workloads (bench/memory_model.py: long
 max_new_tokens, a shared system prompt, a multi-turn chat) and the scheduling ones
-(bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), and it writes
-bench/results/latest.json, latest.png and cpu_contention.png.
+(bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), speculative
+decoding on and off (bench/speculative.py: input-grounded and free-text prompts, 1 and 16 streams, the
+outputs compared), and it writes bench/results/latest.json, latest.png, cpu_contention.png and
+speculative.png.
 
     python -m bench.run [--quick]
 """
@@ -36,7 +38,7 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model, mixed_tenants
+from bench import cpu_contention, memory_model, mixed_tenants, speculative
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -278,6 +280,7 @@ def main() -> None:
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["memory_model"] = memory_model.run()
     report["mixed_tenants"] = mixed_tenants.run()
+    report["speculative"] = speculative.run()
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
@@ -292,12 +295,14 @@ def main() -> None:
         json.dump(report, f, indent=2)
     plot(report, os.path.join(RESULTS, "latest.png"))
     cpu_contention.plot(report["cpu_contention"], os.path.join(RESULTS, "cpu_contention.png"))
+    speculative.plot(report["speculative"], os.path.join(RESULTS, "speculative.png"))
     print(json.dumps(report["ratios"], indent=2))
     print(markdown_table(report))
     print(json.dumps(report["cpu_contention"]["summary"], indent=2))
     print(cpu_contention.markdown(report["cpu_contention"]))
     print(memory_model.markdown(report["memory_model"]))
     print(mixed_tenants.markdown(report["mixed_tenants"]))
+    print(speculative.markdown(report["speculative"]))
 
 
 if __name__ == "__main__":
