@@ -19,6 +19,7 @@ from genrpc.serving import run_until_signal, start_server
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
+from model_svc.engine.draft import DraftProposer
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
@@ -79,7 +80,11 @@ def parse_args(argv=None):
                              "prompt_lookup_num_tokens may propose up to this many tokens a step, copied from "
                              "earlier in its prompt or output and verified in one pass (the output is bit for bit "
                              f"the same; 0: off; at most {MAX_PROMPT_LOOKUP}). Default {DEFAULT_PROMPT_LOOKUP} with "
-                             "native decode attention, else 0 (only native decode verifies exactly)")
+                             "native decode attention, else 0 (only native decode verifies exactly); with "
+                             "--draft-model the most draft tokens a step")
+    parser.add_argument("--draft-model", default=None,
+                        help="a smaller model with the same vocabulary whose greedy guesses are proposed instead of "
+                             "prompt lookup's (loaded unquantized in --dtype); verified exactly like them")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
@@ -96,9 +101,9 @@ def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
                              "drop --decode-attention/--prefill-attention")
         if args.no_prefix_caching:
             raise SystemExit("--no-prefix-caching: prefix caching is already off with --match-generate")
-        if args.prompt_lookup_num_tokens:
-            raise SystemExit("--prompt-lookup-num-tokens: speculation verifies proposals exactly only with native "
-                             "decode attention, not with --match-generate; drop it (or set 0)")
+        if args.prompt_lookup_num_tokens or args.draft_model:
+            raise SystemExit("--prompt-lookup-num-tokens/--draft-model: speculation verifies proposals exactly only "
+                             "with native decode attention, not with --match-generate; drop them")
         return "generate", "sdpa"
     if not native_possible and "native" in (decode, prefill):
         raise SystemExit("native attention runs bfloat16 models on the CPU only: for this --dtype/--device (or "
@@ -111,9 +116,11 @@ def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
     lookup = args.prompt_lookup_num_tokens
     if lookup is not None and not 0 <= lookup <= MAX_PROMPT_LOOKUP:
         raise SystemExit(f"--prompt-lookup-num-tokens={lookup} is invalid: must be in [0, {MAX_PROMPT_LOOKUP}]")
-    if lookup and decode != "native":
-        raise SystemExit("--prompt-lookup-num-tokens: speculation verifies proposals exactly only with native decode "
-                         "attention; drop it (or set 0) with --decode-attention sdpa or --match-generate")
+    if args.draft_model and lookup == 0:
+        raise SystemExit("--draft-model proposes nothing with --prompt-lookup-num-tokens 0: drop one of them")
+    if (lookup or args.draft_model) and decode != "native":
+        raise SystemExit("--prompt-lookup-num-tokens/--draft-model: speculation verifies proposals exactly only with "
+                         "native decode attention; drop them with --decode-attention sdpa")
     if prefill != "native" and args.no_prefix_caching:
         raise SystemExit(f"--no-prefix-caching: prefix caching is already off with {prefill} prefill attention "
                          "(only native prefill attention caches prefixes)")
@@ -173,7 +180,21 @@ def engine_for(loaded, args) -> Engine:
     elif lookup is None:
         lookup = DEFAULT_PROMPT_LOOKUP
     scheduler.speculation = runner.native_decode is not None
+    if args.draft_model and scheduler.speculation:
+        scheduler.draft = load_draft(args.draft_model, loaded)
     return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache, default_prompt_lookup=lookup)
+
+
+def load_draft(path: str, loaded) -> DraftProposer:
+    """The --draft-model, unquantized in the served model's dtype and on its device; refused unless
+    it shares the served model's vocabulary (its proposals are token ids of that vocabulary)."""
+    draft = load_model(path, loaded.dtype, "none", loaded.device)
+    if draft.vocab_size != loaded.vocab_size:
+        raise SystemExit(f"--draft-model {path}: its vocabulary has {draft.vocab_size} tokens, the served model's "
+                         f"{loaded.vocab_size}: a draft must share the served model's tokenizer")
+    log.info("draft model: %s (%.0f M parameters)", draft.name,
+             sum(p.numel() for p in draft.model.parameters()) / 1e6)
+    return DraftProposer(draft.model)
 
 
 def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:

@@ -196,6 +196,7 @@ class Scheduler:
         self.prefill_slowdown = prefill_slowdown
         self.idle_step_seconds = idle_step_seconds
         self.speculation = speculation
+        self.draft = None  # a draft.DraftProposer proposes instead of prompt lookup (--draft-model)
         self.min_chunk = 4  # a long prompt advances at least this much a step
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # in admission order
@@ -340,9 +341,9 @@ class Scheduler:
         return out
 
     def _speculate(self, out: SchedulerOutput) -> None:
-        """Gives the step's decodes proposals where they pay (speculation.py): a proposal's row must
-        be worth its marginal time at the rate the step earns tokens now. Proposals take free blocks
-        only (never preempt) and room the step has left."""
+        """Gives the step's decodes proposals where they pay (speculation.py): a proposal's row (and
+        the draft model's pass, with one) must be worth its marginal time at the rate the step earns
+        tokens now. Proposals take free blocks only (never preempt) and room the step has left."""
         decodes = list(out.scheduled)
         seconds_per_token = self.cost.seconds(out.num_batched_tokens, out.num_pairs) / len(decodes)
         for item in decodes:
@@ -355,9 +356,13 @@ class Scheduler:
             if seq.speculator is None:
                 seq.speculator = Speculator()
             speculator = seq.speculator
-            num = speculator.budget(self.cost.marginal(1, seq.num_tokens) / seconds_per_token, most)
-            speculator.index.sync(seq.prompt_ids, seq.output_ids)
-            proposals = speculator.index.propose(num)
+            price = self.cost.marginal(1, seq.num_tokens) + (self.draft.seconds_per_token if self.draft else 0.0)
+            num = speculator.budget(price / seconds_per_token, most)
+            if self.draft is not None:
+                proposals = self.draft.propose(seq, num)
+            else:
+                speculator.index.sync(seq.prompt_ids, seq.output_ids)
+                proposals = speculator.index.propose(num)
             if proposals and self.blocks.ensure(seq.block_table, seq.num_computed_tokens + 1 + len(proposals)):
                 out.propose(item, proposals)
 
@@ -543,6 +548,8 @@ class Scheduler:
         if seq.block_table is not None:
             self.blocks.free(seq.block_table)
             seq.block_table = None
+        if self.draft is not None:
+            self.draft.release(seq.seq_id)
         self.by_id.pop(seq.seq_id, None)
 
     @property

@@ -5,6 +5,7 @@ real model: outputs equal to the same requests without speculation, bit for bit.
 import itertools
 
 import pytest
+import torch
 
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine.block_manager import BlockManager
@@ -313,3 +314,97 @@ def test_speculation_needs_native_decode(reference_model):
             engine_for(reference_model, parse_args(flags))
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
         SamplingParams(prompt_lookup_num_tokens=33)
+
+
+# -- a draft model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory, reference_model):
+    """A tiny random-weight Llama with the served model's vocabulary: the default model has no
+    smaller sibling here, so this stands for one (its guesses are mostly wrong)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=reference_model.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("draft")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_a_draft_models_proposals_change_nothing(reference_model, prompts, tiny_draft):
+    """Proposals from a draft model are verified like prompt lookup's: a tiny random draft (its
+    guesses mostly wrong) gives the same tokens and logprobs as no speculation, greedy and seeded,
+    alone and together."""
+    plain_engine = engine_for(reference_model, parse_args([]))
+    specs = [(f"{j}/{seeded}", ids, dict(max_new_tokens=40, logprobs=True, prompt_lookup_num_tokens=6,
+                                         **(dict(do_sample=True, top_k=40, seed=j) if seeded else {})))
+             for j, ids in enumerate(prompts) for seeded in (False, True)]
+    expected = {}
+    for seq_id, ids, params in specs:
+        expected.update(run(plain_engine, [(seq_id, ids, dict(params, prompt_lookup_num_tokens=0))])[0])
+    engine = engine_for(reference_model, parse_args(["--draft-model", tiny_draft]))
+    assert engine.scheduler.draft is not None
+    # Priced as if a step took a second, every proposal pays: the draft is asked every step, however
+    # wrong its guesses (the engine's cost model learns only in the service's loop, not here).
+    engine.scheduler.cost = StepCost((1.0, 0.001, 6e-7))
+    for spec in specs[:2]:
+        assert run(engine, [spec])[0] == {spec[0]: expected[spec[0]]}
+    together, proposed, _ = run(engine, specs)
+    assert together == expected
+    assert proposed > 6 * 39  # ... one or more for every sequence at every step
+    assert not engine.scheduler.draft.states  # every sequence's draft cache went with it
+
+
+def test_the_draft_proposes_its_own_greedy_continuation(reference_model, prompts):
+    """The proposer alone, with the served model's own weights unquantized as the draft: it proposes
+    what the draft's generate() would, and after a rejection it cuts its cache back and goes on from
+    the sequence's real tokens."""
+    from model_svc.engine.draft import DraftProposer
+    from model_svc.loader import load_model
+    from tests.conftest import MODEL
+
+    draft = load_model(MODEL, "bfloat16", "none", "cpu").model
+    proposer = DraftProposer(draft)
+
+    def greedy(ids, n):
+        with torch.inference_mode():
+            out = draft.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    seq = Sequence("a", list(prompts[0]), SamplingParams())
+    first = proposer.propose(seq, 5)
+    assert first == greedy(seq.prompt_ids, 5)
+    seq.output_ids += first[:2] + [first[2] + 1]  # two kept, then another token than the third
+    assert proposer.propose(seq, 4) == greedy(seq.token_ids(), 4)
+    assert proposer.seconds_per_token > 0
+    proposer.release("a")
+    assert not proposer.states
+
+
+def test_a_draft_that_costs_more_than_it_saves_stops_being_asked(reference_model, prompts):
+    """The served model's own weights as a draft guess well but cost more a pass than the step
+    they would save: after its first measured passes it proposes nothing more."""
+    from tests.conftest import MODEL
+
+    engine = engine_for(reference_model, parse_args(["--draft-model", MODEL]))
+    params = dict(max_new_tokens=60, prompt_lookup_num_tokens=8)
+    got, proposed, accepted = run(engine, [(0, prompts[0], params)])
+    plain, _, _ = run(engine_for(reference_model, parse_args([])), [(0, prompts[0], dict(params, prompt_lookup_num_tokens=0))])
+    assert got == plain
+    assert 0 < proposed <= 8 and accepted > 0  # its first guesses were proposed (and kept), then no more
+    assert engine.scheduler.draft.seconds_per_token > engine.scheduler.cost.seconds(1, 0) / 4
+
+
+def test_a_draft_with_another_vocabulary_is_refused(reference_model, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="vocabulary has 1000 tokens"):
+        engine_for(reference_model, parse_args(["--draft-model", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="--draft-model proposes nothing"):
+        engine_for(reference_model, parse_args(["--draft-model", str(tmp_path), "--prompt-lookup-num-tokens", "0"]))
