@@ -73,6 +73,8 @@ GENERATION_FLAGS = [
      "keep only the prompt's last N tokens"),
     ("--top-logprobs", "top_logprobs", ranged(int, 0, 20), "also the N most likely tokens at each step, 0 .. 20"),
     ("--priority", "priority", ranged(int, -100, 100), "-100 .. 100, higher is more urgent (0)"),
+    ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, 32),
+     "speculative decoding: proposals a step, 0 .. 32, 0: off (the server's, 8); the output is the same"),
 ]
 
 

@@ -105,7 +105,8 @@ def run_cli(stack, *args, timeout=120):
 @pytest.mark.parametrize("args, names", [
     (("--seed", "-1"), "--seed"), (("--max-new-tokens", "99999999999"), "--max-new-tokens"),
     (("--temperature", "nan"), "--temperature"), (("--top-logprobs", "21"), "--top-logprobs"),
-    (("--priority", "101"), "--priority"), (("--seed", "x"), "--seed")])
+    (("--priority", "101"), "--priority"), (("--seed", "x"), "--seed"),
+    (("--prompt-lookup-num-tokens", "33"), "--prompt-lookup-num-tokens")])
 def test_cli_refuses_bad_values_in_one_line(stack, args, names):
     out = run_cli(stack, "generate", "x", *args)
     assert out.returncode == 2 and names in out.stderr and "Traceback" not in out.stderr

@@ -61,3 +61,20 @@ def test_out_of_range_is_refused_naming_the_field(stub, value):
                       timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "config.prompt_lookup_num_tokens" in err.value.details() and "[0, 32]" in err.value.details()
+
+
+def test_the_cli_turns_it_off(stack):
+    """`genrpc generate --prompt-lookup-num-tokens 0` prints what the default does."""
+    import subprocess
+    import sys
+
+    from genrpc.launch import ROOT
+
+    def cli(*flags):
+        out = subprocess.run([sys.executable, "-m", "genrpc.cli", "--addr", stack.gateway.address, "generate",
+                              "Repeat exactly: the cat sat on the mat, the cat sat on the mat, the cat sat",
+                              "--max-new-tokens", "24", *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert cli("--prompt-lookup-num-tokens", "0") == cli()
