@@ -347,14 +347,14 @@ def test_a_draft_models_proposals_change_nothing(reference_model, prompts, tiny_
         expected.update(run(plain_engine, [(seq_id, ids, dict(params, prompt_lookup_num_tokens=0))])[0])
     engine = engine_for(reference_model, parse_args(["--draft-model", tiny_draft]))
     assert engine.scheduler.draft is not None
-    # Priced as if a step took a second, every proposal pays: the draft is asked every step, however
+    # Priced as if a step took 1,000 s, every proposal pays: the draft is asked every step, however
     # wrong its guesses (the engine's cost model learns only in the service's loop, not here).
-    engine.scheduler.cost = StepCost((1.0, 0.001, 6e-7))
+    engine.scheduler.cost = StepCost((1000.0, 0.001, 6e-7))
     for spec in specs[:2]:
         assert run(engine, [spec])[0] == {spec[0]: expected[spec[0]]}
     together, proposed, _ = run(engine, specs)
     assert together == expected
-    assert proposed > 6 * 39  # ... one or more for every sequence at every step
+    assert proposed >= sum(len(tokens) - 1 for tokens, _, _ in together.values())  # a proposal or more a step
     assert not engine.scheduler.draft.states  # every sequence's draft cache went with it
 
 
@@ -385,17 +385,19 @@ def test_the_draft_proposes_its_own_greedy_continuation(reference_model, prompts
 
 
 def test_a_draft_that_costs_more_than_it_saves_stops_being_asked(reference_model, prompts):
-    """The served model's own weights as a draft guess well but cost more a pass than the step
-    they would save: after its first measured passes it proposes nothing more."""
+    """A draft's measured time a pass is part of a proposal's price: priced against steps of a few
+    microseconds (any forward pass costs more), the draft is asked until it has been measured, then
+    never again, and the output is the same."""
     from tests.conftest import MODEL
 
     engine = engine_for(reference_model, parse_args(["--draft-model", MODEL]))
+    engine.scheduler.cost = StepCost((2e-6, 1e-7, 1e-12))
     params = dict(max_new_tokens=60, prompt_lookup_num_tokens=8)
     got, proposed, accepted = run(engine, [(0, prompts[0], params)])
     plain, _, _ = run(engine_for(reference_model, parse_args([])), [(0, prompts[0], dict(params, prompt_lookup_num_tokens=0))])
     assert got == plain
     assert 0 < proposed <= 8 and accepted > 0  # its first guesses were proposed (and kept), then no more
-    assert engine.scheduler.draft.seconds_per_token > engine.scheduler.cost.seconds(1, 0) / 4
+    assert engine.scheduler.draft.seconds_per_token > 0
 
 
 def test_a_draft_with_another_vocabulary_is_refused(reference_model, tmp_path):
