@@ -19,7 +19,8 @@ neighbour and under a CPU quota), the memory-model workloads (bench/memory_model
 max_new_tokens, a shared system prompt, a multi-turn chat) and the scheduling ones
 (bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), speculative
 decoding on and off (bench/speculative.py: input-grounded and free-text prompts, 1 and 16 streams, the
-outputs compared), and it writes bench/results/latest.json, latest.png, cpu_contention.png and
+outputs compared), structured output's mask cost and several samples per prompt (bench/structured.py),
+and it writes bench/results/latest.json, latest.png, cpu_contention.png and
 speculative.png.
 
     python -m bench.run [--quick]
@@ -38,7 +39,7 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model, mixed_tenants, speculative
+from bench import cpu_contention, memory_model, mixed_tenants, speculative, structured
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -281,6 +282,7 @@ def main() -> None:
     report["memory_model"] = memory_model.run()
     report["mixed_tenants"] = mixed_tenants.run()
     report["speculative"] = speculative.run()
+    report["structured"] = structured.run()
     report["ratios"] = {
         "single_stream_vs_generate_batch1": round(
             report["service"]["concurrency"]["1"]["tokens_per_s"] / report["generate"]["batch1"]["tokens_per_s"], 2),
@@ -303,6 +305,7 @@ def main() -> None:
     print(memory_model.markdown(report["memory_model"]))
     print(mixed_tenants.markdown(report["mixed_tenants"]))
     print(speculative.markdown(report["speculative"]))
+    print(structured.markdown(report["structured"]))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from genrpc.internal.v1 import model_pb2
 from gateway.generation import Delta, Prompts
 from gateway.validation import FIELD_NAMES, ModelLimits, RequestedConfig
 
-REPEATED = ("stop", "stop_token_ids")
+REPEATED = ("stop", "stop_token_ids", "bad_words")
 
 
 def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
@@ -15,6 +15,13 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
     for name in FIELD_NAMES:
         if name in REPEATED:
             values[name] = list(getattr(config, name))
+        elif name == "logit_bias":
+            values[name] = dict(config.logit_bias)
+        elif name == "structured_output":
+            which = config.WhichOneof("structured_output")
+            if which is not None:
+                value = getattr(config, which)
+                values[name] = (which, list(value.options) if which == "choice" else value)
         elif config.HasField(name):
             values[name] = getattr(config, name)
     return RequestedConfig(**values)
@@ -43,6 +50,10 @@ def stream_prompts(request: pb.GenerateStreamRequest) -> Prompts:
     return Prompts([], [])
 
 
+def _prompt_logprobs(deltas) -> list[pb.GeneratedTokenLogprob]:
+    return logprobs(next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), []))
+
+
 def logprobs(items) -> list[pb.GeneratedTokenLogprob]:
     return [
         pb.GeneratedTokenLogprob(
@@ -56,7 +67,8 @@ def logprobs(items) -> list[pb.GeneratedTokenLogprob]:
 def stream_response(delta: Delta) -> pb.GenerateStreamResponse:
     response = pb.GenerateStreamResponse(
         text=delta.text, token_ids=delta.token_ids, finish_reason=delta.finish_reason, seed=delta.seed,
-        logprobs=logprobs(delta.logprobs),
+        logprobs=logprobs(delta.logprobs), sample_index=delta.sample_index,
+        prompt_logprobs=logprobs(delta.prompt_logprobs or []),
     )
     if delta.finish_reason:
         response.prompt_tokens = delta.prompt_tokens
@@ -65,9 +77,10 @@ def stream_response(delta: Delta) -> pb.GenerateStreamResponse:
     return response
 
 
-def completions(deltas_by_index: list[list[Delta]]) -> pb.GenerateResponse:
+def completions(deltas_by_index: list[list[Delta]], samples: int = 1) -> pb.GenerateResponse:
+    """One Completion per sequence, prompt-major (a prompt's samples follow each other)."""
     out = []
-    for deltas in deltas_by_index:
+    for i, deltas in enumerate(deltas_by_index):
         last = deltas[-1]
         out.append(pb.Completion(
             text="".join(d.text for d in deltas),
@@ -75,5 +88,6 @@ def completions(deltas_by_index: list[list[Delta]]) -> pb.GenerateResponse:
             finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
             generated_tokens=last.generated_tokens, seed=last.seed, stop_sequence=last.stop_sequence,
             logprobs=logprobs([lp for d in deltas for lp in d.logprobs]),
+            index=i // samples, sample_index=i % samples, prompt_logprobs=_prompt_logprobs(deltas),
         ))
     return pb.GenerateResponse(completions=out)

@@ -57,11 +57,14 @@ class Delta:
     generated_tokens: int = 0
     seed: int = 0
     stop_sequence: str = ""
+    sample_index: int = 0  # with num_return_sequences: which sample of its prompt
+    prompt_logprobs: list | None = None  # on a sample's first delta, when asked (as logprobs' items)
 
 
 @dataclass
 class SequenceRun:
-    index: int
+    index: int  # the sequence's position: prompt * num_return_sequences + sample
+    sample_index: int
     seed: int
     prompt_tokens: int
     matcher: StopStringMatcher
@@ -83,7 +86,7 @@ class SequenceRun:
     def delta(self, text: str, token_ids: list[int], logprobs: list, finish_reason: int = RUNNING,
               stop: str = "") -> Delta:
         return Delta(self.index, text, token_ids, logprobs, finish_reason, self.prompt_tokens,
-                     self.num_generated, self.seed, stop)
+                     self.num_generated, self.seed, stop, self.sample_index)
 
 
 class Generator:
@@ -113,21 +116,31 @@ class Generator:
         with tracing.tracer().start_as_current_span("tokenizer.Encode", kind=SpanKind.CLIENT):
             return await self.tokenizers.encode(request, timeout=timeout, metadata=_metadata())
 
-    def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int) -> model_pb2.SamplingParams:
+    def _sampling_params(self, config: ResolvedConfig, max_new_tokens: int, seed: int,
+                         bad_words_ids: list[list[int]]) -> model_pb2.SamplingParams:
         """The resolved config's token-selection fields (the .proto message's names), with this
-        sequence's own length limit and seed."""
-        values = {name: getattr(config, name) for name in SAMPLING_FIELDS}
+        sequence's own length limit and seed, and the banned words as token ids."""
+        values = {name: getattr(config, name) for name in SAMPLING_FIELDS if name != "bad_words_ids"}
         values = {name: value for name, value in values.items() if value is not None}  # unset: the worker's
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
-                      seed=seed)
+                      seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids])
         return model_pb2.SamplingParams(**values)
+
+    async def _bad_words_ids(self, words: list[str], deadline: float | None) -> list[list[int]]:
+        """Each banned string's token ids, as written and after a space (where a word usually
+        starts), as generate()'s bad_words_ids are made."""
+        if not words:
+            return []
+        request = tokenizer_pb2.EncodeRequest(texts=[v for w in words for v in (w, " " + w)], fragments=True)
+        response = await self.tokenizers.call("Encode", request, _remaining(deadline), _metadata())
+        return [list(ids) for ids in dict.fromkeys(tuple(row.input_ids) for row in response.rows if row.input_ids)]
 
     async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None,
                      client: str = "") -> AsyncIterator[Delta]:
         """Generates every prompt for `client` (the identity fair shares and caps are kept by);
         yields deltas as tokens arrive (sequences interleaved)."""
         started = time.monotonic()
-        num_seqs = len(prompts.texts) + len(prompts.chats)
+        num_seqs = (len(prompts.texts) + len(prompts.chats)) * config.num_return_sequences
         mine = self.inflight_by_client[client]
         if mine + num_seqs > self.max_inflight_per_client:
             metrics.CLIENT_CAP_REFUSALS.inc()
@@ -167,16 +180,21 @@ class Generator:
         info = self.models.info()
         context_limit = min(info.max_context_tokens, info.kv_cache_tokens or info.max_context_tokens)
         encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline))
+        bad_words_ids = await self._bad_words_ids(config.bad_words, deadline)
         field_name = "prompts" if prompts.texts else "chats"
         rows, params, runs = [], [], {}
-        for index, row in enumerate(encoded.rows):
-            max_new = fit_to_context(row.num_tokens, config, context_limit, f"{field_name}[{index}]")
-            seed = config.seed if config.seed is not None else random.getrandbits(63)
-            rows.append((list(row.input_ids), list(row.attention_mask)))
-            params.append(self._sampling_params(config, max_new, seed))
-            runs[index] = SequenceRun(index, seed, row.num_tokens,
-                                      StopStringMatcher(config.stop, config.include_stop_sequence), started)
-            metrics.PROMPT_TOKENS.inc(row.num_tokens)
+        samples = config.num_return_sequences
+        for prompt_index, row in enumerate(encoded.rows):
+            max_new = fit_to_context(row.num_tokens, config, context_limit, f"{field_name}[{prompt_index}]")
+            first_seed = config.seed if config.seed is not None else random.getrandbits(63)
+            for sample in range(samples):  # sample i: seed + i; the prompt's blocks are shared (computed once)
+                seed = (first_seed + sample) % 2**64
+                index = prompt_index * samples + sample
+                rows.append((list(row.input_ids), list(row.attention_mask)))
+                params.append(self._sampling_params(config, max_new, seed, bad_words_ids))
+                runs[index] = SequenceRun(index, sample, seed, row.num_tokens,
+                                          StopStringMatcher(config.stop, config.include_stop_sequence), started)
+            metrics.PROMPT_TOKENS.inc(row.num_tokens)  # once a prompt, however many samples
         queue: asyncio.Queue = asyncio.Queue()
         # Picked right before submit, with no await in between, so that concurrent requests see each
         # other's load (submit registers the sequences before its first await).
@@ -235,10 +253,13 @@ class Generator:
                 logprobs.append((event.token_id, logprob, text, top))
         match = run.matcher.feed(event.text)
         if match.stop is not None:
-            return run.delta(match.text, token_ids, logprobs, gen_pb2.FINISH_REASON_STOP_SEQUENCE, match.stop)
-        if event.finish_reason != RUNNING:
-            return run.delta(match.text + run.matcher.flush(), token_ids, logprobs, event.finish_reason)
-        return run.delta(match.text, token_ids, logprobs)
+            delta = run.delta(match.text, token_ids, logprobs, gen_pb2.FINISH_REASON_STOP_SEQUENCE, match.stop)
+        elif event.finish_reason != RUNNING:
+            delta = run.delta(match.text + run.matcher.flush(), token_ids, logprobs, event.finish_reason)
+        else:
+            delta = run.delta(match.text, token_ids, logprobs)
+        delta.prompt_logprobs = event.prompt_logprobs
+        return delta
 
 
 def _metadata() -> list[tuple[str, str]]:

@@ -41,6 +41,8 @@ class SequenceEvent:
     logprob: tuple[float, str, list] | None = None
     error: str = ""
     error_code: int = 0  # a grpc status code for `error` (0: a failure); RESOURCE_EXHAUSTED: retry later
+    # On the first token, when asked: (id, logprob, text, [(id, logprob, text)]) of prompt tokens 1 ..
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -163,6 +165,9 @@ class ModelWorkerClient:
                 if event.has_token and event.HasField("logprob"):
                     piece_ids.append(event.token_id)
                     piece_ids.extend(t.token_id for t in event.top_logprobs)
+                for entry in event.prompt_logprobs:
+                    piece_ids.append(entry.token_id)
+                    piece_ids.extend(t.token_id for t in entry.top)
         try:
             response = await self.tokenizers.call(
                 "DecodeStream", tokenizer_pb2.DecodeStreamRequest(items=items, piece_ids=piece_ids))
@@ -186,6 +191,11 @@ class ModelWorkerClient:
                     handle.sequence_id, event.token_id if event.has_token else None, text, event.finish_reason,
                     logprob, event.error, event.error_code,
                 )
+                if event.prompt_logprobs:
+                    piece.prompt_logprobs = [
+                        (p.token_id, p.logprob, texts.get(p.token_id, ""),
+                         [(t.token_id, t.logprob, texts.get(t.token_id, "")) for t in p.top])
+                        for p in event.prompt_logprobs]
                 if event.finish_reason != 0:
                     self._end(handle, piece)
                     break

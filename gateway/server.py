@@ -83,10 +83,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         prompts = convert.prompts(request)
         config = self._resolve(prompts, request.config, single=False)
         check_answer_size(len(prompts.texts) + len(prompts.chats), config)
-        by_index: list[list] = [[] for _ in range(len(prompts.texts) + len(prompts.chats))]
+        num_seqs = (len(prompts.texts) + len(prompts.chats)) * config.num_return_sequences
+        by_index: list[list] = [[] for _ in range(num_seqs)]
         async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context)):
             by_index[delta.index].append(delta)
-        response = convert.completions(by_index)
+        response = convert.completions(by_index, config.num_return_sequences)
         _log_done("Generate", started, [c.finish_reason for c in response.completions],
                   sum(c.generated_tokens for c in response.completions))
         return response

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from genrpc.errors import InvalidArgument
+from gateway.structured import grammar_for
 
 MAX_PROMPTS = 64
 MAX_STOP_STRINGS = 32
@@ -19,6 +20,11 @@ MAX_TIME_LIMIT_MS = 3_600_000
 MAX_TOP_LOGPROBS = 20
 MAX_PRIORITY = 100  # priorities are -MAX_PRIORITY .. MAX_PRIORITY, higher first
 MAX_PROMPT_LOOKUP = 32  # as the model service's SamplingParams allow
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_LENGTH = 256
+MAX_RETURN_SEQUENCES = 16
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)
@@ -58,6 +64,11 @@ class RequestedConfig:
     top_logprobs: int | None = None
     priority: int | None = None
     prompt_lookup_num_tokens: int | None = None
+    structured_output: tuple[str, object] | None = None  # (the oneof's field, its value)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    bad_words: list[str] = field(default_factory=list)
+    num_return_sequences: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -95,6 +106,11 @@ class ResolvedConfig:
     top_logprobs: int
     priority: int
     prompt_lookup_num_tokens: int | None  # None: the model worker's default
+    grammar: str = ""  # structured output as llguidance's grammar text (gateway/structured.py); "": none
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    bad_words: list[str] = field(default_factory=list)
+    num_return_sequences: int = 1
+    prompt_logprobs: int | None = None  # None: not asked
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -164,6 +180,32 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     if lookup is not None:
         _check(0 <= lookup <= MAX_PROMPT_LOOKUP, "prompt_lookup_num_tokens", lookup,
                f"must be in [0, {MAX_PROMPT_LOOKUP}] (0 turns speculation off)")
+    _check(len(req.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias", f"{len(req.logit_bias)} entries",
+           f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+    for token_id, bias in sorted(req.logit_bias.items()):
+        _check(0 <= token_id < limits.vocab_size, f"logit_bias[{token_id}]", token_id,
+               f"a token id must be in [0, {limits.vocab_size - 1}]")
+        _check(_finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False), f"logit_bias[{token_id}]", bias,
+               f"a bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+    _check(len(req.bad_words) <= MAX_BAD_WORDS, "bad_words", f"{len(req.bad_words)} strings",
+           f"at most {MAX_BAD_WORDS} strings")
+    for i, word in enumerate(req.bad_words):
+        _check(1 <= len(word) <= MAX_BAD_WORD_LENGTH, f"bad_words[{i}]", word,
+               f"a banned string must have 1 to {MAX_BAD_WORD_LENGTH} characters")
+    samples = req.num_return_sequences if req.num_return_sequences is not None else 1
+    _check(1 <= samples <= MAX_RETURN_SEQUENCES, "num_return_sequences", samples,
+           f"must be in [1, {MAX_RETURN_SEQUENCES}]")
+    _check(samples == 1 or do_sample, "num_return_sequences", samples,
+           "more than 1 needs do_sample=true (greedy samples would all be the same)")
+    if req.prompt_logprobs is not None:
+        _check(0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs", req.prompt_logprobs,
+               f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)")
+    grammar = ""
+    if req.structured_output is not None:
+        kind, value = req.structured_output
+        _check(not req.ignore_eos, "ignore_eos", True,
+               f"must be false with config.{kind}: structured output ends with EOS where the output is complete")
+        grammar = grammar_for(kind, value)
     return ResolvedConfig(
         max_new_tokens=max_new,
         max_new_tokens_explicit=req.max_new_tokens is not None,
@@ -183,6 +225,11 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         top_logprobs=top_logprobs,
         priority=priority,
         prompt_lookup_num_tokens=lookup,
+        grammar=grammar,
+        logit_bias=dict(req.logit_bias),
+        bad_words=list(req.bad_words),
+        num_return_sequences=samples,
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -226,10 +273,11 @@ def check_answer_size(num_prompts: int, config: ResolvedConfig) -> None:
     """Refuses a Generate whose one answer could pass the message limit (many prompts, many tokens,
     many logprobs each) before any work is done; GenerateStream sends a message a token."""
     per_token = TOKEN_BYTES + (LOGPROB_BYTES * (1 + config.top_logprobs) if config.logprobs else 0)
-    size = num_prompts * config.max_new_tokens * per_token
+    size = num_prompts * config.num_return_sequences * config.max_new_tokens * per_token
     if size > MAX_ANSWER_BYTES:
         raise InvalidArgument(
             f"config.max_new_tokens={config.max_new_tokens} with {num_prompts} prompts"
+            + (f" x {config.num_return_sequences} samples" if config.num_return_sequences > 1 else "")
             + (f" and config.top_logprobs={config.top_logprobs}" if config.logprobs else "")
             + f" could make an answer of ~{size / 2**20:.0f} MiB, over the {MAX_ANSWER_BYTES // 2**20} MiB one "
             "message may carry: lower them, send fewer prompts, or use GenerateStream")
@@ -253,4 +301,4 @@ def fit_to_context(num_prompt_tokens: int, config: ResolvedConfig, max_context: 
     return room
 
 
-FIELD_NAMES = [f.name for f in fields(RequestedConfig)]
+FIELD_NAMES = [f.name for f in fields(RequestedConfig)]  # GenerationConfig's names, but structured_output: a oneof

@@ -89,7 +89,41 @@ def _config(args) -> pb.GenerationConfig:
             setattr(config, flag, True)
     if args.keep_special_tokens:
         config.skip_special_tokens = False
+    if args.json_schema is not None:
+        config.json_schema = args.json_schema
+    elif args.grammar is not None:
+        config.grammar = args.grammar
+    elif args.regex is not None:
+        config.regex = args.regex
+    elif args.choice:
+        config.choice.options.extend(args.choice)
+    elif args.json_object:
+        config.json_object = True
+    for item in args.logit_bias or []:
+        token_id, bias = item
+        config.logit_bias[token_id] = bias
+    config.bad_words.extend(args.bad_word or [])
     return config
+
+
+def _file_text(path: str) -> str:
+    """A file's text, as --json-schema and --grammar take them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _bias(text: str) -> tuple[int, float]:
+    """ID=BIAS, as --logit-bias takes it."""
+    token_id, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS (e.g. 30=-100)") from None
 
 
 def _chat(text: str, system: str | None) -> pb.Chat:
@@ -198,6 +232,17 @@ def parser() -> Parser:
     g.add_argument("--include-stop-sequence", action="store_true", help="keep the stop string in the text")
     g.add_argument("--stop-token-id", type=ranged(int, 0, INT32_MAX), action="append",
                    help="a token id that ends generation like EOS (repeatable)")
+    structured = g.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", type=_file_text,
+                            help="constrain the output to this JSON schema")
+    structured.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    structured.add_argument("--regex", help="constrain the output to match this regular expression")
+    structured.add_argument("--grammar", metavar="FILE", type=_file_text,
+                            help="constrain the output to this Lark grammar")
+    structured.add_argument("--choice", action="append", help="constrain the output to one of these (repeatable)")
+    g.add_argument("--logit-bias", type=_bias, action="append", metavar="ID=BIAS",
+                   help="add BIAS (-100 .. 100) to a token's logit (repeatable)")
+    g.add_argument("--bad-word", action="append", help="a string the output must not contain (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate past EOS up to --max-new-tokens")
     g.add_argument("--keep-special-tokens", action="store_true", help="leave special tokens in the text")
     g.add_argument("--logprobs", action="store_true", help="print each token's log-probability on stderr")

@@ -11,7 +11,7 @@ import torch
 from prometheus_client import Gauge
 
 from genrpc.flags import server_parser
-from genrpc.model_path import DEFAULT_MODEL
+from genrpc.model_path import DEFAULT_MODEL, ModelSource
 from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
 from genrpc.security import ServerSecurity, server_security
@@ -19,6 +19,7 @@ from genrpc.serving import run_until_signal, start_server
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
+from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
@@ -182,7 +183,8 @@ def engine_for(loaded, args) -> Engine:
     scheduler.speculation = runner.native_decode is not None
     if args.draft_model and scheduler.speculation:
         scheduler.draft = load_draft(args.draft_model, loaded)
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache, default_prompt_lookup=lookup)
+    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache, default_prompt_lookup=lookup,
+                  grammars=grammars_for(args.model))
 
 
 def load_draft(path: str, loaded) -> DraftProposer:
@@ -195,6 +197,16 @@ def load_draft(path: str, loaded) -> DraftProposer:
     log.info("draft model: %s (%.0f M parameters)", draft.name,
              sum(p.numel() for p in draft.model.parameters()) / 1e6)
     return DraftProposer(draft.model)
+
+
+def grammars_for(model: str) -> Grammars:
+    """Structured output's compiler, with the served model's tokenizer (loaded when first needed)."""
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        source = ModelSource.parse(model)
+        return AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
+    return Grammars(tokenizer)
 
 
 def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
@@ -231,7 +243,7 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
 
     def register(server):
         model_pb2_grpc.add_ModelWorkerServicer_to_server(
-            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy), server)
+            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, grammars_for(args.model)), server)
         return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
 
     handle = await start_server("model", register, args.host, args.port, args.metrics_port, security)

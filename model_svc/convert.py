@@ -30,6 +30,9 @@ SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]  # the .p
 def sampling_params(pb: model_pb2.SamplingParams, default_prompt_lookup: int = 0) -> SamplingParams:
     values = {name: getattr(pb, name) for name in SAMPLING_FIELDS}
     values["stop_token_ids"] = frozenset(values["stop_token_ids"])
+    values["logit_bias"] = tuple(sorted(pb.logit_bias.items()))
+    values["bad_words_ids"] = tuple(tuple(words.ids) for words in pb.bad_words_ids)
+    values["prompt_logprobs"] = pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None
     if not pb.HasField("prompt_lookup_num_tokens"):
         values["prompt_lookup_num_tokens"] = default_prompt_lookup
     return SamplingParams(**values)
@@ -51,10 +54,16 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
     bad = next((i for i in ids if i >= vocab_size), None)
     if bad is not None:
         raise ValueError(f"sequence {pb.sequence_id}: token id {bad} is not below the vocabulary size {vocab_size}")
+    banned = (t for words in pb.params.bad_words_ids for t in words.ids)
+    bad = next((i for i in [*pb.params.logit_bias, *banned] if i >= vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"sequence {pb.sequence_id}: logit_bias or bad_words_ids token id {bad} is not below the "
+                         f"vocabulary size {vocab_size}")
     if not -MAX_PRIORITY <= pb.priority <= MAX_PRIORITY:
         raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
     deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
-    return Sequence((client_id, pb.sequence_id), ids, sampling_params(pb.params, default_prompt_lookup), tenant=pb.tenant[:256],
+    params = sampling_params(pb.params, default_prompt_lookup)
+    return Sequence((client_id, pb.sequence_id), ids, params, tenant=pb.tenant[:256],
                     priority=pb.priority, deadline=deadline)
 
 
@@ -69,6 +78,11 @@ def token_event(out: TokenOutput) -> model_pb2.TokenEvent:
         event.top_logprobs.extend(
             generation_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.top_logprobs
         )
+    if out.prompt_logprobs is not None:
+        event.prompt_logprobs.extend(
+            model_pb2.PromptTokenLogprob(token_id=t, logprob=lp, top=[
+                generation_pb2.TokenLogprob(token_id=a, logprob=alp) for a, alp in top])
+            for t, lp, top in out.prompt_logprobs)
     return event
 
 

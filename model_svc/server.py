@@ -18,6 +18,7 @@ from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied,
 from genrpc.security import caller
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from model_svc import convert
+from model_svc.engine.constraints import Grammars
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.scheduler import SchedulerFull
@@ -63,7 +64,8 @@ class Subscriptions:
 
 class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
     def __init__(self, loaded: LoadedModel, engine_loop: EngineLoop, subscriptions: Subscriptions,
-                 thread_policy: ThreadPolicy):
+                 thread_policy: ThreadPolicy, grammars: Grammars):
+        self.grammars = grammars
         self.loaded = loaded
         self.engine_loop = engine_loop
         self.subs = subscriptions
@@ -106,7 +108,10 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
         try:
             lookup = self.engine_loop.engine.default_prompt_lookup
             seqs = [convert.sequence(client_id, s, self.loaded.vocab_size, lookup) for s in request.sequences]
-        except ValueError as exc:
+            for seq in seqs:  # compiled here, on a worker thread: a new grammar's first mask takes a while
+                if seq.params.grammar:
+                    seq.constraint = await asyncio.to_thread(self.grammars.constraint, seq.params.grammar)
+        except ValueError as exc:  # GrammarError too
             raise InvalidArgument(str(exc)) from exc
         owned = self.subs.owned[client_id]
         for seq in seqs:

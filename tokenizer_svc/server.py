@@ -46,7 +46,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         try:
             rows = await asyncio.to_thread(
                 self.tokenizer.encode, list(request.texts), chats, truncate, request.pad, request.return_tokens,
-                request.parse_special_tokens, MAX_MESSAGE_BYTES - ANSWER_HEADROOM,
+                request.parse_special_tokens, MAX_MESSAGE_BYTES - ANSWER_HEADROOM, not request.fragments,
             )
         except TokenizerError as exc:
             raise InvalidArgument(str(exc)) from exc

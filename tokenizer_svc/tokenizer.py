@@ -106,6 +106,7 @@ class Tokenizer:
         return_tokens: bool = False,
         parse_special_tokens: bool = False,
         max_answer_bytes: int | None = None,
+        add_special_tokens: bool = True,
     ) -> list[EncodedRow]:
         """Encodes texts or chats; keeps the last `truncate_input_tokens` ids of each; left-pads when `pad`.
         Markup in the caller's text becomes special tokens only with `parse_special_tokens`. Raises
@@ -115,9 +116,9 @@ class Tokenizer:
         if chats:
             id_lists = [self._encode_chat(messages, parse_special_tokens) for messages in chats]
         elif parse_special_tokens:
-            id_lists = [list(ids) for ids in self.hf(list(texts), add_special_tokens=True)["input_ids"]]
+            id_lists = [list(ids) for ids in self.hf(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
         else:
-            id_lists = [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=True)]
+            id_lists = [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         rows = []
         for ids in id_lists:
             original = len(ids)

@@ -1,5 +1,5 @@
-// A genrpc client that knows only the .proto file: calls Generate, then GenerateStream, and
-// prints one JSON object with both results.
+// A genrpc client that knows only the .proto file: calls Generate, then GenerateStream, then
+// Generate constrained by a JSON schema, and prints one JSON object with the results.
 //
 //   node client.js [address] [prompt]
 "use strict";
@@ -41,6 +41,20 @@ async function main() {
   const config = { max_new_tokens: 12, seed: 42, do_sample: true };
   const unary = await generate(client, { prompts: [prompt], config });
   const messages = await generateStream(client, { prompt, config });
+  // Structured output: the completion is JSON that validates against the schema.
+  const schema = {
+    type: "object",
+    properties: {
+      city: { type: "string", maxLength: 30 },
+      population: { type: "integer", minimum: 0, maximum: 50000000 },
+    },
+    required: ["city", "population"],
+    additionalProperties: false,
+  };
+  const structured = await generate(client, {
+    chats: [{ messages: [{ role: "user", content: "Name a large city and its population, as JSON." }] }],
+    config: { max_new_tokens: 60, json_schema: JSON.stringify(schema) },
+  });
   let bad = null;
   try {
     await generate(client, { prompts: [prompt], config: { top_p: 2 } });
@@ -58,6 +72,7 @@ async function main() {
       seed: last.seed,
     },
     invalid: bad,
+    structured: { text: structured.completions[0].text, parsed: JSON.parse(structured.completions[0].text), schema },
   }));
   client.close();
 }

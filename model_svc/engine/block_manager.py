@@ -141,11 +141,13 @@ class BlockManager:
                 else:
                     self.empty.append(block.block_id)
 
-    def can_admit(self, num_tokens: int, num_cached_blocks: int = 0) -> bool:
+    def can_admit(self, num_tokens: int, num_cached_blocks: int = 0, num_cached_unused: int = 0) -> bool:
         """Room for a new sequence's first `num_tokens` tokens (its first `num_cached_blocks` blocks
-        come from the cache), keeping the watermark free for running ones."""
+        come from the cache), keeping the watermark free for running ones. `num_cached_unused`: of
+        those cached blocks, the ones no sequence holds: they count among the free blocks now, and
+        taking them leaves that many fewer (a preempted sequence coming back to its own blocks)."""
         need = self.blocks_for(num_tokens) - num_cached_blocks
-        return need + self.watermark_blocks <= self.num_free_blocks
+        return need + self.watermark_blocks <= self.num_free_blocks - num_cached_unused
 
     def free(self, table: BlockTable) -> None:
         """Gives a sequence's blocks back: hashed ones stay cached (the most recent use last)."""
@@ -185,6 +187,11 @@ class BlockManager:
     def num_cached_prefix(self, token_ids: Seq[int], max_tokens: int) -> int:
         """How many leading blocks `match` would find now (nothing is taken)."""
         return len(self._cached_prefix(token_ids, max_tokens)[0])
+
+    def cached_prefix_use(self, token_ids: Seq[int], max_tokens: int) -> tuple[int, int]:
+        """(leading blocks `match` would find now, how many of them no sequence holds)."""
+        found = self._cached_prefix(token_ids, max_tokens)[0]
+        return len(found), sum(self.blocks[b].ref_count == 0 for b in found)
 
     def match(self, token_ids: Seq[int], max_tokens: int) -> BlockTable:
         """A table holding the longest cached prefix of `token_ids`, whole blocks, at most

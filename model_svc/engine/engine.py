@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable
 
+import torch
+
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner
 from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
@@ -24,6 +26,7 @@ class TokenOutput:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: str = ""
     retryable: bool = False  # the error refused the sequence (capacity, deadline): it may be retried later
+    prompt_logprobs: list | None = None  # on the first token, when asked: Sequence.prompt_logprobs
 
 
 @dataclass
@@ -41,9 +44,12 @@ class StepStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache,
-                 default_prompt_lookup: int = 0):
-        """default_prompt_lookup: the prompt_lookup_num_tokens of a request that does not say."""
+                 default_prompt_lookup: int = 0, grammars=None):
+        """default_prompt_lookup: the prompt_lookup_num_tokens of a request that does not say.
+        grammars: compiles a sequence's grammar when it comes without its constraint (constraints.py;
+        the server compiles them before, off the engine thread)."""
         self.default_prompt_lookup = default_prompt_lookup
+        self.grammars = grammars
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
@@ -51,6 +57,10 @@ class Engine:
         self.last_step = StepStats()
 
     def add(self, seq: Sequence) -> None:
+        if seq.params.grammar and seq.constraint is None:
+            if self.grammars is None:
+                raise ValueError("structured output is not available here")
+            seq.constraint = self.grammars.constraint(seq.params.grammar)
         self.sampler.prepare(seq)
         self.scheduler.add(seq)
 
@@ -69,13 +79,25 @@ class Engine:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self.runner.execute(out.scheduled, self.kv_cache)
-            rows = []
+            rows, sampled_rows, position = [], [], 0
             for item in out.scheduled:
-                if item.proposals:  # the last token's row, then one per proposal
+                if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
+                    self._prompt_logprobs(item, logits[position:position + item.num_new_tokens])
+                    position += item.num_new_tokens
+                    if item.completes_prompt:
+                        rows.append(SampleRow(item.seq))
+                        sampled_rows.append(position - 1)
+                elif item.proposals:  # the last token's row, then one per proposal
                     rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j]))
                                 for j in range(len(item.proposals) + 1))
+                    sampled_rows.extend(range(position, position + len(item.proposals) + 1))
+                    position += len(item.proposals) + 1
                 elif item.completes_prompt:
                     rows.append(SampleRow(item.seq))
+                    sampled_rows.append(position)
+                    position += 1
+            if len(sampled_rows) != len(logits):
+                logits = logits[sampled_rows]
             tokens = self.sampler.sample(logits, rows)
         except Exception as exc:  # a failed step fails its sequences, never the server
             seqs = [item.seq for item in out.scheduled]
@@ -110,4 +132,28 @@ class Engine:
                 last = i == len(appended) - 1
                 outputs.append(TokenOutput(seq.seq_id, t.token_id, seq.finish_reason if last else None,
                                            t.logprob, t.top_logprobs))
+                if lengths[seq.seq_id] == 0 and i == 0 and seq.prompt_logprobs is not None:
+                    outputs[-1].prompt_logprobs = seq.prompt_logprobs
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(item, logits: torch.Tensor) -> None:
+        """Records the logprobs of the prompt tokens this chunk's rows predict: row r (position p)
+        gives prompt token p + 1's, as the model's own log-softmax (float32)."""
+        seq = item.seq
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None] * (seq.num_prompt_tokens - 1)
+        start = seq.num_computed_tokens
+        count = min(len(logits), seq.num_prompt_tokens - 1 - start)  # the last prompt row predicts no prompt token
+        if count <= 0:
+            return
+        logprobs = torch.log_softmax(logits[:count], dim=-1)
+        targets = torch.tensor(seq.prompt_ids[start + 1:start + 1 + count])
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top = seq.params.prompt_logprobs
+        alternatives = [[]] * count
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)
+            alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        for r in range(count):
+            seq.prompt_logprobs[start + r] = (seq.prompt_ids[start + 1 + r], chosen[r], alternatives[r])

@@ -36,7 +36,8 @@ CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
                                "tokens admitted sequences took from the prefix cache instead of computing them")
 SPEC_PROPOSED = Counter("genrpc_model_spec_proposed_tokens",
                         "tokens proposed by prompt lookup and verified (speculative decoding)")
-SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens", "of those, tokens kept (emitted without a step of their own)")
+SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens",
+                        "of those, tokens kept (emitted without a step of their own)")
 SPEC_ACCEPT_RATE = Histogram("genrpc_model_spec_acceptance_rate",
                              "share of a sequence's proposals kept, one observation per verification",
                              buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))

@@ -46,7 +46,7 @@ class PackedBatch:
     starts: list[int]
     lengths: list[int]
     kv_lengths: list[int]  # each sequence's cached length after this step
-    logit_rows: list[int]  # packed rows sampled this step: a sequence's last, or each row of a verified one
+    logit_rows: list[int]  # packed rows whose logits the step returns (ScheduledSequence: its last, or all)
     # Rows attended by the native kernel: (packed rows, the block tables concatenated, each row's
     # table offset, number of keys each row sees), and which sequences those rows cover.
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -156,7 +156,7 @@ class ModelRunner:
             ids.extend(tokens)
             positions.extend(range(start, start + len(tokens)))
             slots.extend(seq.block_table.slots(start, start + len(tokens), bs))
-            if item.proposals:  # every row is sampled: the last token's and each proposal's
+            if item.proposals or item.prompt_rows:  # every row: proposals' to sample, a prompt's logprobs
                 logit_rows.extend(range(len(ids) - len(tokens), len(ids)))
             elif item.completes_prompt:
                 logit_rows.append(len(ids) - 1)
@@ -202,8 +202,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCache) -> torch.Tensor:
         """Computes the step; returns float32 logits [N, vocab] in the order of `scheduled`: a row per
-        sequence that samples, and for a decode with proposals one per computed token. A proposal's
-        row attends like a decoded token's (native kernel): its numbers are those of a one-token step."""
+        sequence that samples, and one per computed token for a decode with proposals or a prompt
+        chunk whose logprobs were asked. A proposal's row attends like a decoded token's (native
+        kernel): its numbers are those of a one-token step."""
         batch = self.pack(scheduled, kv)
         if self.fused is not None:
             return self._execute_fused(batch, kv)

@@ -10,6 +10,9 @@ Three paths, each row on exactly one:
 - everything else: transformers' own processors (repetition penalty, temperature, top-k, top-p,
   min-p, typical-p, in `generate()`'s order), row by row.
 Every operation is row-wise, so a seed gives the same tokens whatever else shares the batch.
+Before any of them, a row's scores get its logit bias, its banned words (-inf for a banned sequence's
+last token after the rest of it) and its grammar's mask (constraints.py); other rows are untouched,
+and logprobs stay the model's own, from the unadjusted logits.
 A sampled row draws with the random number of its output position (Sequence.uniform), so a row
 that samples a later position of a sequence (speculation.py: `SampleRow.offset`) draws exactly what
 ordinary decoding would draw there; the caller spends the numbers of the positions it keeps.
@@ -100,27 +103,55 @@ class Sampler:
                 and not self._suppresses_eos(row))
 
     def _suppresses_eos(self, row: SampleRow) -> bool:
-        return len(row.seq.output_ids) + row.offset < row.seq.params.min_new_tokens
+        """min_new_tokens holds EOS back (not under a grammar: it decides when the output may end)."""
+        return row.seq.constraint is None and len(row.seq.output_ids) + row.offset < row.seq.params.min_new_tokens
+
+    def _adjusted(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """The scores token selection uses: `logits` with each row's bias, banned words and grammar
+        mask applied (a copy, when any row has one; `logits` itself otherwise)."""
+        touched = [i for i, row in enumerate(rows) if row.seq.params.logit_bias or row.seq.params.bad_words_ids
+                   or row.seq.constraint is not None]
+        if not touched:
+            return logits
+        scores = logits.clone()
+        vocab = scores.shape[-1]
+        for i in touched:
+            seq, params = rows[i].seq, rows[i].seq.params
+            if params.logit_bias:
+                ids = [t for t, _ in params.logit_bias]
+                scores[i, ids] += torch.tensor([b for _, b in params.logit_bias], dtype=scores.dtype)
+            if params.bad_words_ids:
+                context = seq.token_ids() + list(rows[i].before)
+                banned = [words[-1] for words in params.bad_words_ids
+                          if words[-1] < vocab and (len(words) == 1 or context[-(len(words) - 1):] == list(words[:-1]))]
+                if banned:
+                    scores[i, banned] = -float("inf")
+            if seq.constraint is not None:
+                seq.constraint.mask(scores[i:i + 1])
+            if not bool(torch.isfinite(scores[i]).any()):  # nothing allowed is left: the output ends
+                scores[i, [t for t in self.eos_token_ids if t < vocab][:1] or [0]] = 0.0
+        return scores
 
     def sample(self, logits: torch.Tensor, rows: list[Sequence | SampleRow]) -> list[SampledToken]:
         """logits: float32 [N, vocab], row i for rows[i] (a Sequence: its next position). Returns one
         token per row; spends no random number (the caller spends those of the positions it keeps)."""
         rows = [row if isinstance(row, SampleRow) else SampleRow(row) for row in rows]
+        scores = self._adjusted(logits, rows)
         tokens: list[SampledToken | None] = [None] * len(rows)
         plain = [i for i, row in enumerate(rows) if not self._needs_row_work(row)]
         if plain:
-            chosen_rows = logits if len(plain) == len(rows) else logits[plain]  # no copy when all rows are plain
+            chosen_rows = scores if len(plain) == len(rows) else scores[plain]  # no copy when all rows are plain
             chosen = chosen_rows.argmax(dim=-1).tolist()
             for i, token_id in zip(plain, chosen):
                 tokens[i] = SampledToken(token_id)
         batched = [i for i, row in enumerate(rows) if tokens[i] is None and self._vectorizable(row)]
         if batched:
-            chosen = self._sample_top_k_rows(logits[batched], [rows[i] for i in batched])
+            chosen = self._sample_top_k_rows(scores[batched], [rows[i] for i in batched])
             for i, token_id in zip(batched, chosen):
                 tokens[i] = SampledToken(token_id)
         for i, row in enumerate(rows):
             if tokens[i] is None:
-                tokens[i] = SampledToken(self._select_row(logits[i:i + 1], row))
+                tokens[i] = SampledToken(self._select_row(scores[i:i + 1], row))
         for i, row in enumerate(rows):
             if row.seq.params.logprobs or row.seq.params.top_logprobs:
                 self._add_logprobs(tokens[i], logits[i], row.seq.params.top_logprobs)

@@ -63,6 +63,12 @@ class ScheduledSequence:
     def __post_init__(self) -> None:
         self.completes_prompt = self.seq.num_computed_tokens + self.num_new_tokens >= self.seq.num_tokens
 
+    @property
+    def prompt_rows(self) -> bool:
+        """Every row of this prompt chunk needs its logits (the prompt's logprobs were asked)."""
+        return (self.seq.params.prompt_logprobs is not None and not self.proposals
+                and self.seq.num_computed_tokens < self.seq.num_prompt_tokens)
+
     def tokens(self) -> list[int]:
         """The token ids this step computes for the sequence."""
         start = self.seq.num_computed_tokens
@@ -148,6 +154,7 @@ class _Plan:
     donor: Sequence | None  # the running sequence whose partial block is copied, if any
     num_shared: int  # tokens not computed: cached blocks, then the copied part
     uncomputed: int
+    num_cached_unused: int = 0  # of the cached blocks, those no sequence holds (they count as free now)
 
 
 class Scheduler:
@@ -212,7 +219,9 @@ class Scheduler:
         return self.blocks.num_blocks * self.blocks.block_size
 
     def cacheable(self, seq: Sequence) -> bool:
-        return seq.num_prompt_tokens <= self.max_cached_prompt
+        """Whether the sequence reads and fills the prefix cache: not when it wants its prompt's
+        logprobs (cached blocks hold keys and values, not logits: its prompt is computed in full)."""
+        return seq.num_prompt_tokens <= self.max_cached_prompt and seq.params.prompt_logprobs is None
 
     def add(self, seq: Sequence, now: float | None = None) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -308,9 +317,16 @@ class Scheduler:
         decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0
         # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
         # the chunks of long prompts already running, so that a long prefill never holds the door.
-        while self.waiting:
-            seq = min(self.waiting, key=self.rank)
+        deferred: set[int] = set()
+        while True:
+            candidates = [w for w in self.waiting if id(w) not in deferred]
+            if not candidates:
+                break
+            seq = min(candidates, key=self.rank)
             plan = self._plan(seq)
+            if self._computed_by_another(seq, plan):
+                deferred.add(id(seq))  # it will share those blocks instead of computing them again
+                continue
             room = self._room(out)
             kind = "short" if plan.uncomputed <= self.max_prefill_tokens else "long"
             if kind == "short":  # whole, never split
@@ -351,7 +367,7 @@ class Scheduler:
             params = seq.params
             most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - len(seq.output_ids) - 1,
                        self.max_context - seq.num_tokens - 1, self._room(out))
-            if most <= 0:
+            if most <= 0 or seq.constraint is not None:  # a grammar's mask is one position ahead only
                 continue
             if seq.speculator is None:
                 seq.speculator = Speculator()
@@ -365,6 +381,25 @@ class Scheduler:
                 proposals = speculator.index.propose(num)
             if proposals and self.blocks.ensure(seq.block_table, seq.num_computed_tokens + 1 + len(proposals)):
                 out.propose(item, proposals)
+
+    def _computed_by_another(self, seq: Sequence, plan: _Plan) -> bool:
+        """Whether a running sequence is still computing at least a block more of `seq`'s prompt than
+        `seq` could share now (the samples of one prompt, a burst with a long common prefix): then
+        `seq` waits and shares those blocks when they are done, so a prompt is computed once."""
+        if not self.cacheable(seq):
+            return False
+        tokens, bs = plan.tokens, self.blocks.block_size
+        for other in self.running:
+            if other.num_computed_tokens >= other.num_prompt_tokens or not self.cacheable(other):
+                continue  # not prefilling, or not sharing
+            limit = min(len(tokens) - 1, other.num_prompt_tokens)
+            if limit < plan.num_shared + bs or other.prompt_ids[:bs] != tokens[:bs]:
+                continue
+            common = next((i for i, (a, b) in enumerate(zip(other.prompt_ids[:limit], tokens[:limit])) if a != b),
+                          limit)
+            if common >= plan.num_shared + bs:
+                return True
+        return False
 
     def _room(self, out: SchedulerOutput) -> int:
         return self.max_batch_tokens - out.num_batched_tokens
@@ -388,22 +423,25 @@ class Scheduler:
     def _plan(self, seq: Sequence) -> _Plan:
         tokens = seq.token_ids()  # after a preemption: its outputs so far too
         cacheable = self.cacheable(seq)
-        num_cached_blocks = self.blocks.num_cached_prefix(tokens, len(tokens) - 1) if cacheable else 0
+        num_cached_blocks, num_cached_unused = (self.blocks.cached_prefix_use(tokens, len(tokens) - 1) if cacheable
+                                                else (0, 0))
         num_cached = num_cached_blocks * self.blocks.block_size
         donor, num_shared = self.running_prefix(tokens, num_cached) if cacheable else (None, 0)
         num_shared = max(num_shared, num_cached)
-        return _Plan(tokens, num_cached_blocks, donor, num_shared, len(tokens) - num_shared)
+        return _Plan(tokens, num_cached_blocks, donor, num_shared, len(tokens) - num_shared, num_cached_unused)
 
     def _make_room(self, seq: Sequence, plan: _Plan, num_new: int, out: SchedulerOutput) -> bool | None:
         """Frees a sequence slot and the blocks `seq` needs, preempting running sequences it outranks.
-        True: there is room; False: a preempted sequence was its donor (plan again); None: no room."""
+        True: there is room; False: a preempted sequence was its donor, or held blocks `seq` shares
+        (plan again); None: no room."""
         while (len(self.running) >= self.max_num_seqs
-               or not self.blocks.can_admit(plan.num_shared + num_new, plan.num_cached_blocks)):
+               or not self.blocks.can_admit(plan.num_shared + num_new, plan.num_cached_blocks,
+                                            plan.num_cached_unused)):
             victim = self.victim()
             if victim is None or not self.outranks(seq, victim):
                 return None
             self._preempt_scheduled(victim, out)
-            if victim is plan.donor:
+            if victim is plan.donor or plan.num_cached_blocks:  # its blocks may be among the cached ones
                 return False
         return True
 
@@ -411,7 +449,8 @@ class Scheduler:
         self.waiting.remove(seq)
         cacheable = self.cacheable(seq)
         seq.block_table = self.blocks.match(plan.tokens, len(plan.tokens) - 1) if cacheable else BlockTable()
-        self.blocks.ensure(seq.block_table, plan.num_shared + num_new)
+        if not self.blocks.ensure(seq.block_table, plan.num_shared + num_new):  # can_admit said there was room
+            raise RuntimeError(f"admission found {self.blocks.num_free_blocks} free blocks, fewer than planned")
         num_cached = plan.num_cached_blocks * self.blocks.block_size
         if plan.donor is not None and plan.num_shared > num_cached:  # the partial block: a copy of its slots
             bs = self.blocks.block_size
@@ -501,6 +540,8 @@ class Scheduler:
             for token_id in tokens:
                 seq.output_ids.append(token_id)
                 appended += 1
+                if seq.constraint is not None:
+                    seq.constraint.advance(token_id)
                 reason = self.check_stop(seq, token_id)
                 if reason is not None:
                     break

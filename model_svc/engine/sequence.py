@@ -10,6 +10,7 @@ from typing import Hashable
 import torch
 
 MAX_PROMPT_LOOKUP = 32  # proposals a step may verify for one sequence
+MAX_LOGIT_BIAS = 100.0
 
 class FinishReason(enum.Enum):
     """Token-level reasons the engine ends a sequence (text-level ones live in the gateway)."""
@@ -45,6 +46,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_lookup_num_tokens: int = 0  # most tokens a step may propose by prompt lookup (speculation.py); 0: off
+    grammar: str = ""  # structured output: llguidance's grammar text (constraints.py); "": none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # banned token sequences (generate()'s bad_words_ids)
+    prompt_logprobs: int | None = None  # set: the prompt tokens' logprobs, with this many alternatives
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,8 +64,14 @@ class SamplingParams:
              math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("seed", 0 <= self.seed < 2**64, "in [0, 2^64)"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
             ("prompt_lookup_num_tokens", 0 <= self.prompt_lookup_num_tokens <= MAX_PROMPT_LOOKUP,
              f"in [0, {MAX_PROMPT_LOOKUP}]"),
+        ]
+        checks += [
+            ("logit_bias", all(math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias),
+             f"biases in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"),
+            ("bad_words_ids", all(self.bad_words_ids), "non-empty token sequences"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -86,6 +97,10 @@ class Sequence:
     # samples at once (speculation samples several and keeps some).
     uniforms: list[float] = field(default_factory=list)
     speculator: object | None = None  # its speculation.Speculator when it may speculate
+    constraint: object | None = None  # its constraints.Constraint with structured output
+    # With params.prompt_logprobs: entry p - 1 is prompt token p's (id, logprob, [(id, logprob)
+    # alternatives]), filled as the prompt's chunks are computed.
+    prompt_logprobs: list | None = None
     processors: object | None = None  # the sampler's per-sequence logits processors
     # Scheduling: who asked (fair shares are per tenant), how urgent (higher first), when it arrived
     # (the scheduler numbers arrivals), and when its caller stops waiting (time.monotonic(), or None).

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 
+import jsonschema
 import pytest
 
 from genrpc.v1 import generation_pb2 as pb
@@ -45,3 +46,5 @@ def test_node_client_generate_and_stream(stack, stub, node_client):
     assert python.text == unary["text"]
     assert result["invalid"]["code"] == 3  # INVALID_ARGUMENT
     assert "top_p" in result["invalid"]["details"]
+    structured = result["structured"]  # JSON.parse succeeded in Node; the schema holds too
+    jsonschema.validate(structured["parsed"], structured["schema"])

@@ -109,3 +109,21 @@ def test_duplicate_contents_stay_private_and_caching_can_be_off():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError):
         BlockManager(0)
+
+
+def test_admission_counts_cached_blocks_it_takes_out_of_the_free_pool():
+    """Unused cached blocks are free blocks too: a sequence coming back to them (after a preemption)
+    takes them out of the pool, so they cannot also pay for its new blocks."""
+    m = BlockManager(6, block_size=4, watermark_blocks=0)
+    tokens = list(range(100, 128))
+    t = BlockTable()
+    assert m.ensure(t, 20)
+    m.register(t, tokens, 20)
+    m.free(t)
+    assert m.num_free_blocks == 6 and m.num_cached_blocks == 5
+    found, unused = m.cached_prefix_use(tokens, 27)
+    assert (found, unused) == (5, 5)
+    assert m.can_admit(24, found, unused)  # one new block: the one empty block
+    assert not m.can_admit(28, found, unused)  # two new blocks: only one is left once the five are taken
+    again = m.match(tokens, 27)
+    assert m.ensure(again, 24) and not m.ensure(again, 28)

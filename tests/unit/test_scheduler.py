@@ -362,3 +362,22 @@ def test_a_one_token_prompt_counts_as_a_short_prompt_when_chunks_are_sized():
     # "again" computes 1 token (10 + 1 ms); the long chunk may add as much again: 11 tokens.
     assert ids_of(out) == [("again", 1), ("long", 11)]
     assert (out.num_short_tokens, out.num_long_tokens, out.num_batched_tokens) == (1, 11, 12)
+
+
+def test_a_prompt_being_computed_is_shared_not_computed_again():
+    """The samples of one prompt (and a burst with a long common prefix) arrive together: the first
+    computes the prompt, the others wait a step and take its blocks, computing only their last token."""
+    s = make(max_num_seqs=8, max_batch_tokens=64, max_cached_prompt=20)
+    prompt = list(range(10, 22))  # 12 tokens: 3 blocks
+    for i in range(3):
+        s.add(Sequence(f"sample{i}", list(prompt), SamplingParams(max_new_tokens=5, do_sample=True, seed=i)))
+    s.add(Sequence("other", [99] + prompt[1:], SamplingParams(max_new_tokens=5)))  # shares nothing
+    out, _ = step(s)
+    assert ids_of(out) == [("sample0", 12), ("other", 12)]
+    out, _ = step(s)
+    assert ids_of(out) == [("sample0", 1), ("other", 1), ("sample1", 1), ("sample2", 1)]
+    assert out.num_cached_tokens == 2 * 11  # each took 11 of the 12 prompt tokens from sample0
+    # A sequence sharing only what is cached already is not held back.
+    s.add(Sequence("late", prompt[:8] + [77, 78], SamplingParams(max_new_tokens=5)))
+    out, _ = step(s)
+    assert ("late", 2) in ids_of(out)

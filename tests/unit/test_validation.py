@@ -78,4 +78,6 @@ def test_sampling_fields_have_one_definition():
 
     wire = {f.name for f in model_pb2.SamplingParams.DESCRIPTOR.fields}
     assert wire == {f.name for f in dataclasses.fields(SamplingParams)}
-    assert wire <= {f.name for f in dataclasses.fields(ResolvedConfig)}
+    # bad_words_ids are made per request from config.bad_words by the tokenizer service.
+    assert wire - {"bad_words_ids"} <= {f.name for f in dataclasses.fields(ResolvedConfig)}
+    assert "bad_words" in {f.name for f in dataclasses.fields(ResolvedConfig)}

@@ -1,0 +1,343 @@
+"""Structured output, logit bias and banned words: the gateway's checks alone, and the engine with
+the real model: outputs that parse and validate, masks that touch only their own row."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from genrpc.errors import InvalidArgument
+from gateway.structured import grammar_for
+from gateway.validation import ModelLimits, RequestedConfig, resolve_config
+from model_svc.__main__ import engine_for, parse_args
+from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
+
+LIMITS = ModelLimits(2048, 49152, RequestedConfig(max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50,
+                                                  top_p=1.0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0))
+
+# Schemas of the kinds people send: nested objects, arrays, enums, required fields, number ranges,
+# string patterns and lengths, optional fields, anyOf, a tool call.
+SCHEMAS = [  # as structured-output users write them: closed objects, bounded strings and arrays
+    {'type': 'object',
+     'properties': {'name': {'type': 'string', 'maxLength': 30},
+                    'age': {'type': 'integer', 'minimum': 0, 'maximum': 120}},
+     'required': ['name', 'age'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'sentiment': {'enum': ['positive', 'negative', 'neutral']},
+                    'confidence': {'type': 'number', 'minimum': 0, 'maximum': 1}},
+     'required': ['sentiment', 'confidence'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'title': {'type': 'string', 'maxLength': 40},
+                    'tags': {'type': 'array',
+                             'items': {'type': 'string', 'maxLength': 12},
+                             'minItems': 1,
+                             'maxItems': 3}},
+     'required': ['title', 'tags'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'user': {'type': 'object',
+                             'properties': {'id': {'type': 'integer', 'minimum': 1, 'maximum': 999999},
+                                            'email': {'type': 'string',
+                                                      'pattern': '^[a-z]{1,12}@[a-z]{1,12}\\.com$'}},
+                             'required': ['id', 'email'],
+                             'additionalProperties': False},
+                    'active': {'type': 'boolean'}},
+     'required': ['user', 'active'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'tool': {'const': 'get_weather'},
+                    'arguments': {'type': 'object',
+                                  'properties': {'city': {'type': 'string', 'maxLength': 24},
+                                                 'unit': {'enum': ['celsius', 'fahrenheit']}},
+                                  'required': ['city', 'unit'],
+                                  'additionalProperties': False}},
+     'required': ['tool', 'arguments'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'items': {'type': 'array',
+                              'maxItems': 3,
+                              'items': {'type': 'object',
+                                        'properties': {'sku': {'type': 'string', 'pattern': '^[A-Z]{3}-[0-9]{3}$'},
+                                                       'qty': {'type': 'integer', 'minimum': 1, 'maximum': 9}},
+                                        'required': ['sku', 'qty'],
+                                        'additionalProperties': False}}},
+     'required': ['items'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'answer': {'anyOf': [{'type': 'integer'}, {'type': 'string', 'maxLength': 20}]},
+                    'explanation': {'type': 'string', 'maxLength': 60}},
+     'required': ['answer'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'date': {'type': 'string', 'pattern': '^20[0-9]{2}-[01][0-9]-[0-3][0-9]$'},
+                    'event': {'type': 'string', 'maxLength': 30},
+                    'attendees': {'type': 'integer', 'minimum': 0, 'maximum': 500}},
+     'required': ['date', 'event'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'label': {'enum': ['bug', 'feature', 'question']},
+                    'priority': {'type': 'integer', 'enum': [1, 2, 3]},
+                    'summary': {'type': 'string', 'maxLength': 50}},
+     'required': ['label', 'priority', 'summary'],
+     'additionalProperties': False},
+    {'type': 'object',
+     'properties': {'point': {'type': 'object',
+                              'properties': {'x': {'type': 'number', 'minimum': -10, 'maximum': 10},
+                                             'y': {'type': 'number', 'minimum': -10, 'maximum': 10}},
+                              'required': ['x', 'y'],
+                              'additionalProperties': False},
+                    'color': {'type': 'string', 'pattern': '^#[0-9a-f]{6}$'}},
+     'required': ['point', 'color'],
+     'additionalProperties': False},
+]
+ASKS = ["a person", "the review 'great phone, poor battery'", "a blog post about tea", "a user account",
+        "a weather lookup for Lisbon", "an order of two items", "the question 6 times 7",
+        "a meeting next spring", "the issue 'app crashes on start'", "a point on a plane"]
+
+
+# -- the gateway's checks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, value, says", [
+    ("json_schema", "{not json", "is not JSON"),
+    ("json_schema", '{"type": "string", "format": "phone"}', "Unknown format: phone"),
+    ("json_schema", '{"not": {"type": "string"}}', "Unimplemented keys"),
+    ("json_schema", '{"type": "integer", "minimum": 5, "maximum": 1}', "Unsatisfiable"),
+    ("json_schema", '{"$ref": "#/nowhere"}', "does not exist"),
+    ("regex", "(unclosed", "unclosed group"),
+    ("grammar", "start: missing_rule", "unknown name"),
+    ("choice", [], "give 1 to 256"),
+    ("choice", ["ok", ""], "config.choice.options[1]"),
+    ("json_object", False, "set it to true"),
+    ("regex", "", "is empty"),
+])
+def test_bad_structured_output_is_refused_naming_what_is_wrong(kind, value, says):
+    with pytest.raises(InvalidArgument) as err:
+        resolve_config(RequestedConfig(structured_output=(kind, value)), LIMITS)
+    assert f"config.{kind}" in str(err.value) and says in str(err.value)
+
+
+def test_structured_output_refuses_ignore_eos():
+    with pytest.raises(InvalidArgument, match="config.ignore_eos"):
+        resolve_config(RequestedConfig(structured_output=("json_object", True), ignore_eos=True), LIMITS)
+
+
+def test_conversions_are_cached_by_text():
+    from gateway import structured
+
+    structured._compile.cache_clear()
+    schema = json.dumps(SCHEMAS[0])
+    first = grammar_for("json_schema", schema)
+    assert grammar_for("json_schema", schema) is first
+    assert structured._compile.cache_info().hits == 1
+
+
+@pytest.mark.parametrize("bias, says", [({49152: 1.0}, "logit_bias[49152]"), ({5: 101.0}, "logit_bias[5]"),
+                                        ({5: float("nan")}, "logit_bias[5]"), ({i: 1.0 for i in range(301)}, "300")])
+def test_bad_logit_bias_is_refused(bias, says):
+    with pytest.raises(InvalidArgument, match=re.escape(says)):
+        resolve_config(RequestedConfig(logit_bias=bias), LIMITS)
+
+
+def test_bad_words_are_bounded():
+    with pytest.raises(InvalidArgument, match=re.escape("config.bad_words[1]")):
+        resolve_config(RequestedConfig(bad_words=["fine", ""]), LIMITS)
+    with pytest.raises(InvalidArgument, match="at most 64"):
+        resolve_config(RequestedConfig(bad_words=["w"] * 65), LIMITS)
+
+
+# -- the engine with the real model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(reference_model):
+    return engine_for(reference_model, parse_args(["--max-num-seqs", "32"]))
+
+
+def chat(tokenizer, text):
+    return tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)).input_ids
+
+
+def run(engine, seqs):
+    for seq in seqs:
+        engine.add(seq)
+    while engine.scheduler.has_work:
+        engine.step()
+    return seqs
+
+
+def test_every_output_parses_and_validates_against_its_schema(engine, hf_tokenizer):
+    """The 10 schemas, greedy and sampled (2 seeds), all 30 together: each output is JSON that
+    validates against its schema, and ends with EOS."""
+    seqs = []
+    for i, (schema, ask) in enumerate(zip(SCHEMAS, ASKS)):
+        ids = chat(hf_tokenizer, f"Give {ask} as JSON.")
+        grammar = grammar_for("json_schema", json.dumps(schema))
+        for j, sampling in enumerate([{}, dict(do_sample=True, seed=i, top_k=50), dict(do_sample=True, seed=100 + i,
+                                                                                     temperature=1.2, top_p=0.95)]):
+            seqs.append(Sequence((i, j), ids, SamplingParams(max_new_tokens=400, grammar=grammar, **sampling)))
+    for seq in run(engine, seqs):
+        text = hf_tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        assert seq.finish_reason is FinishReason.EOS_TOKEN, (seq.seq_id, text)
+        jsonschema.validate(json.loads(text), SCHEMAS[seq.seq_id[0]])
+
+
+def test_regex_choice_and_grammar_outputs_match(engine, hf_tokenizer):
+    cases = [
+        ("regex", r"[A-Z][a-z]{2,12} (is|was) [0-9]{1,2} years old\.", "How old is your cat?",
+         lambda t: re.fullmatch(r"[A-Z][a-z]{2,12} (is|was) [0-9]{1,2} years old\.", t)),
+        ("choice", ["positive", "negative", "neutral"], "Sentiment of 'I love it'?",
+         lambda t: t in ("positive", "negative", "neutral")),
+        ("grammar", 'start: "The answer is " NUMBER "."\nNUMBER: /[0-9]+/', "What is 6 times 7?",
+         lambda t: re.fullmatch(r"The answer is [0-9]+\.", t)),
+    ]
+    seqs = [Sequence(k, chat(hf_tokenizer, ask), SamplingParams(max_new_tokens=40, grammar=grammar_for(k, v),
+                                                                 **({"do_sample": True, "seed": s} if s else {})))
+            for k, v, ask, _ in cases for s in (0, 1, 2)]
+    for seq in seqs:
+        seq.seq_id = (seq.seq_id, seq.params.seed)
+    checks = {k: check for k, _, _, check in cases}
+    for seq in run(engine, seqs):
+        text = hf_tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        assert checks[seq.seq_id[0]](text), (seq.seq_id, text)
+
+
+def test_a_constrained_neighbour_changes_nothing_for_the_others(engine, hf_tokenizer):
+    """Masks, biases and bans are row-wise: unconstrained sequences beside constrained ones give the
+    same tokens and logprobs as alone."""
+    prompts = [chat(hf_tokenizer, t) for t in ("Tell me about the sea.", "Write a haiku.")]
+
+    def plain(i, ids):
+        return Sequence(("plain", i), ids, SamplingParams(max_new_tokens=24, logprobs=True,
+                                                          **({"do_sample": True, "seed": 4} if i else {})))
+    alone = {}
+    for i, ids in enumerate(prompts):
+        seq = plain(i, ids)
+        outputs = []
+        engine.add(seq)
+        while engine.scheduler.has_work:
+            outputs += [o.logprob for o in engine.step()]
+        alone[seq.seq_id] = (seq.output_ids, outputs)
+    crowd = [plain(i, ids) for i, ids in enumerate(prompts)]
+    others = [Sequence(("json", 0), prompts[0],
+                       SamplingParams(max_new_tokens=24, grammar=grammar_for("json_object", True))),
+              Sequence(("bias", 0), prompts[1], SamplingParams(max_new_tokens=24, logit_bias=((260, 5.0),))),
+              Sequence(("banned", 0), prompts[1], SamplingParams(max_new_tokens=24, bad_words_ids=((30,),)))]
+    logprobs = {s.seq_id: [] for s in crowd}
+    for seq in crowd + others:
+        engine.add(seq)
+    while engine.scheduler.has_work:
+        for out in engine.step():
+            if out.seq_id in logprobs:
+                logprobs[out.seq_id].append(out.logprob)
+    for seq in crowd:
+        assert (seq.output_ids, logprobs[seq.seq_id]) == alone[seq.seq_id]
+
+
+def test_logit_bias_and_banned_words(engine, hf_tokenizer):
+    ids = chat(hf_tokenizer, "Write three sentences about the sea.")
+    free = run(engine, [Sequence("free", ids, SamplingParams(max_new_tokens=30))])[0].output_ids
+    assert 30 in free  # "." appears ...
+    banned = run(engine, [Sequence("ban", ids, SamplingParams(max_new_tokens=30, bad_words_ids=((30,),)))])[0]
+    assert 30 not in banned.output_ids  # ... and not once banned
+    # A two-token sequence: its second token is banned only right after its first.
+    pair = (free[0], free[1])
+    two = run(engine, [Sequence("two", ids, SamplingParams(max_new_tokens=30, bad_words_ids=(pair,)))])[0].output_ids
+    assert two[0] == free[0] and two[1] != free[1]
+    forced = run(engine, [Sequence("bias", ids, SamplingParams(max_new_tokens=5, logit_bias=((9999, 100.0),),
+                                                               logprobs=True))])[0]
+    assert forced.output_ids == [9999] * 5
+    down = run(engine, [Sequence("down", ids, SamplingParams(max_new_tokens=30, logit_bias=((free[0], -100.0),)))])[0]
+    assert down.output_ids[0] != free[0]
+
+
+def test_speculation_leaves_constrained_sequences_alone(engine, hf_tokenizer):
+    ids = chat(hf_tokenizer, "Repeat as JSON: {\"a\": 1, \"b\": 2, \"a2\": 1, \"b2\": 2}")
+    seq = Sequence("c", ids, SamplingParams(max_new_tokens=150, grammar=grammar_for("json_object", True),
+                                            prompt_lookup_num_tokens=8))
+    engine.add(seq)
+    while engine.scheduler.has_work:
+        engine.step()
+        assert engine.last_step.num_proposed == 0
+    assert seq.finish_reason is FinishReason.EOS_TOKEN
+    json.loads(hf_tokenizer.decode(seq.output_ids, skip_special_tokens=True))
+
+
+# -- several samples, prompt logprobs ---------------------------------------------------------------
+
+
+def test_samples_of_one_prompt_share_its_computation_and_equal_separate_runs(engine, hf_tokenizer):
+    ids = chat(hf_tokenizer, "Tell me a short story about a fox who learns to sing. " * 3)
+    params = [SamplingParams(max_new_tokens=16, do_sample=True, seed=7 + i, ignore_eos=True) for i in range(4)]
+    alone = [run(engine, [Sequence(("alone", i), ids, p)])[0].output_ids for i, p in enumerate(params)]
+    blocks = engine.scheduler.blocks
+    hits = blocks.num_hit_tokens
+    together = run(engine, [Sequence(("together", i), ids, p) for i, p in enumerate(params)])
+    assert [s.output_ids for s in together] == alone
+    assert blocks.num_hit_tokens - hits >= 4 * (len(ids) // 16) * 16  # (the prompt is cached from the alone runs)
+    # Fresh prompt (nothing cached): the first sample computes it, the others only their last token.
+    fresh = chat(hf_tokenizer, "A fresh prompt, never seen: the history of the lighthouse at Alexandria. " * 3)
+    computed = cached = 0
+    seqs = [Sequence(("fresh", i), fresh, p) for i, p in enumerate(params)]
+    for seq in seqs:
+        engine.add(seq)
+    while engine.scheduler.has_work:
+        engine.step()
+        computed += engine.last_step.num_tokens
+        cached += engine.last_step.num_cached_tokens
+    first = cached - 3 * (len(fresh) - 1)  # what the first found cached (the chat template's system prompt)
+    assert 0 <= first < len(fresh) // 2  # each later sample took all its prompt but its last token ...
+    assert computed == (len(fresh) - first) + 3 + 4 * 15  # ... so the prompt was computed once
+
+
+def test_prompt_logprobs_match_transformers(reference_model, hf_tokenizer):
+    """Each prompt token's logprob given the tokens before it, against in-process transformers'
+    log-softmax of the same model: bit-near with the prompt attending as generate() does, and within
+    bfloat16 rounding with the default native prefill; alternatives sorted and the chosen one among
+    them when it is the most likely. The prompt is computed, not taken from the cache."""
+    text = "The capital of France is Paris, and the capital of Spain is Madrid."
+    ids = hf_tokenizer(text).input_ids
+    with torch.inference_mode():
+        reference = torch.log_softmax(reference_model.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [float(reference[p, ids[p + 1]]) for p in range(len(ids) - 1)]
+    for flags, tolerance in ((["--prefill-attention", "sdpa"], 0.05), ([], 0.5)):
+        engine = engine_for(reference_model, parse_args(flags))
+        run(engine, [Sequence("warm", ids, SamplingParams(max_new_tokens=1))])  # the prompt is now cached ...
+        seq = Sequence("p", ids, SamplingParams(max_new_tokens=2, prompt_logprobs=3))
+        engine.add(seq)
+        first = None
+        while engine.scheduler.has_work:
+            for out in engine.step():
+                if first is None:
+                    first = out
+        assert engine.last_step.num_cached_tokens == 0  # ... but computed again for its logprobs
+        got = first.prompt_logprobs
+        assert [t for t, _, _ in got] == ids[1:]
+        diffs = [abs(lp - e) for (_, lp, _), e in zip(got, expected)]
+        assert max(diffs) < tolerance and sum(diffs) / len(diffs) < tolerance / 5, (flags, max(diffs))
+        for token, logprob, top in got:
+            assert len(top) == 3 and [lp for _, lp in top] == sorted([lp for _, lp in top], reverse=True)
+            assert top[0][1] >= logprob - 1e-6
+
+
+def test_prompt_logprobs_survive_chunking(reference_model, hf_tokenizer):
+    ids = hf_tokenizer("One two three four five six seven eight nine ten. " * 12).input_ids
+    whole = engine_for(reference_model, parse_args(["--max-prefill-tokens", "512"]))
+    chunked = engine_for(reference_model, parse_args(["--max-prefill-tokens", "8", "--idle-step-ms", "5"]))
+    results = []
+    for engine in (whole, chunked):
+        seq = Sequence("c", ids, SamplingParams(max_new_tokens=1, prompt_logprobs=0))
+        outs = []
+        engine.add(seq)
+        steps = 0
+        while engine.scheduler.has_work:
+            outs += engine.step()
+            steps += 1
+        results.append((outs[0].prompt_logprobs, steps))
+    assert results[1][1] > 2  # really chunked
+    assert results[0][0] == results[1][0]  # native prefill: chunking changes no bit
