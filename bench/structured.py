@@ -69,7 +69,7 @@ SCHEMAS = [
                                                              "items": {"enum": ["fiction", "history", "science"]}}},
                 "required": ["title", "year", "genres"], "additionalProperties": False}),
 ]
-MAX_NEW_TOKENS = 120
+MAX_NEW_TOKENS = 200
 STORY = ("The harbour master counted the boats that came in with the tide, and wrote each name in a ledger "
          "that had belonged to his father. ")
 

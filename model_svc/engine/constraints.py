@@ -89,3 +89,13 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """The sampled token joins the output (one the mask allowed)."""
         self.matcher.consume_token(token_id)
+
+    def try_advance(self, token_id: int) -> bool:
+        """Takes a proposed token tentatively (speculation: the mask of the next position); False,
+        and no change, when the grammar does not allow it."""
+        return self.matcher.try_consume_tokens([token_id]) == 1
+
+    def rollback(self, count: int) -> None:
+        """Undoes the last `count` tokens taken."""
+        if count:
+            self.matcher.rollback(count)

@@ -367,7 +367,7 @@ class Scheduler:
             params = seq.params
             most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - len(seq.output_ids) - 1,
                        self.max_context - seq.num_tokens - 1, self._room(out))
-            if most <= 0 or seq.constraint is not None:  # a grammar's mask is one position ahead only
+            if most <= 0:
                 continue
             if seq.speculator is None:
                 seq.speculator = Speculator()
