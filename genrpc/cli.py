@@ -73,6 +73,10 @@ GENERATION_FLAGS = [
      "keep only the prompt's last N tokens"),
     ("--top-logprobs", "top_logprobs", ranged(int, 0, 20), "also the N most likely tokens at each step, 0 .. 20"),
     ("--priority", "priority", ranged(int, -100, 100), "-100 .. 100, higher is more urgent (0)"),
+    ("--num-return-sequences", "num_return_sequences", ranged(int, 1, 16),
+     "samples of the prompt, 1 .. 16 (needs --do-sample; sample i uses seed + i)"),
+    ("--prompt-logprobs", "prompt_logprobs", ranged(int, 0, 20),
+     "also print each prompt token's logprob and N alternatives, 0 .. 20"),
     ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, 32),
      "speculative decoding: proposals a step, 0 .. 32, 0: off (the server's, 8); the output is the same"),
 ]
@@ -168,13 +172,18 @@ def cmd_generate(stub, args) -> None:
         request.chats.append(_chat(args.prompt, args.system))
     else:
         request.prompts.append(args.prompt)
-    completion = stub.Generate(request, timeout=args.timeout, metadata=args.metadata).completions[0]
-    print(completion.text)
-    if completion.logprobs:
-        print("\n".join(_logprob_lines(completion.logprobs)), file=sys.stderr)
-    if args.verbose:
-        print(f"[{FINISH[completion.finish_reason]}, {completion.generated_tokens} tokens, "
-              f"seed {completion.seed}]", file=sys.stderr)
+    completions = stub.Generate(request, timeout=args.timeout, metadata=args.metadata).completions
+    if completions[0].prompt_logprobs:
+        print("prompt:\n" + "\n".join(_logprob_lines(completions[0].prompt_logprobs)), file=sys.stderr)
+    for completion in completions:
+        if len(completions) > 1:
+            print(f"--- sample {completion.sample_index} (seed {completion.seed})")
+        print(completion.text)
+        if completion.logprobs:
+            print("\n".join(_logprob_lines(completion.logprobs)), file=sys.stderr)
+        if args.verbose:
+            print(f"[{FINISH[completion.finish_reason]}, {completion.generated_tokens} tokens, "
+                  f"seed {completion.seed}]", file=sys.stderr)
 
 
 def cmd_tokenize(stub, args) -> None:
@@ -226,7 +235,8 @@ def parser() -> Parser:
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     g.add_argument("--system", help="system message (with --chat)")
     for flag, name, kind, help_text in GENERATION_FLAGS:
-        g.add_argument(flag, dest=name, type=kind, help=help_text)
+        names = (flag, "-n") if name == "num_return_sequences" else (flag,)
+        g.add_argument(*names, dest=name, type=kind, help=help_text)
     g.add_argument("--do-sample", action="store_true", help="sample (greedy without it)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--include-stop-sequence", action="store_true", help="keep the stop string in the text")
@@ -280,6 +290,8 @@ def main(argv=None) -> int:
     try:
         args = parser().parse_args(argv)
         args.metadata = (("x-genrpc-client", args.client),) if args.client else None
+        if getattr(args, "stream", False) and (args.num_return_sequences or 1) > 1:
+            raise UsageError("--stream prints one sample as it comes: drop --stream or -n")
         channel = _channel(args)
     except UsageError as exc:
         print(f"genrpc: error: {exc}", file=sys.stderr)

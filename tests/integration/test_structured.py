@@ -109,6 +109,8 @@ def test_the_cli_flags(stack, tmp_path):
                                        "--max-new-tokens", "150")), SCHEMA)
     assert cli("Pick a colour.", "--choice", "red", "--choice", "blue") in ("red", "blue")
     assert re.fullmatch(r"[0-9]+", cli("A number?", "--regex", "[0-9]+", "--max-new-tokens", "5"))
+    samples = cli("Once upon a time", "-n", "2", "--do-sample", "--seed", "5", "--max-new-tokens", "4")
+    assert "--- sample 0 (seed 5)" in samples and "--- sample 1 (seed 6)" in samples
 
 
 def test_several_samples_per_prompt(stub):

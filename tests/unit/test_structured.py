@@ -19,6 +19,8 @@ LIMITS = ModelLimits(2048, 49152, RequestedConfig(max_new_tokens=20, do_sample=F
 
 # Schemas of the kinds people send: nested objects, arrays, enums, required fields, number ranges,
 # string patterns and lengths, optional fields, anyOf, a tool call.
+# (A number's decimals are bounded by multipleOf, binary fractions: jsonschema checks 1.4 against 0.1
+# in floating point and finds it no multiple.)
 SCHEMAS = [  # as structured-output users write them: closed objects, bounded strings and arrays
     {'type': 'object',
      'properties': {'name': {'type': 'string', 'maxLength': 30},
@@ -27,7 +29,7 @@ SCHEMAS = [  # as structured-output users write them: closed objects, bounded st
      'additionalProperties': False},
     {'type': 'object',
      'properties': {'sentiment': {'enum': ['positive', 'negative', 'neutral']},
-                    'confidence': {'type': 'number', 'minimum': 0, 'maximum': 1}},
+                    'confidence': {'type': 'number', 'minimum': 0, 'maximum': 1, 'multipleOf': 0.125}},
      'required': ['sentiment', 'confidence'],
      'additionalProperties': False},
     {'type': 'object',
@@ -86,8 +88,8 @@ SCHEMAS = [  # as structured-output users write them: closed objects, bounded st
      'additionalProperties': False},
     {'type': 'object',
      'properties': {'point': {'type': 'object',
-                              'properties': {'x': {'type': 'number', 'minimum': -10, 'maximum': 10},
-                                             'y': {'type': 'number', 'minimum': -10, 'maximum': 10}},
+                              'properties': {'x': {'type': 'number', 'minimum': -10, 'maximum': 10, 'multipleOf': 0.25},
+                                             'y': {'type': 'number', 'minimum': -10, 'maximum': 10, 'multipleOf': 0.25}},
                               'required': ['x', 'y'],
                               'additionalProperties': False},
                     'color': {'type': 'string', 'pattern': '^#[0-9a-f]{6}$'}},
@@ -172,15 +174,18 @@ def run(engine, seqs):
 
 
 def test_every_output_parses_and_validates_against_its_schema(engine, hf_tokenizer):
-    """The 10 schemas, greedy and sampled (2 seeds), all 30 together: each output is JSON that
-    validates against its schema, and ends with EOS."""
+    """100 requests over the 10 schemas, each greedy once and sampled 9 times (seeds, temperatures,
+    top-k and top-p varied), run together: each output is JSON that validates against its schema,
+    and ends with EOS."""
+    samplings = [{}] + [dict(do_sample=True, seed=s, temperature=(0.7, 1.0, 1.3)[s % 3],
+                             **({"top_k": 50} if s % 2 else {"top_k": 0, "top_p": 0.95})) for s in range(9)]
     seqs = []
     for i, (schema, ask) in enumerate(zip(SCHEMAS, ASKS)):
         ids = chat(hf_tokenizer, f"Give {ask} as JSON.")
         grammar = grammar_for("json_schema", json.dumps(schema))
-        for j, sampling in enumerate([{}, dict(do_sample=True, seed=i, top_k=50), dict(do_sample=True, seed=100 + i,
-                                                                                     temperature=1.2, top_p=0.95)]):
+        for j, sampling in enumerate(samplings):
             seqs.append(Sequence((i, j), ids, SamplingParams(max_new_tokens=400, grammar=grammar, **sampling)))
+    assert len(seqs) == 100
     for seq in run(engine, seqs):
         text = hf_tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         assert seq.finish_reason is FinishReason.EOS_TOKEN, (seq.seq_id, text)
