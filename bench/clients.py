@@ -54,3 +54,15 @@ async def run_streams(address: str, prompts: list[str], max_new_tokens: list[int
         results = await asyncio.gather(*[
             one_stream(stub, p, n, d) for p, n, d in zip(prompts, max_new_tokens, delays)])
         return results, time.perf_counter() - started
+
+
+def run_on_stack(model: str, measure) -> dict:
+    """Starts the three services with their defaults, runs `measure(gateway address, model metrics
+    port)` (a coroutine function) against them, and stops them."""
+    from genrpc.launch import start_stack
+
+    stack = start_stack(model)
+    try:
+        return asyncio.run(measure(stack.gateway.address, stack.model.metrics_port))
+    finally:
+        stack.stop()

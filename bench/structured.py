@@ -22,7 +22,8 @@ import time
 import grpc
 import jsonschema
 
-from genrpc.launch import ROOT, metric, start_stack
+from bench.clients import run_on_stack
+from genrpc.launch import ROOT, metric
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 
@@ -158,11 +159,7 @@ async def measure(address: str, metrics_port: int) -> dict:
 
 
 def run() -> dict:
-    stack = start_stack(MODEL)
-    try:
-        return asyncio.run(measure(stack.gateway.address, stack.model.metrics_port))
-    finally:
-        stack.stop()
+    return run_on_stack(MODEL, measure)
 
 
 def markdown(report: dict) -> str:

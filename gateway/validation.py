@@ -118,6 +118,13 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise InvalidArgument.field(f"config.{name}", value, allowed)
 
 
+def _check_strings(name: str, values: list[str], most: int, longest: int, noun: str) -> None:
+    """At most `most` strings, each of 1 .. `longest` characters."""
+    _check(len(values) <= most, name, f"{len(values)} strings", f"at most {most} {noun}s")
+    for i, value in enumerate(values):
+        _check(1 <= len(value) <= longest, f"{name}[{i}]", value, f"a {noun} must have 1 to {longest} characters")
+
+
 def _finite_in(value: float, low: float, high: float, low_open: bool) -> bool:
     if not math.isfinite(value):
         return False
@@ -156,11 +163,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     penalty = req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty
     _check(_finite_in(penalty, 0.0, MAX_REPETITION_PENALTY, True), "repetition_penalty", penalty,
            f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
-    _check(len(req.stop) <= MAX_STOP_STRINGS, "stop", f"{len(req.stop)} strings",
-           f"at most {MAX_STOP_STRINGS} stop strings")
-    for i, stop in enumerate(req.stop):
-        _check(1 <= len(stop) <= MAX_STOP_LENGTH, f"stop[{i}]", stop,
-               f"a stop string must have 1 to {MAX_STOP_LENGTH} characters")
+    _check_strings("stop", req.stop, MAX_STOP_STRINGS, MAX_STOP_LENGTH, "stop string")
     _check(len(req.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
            f"{len(req.stop_token_ids)} ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
     for i, token_id in enumerate(req.stop_token_ids):
@@ -187,11 +190,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
                f"a token id must be in [0, {limits.vocab_size - 1}]")
         _check(_finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False), f"logit_bias[{token_id}]", bias,
                f"a bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
-    _check(len(req.bad_words) <= MAX_BAD_WORDS, "bad_words", f"{len(req.bad_words)} strings",
-           f"at most {MAX_BAD_WORDS} strings")
-    for i, word in enumerate(req.bad_words):
-        _check(1 <= len(word) <= MAX_BAD_WORD_LENGTH, f"bad_words[{i}]", word,
-               f"a banned string must have 1 to {MAX_BAD_WORD_LENGTH} characters")
+    _check_strings("bad_words", req.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_LENGTH, "banned string")
     samples = req.num_return_sequences if req.num_return_sequences is not None else 1
     _check(1 <= samples <= MAX_RETURN_SEQUENCES, "num_return_sequences", samples,
            f"must be in [1, {MAX_RETURN_SEQUENCES}]")
