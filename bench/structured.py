@@ -1,8 +1,10 @@
 """Structured output and several samples per prompt (part of `make bench`), in one run:
 
 - mask cost: the same 16 chat requests ("<thing> as JSON", 10 schemas) constrained by their JSON
-  schema and unconstrained, 16 at once and one at a time, both orders; aggregate tokens/s constrained
-  over unconstrained (target at 16 streams >= 0.8x); every constrained output parsed and validated;
+  schema and unconstrained, 16 at once and one at a time, both orders; the unconstrained side makes
+  exactly as many tokens as its constrained twin (max_new_tokens set to it, EOS ignored), and
+  speculation is off on both, so the two differ by the mask's work (and the text); aggregate tokens/s constrained over unconstrained (target at 16 streams
+  >= 0.8x); every constrained output parsed and validated;
 - num_return_sequences=8 on a ~500-token prompt (32 new tokens each, EOS ignored) against one
   sample of the same prompt and length: total time (target <= 1.3x) and the tokens the model
   service computed (its genrpc_model_batch_tokens counter: the prompt computed once, not 8 times).
@@ -75,21 +77,32 @@ STORY = ("The harbour master counted the boats that came in with the tide, and w
          "that had belonged to his father. ")
 
 
-def request(i: int, constrained: bool) -> pb.GenerateRequest:
+def request(i: int, constrained: bool, length: int | None = None) -> pb.GenerateRequest:
+    """Request i, constrained by its schema, or unconstrained making exactly `length` tokens."""
     thing, schema = SCHEMAS[i % len(SCHEMAS)]
-    config = pb.GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
+    # Speculation off on both sides: it gains more on the more predictable constrained text, which
+    # would hide the mask's cost.
+    config = pb.GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, prompt_lookup_num_tokens=0)
     if constrained:
         config.json_schema = json.dumps(schema)
+    elif length:
+        config.max_new_tokens, config.ignore_eos = length, True
     content = f"Request {i}. Describe {thing} as JSON."
     return pb.GenerateRequest(chats=[pb.Chat(messages=[pb.Message(role="user", content=content)])], config=config)
 
 
-async def burst(stub, first: int, n: int, constrained: bool) -> tuple[float, int, int]:
-    """n requests at once; (seconds, tokens, outputs that failed their schema)."""
+async def burst(stub, first: int, n: int, constrained: bool,
+                lengths: dict[int, int] | None = None) -> tuple[float, int, int]:
+    """n requests at once; (seconds, tokens, outputs that failed their schema). Constrained, the
+    `lengths` dict gets each request's token count; unconstrained, each request makes that many."""
     started = time.perf_counter()
-    responses = await asyncio.gather(*[stub.Generate(request(first + i, constrained), timeout=600) for i in range(n)])
+    responses = await asyncio.gather(*[
+        stub.Generate(request(first + i, constrained, None if constrained else (lengths or {}).get(first + i)),
+                      timeout=600) for i in range(n)])
     seconds = time.perf_counter() - started
     tokens = sum(r.completions[0].generated_tokens for r in responses)
+    if constrained and lengths is not None:
+        lengths.update({first + i: r.completions[0].generated_tokens for i, r in enumerate(responses)})
     invalid = 0
     if constrained:
         for i, r in enumerate(responses):
@@ -101,22 +114,22 @@ async def burst(stub, first: int, n: int, constrained: bool) -> tuple[float, int
 
 
 async def mask_cost(stub, streams: int, rounds: int = 2) -> dict:
+    """A constrained pass first learns each request's length (and warms the prefix cache for both
+    sides); then the rounds alternate the two sides over the same requests."""
     rates = {True: [], False: []}
     invalid = outputs = 0
-    counter = 1000 * streams
+    first = 1000 * streams
+    lengths: dict[int, int] = {}
+    waves = [(first + i, 1) for i in range(8)] if streams == 1 else [(first, streams)]
+    for start, n in waves:
+        await burst(stub, start, n, True, lengths)
     for r in range(rounds):
         for constrained in ((True, False) if r % 2 == 0 else (False, True)):
-            if streams == 1:
-                seconds = tokens = 0
-                for i in range(8):
-                    s, t, bad = await burst(stub, counter + i, 1, constrained)
-                    seconds, tokens, invalid = seconds + s, tokens + t, invalid + bad
-                outputs += 8 * constrained
-            else:
-                seconds, tokens, bad = await burst(stub, counter, streams, constrained)
-                invalid += bad
-                outputs += streams * constrained
-            counter += 100
+            seconds = tokens = 0
+            for start, n in waves:
+                s, t, bad = await burst(stub, start, n, constrained, lengths)
+                seconds, tokens, invalid = seconds + s, tokens + t, invalid + bad
+                outputs += n * constrained
             rates[constrained].append(tokens / seconds)
     on, off = statistics.mean(rates[True]), statistics.mean(rates[False])
     return {"streams": streams, "constrained_tokens_per_s": round(on, 1), "free_tokens_per_s": round(off, 1),
