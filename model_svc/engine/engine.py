@@ -79,23 +79,21 @@ class Engine:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self.runner.execute(out.scheduled, self.kv_cache)
-            rows, sampled_rows, position = [], [], 0
+            rows, sampled_rows, counts, position = [], [], [], 0  # counts: each item's sampled rows
             for item in out.scheduled:
                 if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
                     self._prompt_logprobs(item, logits[position:position + item.num_new_tokens])
                     position += item.num_new_tokens
-                    if item.completes_prompt:
-                        rows.append(SampleRow(item.seq))
-                        sampled_rows.append(position - 1)
-                elif item.proposals:  # the last token's row, then one per proposal
-                    rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j]))
-                                for j in range(len(item.proposals) + 1))
-                    sampled_rows.extend(range(position, position + len(item.proposals) + 1))
-                    position += len(item.proposals) + 1
-                elif item.completes_prompt:
-                    rows.append(SampleRow(item.seq))
-                    sampled_rows.append(position)
-                    position += 1
+                    counts.append(int(item.completes_prompt))
+                    sampled_rows += [position - 1] * counts[-1]
+                    rows += [SampleRow(item.seq)] * counts[-1]
+                elif item.proposals or item.completes_prompt:  # the last token's row, then one per proposal
+                    counts.append(len(item.proposals) + 1)
+                    rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j])) for j in range(counts[-1]))
+                    sampled_rows.extend(range(position, position + counts[-1]))
+                    position += counts[-1]
+                else:
+                    counts.append(0)
             if len(sampled_rows) != len(logits):
                 logits = logits[sampled_rows]
             tokens = self.sampler.sample(logits, rows)
@@ -104,17 +102,13 @@ class Engine:
             self.scheduler.fail(seqs)
             message = f"{type(exc).__name__}: {exc}"
             return [TokenOutput(s.seq_id, None, FinishReason.ERROR, error=message) for s in seqs]
-        emitted: dict[Hashable, list[SampledToken]] = {}
+        emitted: dict[Hashable, list[SampledToken]] = {}  # each sampled sequence's tokens, in order
         position = 0
-        for item in out.scheduled:
-            if item.proposals:
-                sampled = tokens[position:position + len(item.proposals) + 1]
-                position += len(sampled)
-                kept = accepted_count(item.proposals, [t.token_id for t in sampled])
-                emitted[item.seq.seq_id] = sampled[:kept + 1]
-            elif item.completes_prompt:
-                emitted[item.seq.seq_id] = [tokens[position]]
-                position += 1
+        for item, count in zip(out.scheduled, counts):
+            if count:
+                sampled = tokens[position:position + count]
+                position += count
+                emitted[item.seq.seq_id] = sampled[:accepted_count(item.proposals, [t.token_id for t in sampled]) + 1]
         lengths = {item.seq.seq_id: len(item.seq.output_ids) for item in out.scheduled}
         self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
         self.last_step.num_proposed = out.num_proposed_tokens
