@@ -17,10 +17,7 @@ import json
 
 from genrpc.errors import InvalidArgument
 
-try:
-    import llguidance
-except ImportError:  # pragma: no cover - a dependency of the project
-    llguidance = None
+import llguidance
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 MAX_TEXT_CHARS = 100_000  # a schema, regex or grammar
@@ -34,8 +31,6 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 def grammar_for(kind: str, value) -> str:
     """llguidance's grammar text for `config.<kind>` = value; InvalidArgument naming the field."""
     name = f"config.{kind}"
-    if llguidance is None:
-        raise InvalidArgument(f"{name}: structured output is not available (the llguidance package is missing)")
     if kind == "json_object":
         if not value:
             raise InvalidArgument(f"{name}=false: set it to true, or leave the structured_output oneof unset")

@@ -7,10 +7,10 @@ the output a valid prefix (a bitmask, ~40 us a row for a JSON schema here), the 
 other token's score to -inf, and the sampled token is fed back. Only EOS is allowed once the output
 is complete, so the sequence ends there.
 
-llguidance was chosen over outlines-core and xgrammar by what they cost here: its mask is computed
-lazily from the grammar (no index over the vocabulary to build per schema: outlines-core's
-`Vocabulary.from_pretrained` also wants the hub), it installs as one wheel without dependencies
-(xgrammar pulls triton), and it is what vLLM and SGLang offer too. The first mask of a new grammar
+llguidance is the library: its mask is computed lazily from the grammar (measured here; no index
+over the vocabulary to build per schema), it installs as one wheel without dependencies, and vLLM
+and SGLang offer it too. The others were not measured end to end: outlines-core's
+`Vocabulary.from_pretrained` wants the hub, and xgrammar pulls triton into the install. The first mask of a new grammar
 builds its lexer (up to ~1.5 s for a large schema, measured); llguidance keeps that per grammar, and
 it is paid when the sequence is submitted, on the server's thread pool, never on the engine thread.
 """
@@ -22,12 +22,9 @@ import threading
 import numpy as np
 import torch
 
-try:
-    import llguidance
-    import llguidance.hf
-    import llguidance.torch
-except ImportError:  # pragma: no cover - a dependency of the project; reported when first needed
-    llguidance = None
+import llguidance
+import llguidance.hf
+import llguidance.torch
 
 
 class GrammarError(ValueError):
@@ -46,8 +43,6 @@ class Grammars:
     def _llg_tokenizer(self):
         with self._lock:
             if self._tokenizer is None:
-                if llguidance is None:
-                    raise GrammarError("structured output needs the llguidance package, which is not installed")
                 self._tokenizer = llguidance.hf.from_tokenizer(self._loader())
             return self._tokenizer
 
