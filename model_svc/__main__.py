@@ -23,7 +23,7 @@ from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.runner import DECODE_ATTENTION, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
+from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import MAX_PROMPT_LOOKUP
@@ -73,6 +73,11 @@ def parse_args(argv=None):
                         help="native (default with native decode; needs it): prompts attend through the decode "
                              "kernel: chunking-invariant, so prefixes are cached exactly; sdpa: through the call "
                              "generate() makes (generate()'s very numbers for a prompt, no prefix caching)")
+    parser.add_argument("--matmul", default="native", choices=list(MATMUL),
+                        help="native (default): bfloat16 models' matrix products on the CPU through a C kernel using "
+                             "AVX-512 BF16 (4-bit layers give bitsandbytes' own bits; the output embedding, with native "
+                             "attention, rounds in its own order); falls back to library where it cannot build or "
+                             "run; library: bitsandbytes' and PyTorch's kernels")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
                              "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
@@ -153,8 +158,9 @@ def engine_for(loaded, args) -> Engine:
     decode, prefill = resolve_attention(args, loaded.dtype == "bfloat16" and loaded.device == "cpu")
     runner = ModelRunner(loaded.model, match_generate=args.match_generate,
                          decode_attention_impl="native" if decode == "generate" else decode,
-                         prefill_attention_impl=prefill)
-    log.info("decode attention: %s; prefill attention: %s", runner.decode_attention, runner.prefill_attention)
+                         prefill_attention_impl=prefill, matmul=args.matmul)
+    log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
+             runner.prefill_attention, runner.matmul)
     if args.block_size < 1 or args.kv_cache_tokens < args.block_size:
         raise SystemExit(f"--block-size={args.block_size} and --kv-cache-tokens={args.kv_cache_tokens}: need "
                          "1 <= block size <= cache tokens")

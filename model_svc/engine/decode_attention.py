@@ -48,14 +48,16 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def build(compiler: str | None = None, source_path: Path = SOURCE) -> Path:
-    """Compiles a kernel source (once per source, flags and CPU) and returns the shared library's path."""
+def build(compiler: str | None = None, source_path: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles a kernel source (once per source, flags and CPU) and returns the shared library's path.
+    `extra_flags`: e.g. -fopenmp, for a kernel that shares out its work on PyTorch's OpenMP pool."""
+    flags = [*FLAGS, *extra_flags]
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"C compiler {compiler!r} not found")
     source = source_path.read_bytes()
     headers = [h.read_bytes() for h in sorted(source_path.parent.glob("*.h"))]  # what it may #include
-    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(), _cpu_signature().encode(),
+    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(flags).encode(), _cpu_signature().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
@@ -63,7 +65,7 @@ def build(compiler: str | None = None, source_path: Path = SOURCE) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
         partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source_path), "-lm"],
+        result = subprocess.run([compiler, *flags, "-o", str(partial), str(source_path), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {source_path.name} failed:\n{result.stderr}")
@@ -109,7 +111,7 @@ class DecodeAttention:
 def load() -> DecodeAttention | None:
     """The compiled kernel, or None (logged) where it cannot be built here."""
     try:
-        return DecodeAttention(ctypes.CDLL(str(build())))
+        return DecodeAttention(ctypes.CDLL(str(build(extra_flags=("-fopenmp",)))))
     except (OSError, RuntimeError) as exc:
         log.warning("native decode attention unavailable, attending per sequence: %s", exc)
         return None

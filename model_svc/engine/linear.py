@@ -1,13 +1,19 @@
-"""Linear layers, with a short path to bitsandbytes' CPU 4-bit kernel.
+"""Linear layers: bitsandbytes' 4-bit layers through our native kernel (the library's very bits,
+faster at a step's many rows), or a short path to the library's own CPU kernel.
 
 A bitsandbytes `Linear4bit` call on the CPU goes through the module, `matmul_4bit`, the torch op
 dispatcher and a Python kernel wrapper that, every call, compares a tensor element to tell nf4 from
-fp4 and re-derives shapes before it reaches the C kernel. A step of this model makes 210 such calls,
-and that overhead was a fifth of a single-stream step (README, "Measured costs behind the design").
-`Linears` calls the same C kernel with the same arguments directly, once the
-module has packed its weight for the CPU (its first call does), and checks on that first call that
-both paths give the same bits; anything else (other devices, dtypes, quantizations, a library
-without the kernel, a mismatch) takes the module's own call.
+fp4 and re-derives shapes before it reaches the C kernel; a step of this model makes 210 such calls,
+and that overhead was a fifth of a single-stream step. Both paths here skip it. Once a module has
+packed its weight for the CPU (its first call does), an nf4 layer goes to gemm.py's kernel, which
+computes what bitsandbytes' kernel computes (bfloat16 code values, float32 sums per quantization
+block, scaled) in the same order, so the bits are the same; a 32-row step's products take ~0.75x
+the time (README, "Measured costs behind the design"). The first call checks, per module, that the
+chosen path gives the module's own bits, and takes the module's call otherwise.
+
+`dense=True` also sends bfloat16 `nn.Linear` layers (the output embedding) through the native kernel,
+on a copy of the weight packed for it: batch-invariant by construction, but summed in another order
+than PyTorch's matmul, so only where the runner promises native numbers.
 """
 
 from __future__ import annotations
@@ -18,16 +24,25 @@ from dataclasses import dataclass
 
 import torch
 
+from model_svc.engine.gemm import Gemm
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Packed:
-    kernel: object
-    weight: torch.Tensor
+    kernel: object  # bitsandbytes' own C function
+    weight: torch.Tensor  # the codes, [n, k / 2] uint8 in the library's CPU packing
     absmax: torch.Tensor
+    code_values: torch.Tensor  # the 16 code values, bfloat16 (as the library's kernel uses them)
     out_features: int
     blocksize: int
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _Dense:
+    packed: torch.Tensor
     bias: torch.Tensor | None
 
 
@@ -47,30 +62,74 @@ def _packed_params(module: torch.nn.Module) -> _Packed | None:
     if kernel is None or state.absmax.dtype != torch.bfloat16 or module.weight.data.dtype != torch.uint8:
         return None
     bias = None if module.bias is None else module.bias.to(torch.bfloat16)
-    return _Packed(kernel, module.weight.data, state.absmax, int(state.shape[0]), int(state.blocksize), bias)
+    return _Packed(kernel, module.weight.data, state.absmax, state.code.to(torch.bfloat16), int(state.shape[0]),
+                   int(state.blocksize), bias)
 
 
 class Linears:
-    def __init__(self) -> None:
-        self._packed: dict[int, _Packed | None] = {}
+    def __init__(self, gemm: Gemm | None = None, dense: bool = False) -> None:
+        self.gemm = gemm
+        self.dense = dense and gemm is not None
+        self._packed: dict[int, _Packed | _Dense | None] = {}
+        self._native: dict[int, bool] = {}  # nf4 layers: through gemm (else the library's kernel)
 
     def __call__(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         key = id(module)
         packed = self._packed.get(key, False)
-        if packed is False:  # first call: the module's own (it packs its weight), then a check
-            out = module(x)
-            packed = _packed_params(module) if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
-            if packed is not None and not torch.equal(self._direct(packed, x), out):
-                log.warning("direct 4-bit kernel call differs from bitsandbytes' own; using the module")
-                packed = None
-            self._packed[key] = packed
-            return out
+        if packed is False:
+            return self._first_call(module, x)
         if packed is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
             return module(x)
+        if isinstance(packed, _Dense):
+            out = self.gemm.dense(x, packed.packed)
+            if packed.bias is not None:
+                out += packed.bias
+            return out
+        if self._native[key]:
+            return self._with_bias(packed, self.gemm.nf4(x, packed.weight, packed.absmax, packed.code_values,
+                                                         packed.out_features, packed.blocksize))
         return self._direct(packed, x)
+
+    def uses_native(self, module: torch.nn.Module) -> bool:
+        """Whether a module's calls (after its first) go through the native kernel."""
+        return self._native.get(id(module), False)
+
+    def _first_call(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The module's own call (it packs its weight), then the fastest path that agrees with it."""
+        key = id(module)
+        out = module(x)
+        cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+        packed = _packed_params(module) if cpu_bf16 else None
+        self._native[key] = False
+        if packed is not None:
+            if self.gemm is not None and Gemm.fits(packed.out_features, packed.weight.shape[1] * 2, packed.blocksize):
+                self._native[key] = True
+                if not torch.equal(self._with_bias(packed, self.gemm.nf4(
+                        x, packed.weight, packed.absmax, packed.code_values, packed.out_features, packed.blocksize)), out):
+                    log.warning("native 4-bit product differs from bitsandbytes' own; using the library's kernel")
+                    self._native[key] = False
+            if not self._native[key] and not torch.equal(self._direct(packed, x), out):
+                log.warning("direct 4-bit kernel call differs from bitsandbytes' own; using the module")
+                packed = None
+        elif (self.dense and cpu_bf16 and type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+              and Gemm.fits(module.out_features, module.in_features)):
+            packed = _Dense(self.gemm.pack(module.weight), None if module.bias is None else module.bias.detach())
+            self._native[key] = True
+            out = self.gemm.dense(x, packed.packed)  # this layer's numbers from now on: the native kernel's
+            if packed.bias is not None:
+                out += packed.bias
+        self._packed[key] = packed
+        return out
+
+    @staticmethod
+    def _with_bias(packed: _Packed, out: torch.Tensor) -> torch.Tensor:
+        if packed.bias is not None:
+            out += packed.bias
+        return out
 
     @staticmethod
     def _direct(packed: _Packed, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' C kernel, called with the arguments its Python wrapper would pass."""
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
@@ -80,6 +139,4 @@ class Linears:
                       ctypes.c_void_p(rows.data_ptr()), ctypes.c_void_p(packed.weight.data_ptr()),
                       ctypes.c_void_p(packed.absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                       i64(packed.blocksize), i64(rows.stride(0)), i64(out.stride(0)))
-        if packed.bias is not None:
-            out += packed.bias
-        return out.view(*x.shape[:-1], packed.out_features)
+        return Linears._with_bias(packed, out.view(*x.shape[:-1], packed.out_features))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import decode_attention, fused
+from model_svc.engine import decode_attention, fused, gemm
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
@@ -59,6 +59,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 DECODE_ATTENTION = ("native", "sdpa")
+MATMUL = ("native", "library")
 PREFILL_ATTENTION = ("native", "sdpa")
 # With native prefill, prompts up to this long go through the kernel; longer ones through SDPA, whose
 # tiled products are faster when every query row sees thousands of keys.
@@ -92,12 +93,14 @@ class ModelRunner:
       a prompt's numbers are `generate()`'s and so is the first token; no prefix sharing."""
 
     def __init__(self, model: torch.nn.Module, match_generate: bool = False, decode_attention_impl: str = "native",
-                 prefill_attention_impl: str = "native"):
+                 prefill_attention_impl: str = "native", matmul: str = "native"):
         if decode_attention_impl not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {decode_attention_impl!r}: expected one of {', '.join(DECODE_ATTENTION)}")
         if prefill_attention_impl not in PREFILL_ATTENTION:
             raise ValueError(
                 f"prefill attention {prefill_attention_impl!r}: expected one of {', '.join(PREFILL_ATTENTION)}")
+        if matmul not in MATMUL:
+            raise ValueError(f"matmul {matmul!r}: expected one of {', '.join(MATMUL)}")
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -128,7 +131,15 @@ class ModelRunner:
         self.native_prefill = prefill_attention_impl == "native" and self.native_decode is not None
         # Native numerics only (fused.py): norms, rotary positions and cache writes in one call each.
         self.fused = fused.load() if self.native_prefill else None
-        self.linear = Linears()
+        # Native matrix products (gemm.py): 4-bit layers with the library's bits, wherever they run; the
+        # bfloat16 output embedding in the kernel's own order, with native numerics only.
+        kernel = gemm.load() if matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu" else None
+        self.linear = Linears(kernel, dense=self.fused is not None)
+
+    @property
+    def matmul(self) -> str:
+        """What the matrix products run through: "native" (gemm.py) or "library"."""
+        return "native" if self.linear.gemm is not None else "library"
 
     @property
     def decode_attention(self) -> str:
@@ -221,7 +232,7 @@ class ModelRunner:
             hidden = residual + hidden
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
         last = self.base.norm(hidden[0, rows])  # [N, H]
-        return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
+        return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
     def _execute_fused(self, batch: PackedBatch, kv: KVCache) -> torch.Tensor:
         """`execute` with the fused kernels: the residual stream is one [T, H] tensor updated in place."""
@@ -237,7 +248,7 @@ class ModelRunner:
             delta = self._mlp(layer.mlp, normed)
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
         last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
-        return self.model.lm_head(last)[: len(batch.logit_rows)].float()  # [N, V]
+        return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""

@@ -1,0 +1,257 @@
+/* Matrix products for a step's rows: bfloat16 activations times nf4 (bitsandbytes' CPU packing) or
+ * bfloat16 weights, with AVX-512 BF16 dot-product instructions, batch-invariant by construction.
+ *
+ * nf4 weights stay as bitsandbytes packs them for the CPU: blocks of 32 output columns; within a
+ * block, for each pair of input positions (k, k + 1), the 32 columns' two 4-bit codes. A code becomes
+ * its code value in bfloat16 (a table lookup, VPERMW); per quantization block (64 inputs) and
+ * column, one float32 lane sums x[k] * v[k] + x[k + 1] * v[k + 1] pair after pair (VDPBF16PS), and
+ * the column's sum gains that partial sum times the block's absmax (one FMA). That is the arithmetic
+ * of bitsandbytes' own CPU kernel, in the same order: the same bits (tests/unit/test_linear.py). It
+ * is faster at many rows because a block's codes are decoded once per step into a bfloat16 panel
+ * that every row then reads (up to PANEL_ROWS rows decode in place, several column blocks at a time).
+ *
+ * Dense bfloat16 weights (the output embedding) are packed once into the panel layout
+ * ([n / 32][k / 2][32][2]) and summed the same way, without blocks: PyTorch's matmul sums in another
+ * order, so these bits are our own.
+ *
+ * Every output element is summed in an order fixed by k alone: a row's result is the same whatever
+ * rows are beside it, however many there are, and whichever thread computes it. Column blocks are
+ * shared out between OpenMP threads (PyTorch's pool: one OpenMP runtime per process). Built by
+ * model_svc/engine/decode_attention.py with the machine's C compiler; `gemm_supported()` says whether
+ * it was built with the instructions (the Python side uses the libraries' kernels where not).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define COLS 32 /* output columns per block (bitsandbytes' CPU packing) */
+#define MAX_ROWS 8 /* rows per register tile (dense) */
+#define NF4_ROWS 6 /* rows per nf4 tile: two sums per column vector (the block's, the row's) */
+#define NF4_COLS 4 /* column blocks per nf4 tile of at most PANEL_ROWS rows */
+#define PANEL_ROWS 4 /* nf4 products of more rows decode each column block once */
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+int gemm_supported(void) { return 1; }
+
+/* nf4 pair p's 32 bytes to its two bfloat16 vectors of code values (columns 0-15, then 16-31; each
+ * column's (k, k + 1) side by side): byte j holds column j / 2's code in its low half and column
+ * 16 + j / 2's in its high half. `table`: the 16 code values as bfloat16. */
+static inline __attribute__((always_inline)) void decode_pair(const uint8_t *bytes, __m512i table, __m512bh *b0,
+                                                              __m512bh *b1) {
+    const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
+    *b0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0x0f)), table);
+    *b1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+}
+
+/* One tile: `rows` rows of A times `cols` blocks of 32 columns (both constants after inlining), from
+ * the nf4 codes (decoding each pair as it goes) or from a panel of one block's codes already decoded;
+ * both give the same bits. Per k-block of the quantization: a float32 partial sum of
+ * x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one FMA), block after
+ * block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks give a few rows enough
+ * independent sums to hide the instruction's latency. codes, scales: of the first block; the next
+ * block's are `pairs` * 32 bytes and `scale_stride` floats on. */
+static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
+                                                           const uint16_t *panel, const float *scales,
+                                                           int64_t scale_stride, int64_t pairs, int64_t block_pairs,
+                                                           __m512i table, uint16_t *c, int64_t ldc, const int rows,
+                                                           const int cols) {
+    __m512 acc[2 * NF4_ROWS], part[2 * NF4_ROWS]; /* [row][block][half] */
+    for (int i = 0; i < 2 * rows * cols; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int i = 0; i < 2 * rows * cols; i++) part[i] = _mm512_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            __m512bh b[2 * NF4_COLS];
+            for (int j = 0; j < cols; j++) {
+                if (panel) {
+                    b[2 * j] = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS);
+                    b[2 * j + 1] = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS + COLS);
+                } else {
+                    decode_pair(codes + (j * pairs + p) * COLS, table, &b[2 * j], &b[2 * j + 1]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                int32_t pair;
+                memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+                const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+                for (int h = 0; h < 2 * cols; h++)
+                    part[2 * r * cols + h] = _mm512_dpbf16_ps(part[2 * r * cols + h], x, b[h]);
+            }
+        }
+        for (int j = 0; j < cols; j++) {
+            const float *s = scales + j * scale_stride + (p0 / block_pairs) * COLS;
+            const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+            for (int r = 0; r < rows; r++) {
+                const int i = 2 * (r * cols + j);
+                acc[i] = _mm512_fmadd_ps(part[i], s0, acc[i]);
+                acc[i + 1] = _mm512_fmadd_ps(part[i + 1], s1, acc[i + 1]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2 * cols; h++)
+            _mm256_storeu_si256((__m256i *)(c + r * ldc + 16 * h), (__m256i)_mm512_cvtneps_pbh(acc[2 * r * cols + h]));
+}
+
+/* Rows in tiles of NF4_ROWS times one block, from the codes or the panel. */
+static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const uint16_t *panel,
+                     const float *scales, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c,
+                     int64_t ldc) {
+    int64_t r = 0;
+    for (; r + NF4_ROWS <= m; r += NF4_ROWS)
+        nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, c + r * ldc, ldc, NF4_ROWS, 1);
+    switch (m - r) {
+#define TAIL(n) \
+    case n: nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, c + r * ldc, ldc, n, 1); break;
+        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5)
+#undef TAIL
+    default: break;
+    }
+}
+
+/* Up to PANEL_ROWS rows times NF4_COLS blocks, decoding as it goes: tiles shaped so that each has at
+ * least eight independent sums. */
+static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
+                         int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c,
+                         int64_t ldc) {
+#define FEW(rows, cols, j) nf4_tile(a, lda, codes + (j) * pairs * COLS, NULL, scales + (j) * scale_stride, scale_stride, \
+                                    pairs, block_pairs, table, c + (j) * COLS, ldc, rows, cols)
+    switch (m) {
+    case 1: FEW(1, 4, 0); break;
+    case 2: FEW(2, 2, 0); FEW(2, 2, 2); break;
+    case 3: FEW(3, 2, 0); FEW(3, 2, 2); break;
+    case 4: FEW(4, 1, 0); FEW(4, 1, 1); FEW(4, 1, 2); FEW(4, 1, 3); break;
+    default: break;
+    }
+#undef FEW
+}
+
+/* A block's absmax [k-block][its 32 columns] as float32. */
+static void block_scales(const uint16_t *absmax, int64_t n, int64_t col0, int64_t blocks, float *scales) {
+    for (int64_t kb = 0; kb < blocks; kb++) {
+        const __m256i *s = (const __m256i *)(absmax + kb * n + col0);
+        _mm512_storeu_ps(scales + kb * COLS, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(s)), 16)));
+        _mm512_storeu_ps(scales + kb * COLS + 16, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(s + 1)), 16)));
+    }
+}
+
+/* A dense tile: `rows` rows of A times a packed bfloat16 block of 32 columns. */
+static inline __attribute__((always_inline)) void dense_tile(const uint16_t *a, int64_t lda, const uint16_t *panel,
+                                                             int64_t pairs, uint16_t *c, int64_t ldc, const int rows) {
+    __m512 acc[2 * MAX_ROWS];
+    for (int r = 0; r < 2 * rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS + COLS);
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+            acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], x, b0);
+            acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], x, b1);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm256_storeu_si256((__m256i *)(c + r * ldc), (__m256i)_mm512_cvtneps_pbh(acc[2 * r]));
+        _mm256_storeu_si256((__m256i *)(c + r * ldc + 16), (__m256i)_mm512_cvtneps_pbh(acc[2 * r + 1]));
+    }
+}
+
+static void dense_rows(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *panel, int64_t pairs, uint16_t *c,
+                       int64_t ldc) {
+    int64_t r = 0;
+    for (; r + MAX_ROWS <= m; r += MAX_ROWS) dense_tile(a + r * lda, lda, panel, pairs, c + r * ldc, ldc, MAX_ROWS);
+    switch (m - r) {
+#define TAIL(n) \
+    case n: dense_tile(a + r * lda, lda, panel, pairs, c + r * ldc, ldc, n); break;
+        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
+#undef TAIL
+    default: break;
+    }
+}
+
+static __thread void *thread_buffer;
+static __thread size_t thread_buffer_size;
+
+static void *scratch(size_t bytes) {
+    if (thread_buffer_size < bytes) {
+        free(thread_buffer);
+        thread_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        thread_buffer_size = thread_buffer ? bytes : 0;
+    }
+    return thread_buffer;
+}
+
+/* c[m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32] bytes),
+ * absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's and c's rows have
+ * strides lda and ldc. n % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of
+ * memory. Up to PANEL_ROWS rows decode the codes in every tile, NF4_COLS blocks at a time; more rows
+ * decode each block once, into a panel. */
+int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                  uint16_t *c, int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t ldc) {
+    __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)code_values));
+    table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)code_values), 1);
+    const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+    const int64_t group = m > PANEL_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
+    const size_t panel_bytes = m > PANEL_ROWS ? (size_t)k * COLS * sizeof(uint16_t) : 0;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
+        float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float) + panel_bytes);
+        if (!scales) {
+            failed = 1;
+            continue;
+        }
+        for (int64_t j = 0; j < cols; j++) block_scales(absmax, n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
+        const uint8_t *group_codes = codes + first * pairs * COLS;
+        uint16_t *group_c = c + first * COLS;
+        if (cols == NF4_COLS) {
+            nf4_few_rows(a, m, lda, group_codes, scales, blocks * COLS, pairs, block_pairs, table, group_c, ldc);
+            continue;
+        }
+        uint16_t *panel = NULL;
+        if (panel_bytes) {
+            panel = (uint16_t *)(scales + blocks * COLS);
+            for (int64_t p = 0; p < pairs; p++) {
+                __m512bh b0, b1;
+                decode_pair(group_codes + p * COLS, table, &b0, &b1);
+                _mm512_storeu_si512(panel + p * 2 * COLS, (__m512i)b0);
+                _mm512_storeu_si512(panel + p * 2 * COLS + COLS, (__m512i)b1);
+            }
+        }
+        for (int64_t j = 0; j < cols; j++)
+            nf4_rows(a, m, lda, group_codes + j * pairs * COLS, panel, scales + j * blocks * COLS, pairs, block_pairs,
+                     table, group_c + j * COLS, ldc);
+    }
+    return failed;
+}
+
+/* c[m, n] = a[m, k] @ W.T for a bfloat16 W packed by pack_bf16 ([n / 32][k / 2][32][2]). */
+int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
+                     int64_t lda, int64_t ldc) {
+#pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < n / COLS; block++)
+        dense_rows(a, m, lda, packed + block * k * COLS, k / 2, c + block * COLS, ldc);
+    return 0;
+}
+
+#else
+int gemm_supported(void) { return 0; }
+int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                  uint16_t *c, int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t ldc) {
+    return -1;
+}
+int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
+                     int64_t lda, int64_t ldc) {
+    return -1;
+}
+#endif
+
+/* w [n, k] bfloat16 row-major to [n / 32][k / 2][32][2] (n % 32 == 0, k even). */
+void pack_bf16(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
+    for (int64_t col = 0; col < n; col++)
+        for (int64_t kk = 0; kk < k; kk++)
+            packed[(col / COLS) * k * COLS + (kk / 2) * 2 * COLS + (col % COLS) * 2 + kk % 2] = w[col * k + kk];
+}
