@@ -5,7 +5,7 @@
  * + t % block_size): no padding, no gather, no copy. The work for one
  * (sequence, key/value head) pair is done by one thread from start to end in a fixed order that
  * depends only on that sequence's length, so a sequence's output never depends on what else is in
- * the batch. The arithmetic follows PyTorch's CPU flash attention for one block of bfloat16 keys:
+ * the batch, nor on which of the OpenMP threads (PyTorch's pool) takes it. The arithmetic follows PyTorch's CPU flash attention for one block of bfloat16 keys:
  * scores in float32 scaled after the dot product, exp(score - max), the unnormalized
  * probabilities rounded to bfloat16 for the product with the values, float32 accumulation, one
  * division by the float32 sum at the end, bfloat16 output rounded to nearest even.
@@ -150,16 +150,21 @@ int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uin
     int64_t max_length = 0;
     for (int64_t task = first; task < last; task++)
         if (lengths[task / num_kv_heads] > max_length) max_length = lengths[task / num_kv_heads];
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
     /* 64-byte aligned buffers, so that vectorized loops split the same way on every call. */
     float *q = buffer(group * head_dim);
     float *row = buffer(head_dim);
     float *acc = buffer(group * head_dim);
     float *scores = buffer(group * (max_length > 0 ? max_length : 1));
-    if (!q || !row || !acc || !scores) {
-        free(q), free(row), free(acc), free(scores);
-        return -1;
-    }
+    const int ready = q && row && acc && scores;
+#pragma omp for schedule(dynamic, 4)
     for (int64_t task = first; task < last; task++) {
+        if (!ready) {
+            failed = 1;
+            continue;
+        }
         const int64_t b = task / num_kv_heads, h = task % num_kv_heads, length = lengths[b];
         const uint16_t *q_src = query + (rows[b] * num_heads + h * group) * head_dim;
         uint16_t *dst = out + (rows[b] * num_heads + h * group) * head_dim;
@@ -201,5 +206,6 @@ int decode_attention_bf16(const uint16_t *query, const uint16_t *keys, const uin
             for (int64_t i = 0; i < head_dim; i++) dst[g * head_dim + i] = float_to_bf16(acc[g * head_dim + i] / sums[g]);
     }
     free(q), free(row), free(acc), free(scores);
-    return 0;
+    }
+    return failed ? -1 : 0;
 }
