@@ -94,19 +94,22 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
             _mm256_storeu_si256((__m256i *)(c + r * ldc + 16 * h), (__m256i)_mm512_cvtneps_pbh(acc[2 * r * cols + h]));
 }
 
-/* Rows in tiles of NF4_ROWS times one block, from the codes or the panel. */
+/* Rows in tiles of at most NF4_ROWS, as even as they go (32 rows: 6, 6, 5, 5, 5, 5), times one block,
+ * from the codes or the panel. */
 static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const uint16_t *panel,
                      const float *scales, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c,
                      int64_t ldc) {
-    int64_t r = 0;
-    for (; r + NF4_ROWS <= m; r += NF4_ROWS)
-        nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, c + r * ldc, ldc, NF4_ROWS, 1);
-    switch (m - r) {
-#define TAIL(n) \
+    const int64_t tiles = (m + NF4_ROWS - 1) / NF4_ROWS;
+    for (int64_t t = 0, r = 0; t < tiles; t++) {
+        const int64_t rows = m / tiles + (t < m % tiles);
+        switch (rows) {
+#define TILE(n) \
     case n: nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, c + r * ldc, ldc, n, 1); break;
-        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5)
-#undef TAIL
-    default: break;
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+#undef TILE
+        default: break;
+        }
+        r += rows;
     }
 }
 
@@ -160,14 +163,17 @@ static inline __attribute__((always_inline)) void dense_tile(const uint16_t *a, 
 
 static void dense_rows(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *panel, int64_t pairs, uint16_t *c,
                        int64_t ldc) {
-    int64_t r = 0;
-    for (; r + MAX_ROWS <= m; r += MAX_ROWS) dense_tile(a + r * lda, lda, panel, pairs, c + r * ldc, ldc, MAX_ROWS);
-    switch (m - r) {
-#define TAIL(n) \
+    const int64_t tiles = (m + MAX_ROWS - 1) / MAX_ROWS;
+    for (int64_t t = 0, r = 0; t < tiles; t++) {
+        const int64_t rows = m / tiles + (t < m % tiles);
+        switch (rows) {
+#define TILE(n) \
     case n: dense_tile(a + r * lda, lda, panel, pairs, c + r * ldc, ldc, n); break;
-        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
-#undef TAIL
-    default: break;
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+        default: break;
+        }
+        r += rows;
     }
 }
 
@@ -196,7 +202,7 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
     const int64_t group = m > PANEL_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
     const size_t panel_bytes = m > PANEL_ROWS ? (size_t)k * COLS * sizeof(uint16_t) : 0;
     int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
         float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float) + panel_bytes);
@@ -231,7 +237,7 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
 /* c[m, n] = a[m, k] @ W.T for a bfloat16 W packed by pack_bf16 ([n / 32][k / 2][32][2]). */
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
                      int64_t lda, int64_t ldc) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8)
     for (int64_t block = 0; block < n / COLS; block++)
         dense_rows(a, m, lda, packed + block * k * COLS, k / 2, c + block * COLS, ldc);
     return 0;
