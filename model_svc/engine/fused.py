@@ -73,7 +73,7 @@ class FusedOps:
 def load() -> FusedOps | None:
     """The compiled kernels, or None (logged) where they cannot be built here."""
     try:
-        return FusedOps(ctypes.CDLL(str(decode_attention.build(source_path=SOURCE))))
+        return FusedOps(ctypes.CDLL(str(decode_attention.build(source_path=SOURCE, extra_flags=("-fopenmp",)))))
     except (OSError, RuntimeError) as exc:
         log.warning("fused elementwise kernels unavailable, using PyTorch's operators: %s", exc)
         return None

@@ -8,8 +8,8 @@
  * result never depends on the other rows. The one difference: the RMSNorm's mean of squares is
  * summed in a different order, which moves its float32 value in the last bits.
  *
- * Built by model_svc/engine/decode_attention.py with the machine's C compiler, as the attention
- * kernel is.
+ * Built by model_svc/engine/decode_attention.py with the machine's C compiler (with OpenMP), as the
+ * attention kernel is.
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,11 +17,16 @@
 
 #include "bf16.h"
 
+/* Rows are shared out between OpenMP threads (PyTorch's pool) from this many on; fewer are not worth
+ * waking a thread for. A row's arithmetic is the same whichever thread does it. */
+#define PARALLEL_ROWS 8
+
 /* For each of `rows` rows of n values: h += delta (when delta is not NULL; h is updated in place),
  * then out = weight * bfloat16(h * 1 / sqrt(mean(h^2) + eps)), as LlamaRMSNorm computes it. */
 void add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out,
                       int64_t rows, int64_t n, float eps, int64_t h_stride, int64_t delta_stride,
                       int64_t out_stride) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *hr = h + r * h_stride;
         uint16_t *orow = out + r * out_stride;
@@ -67,9 +72,10 @@ static inline void rope_head(uint16_t *x, const uint16_t *c, const uint16_t *s, 
 int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
                     int64_t tokens, int64_t hq, int64_t hkv, int64_t d, const int64_t *slots, uint16_t *keys,
                     uint16_t *values, int64_t head_stride, int64_t slot_stride) {
-    uint16_t tmp[512];
     if (d > 512 || d % 2) return 1;
+#pragma omp parallel for schedule(static) if (tokens >= PARALLEL_ROWS)
     for (int64_t t = 0; t < tokens; t++) {
+        uint16_t tmp[512];
         const uint16_t *c = cos + t * d, *s = sin + t * d;
         for (int64_t h = 0; h < hq; h++) rope_head(q + (t * hq + h) * d, c, s, d, tmp);
         for (int64_t h = 0; h < hkv; h++) {
