@@ -17,6 +17,7 @@ from genrpc.tracing import setup_tracing
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
+from model_svc.engine import fused
 from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
@@ -189,7 +190,10 @@ def engine_for(loaded, args) -> Engine:
     scheduler.speculation = runner.native_decode is not None
     if args.draft_model and scheduler.speculation:
         scheduler.draft = load_draft(args.draft_model, loaded)
-    return Engine(runner, scheduler, Sampler(loaded.eos_token_ids), kv_cache, default_prompt_lookup=lookup,
+    # Greedy rows' argmax through the fused kernels where they build (the same indices as torch's).
+    ops = runner.fused or (fused.load() if runner.device.type == "cpu" else None)
+    sampler = Sampler(loaded.eos_token_ids, argmax=ops.argmax if ops else None)
+    return Engine(runner, scheduler, sampler, kv_cache, default_prompt_lookup=lookup,
                   grammars=grammars_for(args.model))
 
 

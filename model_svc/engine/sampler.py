@@ -85,8 +85,11 @@ def draw(probs: torch.Tensor, uniforms: list[float]) -> list[int]:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], argmax=None):
+        """`argmax`: rows [N, V] -> their argmax indices as a list, torch.argmax's very answer (the
+        fused kernels' faster one); PyTorch's by default."""
         self.eos_token_ids = list(eos_token_ids)
+        self.argmax = argmax or (lambda rows: rows.argmax(dim=-1).tolist())
 
     def prepare(self, seq: Sequence) -> None:
         """Sets up a sequence's processors and generator once, when it is admitted."""
@@ -153,7 +156,7 @@ class Sampler:
         plain = [i for i, row in enumerate(rows) if not self._needs_row_work(row)]
         if plain:
             chosen_rows = scores if len(plain) == len(rows) else scores[plain]  # no copy when all rows are plain
-            chosen = chosen_rows.argmax(dim=-1).tolist()
+            chosen = self.argmax(chosen_rows)
             for i, token_id in zip(plain, chosen):
                 tokens[i] = SampledToken(token_id)
         batched = [i for i, row in enumerate(rows) if tokens[i] is None and self._vectorizable(row)]

@@ -11,16 +11,17 @@ OPS = fused.load()
 pytestmark = pytest.mark.skipif(OPS is None, reason="no C compiler")  # the build machine has one: `make` needs cc
 
 
-def test_rope_and_cache_store_are_the_eager_code_bit_for_bit():
+@pytest.mark.parametrize("tokens", [7, 12])  # one thread; shared out (from 8 rows)
+def test_rope_and_cache_store_are_the_eager_code_bit_for_bit(tokens):
     g = torch.Generator().manual_seed(0)
-    tokens, heads, kv_heads, dim = 7, 9, 3, 64
+    heads, kv_heads, dim = 9, 3, 64
     q = (torch.randn(tokens, heads, dim, generator=g) * 3).bfloat16()
     k = (torch.randn(tokens, kv_heads, dim, generator=g) * 3).bfloat16()
     v = torch.randn(tokens, kv_heads, dim, generator=g).bfloat16()
     angles = torch.rand(tokens, dim, generator=g) * 40
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     arena = torch.zeros(2, kv_heads, 50, dim, dtype=torch.bfloat16)
-    slots = torch.tensor([3, 4, 5, 20, 21, 40, 49])
+    slots = torch.tensor([3, 4, 5, 20, 21, 40, 49, 6, 7, 30, 31, 0][:tokens])
 
     want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
     want_k = k * cos[:, None] + rotate_half(k) * sin[:, None]
@@ -69,3 +70,18 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
     for r in (0, 7, 15):
         alone = OPS.add_rmsnorm(hidden[r:r + 1].clone(), delta[r:r + 1], norm)
         assert torch.equal(alone[0], together[r])
+
+
+def test_argmax_is_torchs_answer():
+    """First largest value; a NaN wins (the first one); ties, signed zeros, infinities, row tails."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(12, 1000, generator=g)
+    scores[0, [500, 90]] = float("nan")
+    scores[1] = float("-inf")
+    scores[2, [7, 700]] = 50.0
+    scores[3] = 0.0
+    scores[3, 4] = -0.0
+    scores[4, 999] = float("inf")
+    scores[5, 998] = 99.0
+    for rows in (scores, scores[:3], scores[:, :997], scores[::2]):
+        assert OPS.argmax(rows) == rows.argmax(dim=-1).tolist()

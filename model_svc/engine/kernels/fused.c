@@ -87,3 +87,51 @@ int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t 
     }
     return 0;
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* The index of a row's first NaN if it has one, else of its first largest value: torch.argmax's
+ * answer for a float32 row. */
+static int64_t argmax_row(const float *x, int64_t n) {
+    float best = -INFINITY;
+    int nan = 0;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 unordered = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+    }
+    best = _mm512_reduce_max_ps(m);
+    nan = unordered != 0;
+#endif
+    for (; i < n; i++) {
+        if (x[i] != x[i]) nan = 1;
+        else if (x[i] > best) best = x[i];
+    }
+    if (nan) {
+        for (i = 0; i < n; i++)
+            if (x[i] != x[i]) return i;
+    }
+    i = 0;
+#if defined(__AVX512F__)
+    const __m512 target = _mm512_set1_ps(best);
+    for (; i + 16 <= n; i += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ);
+        if (hit) return i + __builtin_ctz(hit);
+    }
+#endif
+    for (; i < n; i++)
+        if (x[i] == best) return i;
+    return 0; /* an empty row */
+}
+
+/* out[r] = argmax of row r (n float32 values, rows `stride` apart), as torch.argmax(dim=-1) gives it. */
+void argmax_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
+#pragma omp parallel for schedule(static) if (rows >= 4)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * stride, n);
+}
