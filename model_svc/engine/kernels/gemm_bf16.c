@@ -37,11 +37,13 @@ int gemm_supported(void) { return 1; }
 
 /* nf4 pair p's 32 bytes to its two bfloat16 vectors of code values (columns 0-15, then 16-31; each
  * column's (k, k + 1) side by side): byte j holds column j / 2's code in its low half and column
- * 16 + j / 2's in its high half. `table`: the 16 code values as bfloat16. */
+ * 16 + j / 2's in its high half. `table`: the 16 code values as bfloat16, twice (32 entries): VPERMW
+ * reads an index's low 5 bits, so a byte's high half beyond bit 4 is ignored and its bit 4 lands in
+ * the second copy; the low half needs no mask. */
 static inline __attribute__((always_inline)) void decode_pair(const uint8_t *bytes, __m512i table, __m512bh *b0,
                                                               __m512bh *b1) {
     const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
-    *b0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0x0f)), table);
+    *b0 = (__m512bh)_mm512_permutexvar_epi16(words, table);
     *b1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
 }
 
