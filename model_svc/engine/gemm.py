@@ -35,6 +35,7 @@ class Gemm:
         self._nf4 = library.gemm_nf4_bf16
         self._nf4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64]
         self._nf4.restype = ctypes.c_int
+        self.nf4_function = self._nf4  # (a, codes, absmax, code_values, c, m, n, k, blocksize, lda, ldc) -> status
         self._dense = library.gemm_packed_bf16
         self._dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64]
         self._dense.restype = ctypes.c_int
