@@ -33,9 +33,10 @@ class Gemm:
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._nf4 = library.gemm_nf4_bf16
-        self._nf4.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64]
+        self._nf4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
         self._nf4.restype = ctypes.c_int
-        self.nf4_function = self._nf4  # (a, codes, absmax, code_values, c, m, n, k, blocksize, lda, ldc) -> status
+        # (a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c) -> status
+        self.nf4_function = self._nf4
         self._dense = library.gemm_packed_bf16
         self._dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64]
         self._dense.restype = ctypes.c_int
@@ -54,13 +55,21 @@ class Gemm:
             n: int, blocksize: int) -> torch.Tensor:
         """x [..., k] @ W.T -> [..., n] for nf4 W in bitsandbytes' CPU packing: codes [n, k / 2] uint8,
         absmax [k / blocksize, n] bfloat16, code_values: the 16 values of the codes as bfloat16."""
-        k = codes.shape[1] * 2
+        return self.nf4_parts(x, codes, absmax, code_values, [n], blocksize)[0]
+
+    def nf4_parts(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
+                  part_cols: list[int], blocksize: int) -> list[torch.Tensor]:
+        """`nf4` for W made of several layers' weights side by side (n = sum(part_cols)): one product,
+        each layer's output its own tensor [..., part_cols[i]]."""
+        k, n = codes.shape[1] * 2, sum(part_cols)
         rows = self._rows(x, k)
-        out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
+        outs = [torch.empty((rows.shape[0], cols), dtype=torch.bfloat16) for cols in part_cols]
+        cols = (ctypes.c_int64 * len(outs))(*part_cols)
+        pointers = (ctypes.c_void_p * len(outs))(*[out.data_ptr() for out in outs])
         if rows.shape[0] and self._nf4(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(), code_values.data_ptr(),
-                                       out.data_ptr(), rows.shape[0], n, k, blocksize, rows.stride(0), n):
+                                       rows.shape[0], n, k, blocksize, rows.stride(0), len(outs), cols, pointers):
             raise MemoryError("gemm: could not allocate a panel")
-        return out.view(*x.shape[:-1], n)
+        return [out.view(*x.shape[:-1], out.shape[1]) for out in outs]
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bfloat16 weight [n, k] in the kernel's layout ([n / 32][k / 2][32][2])."""
@@ -79,7 +88,7 @@ class Gemm:
         return out.view(*x.shape[:-1], n)
 
     @staticmethod
-    def fits(n: int, k: int, blocksize: int = 2) -> bool:
+    def fits(n: int, k: int, blocksize: int = 2) -> bool:  # each part's n, for nf4_parts
         """Whether a weight [n, k] (nf4 blocks of `blocksize` along k) has the shapes the kernel takes."""
         return n % COLUMNS == 0 and blocksize % 2 == 0 and k % blocksize == 0 and k > 0
 

@@ -252,10 +252,10 @@ class ModelRunner:
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""
+        gate, up = self.linear.many((mlp.gate_proj, mlp.up_proj), x)
         if self.fused is not None:  # the same values, without two intermediate tensors
-            gate = F.silu(self.linear(mlp.gate_proj, x), inplace=True)
-            return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
-        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
+            return self.linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(up))
+        return self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
     def _prompt_mask(self, kv_length: int, length: int) -> torch.Tensor:
         """[t, kv_length]: which keys each of a prompt's last `length` tokens sees: those up to its own
@@ -271,9 +271,10 @@ class ModelRunner:
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCache):
         num_tokens = hidden.shape[1]
         # Token-major layouts, [T, heads, D], so that one decoded token's heads are one contiguous block.
-        query = self.linear(attn.q_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
-        key = self.linear(attn.k_proj, hidden).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
-        value = self.linear(attn.v_proj, hidden).view(num_tokens, -1, self.head_dim)
+        query, key, value = self.linear.many((attn.q_proj, attn.k_proj, attn.v_proj), hidden)
+        query = query.view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
+        key = key.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
+        value = value.view(num_tokens, -1, self.head_dim)
         keys_all, values_all = kv.layer(layer_idx)  # [Hkv, slots, D] each
         if self.fused is not None:  # cos, sin: [T, D]
             self.fused.rope_store(query, key, value, cos, sin, batch.slots, keys_all, values_all)

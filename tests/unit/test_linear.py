@@ -76,3 +76,24 @@ def test_other_layers_take_their_own_call():
         assert torch.equal(linears(layer, x), layer(x))
         assert torch.equal(linears(layer, x), layer(x))
     assert linears._packed[id(layer)] is None
+
+
+def test_layers_sharing_an_input_take_one_product_with_the_same_bits(reference_model):
+    kernel = gemm.load()
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512 BF16 here: the native kernel cannot run")
+    linears = Linears(kernel)
+    layer = reference_model.model.model.layers[1]
+    groups = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+              (layer.mlp.gate_proj, layer.mlp.up_proj)]
+    gen = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for modules in groups:
+            for rows in (1, 3, 8, 33):
+                x = torch.randn(1, rows, modules[0].in_features, generator=gen).to(torch.bfloat16)
+                outs = linears.many(modules, x)  # the first: each layer alone, then together
+                outs_again = linears.many(modules, x)
+                assert linears._many.get(tuple(map(id, modules))) not in (None, False)
+                for module, out, again in zip(modules, outs, outs_again):
+                    want = module(x)  # the module reads its weight, now a slice of the joint one
+                    assert torch.equal(out, want) and torch.equal(again, want) and torch.equal(linears(module, x), want)

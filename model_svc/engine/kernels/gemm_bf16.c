@@ -53,12 +53,13 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *byt
  * x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one FMA), block after
  * block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks give a few rows enough
  * independent sums to hide the instruction's latency. codes, scales: of the first block; the next
- * block's are `pairs` * 32 bytes and `scale_stride` floats on. */
+ * block's are `pairs` * 32 bytes and `scale_stride` floats on; block j's output row r is at
+ * c[j] + r * ldc[j]. */
 static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
                                                            const uint16_t *panel, const float *scales,
                                                            int64_t scale_stride, int64_t pairs, int64_t block_pairs,
-                                                           __m512i table, uint16_t *c, int64_t ldc, const int rows,
-                                                           const int cols) {
+                                                           __m512i table, uint16_t *const *c, const int64_t *ldc,
+                                                           const int rows, const int cols) {
     __m512 acc[2 * NF4_ROWS], part[2 * NF4_ROWS]; /* [row][block][half] */
     for (int i = 0; i < 2 * rows * cols; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
@@ -92,8 +93,10 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int h = 0; h < 2 * cols; h++)
-            _mm256_storeu_si256((__m256i *)(c + r * ldc + 16 * h), (__m256i)_mm512_cvtneps_pbh(acc[2 * r * cols + h]));
+        for (int j = 0; j < cols; j++)
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_si256((__m256i *)(c[j] + r * ldc[j] + 16 * h),
+                                    (__m256i)_mm512_cvtneps_pbh(acc[2 * (r * cols + j) + h]));
 }
 
 /* Rows in tiles of at most NF4_ROWS, as even as they go (32 rows: 6, 6, 5, 5, 5, 5), times one block,
@@ -104,9 +107,10 @@ static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *c
     const int64_t tiles = (m + NF4_ROWS - 1) / NF4_ROWS;
     for (int64_t t = 0, r = 0; t < tiles; t++) {
         const int64_t rows = m / tiles + (t < m % tiles);
+        uint16_t *const rows_c = c + r * ldc;
         switch (rows) {
 #define TILE(n) \
-    case n: nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, c + r * ldc, ldc, n, 1); break;
+    case n: nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, &rows_c, &ldc, n, 1); break;
             TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 #undef TILE
         default: break;
@@ -118,10 +122,10 @@ static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *c
 /* Up to PANEL_ROWS rows times NF4_COLS blocks, decoding as it goes: tiles shaped so that each has at
  * least eight independent sums. */
 static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
-                         int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c,
-                         int64_t ldc) {
+                         int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *const *c,
+                         const int64_t *ldc) {
 #define FEW(rows, cols, j) nf4_tile(a, lda, codes + (j) * pairs * COLS, NULL, scales + (j) * scale_stride, scale_stride, \
-                                    pairs, block_pairs, table, c + (j) * COLS, ldc, rows, cols)
+                                    pairs, block_pairs, table, c + (j), ldc + (j), rows, cols)
     switch (m) {
     case 1: FEW(1, 4, 0); break;
     case 2: FEW(2, 2, 0); FEW(2, 2, 2); break;
@@ -191,13 +195,29 @@ static void *scratch(size_t bytes) {
     return thread_buffer;
 }
 
-/* c[m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32] bytes),
- * absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's and c's rows have
- * strides lda and ldc. n % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of
- * memory. Up to PANEL_ROWS rows decode the codes in every tile, NF4_COLS blocks at a time; more rows
- * decode each block once, into a panel. */
+/* The output of column block `block`: column block after column block, the parts' columns side by
+ * side (part p: part_cols[p] columns, a multiple of 32, rows part_cols[p] apart at part_c[p]). */
+static inline void block_output(int64_t block, int64_t parts, const int64_t *part_cols, uint16_t *const *part_c,
+                                uint16_t **c, int64_t *ldc) {
+    int64_t col = block * COLS;
+    for (int64_t p = 0; p < parts; col -= part_cols[p], p++)
+        if (col < part_cols[p]) {
+            *c = part_c[p] + col;
+            *ldc = part_cols[p];
+            return;
+        }
+}
+
+/* [parts of c][m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32]
+ * bytes), absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's rows
+ * are lda apart. The n output columns go to `parts` tensors, part p taking the next part_cols[p]
+ * (several layers' weights side by side, one product for all: q, k and v; gate and up). n and each
+ * part % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of memory. Up to
+ * PANEL_ROWS rows decode the codes in every tile, NF4_COLS blocks at a time; more rows decode each
+ * block once, into a panel. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
-                  uint16_t *c, int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t ldc) {
+                  int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                  const int64_t *part_cols, uint16_t *const *part_c) {
     __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)code_values));
     table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)code_values), 1);
     const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
@@ -212,11 +232,15 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
             failed = 1;
             continue;
         }
-        for (int64_t j = 0; j < cols; j++) block_scales(absmax, n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
+        uint16_t *c[NF4_COLS];
+        int64_t ldc[NF4_COLS];
+        for (int64_t j = 0; j < cols; j++) {
+            block_scales(absmax, n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
+            block_output(first + j, parts, part_cols, part_c, &c[j], &ldc[j]);
+        }
         const uint8_t *group_codes = codes + first * pairs * COLS;
-        uint16_t *group_c = c + first * COLS;
         if (cols == NF4_COLS) {
-            nf4_few_rows(a, m, lda, group_codes, scales, blocks * COLS, pairs, block_pairs, table, group_c, ldc);
+            nf4_few_rows(a, m, lda, group_codes, scales, blocks * COLS, pairs, block_pairs, table, c, ldc);
             continue;
         }
         uint16_t *panel = NULL;
@@ -231,7 +255,7 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
         }
         for (int64_t j = 0; j < cols; j++)
             nf4_rows(a, m, lda, group_codes + j * pairs * COLS, panel, scales + j * blocks * COLS, pairs, block_pairs,
-                     table, group_c + j * COLS, ldc);
+                     table, c[j], ldc[j]);
     }
     return failed;
 }
@@ -248,7 +272,8 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
 #else
 int gemm_supported(void) { return 0; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
-                  uint16_t *c, int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t ldc) {
+                  int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                  const int64_t *part_cols, uint16_t *const *part_c) {
     return -1;
 }
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
