@@ -90,10 +90,7 @@ class Linears:
             if packed.bias is not None:
                 out += packed.bias
             return out
-        if self._native[key]:
-            return self._with_bias(packed, self.gemm.nf4(x, packed.weight, packed.absmax, packed.code_values,
-                                                         packed.out_features, packed.blocksize))
-        return self._direct(packed, x)
+        return self._direct(packed, x)  # (native 4-bit layers are bound in _calls after their first call)
 
     def _native_call(self, parts: list[_Packed], codes: torch.Tensor, absmax: torch.Tensor):
         """The native product of one layer, or of several side by side (`codes`, `absmax`: theirs
