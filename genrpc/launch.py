@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genrpc.pki import Credentials, make_credentials
-from genrpc.security import ClientSecurity, channel_credentials
+from genrpc.security import ClientSecurity, TokenSet, channel_credentials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +135,11 @@ class Stack:
         return channel_credentials(c.ca, c.client_cert, c.client_key, c.token_file) if c else None
 
     def internal_security(self) -> ClientSecurity:
-        return ClientSecurity(self.internal_credentials())
+        """What the gateway uses to reach the internal services (TLS; the token added per call)."""
+        c = self.credentials
+        if c is None:
+            return ClientSecurity()
+        return ClientSecurity(channel_credentials(c.ca, c.client_cert, c.client_key), TokenSet(path=c.token_file))
 
     def channel(self, service: Service) -> grpc.Channel:
         """A (blocking) channel to one of the services, with the credentials it needs."""
