@@ -72,8 +72,9 @@ def parse_args(argv=None):
                              "sdpa: one SDPA call per sequence")
     parser.add_argument("--prefill-attention", default=None, choices=list(PREFILL_ATTENTION),
                         help="native (default with native decode; needs it): prompts attend through the decode "
-                             "kernel: chunking-invariant, so prefixes are cached exactly; sdpa: through the call "
-                             "generate() makes (generate()'s very numbers for a prompt, no prefix caching)")
+                             "kernel (chunking-invariant, so prefixes are cached exactly), those over 1024 tokens "
+                             "through the long-prompt kernel; sdpa: through the call generate() makes "
+                             "(generate()'s very numbers for a prompt, no prefix caching)")
     parser.add_argument("--matmul", default="native", choices=list(MATMUL),
                         help="native (default): bfloat16 models' matrix products on the CPU through a C kernel using "
                              "AVX-512 BF16 (4-bit layers give bitsandbytes' own bits; the output embedding, with native "

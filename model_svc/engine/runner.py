@@ -4,8 +4,8 @@ All tokens of the step (one per decoding sequence, a chunk per prefilling one)
 are packed into a single row, so every linear layer runs once for the whole
 step; attention then runs per sequence over that sequence's own KV cache,
 exact length and unpadded: decoded tokens (and prompt tokens, by default) all
-in one native call (see decode_attention.py); otherwise through transformers'
-own SDPA function.
+in one native call (see decode_attention.py), long prompts' chunks in another
+(prefill_attention.py); otherwise through transformers' own SDPA function.
 The layers themselves are the Hugging Face modules (bitsandbytes-quantized
 linears included); only the loop over them is ours, because transformers'
 caches batch sequences by padding them, and padding changes the numbers.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import decode_attention, fused, gemm
+from model_svc.engine import decode_attention, fused, gemm, prefill_attention
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
@@ -51,6 +51,8 @@ class PackedBatch:
     # table offset, number of keys each row sees), and which sequences those rows cover.
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     native_seqs: list[bool] | None = None
+    # Long prompts' chunks through the prefill kernel: (starts, lengths, pasts, tables, table offsets).
+    long: tuple[torch.Tensor, ...] | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 DECODE_ATTENTION = ("native", "sdpa")
 MATMUL = ("native", "library")
 PREFILL_ATTENTION = ("native", "sdpa")
-# With native prefill, prompts up to this long go through the kernel; longer ones through SDPA, whose
-# tiled products are faster when every query row sees thousands of keys.
+# With native prefill, prompts up to this long attend as decoded tokens do (their cache blocks are then
+# shared exactly); longer ones through the long-prompt kernel, or SDPA where it cannot run.
 NATIVE_MAX_PROMPT = 1024
 
 
@@ -82,7 +84,9 @@ class ModelRunner:
     - `prefill_attention="native"` (default, with native decode): each prompt token of a prompt up to
       NATIVE_MAX_PROMPT tokens attends through the kernel as a decoded token would. A prompt's
       numbers then do not depend on how it was chunked, and a prefix copied from another sequence
-      is bit for bit a recomputed one, which is what exact prefix sharing needs. It rounds
+      is bit for bit a recomputed one, which is what exact prefix sharing needs. Longer prompts'
+      chunks attend through the long-prompt kernel (prefill_attention.py; SDPA where it cannot
+      run): also independent of chunking, ~3x faster per key, rounding its own way. It rounds
       differently from the SDPA call `generate()` makes, and through 30 bfloat16 layers that moves
       last-position logits by up to ~0.9 either way. Against a float32 computation with the same
       weights it is as accurate as `generate()` (mean RMS error 0.151 vs 0.153 over the test's 8
@@ -129,6 +133,10 @@ class ModelRunner:
                 and self.device.type == "cpu" and self.sliding_window is None):
             self.native_decode = decode_attention.load()
         self.native_prefill = prefill_attention_impl == "native" and self.native_decode is not None
+        # Long prompts' chunks (over NATIVE_MAX_PROMPT tokens) through prefill_attention.py, native numerics only.
+        self.long_prefill = prefill_attention.load() if self.native_prefill else None
+        if self.long_prefill is not None and not self.long_prefill.fits(self.head_dim):
+            self.long_prefill = None
         # Native numerics only (fused.py): norms, rotary positions and cache writes in one call each.
         self.fused = fused.load() if self.native_prefill else None
         # Native matrix products (gemm.py): 4-bit layers with the library's bits, wherever they run; the
@@ -197,6 +205,19 @@ class ModelRunner:
                     kv_counts.extend(range(past + 1, kv_length + 1))
             if rows:
                 native = (as_tensor(rows), as_tensor(tables), as_tensor(offsets), as_tensor(kv_counts))
+        long = None
+        if self.long_prefill is not None:  # the other sequences here are long prompts' chunks
+            starts_, lengths_, pasts, tables, offsets = [], [], [], [], []
+            for i, (item, start, length, kv_length) in enumerate(zip(scheduled, starts, lengths, kv_lengths)):
+                if not native_seqs[i]:
+                    native_seqs[i] = True
+                    starts_.append(start)
+                    lengths_.append(length)
+                    pasts.append(kv_length - length)
+                    offsets.append(len(tables))
+                    tables.extend(item.seq.block_table.covering(kv_length, bs))
+            if starts_:
+                long = tuple(map(as_tensor, (starts_, lengths_, pasts, tables, offsets)))
         kv_slots = []
         for item, kv_length in zip(scheduled, kv_lengths):
             if native_seqs and native_seqs[len(kv_slots)]:
@@ -208,7 +229,7 @@ class ModelRunner:
             else:
                 kv_slots.append(as_tensor(item.seq.block_table.slots(0, kv_length, bs)))
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
-                           kv_lengths, logit_rows, native, native_seqs)
+                           kv_lengths, logit_rows, native, native_seqs, long)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCache) -> torch.Tensor:
@@ -286,6 +307,8 @@ class ModelRunner:
         out = torch.empty_like(query)  # [T, Hq, D]
         if batch.native is not None:
             self.native_decode(query, keys_all, values_all, out, *batch.native, kv.block_size, attn.scaling)
+        if batch.long is not None:
+            self.long_prefill(query, keys_all, values_all, out, batch.long, kv.block_size, attn.scaling)
         for i, (start, length, kv_length, kv_slots) in enumerate(
                 zip(batch.starts, batch.lengths, batch.kv_lengths, batch.kv_slots)):
             if batch.native_seqs and batch.native_seqs[i]:

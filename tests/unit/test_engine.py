@@ -6,7 +6,7 @@ import torch
 
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine import gemm
-from model_svc.engine.runner import ModelRunner
+from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import load_model
 from tests.conftest import MODEL
@@ -96,12 +96,32 @@ ACCURACY_PROMPTS = PROMPTS + ["Write a long story about a lighthouse keeper.", "
                               "def fibonacci(n):", "Translate to French: the cat sleeps on the warm windowsill."]
 
 
-def test_default_prefill_is_as_accurate_as_generate(hf_tokenizer):
+# Over NATIVE_MAX_PROMPT tokens: prefilled in chunks through the long-prompt kernel.
+LONG_PROMPTS = [" ".join(f"Item {i}: the {w} is on the shelf." for i, w in enumerate(["book", "lamp", "cup"] * 60)),
+                "Summarize the following notes.\n" + "The harbour master counted the boats and wrote each name "
+                "in a ledger; the tide came in at noon and went out at dusk. " * 40]
+
+
+def prompt_logits(engine, ids):
+    """Float32 logits at the prompt's last position, computing it chunk by chunk as the engine would."""
+    engine.add(Sequence("p", ids, SamplingParams(max_new_tokens=1)))
+    while True:
+        out = engine.scheduler.schedule()
+        logits = engine.runner.execute(out.scheduled, engine.kv_cache)
+        if out.scheduled[0].completes_prompt:
+            engine.abort("p")
+            return logits[0]
+        engine.scheduler.update(out, {})
+
+
+@pytest.mark.parametrize("prompts", ["short", "long"])
+def test_default_prefill_is_as_accurate_as_generate(hf_tokenizer, prompts):
     """Native prefill rounds differently from generate()'s SDPA call; held to being as accurate: its
     last-position logits against a float32 computation with the very same (dequantized 4-bit)
     weights have an RMS error, averaged over the prompts, within 1.2x of generate()'s, and no
     larger a worst case than 1.5x. Attending one key too few or too many, a wrong scale or a
-    wrong position each make the error many times larger."""
+    wrong position each make the error many times larger. Long prompts (over NATIVE_MAX_PROMPT
+    tokens) take the long-prompt kernel, in chunks."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_functional
 
@@ -115,15 +135,13 @@ def test_default_prefill_is_as_accurate_as_generate(hf_tokenizer):
     engine = make_engine(quantized)
     assert engine.runner.native_prefill
     ours_rms, theirs_rms, ours_max, theirs_max = [], [], [], []
-    for prompt in ACCURACY_PROMPTS:
+    for prompt in ACCURACY_PROMPTS if prompts == "short" else LONG_PROMPTS:
         ids = hf_tokenizer(prompt).input_ids
+        assert (len(ids) > NATIVE_MAX_PROMPT) == (prompts == "long")
         with torch.inference_mode():
             truth = exact.model(torch.tensor([ids])).logits[0, -1].float()
             theirs = quantized.model(torch.tensor([ids])).logits[0, -1].float()
-        engine.add(Sequence("p", ids, SamplingParams(max_new_tokens=1)))
-        out = engine.scheduler.schedule()
-        ours = engine.runner.execute(out.scheduled, engine.kv_cache)[0]
-        engine.abort("p")
+        ours = prompt_logits(engine, ids)
         for logits, rms, worst in ((ours, ours_rms, ours_max), (theirs, theirs_rms, theirs_max)):
             rms.append(float((logits - truth).pow(2).mean().sqrt()))
             worst.append(float((logits - truth).abs().max()))
@@ -180,6 +198,19 @@ def test_native_prefill_is_independent_of_chunking(reference_model, hf_tokenizer
         engine = make_engine(reference_model, max_batch_tokens=budget)
         assert engine.runner.native_prefill
         assert logprobs_of(engine, Sequence(0, ids, params)) == whole
+
+
+def test_a_long_prompt_is_independent_of_chunking(reference_model, hf_tokenizer):
+    """A prompt over NATIVE_MAX_PROMPT tokens attends through the long-prompt kernel, whose rows
+    depend on their own keys alone: the same numbers however the scheduler chunks it."""
+    ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
+    params = SamplingParams(max_new_tokens=3, logprobs=True)
+    engine = make_engine(reference_model, max_batch_tokens=2048)
+    assert engine.runner.long_prefill is not None
+    engine.scheduler.idle_step_seconds = 100  # one chunk
+    whole = logprobs_of(engine, Sequence(0, ids, params))
+    for budget in (300, 517):
+        assert logprobs_of(make_engine(reference_model, max_batch_tokens=budget), Sequence(0, ids, params)) == whole
 
 
 SYSTEM = ("You are a careful assistant. Answer in one short sentence, never make things up, and say so "

@@ -1,0 +1,231 @@
+/* Attention for the chunks of long prompts, with AVX-512 BF16 dot products (VDPBF16PS).
+ *
+ * A chunk's query rows see their sequence's keys up to their own positions (causal, after the
+ * chunks before). The query vectors of one key/value head (its group of query heads, row by row)
+ * are taken 16 at a time, one per float32 lane, and the keys 16 positions at a time in blocks
+ * aligned on position 0: each lane keeps its own running maximum, sum and output (online softmax,
+ * the keys' blocks in order), so no lane ever reads another. Scores are bfloat16 pair products
+ * summed in float32 (VDPBF16PS), scaled after the sum; probabilities exp(score - max) are summed in
+ * float32 and rounded to bfloat16 (nearest even) for the product with the values, summed in float32;
+ * one division at the end, bfloat16 output rounded to nearest even.
+ *
+ * A query's numbers thus depend only on its own query, its keys and values, and the position
+ * blocks, never on the other rows of its tile, how its prompt was chunked, what else is in the step
+ * or which thread took it: blocks a lane does not see add exactly nothing (its probabilities there
+ * are 0 and its maximum stays, so the rescale is by exp(0) = 1). They round differently from the
+ * one-row kernel (decode_attention.c) that decoded tokens and short prompts take, so a long prompt's
+ * cache blocks are not shared across requests (the runner's NATIVE_MAX_PROMPT).
+ *
+ * Built by model_svc/engine/decode_attention.py; `prefill_supported()` says whether it was built
+ * with the instructions (the runner uses SDPA where not).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define KEYS 16 /* key positions per block */
+#define MAX_HEAD_DIM 256
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+int prefill_supported(void) { return 1; }
+
+/* exp for x <= 0, as decode_attention.c computes it (Cephes' polynomial); exp(0) is exactly 1. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512i bf16_bits_high(__m512 x) { /* x rounded to bfloat16 (nearest even), in the high half */
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)),
+                            _mm512_set1_epi32((int)0xffff0000u));
+}
+
+/* Per-thread scratch: the tile's queries as pairs (lane = query vector), its outputs, a block's keys
+ * (when the arena's are not 16 contiguous rows) and values as pairs of positions. */
+typedef struct {
+    uint32_t *q2;   /* [head_dim / 2][LANES] */
+    float *acc;     /* [head_dim][LANES] */
+    uint16_t *keys; /* [KEYS][head_dim] */
+    uint32_t *v2;   /* [KEYS / 2][head_dim] */
+} Scratch;
+
+/* One tile: query vectors first .. first + count - 1 of key/value head h of one chunk (vector v is
+ * row v / group, query head h * group + v % group). `past`: the sequence's tokens before the chunk. */
+static void tile(const uint16_t *query, const uint16_t *k_head, const uint16_t *v_head, uint16_t *out,
+                 int64_t row0, int64_t past, int64_t first, int64_t count, int64_t group, int64_t h,
+                 int64_t num_heads, int64_t head_dim, const int64_t *table, int64_t block_size,
+                 int64_t slot_stride, float scale, const Scratch *s) {
+    const int64_t pairs = head_dim / 2;
+    int32_t qpos[LANES];
+    for (int r = 0; r < LANES; r++) { /* lanes past the tile's end repeat its last vector */
+        const int64_t v = first + (r < count ? r : count - 1), row = v / group;
+        const uint32_t *src = (const uint32_t *)(query + ((row0 + row) * num_heads + h * group + v % group) * head_dim);
+        for (int64_t j = 0; j < pairs; j++) s->q2[j * LANES + r] = src[j];
+        qpos[r] = (int32_t)(past + row);
+    }
+    const __m512i qp = _mm512_loadu_si512(qpos);
+    const int64_t last = qpos[LANES - 1]; /* the furthest key any lane sees */
+    __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+    memset(s->acc, 0, sizeof(float) * head_dim * LANES);
+    const int contiguous = block_size % KEYS == 0 && slot_stride == head_dim;
+    for (int64_t t0 = 0; t0 <= last; t0 += KEYS) {
+        const int64_t n = last + 1 - t0 < KEYS ? last + 1 - t0 : KEYS; /* keys that exist */
+        const uint16_t *kb;
+        if (contiguous) {
+            kb = k_head + (table[t0 / block_size] * block_size + t0 % block_size) * slot_stride;
+        } else {
+            for (int64_t t = 0; t < KEYS; t++) {
+                const int64_t pos = t0 + (t < n ? t : 0);
+                memcpy(s->keys + t * head_dim,
+                       k_head + (table[pos / block_size] * block_size + pos % block_size) * slot_stride,
+                       sizeof(uint16_t) * head_dim);
+            }
+            kb = s->keys;
+        }
+        /* Scores: lane r of sc[t] is query r's score for key t0 + t. Slots past the sequence's end
+         * may hold anything; their scores are masked below. */
+        __m512 sc[KEYS];
+#pragma GCC unroll 16
+        for (int t = 0; t < KEYS; t++) sc[t] = _mm512_setzero_ps();
+        const uint32_t *k32 = (const uint32_t *)kb;
+        const int64_t kstride = head_dim / 2;
+        for (int64_t j = 0; j < pairs; j++) {
+            const __m512bh q = (__m512bh)_mm512_load_si512(s->q2 + j * LANES);
+#pragma GCC unroll 16
+            for (int t = 0; t < KEYS; t++)
+                sc[t] = _mm512_dpbf16_ps(sc[t], q, (__m512bh)_mm512_set1_epi32((int)k32[t * kstride + j]));
+        }
+        __mmask16 seen[KEYS];
+        __m512 block_max = _mm512_set1_ps(-INFINITY);
+#pragma GCC unroll 16
+        for (int t = 0; t < KEYS; t++) {
+            seen[t] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp);
+            sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen[t], sc[t], _mm512_set1_ps(scale));
+            block_max = _mm512_max_ps(block_max, sc[t]);
+        }
+        const __m512 m_new = _mm512_max_ps(m, block_max);
+        const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new)); /* first block: exp(-inf) = 0, on zeros */
+        m = m_new;
+        l = _mm512_mul_ps(l, alpha);
+        __m512i p2[KEYS / 2];
+#pragma GCC unroll 8
+        for (int i = 0; i < KEYS / 2; i++) {
+            const __m512 e0 = _mm512_maskz_mov_ps(seen[2 * i], exp_ps(_mm512_sub_ps(sc[2 * i], m)));
+            const __m512 e1 = _mm512_maskz_mov_ps(seen[2 * i + 1], exp_ps(_mm512_sub_ps(sc[2 * i + 1], m)));
+            l = _mm512_add_ps(_mm512_add_ps(l, e0), e1);
+            p2[i] = _mm512_or_si512(_mm512_srli_epi32(bf16_bits_high(e0), 16), bf16_bits_high(e1));
+        }
+        /* The block's values as pairs of positions (t, t + 1) per dimension; none past the end. */
+        for (int64_t i = 0; i < KEYS / 2; i++) {
+            const int64_t pa = t0 + 2 * i, pb = pa + 1;
+            const uint16_t *va = 2 * i < n ? v_head + (table[pa / block_size] * block_size + pa % block_size) * slot_stride : NULL;
+            const uint16_t *vb = 2 * i + 1 < n ? v_head + (table[pb / block_size] * block_size + pb % block_size) * slot_stride : NULL;
+            for (int64_t d = 0; d < head_dim; d += 16) {
+                const __m512i a = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + d))) : _mm512_setzero_si512();
+                const __m512i b = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + d))) : _mm512_setzero_si512();
+                _mm512_storeu_si512(s->v2 + i * head_dim + d, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+            }
+        }
+        for (int64_t c = 0; c < head_dim; c += 16) {
+            __m512 a[16];
+#pragma GCC unroll 16
+            for (int d = 0; d < 16; d++) a[d] = _mm512_mul_ps(_mm512_load_ps(s->acc + (c + d) * LANES), alpha);
+            for (int i = 0; i < KEYS / 2; i++) {
+                const __m512bh p = (__m512bh)p2[i];
+                const uint32_t *v = s->v2 + i * head_dim + c;
+#pragma GCC unroll 16
+                for (int d = 0; d < 16; d++) a[d] = _mm512_dpbf16_ps(a[d], p, (__m512bh)_mm512_set1_epi32((int)v[d]));
+            }
+#pragma GCC unroll 16
+            for (int d = 0; d < 16; d++) _mm512_store_ps(s->acc + (c + d) * LANES, a[d]);
+        }
+    }
+    float sums[LANES];
+    _mm512_storeu_ps(sums, l);
+    for (int64_t r = 0; r < count; r++) {
+        const int64_t v = first + r;
+        uint16_t *dst = out + ((row0 + v / group) * num_heads + h * group + v % group) * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) {
+            const float x = s->acc[d * LANES + r] / sums[r];
+            uint32_t u;
+            memcpy(&u, &x, sizeof u);
+            dst[d] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
+/* query/out: [tokens, num_heads, head_dim] contiguous bfloat16; keys/values: element (kv_head, slot,
+ * i) at kv_head * head_stride + slot * slot_stride + i. Chunk c is query rows starts[c] ..
+ * starts[c] + lengths[c] - 1, after pasts[c] tokens of its sequence, whose blocks are tables +
+ * table_offsets[c]. Returns -1 when buffers cannot be allocated, -2 for a head_dim it does not take. */
+int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                           const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                           const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                           int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           int64_t head_stride, int64_t slot_stride, float scale) {
+    if (head_dim % 32 != 0 || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads != 0) return -2;
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t num_tasks = 0;
+    for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * ((lengths[c] * group + LANES - 1) / LANES);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        Scratch s = {aligned_alloc(64, sizeof(uint32_t) * head_dim / 2 * LANES),
+                     aligned_alloc(64, sizeof(float) * head_dim * LANES),
+                     aligned_alloc(64, sizeof(uint16_t) * KEYS * head_dim),
+                     aligned_alloc(64, sizeof(uint32_t) * KEYS / 2 * head_dim)};
+        const int ready = s.q2 && s.acc && s.keys && s.v2;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_tasks; task++) {
+            if (!ready) {
+                failed = 1;
+                continue;
+            }
+            int64_t c = 0, rest = task, tiles;
+            for (;; c++) { /* the chunk and tile of this task (chunks are few) */
+                tiles = (lengths[c] * group + LANES - 1) / LANES;
+                if (rest < num_kv_heads * tiles) break;
+                rest -= num_kv_heads * tiles;
+            }
+            const int64_t h = rest / tiles, first = rest % tiles * LANES, vectors = lengths[c] * group;
+            tile(query, keys + h * head_stride, values + h * head_stride, out, starts[c], pasts[c], first,
+                 vectors - first < LANES ? vectors - first : LANES, group, h, num_heads, head_dim,
+                 tables + table_offsets[c], block_size, slot_stride, scale, &s);
+        }
+        free(s.q2), free(s.acc), free(s.keys), free(s.v2);
+    }
+    return failed ? -1 : 0;
+}
+
+#else
+
+int prefill_supported(void) { return 0; }
+int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                           const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                           const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                           int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           int64_t head_stride, int64_t slot_stride, float scale) {
+    (void)query, (void)keys, (void)values, (void)out, (void)starts, (void)lengths, (void)pasts, (void)tables;
+    (void)table_offsets, (void)num_chunks, (void)block_size, (void)num_heads, (void)num_kv_heads, (void)head_dim;
+    (void)head_stride, (void)slot_stride, (void)scale;
+    return -2;
+}
+
+#endif
