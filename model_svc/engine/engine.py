@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
 
 from model_svc.engine.kv_cache import KVCache
-from model_svc.engine.runner import ModelRunner
+from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
@@ -55,6 +56,22 @@ class Engine:
         self.sampler = sampler
         self.kv_cache = kv_cache
         self.last_step = StepStats()
+        # Set (from any thread) to stop the running step between layers: `interrupt_for`.
+        self.interrupt = threading.Event()
+        self.num_interrupted = 0  # steps stopped so, since start
+        self._step_priorities: tuple[int, ...] = ()  # of the running step's sequences
+        self._step_only_long = False  # the running step computes long prompts' chunks and nothing else
+
+    def interrupt_for(self, seqs: list[Sequence]) -> None:
+        """Stops the running step (any thread) so that a new request does not wait for it to end:
+        when one of `seqs` would make the step after an urgent one (Scheduler.urgent_priority), or
+        when the step only prefills long prompts (up to --idle-step-ms) and one of `seqs` is a prompt
+        the scheduler admits whole. The stopped step's work is done again; the step after carries
+        the new prompt and decodes, so a long prompt still advances every other step at worst."""
+        scheduler = self.scheduler
+        if scheduler.outranks_step(seqs, self._step_priorities) or (
+                self._step_only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)):
+            self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
         if seq.params.grammar and seq.constraint is None:
@@ -78,7 +95,14 @@ class Engine:
         try:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
-            logits = self.runner.execute(out.scheduled, self.kv_cache)
+            # Proposals are not stopped: a draft model's state has moved with them.
+            interrupt = None if out.num_proposed_tokens else self.interrupt
+            self._step_priorities = tuple({item.seq.priority for item in out.scheduled})
+            self._step_only_long = all(item.kind == "long" for item in out.scheduled)
+            try:
+                logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)
+            finally:
+                self._step_priorities, self._step_only_long = (), False
             rows, sampled_rows, counts, position = [], [], [], 0  # counts: each item's sampled rows
             for item in out.scheduled:
                 if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
@@ -97,6 +121,10 @@ class Engine:
             if len(sampled_rows) != len(logits):
                 logits = logits[sampled_rows]
             tokens = self.sampler.sample(logits, rows)
+        except StepInterrupted:  # nothing was computed: the next schedule takes them up again
+            self.num_interrupted += 1
+            self.last_step = StepStats()
+            return []
         except Exception as exc:  # a failed step fails its sequences, never the server
             seqs = [item.seq for item in out.scheduled]
             self.scheduler.fail(seqs)

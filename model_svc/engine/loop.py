@@ -34,6 +34,8 @@ BATCH_SEQUENCES = Histogram("genrpc_model_batch_sequences", "sequences computed 
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
                                "tokens admitted sequences took from the prefix cache instead of computing them")
+INTERRUPTED_STEPS = Counter("genrpc_model_interrupted_steps",
+                            "steps stopped between layers for a more urgent request (their work is redone)")
 SPEC_PROPOSED = Counter("genrpc_model_spec_proposed_tokens",
                         "tokens proposed by prompt lookup and verified (speculative decoding)")
 SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens",
@@ -78,6 +80,7 @@ class EngineLoop:
             self._num_pending_adds += len(seqs)
             self._commands.append(("add", seqs))
             self._wake.notify()
+        self.engine.interrupt_for(seqs)
 
     def abort(self, seq_ids: Iterable[Hashable]) -> None:
         with self._wake:
@@ -116,9 +119,12 @@ class EngineLoop:
                     return
             try:
                 self.between_steps()
+                self.engine.interrupt.clear()  # what asked for it is among the commands
                 outputs = self._apply_commands()
                 started = time.perf_counter()
+                interrupted = self.engine.num_interrupted
                 outputs.extend(self.engine.step())
+                INTERRUPTED_STEPS.inc(self.engine.num_interrupted - interrupted)
                 stats = self.engine.last_step
                 if stats.num_tokens:
                     elapsed = time.perf_counter() - started

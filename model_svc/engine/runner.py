@@ -22,6 +22,7 @@ random-weight models; any other model type is refused at start.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,10 @@ class PackedBatch:
     native_seqs: list[bool] | None = None
     # Long prompts' chunks through the prefill kernel: (starts, lengths, pasts, tables, table offsets).
     long: tuple[torch.Tensor, ...] | None = None
+
+
+class StepInterrupted(Exception):
+    """The step was stopped between layers (ModelRunner.execute's `interrupt`)."""
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -232,18 +237,24 @@ class ModelRunner:
                            kv_lengths, logit_rows, native, native_seqs, long)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], kv: KVCache) -> torch.Tensor:
+    def execute(self, scheduled: list[ScheduledSequence], kv: KVCache,
+                interrupt: threading.Event | None = None) -> torch.Tensor:
         """Computes the step; returns float32 logits [N, vocab] in the order of `scheduled`: a row per
         sequence that samples, and one per computed token for a decode with proposals or a prompt
         chunk whose logprobs were asked. A proposal's row attends like a decoded token's (native
-        kernel): its numbers are those of a one-token step."""
+        kernel): its numbers are those of a one-token step.
+        interrupt: checked before each layer; once set, the step stops with StepInterrupted. Its
+        tokens count as not computed: what it wrote to their cache slots is written again, with
+        the same values, by the step that computes them."""
         batch = self.pack(scheduled, kv)
         if self.fused is not None:
-            return self._execute_fused(batch, kv)
+            return self._execute_fused(batch, kv, interrupt)
         hidden = self.base.embed_tokens(batch.input_ids[None])  # [1, T, H]
         cos, sin = self.base.rotary_emb(hidden, batch.positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         for layer_idx, layer in enumerate(self.base.layers):
+            if interrupt is not None and interrupt.is_set():
+                raise StepInterrupted()
             residual = hidden
             hidden = layer.input_layernorm(hidden)
             hidden = self._attention(layer.self_attn, layer_idx, hidden, cos, sin, batch, kv)
@@ -255,7 +266,7 @@ class ModelRunner:
         last = self.base.norm(hidden[0, rows])  # [N, H]
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
-    def _execute_fused(self, batch: PackedBatch, kv: KVCache) -> torch.Tensor:
+    def _execute_fused(self, batch: PackedBatch, kv: KVCache, interrupt: threading.Event | None) -> torch.Tensor:
         """`execute` with the fused kernels: the residual stream is one [T, H] tensor updated in place."""
         fused = self.fused
         hidden = self.base.embed_tokens(batch.input_ids)  # [T, H]
@@ -263,6 +274,8 @@ class ModelRunner:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         delta = None  # what the last sublayer adds to the residual stream
         for layer_idx, layer in enumerate(self.base.layers):
+            if interrupt is not None and interrupt.is_set():
+                raise StepInterrupted()
             normed = fused.add_rmsnorm(hidden, delta, layer.input_layernorm)
             attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv)
             normed = fused.add_rmsnorm(hidden, attended[0], layer.post_attention_layernorm)

@@ -7,8 +7,9 @@ A finished or aborted sequence leaves at once and its blocks are given back.
 
 Policy (`rank`, `victim`, `outranks`): waiting sequences are admitted by priority (higher first),
 then by fair share (the tenant running the fewest sequences first: round-robin between clients),
-then by arrival. When sequence slots or blocks run short, a waiting sequence may preempt a running
-one it outranks: a less urgent one, or one of a tenant running at least two more sequences than
+then by arrival. A waiting sequence as urgent as every running one and more urgent than some gets a
+step of its own (with any others as urgent): its first token waits for no one's decode. When sequence slots or blocks run
+short, a waiting sequence may preempt a running one it outranks: a less urgent one, or one of a tenant running at least two more sequences than
 its own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
 (`DeadlineUnmeetable`), so its caller hears "retry later" at once instead of timing out.
 
@@ -305,10 +306,40 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------
 
+    def urgent_priority(self) -> int | None:
+        """When the step is an urgent one (`schedule`), the least priority a prompt needs to be in it,
+        else None. Urgent: a waiting sequence is as urgent as every running one and more urgent than
+        some (one of its own rank may be running still: an urgent client's previous request)."""
+        if not self.running or not self.waiting:
+            return None
+        least = min(seq.priority for seq in self.running)
+        floor = max(least + 1, max(seq.priority for seq in self.running))
+        return floor if max(seq.priority for seq in self.waiting) >= floor else None
+
+    def outranks_step(self, seqs: Iterable[Sequence], priorities: Iterable[int]) -> bool:
+        """Whether one of `seqs` would make an urgent step beside sequences of these priorities."""
+        priorities = list(priorities)
+        if not priorities:
+            return False
+        floor = max(min(priorities) + 1, max(priorities))
+        return any(seq.priority >= floor for seq in seqs)
+
     def schedule(self) -> SchedulerOutput:
+        """The next step. An urgent step (`urgent_priority`) computes only the urgent prompts, so that
+        an urgent request's first token waits for no one's decode; the others resume the step after,
+        beside it. Should nothing urgent fit, the step is an ordinary one."""
+        floor = self.urgent_priority()
+        if floor is not None:
+            out = self._schedule(floor)
+            if not out.is_empty:
+                return out
+        return self._schedule(None)
+
+    def _schedule(self, floor: int | None) -> SchedulerOutput:
+        """`schedule`; floor: an urgent step, admitting only sequences of at least this priority."""
         out = SchedulerOutput()
         # 1. Every decoding sequence advances one token, oldest first.
-        for seq in list(self.running):
+        for seq in list(self.running) if floor is None else []:
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
                 if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
                     out.add(seq, 1)
@@ -319,7 +350,7 @@ class Scheduler:
         # the chunks of long prompts already running, so that a long prefill never holds the door.
         deferred: set[int] = set()
         while True:
-            candidates = [w for w in self.waiting if id(w) not in deferred]
+            candidates = [w for w in self.waiting if id(w) not in deferred and (floor is None or w.priority >= floor)]
             if not candidates:
                 break
             seq = min(candidates, key=self.rank)
@@ -347,7 +378,7 @@ class Scheduler:
                 continue  # a preemption changed what it can share: plan again
             self._admit(seq, plan, num_new, kind, out)
         # 3. Long prompts already running take the next chunk of what time allows.
-        for seq in list(self.running):
+        for seq in list(self.running) if floor is None else []:
             uncomputed = seq.num_uncomputed_tokens
             if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or seq in out:
                 continue

@@ -269,6 +269,89 @@ def test_preempted_and_resumed_sequences_equal_unpreempted_runs(reference_model,
         assert [got[0], got[1]] == alone, f"prefix caching {caching}"
 
 
+def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(reference_model, hf_tokenizer):
+    """A more urgent request stops the running step between layers (from the server's thread; here
+    from inside the step); the next step is the urgent prompt alone, and the stopped sequences then
+    get the very tokens and logprobs of an undisturbed run."""
+    ids = [hf_tokenizer(p).input_ids for p in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=8, logprobs=True)
+    engine = make_engine(reference_model)
+    undisturbed = {}
+    for i in range(3):
+        undisturbed[i] = logprobs_of(engine, Sequence(i, ids[i], params))
+    for i in range(3):
+        engine.add(Sequence(i, ids[i], params))
+    attention = engine.runner._attention
+    asks = []
+
+    def stopping(attn, layer_idx, *args):
+        if layer_idx == 12:
+            for ask in asks:
+                engine.interrupt_for([ask])
+            asks.clear()
+        return attention(attn, layer_idx, *args)
+
+    engine.runner._attention = stopping
+    got = {i: [] for i in range(3)}
+    got["urgent"] = []
+    for step_number in range(12):
+        if step_number == 3:  # as urgent as those running: no stop
+            asks.append(Sequence("x", ids[0], params))
+        if step_number == 4:
+            urgent = Sequence("urgent", ids[1], SamplingParams(max_new_tokens=3, logprobs=True), priority=7)
+            asks.append(urgent)
+        outputs = engine.step()
+        if step_number == 4:
+            assert outputs == [] and engine.interrupt.is_set() and engine.num_interrupted == 1
+            engine.interrupt.clear()
+            engine.add(urgent)  # what the engine loop does next
+        elif step_number == 5:  # the urgent prompt alone
+            assert [o.seq_id for o in outputs] == ["urgent"]
+        else:
+            assert not engine.interrupt.is_set()
+        for o in outputs:
+            if o.token_id is not None:
+                got[o.seq_id].append((o.token_id, o.logprob))
+    assert engine.num_interrupted == 1
+    assert all(got[i] == undisturbed[i] for i in range(3))
+    assert got["urgent"] == undisturbed[1][:3]
+
+
+def test_a_long_prompt_alone_is_stopped_for_a_short_prompt_only(reference_model, hf_tokenizer):
+    """A step that only prefills a long prompt stops for a prompt admitted whole (its first token
+    then waits for no such step), not for another long one, and never once decodes run beside."""
+    long_ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
+    engine = make_engine(reference_model)
+    engine.add(Sequence("long", long_ids, SamplingParams(max_new_tokens=2, logprobs=True)))
+    attention = engine.runner._attention
+    asks = []
+
+    def stopping(attn, layer_idx, *args):
+        if layer_idx == 5:
+            for ask in asks:
+                engine.interrupt_for([ask])
+        return attention(attn, layer_idx, *args)
+
+    engine.runner._attention = stopping
+    asks.append(Sequence("other long", long_ids, SamplingParams()))
+    engine.step()
+    assert engine.num_interrupted == 0
+    asks[:] = [Sequence("short", long_ids[:20], SamplingParams())]
+    assert engine.step() == [] and engine.num_interrupted == 1
+    engine.interrupt.clear()
+    engine.add(Sequence("short", long_ids[:20], SamplingParams(max_new_tokens=3)))
+    outputs = engine.step()  # the short prompt's first token, and a chunk of the long one beside it
+    assert [o.seq_id for o in outputs] == ["short"]
+    engine.step()  # the short one decodes beside the long prompt's chunk: never stopped
+    assert engine.num_interrupted == 1 and not engine.interrupt.is_set()
+    asks.clear()
+    got = []
+    while engine.scheduler.has_work:
+        got += [(o.token_id, o.logprob) for o in engine.step() if o.seq_id == "long" and o.token_id is not None]
+    assert got == logprobs_of(make_engine(reference_model),
+                              Sequence("long", long_ids, SamplingParams(max_new_tokens=2, logprobs=True)))
+
+
 def test_long_max_new_tokens_do_not_hold_back_admission(reference_model, hf_tokenizer):
     """Thirty-two sequences that may each make 4,000 tokens all run at once in a 20,000-token cache:
     they hold what they have computed, not what they might make."""

@@ -314,6 +314,55 @@ def test_priority_goes_first_and_preempts_the_least_urgent():
     assert ("later", 2) in ids_of(out)  # a free slot: "later" outranks "low" by priority
 
 
+def test_a_request_more_urgent_than_all_running_gets_a_step_of_its_own():
+    s = make(max_num_seqs=7, max_batch_tokens=64)
+    for i in range(3):
+        s.add(Sequence(i, [10, 11], SamplingParams(max_new_tokens=50)))
+    step(s)
+    s.add(Sequence("same", [10, 11], SamplingParams(max_new_tokens=50)))
+    out, _ = step(s)  # as urgent as those running: beside their decodes
+    assert ids_of(out) == [(0, 1), (1, 1), (2, 1), ("same", 2)]
+    s.add(Sequence("five", [10, 11, 12], SamplingParams(max_new_tokens=50), priority=5))
+    s.add(Sequence("nine", [10, 11], SamplingParams(max_new_tokens=50), priority=9))
+    s.add(Sequence("zero", [10, 11], SamplingParams(max_new_tokens=50)))
+    assert s.urgent_priority() == 1  # more urgent than the running (all 0)
+    out, _ = step(s)  # only the prompts more urgent than every running sequence, most urgent first
+    assert ids_of(out) == [("nine", 2), ("five", 3)]
+    assert s.urgent_priority() is None
+    out, _ = step(s)  # then everyone decodes again, and the rest is admitted
+    assert ids_of(out) == [(0, 1), (1, 1), (2, 1), ("same", 1), ("nine", 1), ("five", 1), ("zero", 2)]
+
+
+def test_an_urgent_client_running_already_still_gets_urgent_steps():
+    """Its previous request (as urgent) still decodes: a new one is as urgent as every running
+    sequence and more urgent than some, so it too gets a step of its own; one as urgent as the
+    least urgent does not."""
+    s = make(max_num_seqs=8, max_batch_tokens=64)
+    s.add(Sequence("bulk", [10, 11], SamplingParams(max_new_tokens=50)))
+    s.add(Sequence("first", [10, 11], SamplingParams(max_new_tokens=50), priority=10))
+    step(s)
+    s.add(Sequence("second", [10, 11], SamplingParams(max_new_tokens=50), priority=10))
+    out, _ = step(s)
+    assert ids_of(out) == [("second", 2)]
+    assert s.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [0, 10])
+    assert not s.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [10])
+    assert not s.outranks_step([Sequence("low", [1], SamplingParams(), priority=3)], [0, 10])
+    s.add(Sequence("more bulk", [10, 11], SamplingParams(max_new_tokens=50)))
+    out, _ = step(s)
+    assert ids_of(out) == [("first", 1), ("bulk", 1), ("second", 1), ("more bulk", 2)]
+
+
+def test_an_urgent_step_that_admits_nothing_is_an_ordinary_one():
+    s = make(max_num_seqs=2, max_batch_tokens=64, max_context=200)
+    s.add(Sequence(0, [10, 11], SamplingParams(max_new_tokens=50)))
+    step(s)
+    s.max_batch_tokens = 40  # the urgent prompt (45 tokens, never split) cannot fit this step
+    s.max_prefill_tokens = 64
+    s.add(Sequence("urgent", list(range(10, 55)), SamplingParams(max_new_tokens=5), priority=3))
+    out, _ = step(s)
+    assert ids_of(out) == [(0, 1)]  # the running sequence still advances: no empty steps
+
+
 def test_a_deadline_the_queue_cannot_meet_is_refused_at_once():
     s = make(max_num_seqs=2, max_batch_tokens=64)
     for i in range(2):  # both slots held by sequences that must run 40 more tokens
