@@ -4,8 +4,11 @@ A step's duration is modelled as `fixed + per_token * tokens + per_pair * pairs`
 the tokens computed (every one goes through every linear layer) and `pairs` the (query, key) pairs
 attention scores (a decoded token at position p: p + 1 pairs; a prompt chunk of n tokens after s
 computed ones: n*s + n*(n+1)/2). The three coefficients are fitted by exponentially weighted
-least squares over the recent steps, pulled gently towards a prior, so the model follows the machine
-(a GPU, a busier CPU) without a calibration run and stays sane before it has seen varied steps.
+least squares of relative errors over the recent steps (a 10 ms decode step counts as much as a
+250 ms prefill step: fitted on absolute errors, the big steps made a lone stream's step ~1.5x its
+real cost, and a chunk beside it made its inter-token latency 2.5x idle instead of 2x), pulled
+gently towards a prior, so the model follows the machine (a GPU, a busier CPU) without a
+calibration run and stays sane before it has seen varied steps.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ def chunk_pairs(start: int, num_tokens: int) -> int:
 
 
 class StepCost:
-    def __init__(self, prior: tuple[float, float, float] = PRIOR, forget: float = 0.98, prior_weight: float = 2.0):
+    def __init__(self, prior: tuple[float, float, float] = PRIOR, forget: float = 0.98, prior_weight: float = 0.02):
         """forget: each step's weight decays by this factor per later step (0.98: the last ~50 steps
-        count). prior_weight: how many steps' worth of evidence the prior is worth."""
+        count). prior_weight: how many steps' worth of evidence the prior is worth (in relative
+        errors: a coefficient off by 2x from its prior costs what a step predicted 2x off does)."""
         self.prior = np.array(prior, dtype=np.float64)
         self.forget = forget
         # Features are scaled to comparable magnitudes so the prior pulls each coefficient equally.
@@ -39,9 +43,12 @@ class StepCost:
     def observe(self, tokens: int, pairs: int, seconds: float) -> None:
         if tokens <= 0 or not (seconds > 0):
             return
+        # Relative errors: a 10 ms decode step counts as much as a 250 ms prefill step, so that both
+        # the fixed part (what a decoding stream's step costs) and the marginal cost of a chunk are right.
+        weight = 1.0 / (max(seconds, 1e-3) / self.prior[0]) ** 2
         x = np.array([1.0, tokens, pairs], dtype=np.float64) / self.scale
-        self.xtx = self.forget * self.xtx + np.outer(x, x)
-        self.xty = self.forget * self.xty + x * seconds
+        self.xtx = self.forget * self.xtx + weight * np.outer(x, x)
+        self.xty = self.forget * self.xty + weight * x * seconds
         self.num_steps += 1
         ridge = self.prior_weight * np.eye(3)
         theta_prior = self.prior * self.scale
