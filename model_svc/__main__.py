@@ -178,6 +178,7 @@ def engine_for(loaded, args) -> Engine:
         blocks, args.max_num_seqs, args.max_batch_tokens, args.max_waiting, loaded.max_context,
         loaded.eos_token_ids, args.max_prefill_tokens, max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
         prefill_slowdown=args.prefill_slowdown, idle_step_seconds=args.idle_step_ms / 1000,
+        cache_long_prompts=caching and runner.long_prefill is not None,
     )
     kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)
     lookup = args.prompt_lookup_num_tokens

@@ -8,8 +8,10 @@ sequence holds what it has computed, not what it might generate.
 
 Automatic prefix caching: a block whose every slot is computed gets a hash chained over its
 parent's hash and its token ids (blake2b, 128 bits; the ids are compared on a hit too, so a
-collision can never serve another prompt's keys). A new sequence takes every leading block whose
-hash is cached by reference, without a copy. A block whose last user ends keeps its contents and its
+collision can never serve another prompt's keys). A chain starts from a root: sequences whose keys
+and values are computed with other numerics (a long prompt's kernel) hash under another root, so
+they never share blocks with the rest. A new sequence takes every leading block whose hash is
+cached by reference, without a copy. A block whose last user ends keeps its contents and its
 hash and waits in a least-recently-used order; it is reused as is by the next sequence with that
 prefix, or emptied for another use only when no never-used block is left.
 """
@@ -52,6 +54,7 @@ class BlockTable:
     block_ids: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     last_hash: bytes | None = None  # hash of block num_hashed_blocks - 1
+    root: bytes | None = None  # what the first block's hash chains from (its numerics' namespace)
 
     def slot(self, position: int, block_size: int) -> int:
         return self.block_ids[position // block_size] * block_size + position % block_size
@@ -164,11 +167,12 @@ class BlockManager:
 
     # -- prefix caching ------------------------------------------------------------
 
-    def _cached_prefix(self, token_ids: Seq[int], max_tokens: int) -> tuple[list[int], bytes | None]:
+    def _cached_prefix(self, token_ids: Seq[int], max_tokens: int,
+                       root: bytes | None = None) -> tuple[list[int], bytes | None]:
         """The cached blocks holding `token_ids`' longest prefix of whole blocks (at most
-        `max_tokens` tokens), and the last one's hash."""
+        `max_tokens` tokens) under `root`, and the last one's hash."""
         found: list[int] = []
-        parent = None
+        parent = root
         if not self.enable_prefix_caching:
             return found, parent
         for i in range(max_tokens // self.block_size):
@@ -184,19 +188,19 @@ class BlockManager:
             parent = h
         return found, parent
 
-    def num_cached_prefix(self, token_ids: Seq[int], max_tokens: int) -> int:
+    def num_cached_prefix(self, token_ids: Seq[int], max_tokens: int, root: bytes | None = None) -> int:
         """How many leading blocks `match` would find now (nothing is taken)."""
-        return len(self._cached_prefix(token_ids, max_tokens)[0])
+        return len(self._cached_prefix(token_ids, max_tokens, root)[0])
 
-    def cached_prefix_use(self, token_ids: Seq[int], max_tokens: int) -> tuple[int, int]:
+    def cached_prefix_use(self, token_ids: Seq[int], max_tokens: int, root: bytes | None = None) -> tuple[int, int]:
         """(leading blocks `match` would find now, how many of them no sequence holds)."""
-        found = self._cached_prefix(token_ids, max_tokens)[0]
+        found = self._cached_prefix(token_ids, max_tokens, root)[0]
         return len(found), sum(self.blocks[b].ref_count == 0 for b in found)
 
-    def match(self, token_ids: Seq[int], max_tokens: int) -> BlockTable:
-        """A table holding the longest cached prefix of `token_ids`, whole blocks, at most
+    def match(self, token_ids: Seq[int], max_tokens: int, root: bytes | None = None) -> BlockTable:
+        """A table holding the longest cached prefix of `token_ids` under `root`, whole blocks, at most
         `max_tokens` tokens; its blocks are taken by reference. Empty without prefix caching."""
-        found, parent = self._cached_prefix(token_ids, max_tokens)
+        found, parent = self._cached_prefix(token_ids, max_tokens, root)
         for block_id in found:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -205,7 +209,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             self.num_queried_tokens += len(token_ids)
             self.num_hit_tokens += len(found) * self.block_size
-        return BlockTable(found, len(found), parent)
+        return BlockTable(found, len(found), parent, root)
 
     def register(self, table: BlockTable, token_ids: Seq[int], num_computed_tokens: int) -> None:
         """Hashes the table's blocks that `num_computed_tokens` made full, so later sequences can
@@ -215,9 +219,10 @@ class BlockManager:
         while (table.num_hashed_blocks + 1) * self.block_size <= num_computed_tokens:
             i = table.num_hashed_blocks
             ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = block_hash(table.last_hash, ids)
+            parent = table.last_hash if i else table.root
+            h = block_hash(parent, ids)
             block = self.blocks[table.block_ids[i]]
             if h not in self.by_hash and block.hash is None:
-                block.hash, block.token_ids, block.parent = h, ids, table.last_hash
+                block.hash, block.token_ids, block.parent = h, ids, parent
                 self.by_hash[h] = block.block_id
             table.num_hashed_blocks, table.last_hash = i + 1, h

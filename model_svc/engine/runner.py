@@ -200,8 +200,13 @@ class ModelRunner:
             rows, tables, offsets, kv_counts = [], [], [], []
             native_seqs = []
             for item, start, length, kv_length in zip(scheduled, starts, lengths, kv_lengths):
-                native_seqs.append(length == 1 or bool(item.proposals) or (
-                    self.native_prefill and item.seq.num_prompt_tokens <= NATIVE_MAX_PROMPT))
+                seq = item.seq
+                # A long prompt's tokens go through the long-prompt kernel, its last one alone too (after
+                # a shared prefix), so its numbers do not depend on how much of it was shared.
+                long_prompt_row = (self.long_prefill is not None and seq.num_prompt_tokens > NATIVE_MAX_PROMPT
+                                   and seq.num_computed_tokens < seq.num_prompt_tokens)
+                native_seqs.append((length == 1 and not long_prompt_row) or bool(item.proposals) or (
+                    self.native_prefill and seq.num_prompt_tokens <= NATIVE_MAX_PROMPT))
                 if native_seqs[-1]:
                     past = kv_length - length
                     rows.extend(range(start, start + length))

@@ -138,6 +138,9 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+LONG_PROMPTS = b"long-prompt kernel"  # the prefix-cache namespace of prompts over max_cached_prompt
+
+
 class SchedulerFull(Exception):
     """The waiting queue is at its bound."""
 
@@ -173,6 +176,7 @@ class Scheduler:
         prefill_slowdown: float = 2.0,
         idle_step_seconds: float = 0.25,
         speculation: bool = False,
+        cache_long_prompts: bool = False,
     ):
         """max_prefill_tokens: prompt tokens a step admits whole beside decoding sequences (a prompt
         up to this long is never split); longer prompts are chunked by time (below).
@@ -184,7 +188,11 @@ class Scheduler:
         the short prompts' work) would take alone; when nothing else runs, up to `idle_step_seconds`
         (a request arriving meanwhile waits for that step to end).
         speculation: decoding sequences that ask for it (prompt_lookup_num_tokens) may propose tokens
-        to verify (speculation.py); only where the runner's rows are batch-invariant (native decode)."""
+        to verify (speculation.py); only where the runner's rows are batch-invariant (native decode).
+        cache_long_prompts: longer prompts (the runner's long-prompt kernel, chunking-invariant too)
+        share their prompts' blocks among themselves, in their own namespace (LONG_PROMPTS): their
+        numbers differ from the shorter prompts' and from their own decoded tokens', so neither
+        ever reads their blocks, and blocks holding decoded tokens are not cached."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
@@ -197,6 +205,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = min(max_prefill_tokens or max_batch_tokens, max_batch_tokens)
         self.max_cached_prompt = max_cached_prompt if blocks.enable_prefix_caching else 0
+        self.cache_long_prompts = cache_long_prompts and self.max_cached_prompt > 0
         self.max_waiting = max_waiting
         self.max_context = max_context
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -222,7 +231,18 @@ class Scheduler:
     def cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence reads and fills the prefix cache: not when it wants its prompt's
         logprobs (cached blocks hold keys and values, not logits: its prompt is computed in full)."""
-        return seq.num_prompt_tokens <= self.max_cached_prompt and seq.params.prompt_logprobs is None
+        if seq.params.prompt_logprobs is not None:
+            return False
+        return seq.num_prompt_tokens <= self.max_cached_prompt or self.cache_long_prompts
+
+    def _root(self, seq: Sequence) -> bytes | None:
+        """The prefix-cache namespace of the sequence's numbers (block_manager.py)."""
+        return LONG_PROMPTS if seq.num_prompt_tokens > self.max_cached_prompt else None
+
+    def _shareable(self, seq: Sequence) -> int:
+        """How many of a sequence's leading tokens others may share once computed: all of them, or a
+        long prompt's prompt tokens (its decoded ones went through the other kernel)."""
+        return seq.num_prompt_tokens if self._root(seq) is not None else seq.num_tokens
 
     def add(self, seq: Sequence, now: float | None = None) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -419,9 +439,10 @@ class Scheduler:
         `seq` waits and shares those blocks when they are done, so a prompt is computed once."""
         if not self.cacheable(seq):
             return False
-        tokens, bs = plan.tokens, self.blocks.block_size
+        tokens, bs, root = plan.tokens, self.blocks.block_size, self._root(seq)
         for other in self.running:
-            if other.num_computed_tokens >= other.num_prompt_tokens or not self.cacheable(other):
+            if (other.num_computed_tokens >= other.num_prompt_tokens or not self.cacheable(other)
+                    or self._root(other) != root):
                 continue  # not prefilling, or not sharing
             limit = min(len(tokens) - 1, other.num_prompt_tokens)
             if limit < plan.num_shared + bs or other.prompt_ids[:bs] != tokens[:bs]:
@@ -454,10 +475,11 @@ class Scheduler:
     def _plan(self, seq: Sequence) -> _Plan:
         tokens = seq.token_ids()  # after a preemption: its outputs so far too
         cacheable = self.cacheable(seq)
-        num_cached_blocks, num_cached_unused = (self.blocks.cached_prefix_use(tokens, len(tokens) - 1) if cacheable
-                                                else (0, 0))
+        root = self._root(seq)
+        num_cached_blocks, num_cached_unused = (self.blocks.cached_prefix_use(tokens, len(tokens) - 1, root)
+                                                if cacheable else (0, 0))
         num_cached = num_cached_blocks * self.blocks.block_size
-        donor, num_shared = self.running_prefix(tokens, num_cached) if cacheable else (None, 0)
+        donor, num_shared = self.running_prefix(tokens, num_cached, root) if cacheable else (None, 0)
         num_shared = max(num_shared, num_cached)
         return _Plan(tokens, num_cached_blocks, donor, num_shared, len(tokens) - num_shared, num_cached_unused)
 
@@ -479,7 +501,9 @@ class Scheduler:
     def _admit(self, seq: Sequence, plan: _Plan, num_new: int, kind: str, out: SchedulerOutput) -> None:
         self.waiting.remove(seq)
         cacheable = self.cacheable(seq)
-        seq.block_table = self.blocks.match(plan.tokens, len(plan.tokens) - 1) if cacheable else BlockTable()
+        root = self._root(seq)
+        seq.block_table = (self.blocks.match(plan.tokens, len(plan.tokens) - 1, root) if cacheable
+                           else BlockTable(root=root))
         if not self.blocks.ensure(seq.block_table, plan.num_shared + num_new):  # can_admit said there was room
             raise RuntimeError(f"admission found {self.blocks.num_free_blocks} free blocks, fewer than planned")
         num_cached = plan.num_cached_blocks * self.blocks.block_size
@@ -510,13 +534,16 @@ class Scheduler:
         self.preempt(victim)
         out.num_preempted += 1
 
-    def running_prefix(self, tokens: list[int], at_least: int) -> tuple[Sequence | None, int]:
-        """The running sequence whose computed tokens share the longest prefix with `tokens` (at most
-        all but the last token), if longer than `at_least`, and that prefix's length."""
+    def running_prefix(self, tokens: list[int], at_least: int,
+                       root: bytes | None = None) -> tuple[Sequence | None, int]:
+        """The running sequence (of the namespace `root`) whose computed, shareable tokens share the
+        longest prefix with `tokens` (at most all but the last token), if longer than `at_least`, and
+        that prefix's length."""
         best, best_len = None, at_least
         for other in self.running:
-            limit = min(len(tokens) - 1, other.num_computed_tokens)
-            if limit <= best_len or not self.cacheable(other) or other.prompt_ids[0] != tokens[0]:
+            limit = min(len(tokens) - 1, other.num_computed_tokens, self._shareable(other))
+            if (limit <= best_len or not self.cacheable(other) or self._root(other) != root
+                    or other.prompt_ids[0] != tokens[0]):
                 continue
             theirs = other.prompt_ids if other.num_prompt_tokens >= limit else other.token_ids()
             low, high = 1, limit  # theirs[:low] == tokens[:low]; find the longest such prefix
@@ -592,8 +619,9 @@ class Scheduler:
     def _register(self, seq: Sequence) -> None:
         """Hashes the blocks the sequence's computed tokens filled (prefix caching)."""
         table = seq.block_table
-        if self.cacheable(seq) and seq.num_computed_tokens >= (table.num_hashed_blocks + 1) * self.blocks.block_size:
-            self.blocks.register(table, seq.token_ids(), seq.num_computed_tokens)
+        computed = min(seq.num_computed_tokens, self._shareable(seq))
+        if self.cacheable(seq) and computed >= (table.num_hashed_blocks + 1) * self.blocks.block_size:
+            self.blocks.register(table, seq.token_ids(), computed)
 
     def check_stop(self, seq: Sequence, token_id: int) -> FinishReason | None:
         """Token-level stops, as values: EOS or a stop token, then the length limits."""

@@ -245,6 +245,40 @@ def test_a_cached_prefix_gives_the_same_numbers_as_computing_it(reference_model,
     assert got == alone
 
 
+def test_long_prompts_share_cached_blocks_with_the_same_numbers(reference_model, hf_tokenizer):
+    """Prompts over NATIVE_MAX_PROMPT tokens (the long-prompt kernel) are cached too, among
+    themselves: a second request with the same long document, and the samples of one prompt,
+    compute it once and get the numbers of a fresh computation, bit for bit."""
+    document = hf_tokenizer(LONG_PROMPTS[0]).input_ids
+    first, second = document + hf_tokenizer(" Which item is first?").input_ids[1:], document + [13]
+    assert len(document) > NATIVE_MAX_PROMPT
+    params = SamplingParams(max_new_tokens=4, logprobs=True)
+    alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
+    engine = make_engine(reference_model, prefix_caching=True)
+    assert engine.scheduler.cache_long_prompts
+    logprobs_of(engine, Sequence("a", first, params))
+    cached = []
+    engine.add(Sequence("b", second, params))
+    got = []
+    while engine.scheduler.has_work:
+        got += [(o.token_id, o.logprob) for o in engine.step() if o.token_id is not None]
+        cached.append(engine.last_step.num_cached_tokens)
+    block = engine.scheduler.blocks.block_size
+    assert sum(cached) == len(document) // block * block and got == alone
+    # Two samples of a new long prompt: the second waits for the first's blocks, and matches it.
+    other = hf_tokenizer(LONG_PROMPTS[1]).input_ids
+    sampled = SamplingParams(max_new_tokens=4, logprobs=True, do_sample=True, seed=5)
+    engine.add(Sequence("s0", other, sampled))
+    engine.add(Sequence("s1", other, sampled))
+    computed, got = 0, {"s0": [], "s1": []}
+    while engine.scheduler.has_work:
+        for o in engine.step():
+            if o.token_id is not None:
+                got[o.seq_id].append((o.token_id, o.logprob))
+        computed += engine.last_step.num_tokens
+    assert computed < len(other) + block + 2 * 4 and got["s0"] == got["s1"]
+
+
 def test_preempted_and_resumed_sequences_equal_unpreempted_runs(reference_model, hf_tokenizer):
     """A cache too small for both: the newer sequence is preempted, recomputed from its tokens when
     the older ends (from its cached blocks), and its greedy tokens, seeded samples and logprobs are

@@ -226,6 +226,29 @@ def test_prefix_caching_is_off_by_default_and_bounded_by_prompt_length():
         assert [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", prompt_len)]
 
 
+def test_long_prompts_share_their_prompt_blocks_among_themselves_only():
+    """Prompts over max_cached_prompt attend through another kernel: they share blocks with each
+    other (cached ones, and a running one's partial block), never with shorter prompts, and never
+    the blocks of their decoded tokens."""
+    s = make(max_num_seqs=8, max_batch_tokens=64, max_cached_prompt=10, block_size=4)
+    s.cache_long_prompts = True
+    prompt = list(range(100, 130))  # 30 tokens: long
+    s.add(Sequence("a", prompt, SamplingParams(max_new_tokens=20, ignore_eos=True)))
+    for _ in range(10):
+        step(s)
+    a = s.by_id["a"]
+    assert a.num_computed_tokens == 39 and a.block_table.num_hashed_blocks == 7  # 28 prompt tokens, not 36
+    s.add(Sequence("b", prompt + [1, 2, 3], SamplingParams(max_new_tokens=2)))
+    out, _ = step(s)
+    assert out.num_cached_tokens == 30 and ("b", 3) in ids_of(out)  # 7 cached blocks, 2 copied from a
+    s.add(Sequence("c", prompt[:8], SamplingParams(max_new_tokens=2)))  # short: its own numbers
+    out, _ = step(s)
+    assert out.num_cached_tokens == 0 and ("c", 8) in ids_of(out)
+    s.add(Sequence("d", a.token_ids()[:36], SamplingParams(max_new_tokens=2)))  # a's prompt and 6 outputs
+    out, _ = step(s)
+    assert out.num_cached_tokens == 30 and ("d", 6) in ids_of(out)
+
+
 def ids_of(out):
     return [(i.seq.seq_id, i.num_new_tokens) for i in out.scheduled]
 
