@@ -57,11 +57,17 @@ async def idle_ttft(stub, n: int = 5) -> float:
     return statistics.median([await ttft(stub, "Say hello.") for _ in range(n)])
 
 
+def fresh(prompt: str, label: str) -> str:
+    """The prompt with its own first words, so that no earlier run's blocks are in the prefix cache
+    (long prompts share cached blocks: the same prompt again is not prefilled again)."""
+    return f"{label}: {prompt}"
+
+
 async def long_prompt_door(stub, prompt: str) -> dict:
     idle = await idle_ttft(stub)
     loaded = []
-    for _ in range(3):
-        long_task = asyncio.create_task(ttft(stub, prompt, "long", max_new_tokens=1))
+    for round_ in range(3):
+        long_task = asyncio.create_task(ttft(stub, fresh(prompt, f"Door {round_}"), "long", max_new_tokens=1))
         await asyncio.sleep(1.5)  # its prefill is underway (seconds long)
         loaded.append(await ttft(stub, "Say hello.", "short"))
         await long_task
@@ -80,7 +86,7 @@ async def stream_itl_beside_long_prefill(stub, prompt: str) -> dict:
                 gaps.append(now - last)
             last = now
             if during_long and long_task is None and len(gaps) == 5:
-                long_task = asyncio.create_task(ttft(stub, prompt, "long", max_new_tokens=1))
+                long_task = asyncio.create_task(ttft(stub, fresh(prompt, "Beside"), "long", max_new_tokens=1))
         if long_task:
             await long_task
         return gaps[8:] if during_long else gaps
