@@ -35,7 +35,8 @@ BATCH_SEQUENCES = Histogram("genrpc_model_batch_sequences", "sequences computed 
 CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
                                "tokens admitted sequences took from the prefix cache instead of computing them")
 INTERRUPTED_STEPS = Counter("genrpc_model_interrupted_steps",
-                            "steps stopped between layers for a more urgent request (their work is redone)")
+                            "steps stopped between layers for an arrival (a more urgent request, or a prompt "
+                            "while only long prompts prefilled); their work is redone")
 SPEC_PROPOSED = Counter("genrpc_model_spec_proposed_tokens",
                         "tokens proposed by prompt lookup and verified (speculative decoding)")
 SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens",

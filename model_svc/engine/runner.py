@@ -49,7 +49,8 @@ class PackedBatch:
     kv_lengths: list[int]  # each sequence's cached length after this step
     logit_rows: list[int]  # packed rows whose logits the step returns (ScheduledSequence: its last, or all)
     # Rows attended by the native kernel: (packed rows, the block tables concatenated, each row's
-    # table offset, number of keys each row sees), and which sequences those rows cover.
+    # table offset, number of keys each row sees), and which sequences a native kernel attends (that
+    # one, or the long-prompt one below).
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     native_seqs: list[bool] | None = None
     # Long prompts' chunks through the prefill kernel: (starts, lengths, pasts, tables, table offsets).

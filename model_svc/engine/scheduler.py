@@ -8,9 +8,9 @@ A finished or aborted sequence leaves at once and its blocks are given back.
 Policy (`rank`, `victim`, `outranks`): waiting sequences are admitted by priority (higher first),
 then by fair share (the tenant running the fewest sequences first: round-robin between clients),
 then by arrival. A waiting sequence as urgent as every running one and more urgent than some gets a
-step of its own (with any others as urgent): its first token waits for no one's decode. When sequence slots or blocks run
-short, a waiting sequence may preempt a running one it outranks: a less urgent one, or one of a tenant running at least two more sequences than
-its own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
+step of its own (with any others as urgent): its first token waits for no one's decode. When
+sequence slots or blocks run short, a waiting sequence may preempt a running one it outranks: a
+less urgent one, or one of a tenant running at least two more sequences than its own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
 (`DeadlineUnmeetable`), so its caller hears "retry later" at once instead of timing out.
 
 Prefill budget: a prompt up to `max_prefill_tokens` is admitted whole (never split) while the
@@ -326,23 +326,25 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------
 
+    @staticmethod
+    def _urgent_floor(priorities: list[int]) -> int:
+        """The least priority that is urgent beside sequences of these priorities: as urgent as the
+        most urgent of them and more than the least (one of its own rank may be running still: an
+        urgent client's previous request)."""
+        return max(min(priorities) + 1, max(priorities))
+
     def urgent_priority(self) -> int | None:
         """When the step is an urgent one (`schedule`), the least priority a prompt needs to be in it,
-        else None. Urgent: a waiting sequence is as urgent as every running one and more urgent than
-        some (one of its own rank may be running still: an urgent client's previous request)."""
+        else None."""
         if not self.running or not self.waiting:
             return None
-        least = min(seq.priority for seq in self.running)
-        floor = max(least + 1, max(seq.priority for seq in self.running))
+        floor = self._urgent_floor([seq.priority for seq in self.running])
         return floor if max(seq.priority for seq in self.waiting) >= floor else None
 
     def outranks_step(self, seqs: Iterable[Sequence], priorities: Iterable[int]) -> bool:
         """Whether one of `seqs` would make an urgent step beside sequences of these priorities."""
         priorities = list(priorities)
-        if not priorities:
-            return False
-        floor = max(min(priorities) + 1, max(priorities))
-        return any(seq.priority >= floor for seq in seqs)
+        return bool(priorities) and any(seq.priority >= self._urgent_floor(priorities) for seq in seqs)
 
     def schedule(self) -> SchedulerOutput:
         """The next step. An urgent step (`urgent_priority`) computes only the urgent prompts, so that

@@ -303,6 +303,21 @@ def test_preempted_and_resumed_sequences_equal_unpreempted_runs(reference_model,
         assert [got[0], got[1]] == alone, f"prefix caching {caching}"
 
 
+def arrivals_during_steps(engine, at_layer: int) -> list:
+    """A list whose sequences "arrive" at layer `at_layer` of every step from now on: the engine is
+    asked to stop for each (Engine.interrupt_for), as the server thread asks while a step runs."""
+    attention, asks = engine.runner._attention, []
+
+    def arriving(attn, layer_idx, *args):
+        if layer_idx == at_layer:
+            for ask in asks:
+                engine.interrupt_for([ask])
+        return attention(attn, layer_idx, *args)
+
+    engine.runner._attention = arriving
+    return asks
+
+
 def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(reference_model, hf_tokenizer):
     """A more urgent request stops the running step between layers (from the server's thread; here
     from inside the step); the next step is the urgent prompt alone, and the stopped sequences then
@@ -315,17 +330,7 @@ def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(re
         undisturbed[i] = logprobs_of(engine, Sequence(i, ids[i], params))
     for i in range(3):
         engine.add(Sequence(i, ids[i], params))
-    attention = engine.runner._attention
-    asks = []
-
-    def stopping(attn, layer_idx, *args):
-        if layer_idx == 12:
-            for ask in asks:
-                engine.interrupt_for([ask])
-            asks.clear()
-        return attention(attn, layer_idx, *args)
-
-    engine.runner._attention = stopping
+    asks = arrivals_during_steps(engine, at_layer=12)
     got = {i: [] for i in range(3)}
     got["urgent"] = []
     for step_number in range(12):
@@ -335,6 +340,7 @@ def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(re
             urgent = Sequence("urgent", ids[1], SamplingParams(max_new_tokens=3, logprobs=True), priority=7)
             asks.append(urgent)
         outputs = engine.step()
+        asks.clear()
         if step_number == 4:
             assert outputs == [] and engine.interrupt.is_set() and engine.num_interrupted == 1
             engine.interrupt.clear()
@@ -357,16 +363,7 @@ def test_a_long_prompt_alone_is_stopped_for_a_short_prompt_only(reference_model,
     long_ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
     engine = make_engine(reference_model)
     engine.add(Sequence("long", long_ids, SamplingParams(max_new_tokens=2, logprobs=True)))
-    attention = engine.runner._attention
-    asks = []
-
-    def stopping(attn, layer_idx, *args):
-        if layer_idx == 5:
-            for ask in asks:
-                engine.interrupt_for([ask])
-        return attention(attn, layer_idx, *args)
-
-    engine.runner._attention = stopping
+    asks = arrivals_during_steps(engine, at_layer=5)
     asks.append(Sequence("other long", long_ids, SamplingParams()))
     engine.step()
     assert engine.num_interrupted == 0
