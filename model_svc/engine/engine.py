@@ -95,7 +95,7 @@ class Engine:
         try:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
-            # Proposals are not stopped: a draft model's state has moved with them.
+            # A step verifying proposals runs to its end: only `update` gives back their extra blocks.
             interrupt = None if out.num_proposed_tokens else self.interrupt
             self._step_priorities = tuple({item.seq.priority for item in out.scheduled})
             self._step_only_long = all(item.kind == "long" for item in out.scheduled)
