@@ -102,6 +102,13 @@ LONG_PROMPTS = [" ".join(f"Item {i}: the {w} is on the shelf." for i, w in enume
                 "in a ledger; the tide came in at noon and went out at dusk. " * 40]
 
 
+def needs_long_prompt_kernel(engine) -> None:
+    """Long prompts are chunking-invariant (and cached) only through the long-prompt kernel, which
+    needs AVX-512 BF16: elsewhere they attend through SDPA, and these tests do not apply."""
+    if engine.runner.long_prefill is None:
+        pytest.skip("no AVX-512 BF16 here: the long-prompt kernel cannot run")
+
+
 def prompt_logits(engine, ids):
     """Float32 logits at the prompt's last position, computing it chunk by chunk as the engine would."""
     engine.add(Sequence("p", ids, SamplingParams(max_new_tokens=1)))
@@ -206,7 +213,7 @@ def test_a_long_prompt_is_independent_of_chunking(reference_model, hf_tokenizer)
     ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
     params = SamplingParams(max_new_tokens=3, logprobs=True)
     engine = make_engine(reference_model, max_batch_tokens=2048)
-    assert engine.runner.long_prefill is not None
+    needs_long_prompt_kernel(engine)
     engine.scheduler.idle_step_seconds = 100  # one chunk
     whole = logprobs_of(engine, Sequence(0, ids, params))
     for budget in (300, 517):
@@ -255,6 +262,7 @@ def test_long_prompts_share_cached_blocks_with_the_same_numbers(reference_model,
     params = SamplingParams(max_new_tokens=4, logprobs=True)
     alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
     engine = make_engine(reference_model, prefix_caching=True)
+    needs_long_prompt_kernel(engine)
     assert engine.scheduler.cache_long_prompts
     logprobs_of(engine, Sequence("a", first, params))
     cached = []
@@ -362,6 +370,7 @@ def test_a_long_prompt_alone_is_stopped_for_a_short_prompt_only(reference_model,
     then waits for no such step), not for another long one, and never once decodes run beside."""
     long_ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
     engine = make_engine(reference_model)
+    needs_long_prompt_kernel(engine)  # the comparison below needs chunking-invariant long prompts
     engine.add(Sequence("long", long_ids, SamplingParams(max_new_tokens=2, logprobs=True)))
     asks = arrivals_during_steps(engine, at_layer=5)
     asks.append(Sequence("other long", long_ids, SamplingParams()))
@@ -511,3 +520,19 @@ def test_vectorized_sampling_keeps_the_tokens_transformers_keeps(params):
     hf_probs = build_processors(sampling)(torch.zeros(4, 1, dtype=torch.long), logits.clone()).softmax(dim=-1)
     for i in range(4):
         assert set((hf_probs[i] > 0.05).nonzero().flatten().tolist()) <= drawn[i]
+
+
+def test_without_the_long_prompt_kernel_long_prompts_attend_through_sdpa(reference_model, hf_tokenizer, monkeypatch):
+    """Where the long-prompt kernel cannot run (no AVX-512 BF16) but the decode kernel can, long
+    prompts attend through SDPA, uncached, with numbers close to the kernel's."""
+    from model_svc.engine import prefill_attention
+
+    ids = hf_tokenizer(LONG_PROMPTS[1]).input_ids
+    with_kernel = make_engine(reference_model, prefix_caching=True)
+    needs_long_prompt_kernel(with_kernel)
+    monkeypatch.setattr(prefill_attention, "load", lambda: None)
+    engine = make_engine(reference_model, prefix_caching=True)
+    assert engine.runner.native_prefill and engine.runner.long_prefill is None
+    assert not engine.scheduler.cache_long_prompts and not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
+    ours, theirs = prompt_logits(engine, ids), prompt_logits(with_kernel, ids)
+    assert float((ours - theirs).pow(2).mean().sqrt()) < 0.2 and int(ours.argmax()) == int(theirs.argmax())

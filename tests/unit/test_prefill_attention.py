@@ -143,7 +143,7 @@ def test_unsupported_shapes_are_refused(kernel):
     assert not kernel.fits(48) and kernel.fits(64)
 
 
-def test_the_runner_uses_it_with_native_prefill_only(reference_model):
+def test_the_runner_uses_it_with_native_prefill_only(kernel, reference_model):
     assert ModelRunner(reference_model.model).long_prefill is not None
     assert ModelRunner(reference_model.model, prefill_attention_impl="sdpa").long_prefill is None
     assert ModelRunner(reference_model.model, match_generate=True).long_prefill is None
