@@ -108,10 +108,23 @@ class DecodeAttention:
             raise MemoryError("decode attention kernel could not allocate its buffers")
 
 
+def open_library(source_path: Path, logger: logging.Logger, unavailable: str, supported: str | None = None,
+                 lacking: str = "") -> ctypes.CDLL | None:
+    """A kernel source built (with OpenMP, on PyTorch's pool) and loaded; None where it cannot be built
+    here (a warning: `unavailable`, then why) or where its function `supported` says it was built
+    without the instructions it needs (logged: `lacking`). Every kernel in kernels/ loads through this."""
+    try:
+        library = ctypes.CDLL(str(build(source_path=source_path, extra_flags=("-fopenmp",))))
+    except (OSError, RuntimeError) as exc:
+        logger.warning("%s: %s", unavailable, exc)
+        return None
+    if supported is not None and not getattr(library, supported)():
+        logger.info("%s", lacking)
+        return None
+    return library
+
+
 def load() -> DecodeAttention | None:
     """The compiled kernel, or None (logged) where it cannot be built here."""
-    try:
-        return DecodeAttention(ctypes.CDLL(str(build(extra_flags=("-fopenmp",)))))
-    except (OSError, RuntimeError) as exc:
-        log.warning("native decode attention unavailable, attending per sequence: %s", exc)
-        return None
+    library = open_library(SOURCE, log, "native decode attention unavailable, attending per sequence")
+    return DecodeAttention(library) if library is not None else None

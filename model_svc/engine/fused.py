@@ -85,8 +85,6 @@ class FusedOps:
 
 def load() -> FusedOps | None:
     """The compiled kernels, or None (logged) where they cannot be built here."""
-    try:
-        return FusedOps(ctypes.CDLL(str(decode_attention.build(source_path=SOURCE, extra_flags=("-fopenmp",)))))
-    except (OSError, RuntimeError) as exc:
-        log.warning("fused elementwise kernels unavailable, using PyTorch's operators: %s", exc)
-        return None
+    library = decode_attention.open_library(SOURCE, log,
+                                            "fused elementwise kernels unavailable, using PyTorch's operators")
+    return FusedOps(library) if library is not None else None

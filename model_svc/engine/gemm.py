@@ -95,12 +95,7 @@ class Gemm:
 
 def load() -> Gemm | None:
     """The compiled kernel, or None (logged) where it cannot be built or run here."""
-    try:
-        library = ctypes.CDLL(str(decode_attention.build(source_path=SOURCE, extra_flags=("-fopenmp",))))
-    except (OSError, RuntimeError) as exc:
-        log.warning("native matrix products unavailable, using the libraries' kernels: %s", exc)
-        return None
-    if not library.gemm_supported():
-        log.info("native matrix products need AVX-512 BF16, which this CPU lacks: using the libraries' kernels")
-        return None
-    return Gemm(library)
+    library = decode_attention.open_library(
+        SOURCE, log, "native matrix products unavailable, using the libraries' kernels", "gemm_supported",
+        "native matrix products need AVX-512 BF16, which this CPU lacks: using the libraries' kernels")
+    return Gemm(library) if library is not None else None

@@ -70,12 +70,7 @@ class PrefillAttention:
 
 def load() -> PrefillAttention | None:
     """The compiled kernel, or None (logged) where it cannot be built or run here."""
-    try:
-        library = ctypes.CDLL(str(decode_attention.build(source_path=SOURCE, extra_flags=("-fopenmp",))))
-    except (OSError, RuntimeError) as exc:
-        log.warning("native long-prompt attention unavailable, using SDPA: %s", exc)
-        return None
-    if not library.prefill_supported():
-        log.info("native long-prompt attention needs AVX-512 BF16, which this CPU lacks: using SDPA")
-        return None
-    return PrefillAttention(library)
+    library = decode_attention.open_library(
+        SOURCE, log, "native long-prompt attention unavailable, using SDPA", "prefill_supported",
+        "native long-prompt attention needs AVX-512 BF16, which this CPU lacks: using SDPA")
+    return PrefillAttention(library) if library is not None else None
