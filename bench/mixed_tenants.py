@@ -7,7 +7,8 @@ the same run:
   the same tokens (model forward with max_new_tokens=1), service / generate() / service (<= 1.0x);
 - a flooding client: A sends 5 Generate calls of 64 prompts (max_new_tokens=4000, EOS ignored);
   B sends a 4-token Generate call a second with an 8 s deadline. B's calls all succeed, p50 within
-  3x its idle latency; A is refused beyond its cap (--max-inflight-per-client, default 256);
+  3x its idle latency; A is refused beyond its cap (--max-inflight-per-client, default 256); A's
+  tokens/s over B's calls is reported (what fair steps, --tenant-slowdown, cost the flooder);
 - priority: a priority-10 request during a burst of 96 default-priority streams, TTFT over idle
   (target <= 2x);
 - the inter-token latency of a stream while a ~6,000-token prompt is prefilled beside it, over its
@@ -97,7 +98,9 @@ async def stream_itl_beside_long_prefill(stub, prompt: str) -> dict:
             "ratio_p50": round(beside / idle, 2)}
 
 
-async def flood(address: str) -> dict:
+async def flood(address: str, model_metrics_port: int | None = None) -> dict:
+    """B's latency beside A's flood; with the model service's metrics port, also A's tokens/s over B's
+    ten calls (what fair steps cost the flooder: `--tenant-slowdown`)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
 
@@ -117,9 +120,15 @@ async def flood(address: str) -> dict:
         a_tasks = [asyncio.ensure_future(c) for c in a_calls]
         await asyncio.sleep(3)  # A's sequences are admitted and running
         b_results = []
+        generated = metric(model_metrics_port, "genrpc_model_generated_tokens_total") if model_metrics_port else 0
+        started = time.perf_counter()
         for _ in range(10):
             b_results.append(await b_call())
             await asyncio.sleep(max(0.0, 1 - b_results[-1][1]))
+        a_rate = None
+        if model_metrics_port:
+            a_tokens = metric(model_metrics_port, "genrpc_model_generated_tokens_total") - generated - 4 * len(b_results)
+            a_rate = round(a_tokens / (time.perf_counter() - started), 1)
         a_codes = []
         for call, task in zip(a_calls, a_tasks):
             if not task.done():
@@ -133,7 +142,7 @@ async def flood(address: str) -> dict:
     return {"b_idle_ms": round(idle * 1000, 1), "b_codes": [c for c, _ in b_results],
             "b_latency_ms": [round(t * 1000, 1) for _, t in b_results],
             "b_p50_over_idle": round(statistics.median(ok) / idle, 2) if ok else None,
-            "a_codes": a_codes}
+            "a_codes": a_codes, "a_tokens_per_s": a_rate}
 
 
 async def priority_burst(stub) -> dict:
@@ -164,7 +173,7 @@ def service_part(prompts: dict, with_lone: bool = True) -> dict:
                 print(f"stream ITL beside a 6000-token prefill: {out['itl_beside_long_prefill']}", flush=True)
                 out["priority"] = await priority_burst(stub)
                 print(f"priority 10 during 96 streams: {out['priority']}", flush=True)
-            out["flood"] = await flood(stack.gateway.address)
+            out["flood"] = await flood(stack.gateway.address, stack.model.metrics_port)
             print(f"flood: {out['flood']}", flush=True)
             out["preemptions"] = metric(stack.model.metrics_port, "genrpc_model_preemptions")
 
@@ -217,7 +226,8 @@ def markdown(report: dict) -> str:
         f"| lone 8,000-token prompt | TTFT {min(lone['service_ttft_s']):.1f} s vs generate() prefill "
         f"{min(lone['generate_prefill_s']):.1f} s: {lone['ratio']:.2f}x | <= 1.0x |",
         f"| A floods (5 x 64 prompts, 4,000 tokens); B: 4 tokens a second, 8 s deadline | B {ok}/{len(fl['b_codes'])} "
-        f"OK, p50 {fl['b_p50_over_idle']}x idle; A: {', '.join(fl['a_codes'])} | B all OK, <= 3x; A refused past cap |",
+        f"OK, p50 {fl['b_p50_over_idle']}x idle; A: {', '.join(fl['a_codes'])}, {fl['a_tokens_per_s']} tokens/s "
+        "meanwhile | B all OK, <= 3x; A refused past cap |",
         f"| priority 10 during a burst of 96 streams | TTFT p50 {prio['ratio_p50']:.2f}x idle "
         f"({statistics.median(prio['urgent_ttft_ms']):.0f} vs {prio['idle_ttft_ms']:.0f} ms) | <= 2x |",
     ])

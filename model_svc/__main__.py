@@ -55,6 +55,12 @@ def parse_args(argv=None):
                         help="a long prompt's chunk may make a step up to this many times as long as its other "
                              "work: running streams' inter-token latency while a long prompt is prefilled "
                              "(>= 1; higher: faster long prompts, jerkier streams)")
+    parser.add_argument("--tenant-slowdown", type=float, default=2.0,
+                        help="fair steps: while clients of unequal loads share the worker, a step may take up "
+                             "to this many times what it would if no client ran more sequences than the "
+                             "lightest one does; a flooding client's other sequences skip it, so a light client's "
+                             "tokens come at most about this much slower than alone (>= 1; 0: off, every step "
+                             "carries every sequence: throughput first)")
     parser.add_argument("--idle-step-ms", type=float, default=250.0,
                         help="with nothing else running, a long prompt's chunk fills a step of about this long: "
                              "longer prefills faster, but a request arriving meanwhile waits for the step")
@@ -174,10 +180,13 @@ def engine_for(loaded, args) -> Engine:
     if args.prefill_slowdown < 1 or not args.idle_step_ms > 0 or args.max_prefill_tokens < 1:
         raise SystemExit(f"--prefill-slowdown={args.prefill_slowdown} must be >= 1, --idle-step-ms="
                          f"{args.idle_step_ms} > 0 and --max-prefill-tokens={args.max_prefill_tokens} >= 1")
+    if args.tenant_slowdown != 0 and not args.tenant_slowdown >= 1:
+        raise SystemExit(f"--tenant-slowdown={args.tenant_slowdown} must be >= 1, or 0 (fair steps off)")
     scheduler = Scheduler(
         blocks, args.max_num_seqs, args.max_batch_tokens, args.max_waiting, loaded.max_context,
         loaded.eos_token_ids, args.max_prefill_tokens, max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
         prefill_slowdown=args.prefill_slowdown, idle_step_seconds=args.idle_step_ms / 1000,
+        tenant_slowdown=args.tenant_slowdown,
         cache_long_prompts=caching and runner.long_prefill is not None,
     )
     kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)

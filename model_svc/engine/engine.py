@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -37,6 +38,7 @@ class StepStats:
     num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache instead
     num_preempted: int = 0  # sequences preempted this step
     num_pairs: int = 0  # attention pairs computed (the step-time model's input)
+    num_capped: int = 0  # sequences that skipped the step for fair shares (Scheduler._tenant_cap)
     num_proposed: int = 0  # proposals verified (speculation.py)
     num_accepted: int = 0  # of which kept and emitted
     verified: list[tuple[int, int]] = field(default_factory=list)  # (proposed, kept) of each verified sequence
@@ -61,16 +63,23 @@ class Engine:
         self.num_interrupted = 0  # steps stopped so, since start
         self._step_priorities: tuple[int, ...] = ()  # of the running step's sequences
         self._step_only_long = False  # the running step computes long prompts' chunks and nothing else
+        self._step_rows: Counter[str] = Counter()  # the running step's sequences per tenant
+        self._step_seconds = 0.0  # and its duration by the cost model
+        self._after_stop = False  # the step before the running one was stopped
 
     def interrupt_for(self, seqs: list[Sequence]) -> None:
         """Stops the running step (any thread) so that a new request does not wait for it to end:
-        when one of `seqs` would make the step after an urgent one (Scheduler.urgent_priority), or
-        when the step only prefills long prompts (up to --idle-step-ms) and one of `seqs` is a prompt
-        the scheduler admits whole. The stopped step's work is done again; the step after carries
-        the new prompt and decodes, so a long prompt still advances every other step at worst."""
+        when one of `seqs` would make the step after an urgent one (Scheduler.urgent_priority), when
+        the step only prefills long prompts (up to --idle-step-ms) and one of `seqs` is a prompt the
+        scheduler admits whole, or when `seqs` are a new tenant's and the step is longer than fair
+        steps allow beside them (Scheduler.caps: a flooding neighbour's 64-sequence step). The
+        stopped step's work is done again; the step after carries the new prompt and decodes, so a
+        long prompt still advances every other step at worst (a step right after a stopped one is
+        not stopped for fair steps, so new tenants arriving faster than steps end cannot stall it)."""
         scheduler = self.scheduler
         if scheduler.outranks_step(seqs, self._step_priorities) or (
-                self._step_only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)):
+                self._step_only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)
+        ) or (not self._after_stop and scheduler.caps(seqs, self._step_rows, self._step_seconds)):
             self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
@@ -89,7 +98,7 @@ class Engine:
         """Runs one step; returns one output per sequence that got a token or finished."""
         out = self.scheduler.schedule()
         self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_cached_tokens,
-                                   out.num_preempted, out.num_pairs)
+                                   out.num_preempted, out.num_pairs, out.num_capped)
         if out.is_empty:
             return []
         try:
@@ -99,10 +108,13 @@ class Engine:
             interrupt = None if out.num_proposed_tokens else self.interrupt
             self._step_priorities = tuple({item.seq.priority for item in out.scheduled})
             self._step_only_long = all(item.kind == "long" for item in out.scheduled)
+            self._step_seconds = self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs)
+            self._step_rows = Counter(item.seq.tenant for item in out.scheduled)
             try:
                 logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)
+                self._after_stop = False
             finally:
-                self._step_priorities, self._step_only_long = (), False
+                self._step_priorities, self._step_only_long, self._step_rows = (), False, Counter()
             rows, sampled_rows, counts, position = [], [], [], 0  # counts: each item's sampled rows
             for item in out.scheduled:
                 if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
@@ -123,7 +135,8 @@ class Engine:
             tokens = self.sampler.sample(logits, rows)
         except StepInterrupted:  # nothing was computed: the next schedule takes them up again
             self.num_interrupted += 1
-            self.last_step = StepStats()
+            self.last_step = StepStats(num_capped=out.num_capped)
+            self._after_stop = True
             return []
         except Exception as exc:  # a failed step fails its sequences, never the server
             seqs = [item.seq for item in out.scheduled]

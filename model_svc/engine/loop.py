@@ -37,6 +37,9 @@ CACHED_PREFIX_TOKENS = Counter("genrpc_model_cached_prefix_tokens",
 INTERRUPTED_STEPS = Counter("genrpc_model_interrupted_steps",
                             "steps stopped between layers for an arrival (a more urgent request, or a prompt "
                             "while only long prompts prefilled); their work is redone")
+CAPPED_SEQUENCES = Counter("genrpc_model_fair_share_skips",
+                           "sequences that could have run in a step but skipped it for fair shares: a tenant "
+                           "running many beside a lighter one (--tenant-slowdown)")
 SPEC_PROPOSED = Counter("genrpc_model_spec_proposed_tokens",
                         "tokens proposed by prompt lookup and verified (speculative decoding)")
 SPEC_ACCEPTED = Counter("genrpc_model_spec_accepted_tokens",
@@ -127,6 +130,7 @@ class EngineLoop:
                 outputs.extend(self.engine.step())
                 INTERRUPTED_STEPS.inc(self.engine.num_interrupted - interrupted)
                 stats = self.engine.last_step
+                CAPPED_SEQUENCES.inc(stats.num_capped)
                 if stats.num_tokens:
                     elapsed = time.perf_counter() - started
                     STEP_SECONDS.observe(elapsed)

@@ -10,8 +10,16 @@ then by fair share (the tenant running the fewest sequences first: round-robin b
 then by arrival. A waiting sequence as urgent as every running one and more urgent than some gets a
 step of its own (with any others as urgent): its first token waits for no one's decode. When
 sequence slots or blocks run short, a waiting sequence may preempt a running one it outranks: a
-less urgent one, or one of a tenant running at least two more sequences than its own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
+less urgent one, or one of a tenant running at least two more sequences than its own. A sequence
+whose deadline its place in the queue cannot meet is refused when it is added
 (`DeadlineUnmeetable`), so its caller hears "retry later" at once instead of timing out.
+
+Fair steps (`_tenant_cap`): a slot is not enough when one tenant runs 64 sequences beside another's
+one, since the light tenant's every token waits for the heavy tenant's whole step. While tenants of
+unequal loads share the engine, a step may take up to `tenant_slowdown` times what it would if no
+tenant ran more sequences than the lightest does; the heavier tenants' other sequences skip the
+step (the least recently stepped run first, so all of a tenant's streams advance). Tenants of equal
+loads are never capped, and a lone tenant has every step to itself.
 
 Prefill budget: a prompt up to `max_prefill_tokens` is admitted whole (never split) while the
 step's short-prompt budget lasts. A longer prompt is chunked by time, with the step-time model of
@@ -95,6 +103,7 @@ class SchedulerOutput:
     num_short_tokens: int = 0  # of prompts admitted whole
     num_long_tokens: int = 0  # of long prompts' chunks
     num_proposed_tokens: int = 0  # proposals to verify (speculation.py)
+    num_capped: int = 0  # sequences that could have run but skip the step for fair shares (`_tenant_cap`)
     _members: set[int] = field(default_factory=set, repr=False)  # id() of the scheduled sequences
 
     def add(self, seq: Sequence, num_new: int, kind: str = "decode") -> None:
@@ -177,6 +186,7 @@ class Scheduler:
         idle_step_seconds: float = 0.25,
         speculation: bool = False,
         cache_long_prompts: bool = False,
+        tenant_slowdown: float = 2.0,
     ):
         """max_prefill_tokens: prompt tokens a step admits whole beside decoding sequences (a prompt
         up to this long is never split); longer prompts are chunked by time (below).
@@ -192,7 +202,10 @@ class Scheduler:
         cache_long_prompts: longer prompts (the runner's long-prompt kernel, chunking-invariant too)
         share their prompts' blocks among themselves, in their own namespace (LONG_PROMPTS): their
         numbers differ from the shorter prompts' and from their own decoded tokens', so neither
-        ever reads their blocks, and blocks holding decoded tokens are not cached."""
+        ever reads their blocks, and blocks holding decoded tokens are not cached.
+        tenant_slowdown: fair steps (`_tenant_cap`): while tenants of unequal loads share the engine, a
+        step may take up to this many times what it would if no tenant ran more sequences than the
+        lightest one does (0: off, every runnable sequence is in every step)."""
         if max_batch_tokens < max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}: "
@@ -200,6 +213,8 @@ class Scheduler:
             )
         if prefill_slowdown < 1:
             raise ValueError(f"prefill_slowdown={prefill_slowdown} must be >= 1")
+        if tenant_slowdown != 0 and not tenant_slowdown >= 1:
+            raise ValueError(f"tenant_slowdown={tenant_slowdown} must be >= 1, or 0 (off)")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -212,6 +227,7 @@ class Scheduler:
         self.cost = cost or StepCost()
         self.prefill_slowdown = prefill_slowdown
         self.idle_step_seconds = idle_step_seconds
+        self.tenant_slowdown = tenant_slowdown
         self.speculation = speculation
         self.draft = None  # a draft.DraftProposer proposes instead of prompt lookup (--draft-model)
         self.min_chunk = 4  # a long prompt advances at least this much a step
@@ -220,6 +236,7 @@ class Scheduler:
         self.running_by_tenant: Counter[str] = Counter()
         self.by_id: dict[Hashable, Sequence] = {}
         self.num_preemptions = 0  # since start
+        self.num_steps = 0  # scheduled since start (a sequence's last_step says when it last ran)
         self._arrivals = itertools.count()
 
     # -- admission -----------------------------------------------------------------
@@ -360,11 +377,27 @@ class Scheduler:
     def _schedule(self, floor: int | None) -> SchedulerOutput:
         """`schedule`; floor: an urgent step, admitting only sequences of at least this priority."""
         out = SchedulerOutput()
-        # 1. Every decoding sequence advances one token, oldest first.
-        for seq in list(self.running) if floor is None else []:
-            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1:
+        self.num_steps += 1
+        cap = self._tenant_cap() if floor is None else None
+        rows: Counter[str] = Counter()  # sequences of each tenant in the step
+
+        def capped(seq: Sequence) -> bool:
+            if cap is None or rows[seq.tenant] < cap:
+                return False
+            out.num_capped += 1
+            return True
+
+        # 1. Every decoding sequence advances one token, oldest first (least recently stepped first
+        # when fair steps cap a tenant).
+        decodes = [] if floor is not None else [
+            seq for seq in self.running if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1]
+        if cap is not None:
+            decodes.sort(key=lambda seq: seq.last_step)
+        for seq in decodes:
+            if seq.status is SequenceStatus.RUNNING and not capped(seq):
                 if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
                     out.add(seq, 1)
+                    rows[seq.tenant] += 1
         if self.speculation and out.scheduled:
             self._speculate(out)
         decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0
@@ -372,7 +405,8 @@ class Scheduler:
         # the chunks of long prompts already running, so that a long prefill never holds the door.
         deferred: set[int] = set()
         while True:
-            candidates = [w for w in self.waiting if id(w) not in deferred and (floor is None or w.priority >= floor)]
+            candidates = [w for w in self.waiting if id(w) not in deferred and (floor is None or w.priority >= floor)
+                          and (cap is None or rows[w.tenant] < cap)]  # not over its tenant's share
             if not candidates:
                 break
             seq = min(candidates, key=self.rank)
@@ -399,15 +433,86 @@ class Scheduler:
             if not admitted:
                 continue  # a preemption changed what it can share: plan again
             self._admit(seq, plan, num_new, kind, out)
+            rows[seq.tenant] += 1
         # 3. Long prompts already running take the next chunk of what time allows.
         for seq in list(self.running) if floor is None else []:
             uncomputed = seq.num_uncomputed_tokens
-            if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or seq in out:
+            if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or seq in out or capped(seq):
                 continue
             num_new = self._chunk(out, seq.num_computed_tokens, min(uncomputed, self._room(out)), decode_seconds)
             if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
                 out.add(seq, num_new, "long")
+                rows[seq.tenant] += 1
+        for item in out.scheduled:
+            item.seq.last_step = self.num_steps
         return out
+
+    def _tenant_rows(self) -> dict[str, list[tuple[int, int]]]:
+        """What each tenant could compute this step, a (tokens, attention pairs) row per sequence: its
+        running sequences' next token or chunk, its waiting prompts' (up to max_prefill_tokens);
+        cheapest first."""
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for seq in itertools.chain(self.running, self.waiting):
+            num = min(seq.num_uncomputed_tokens, self.max_prefill_tokens)
+            if num > 0:
+                rows.setdefault(seq.tenant, []).append((num, chunk_pairs(seq.num_computed_tokens, num)))
+        for tenant_rows in rows.values():
+            tenant_rows.sort()
+        return rows
+
+    def _tenant_cap(self) -> int | None:
+        """Fair steps: the most sequences any one tenant computes this step, or None for no cap. The
+        step may take `tenant_slowdown` times what it would if every tenant ran at most as many as
+        the lightest one could (the cost model's estimate); the cap is the most that keeps it so.
+        None when fair steps are off, one tenant has work, or the loads are equal."""
+        if not self.tenant_slowdown or len(set(self.running_by_tenant).union(w.tenant for w in self.waiting)) < 2:
+            return None
+        rows = self._tenant_rows()
+        if len(rows) < 2:
+            return None
+        sizes = [len(r) for r in rows.values()]
+        lightest, heaviest = min(sizes), max(sizes)
+        if lightest == heaviest:
+            return None
+        sums = [list(itertools.accumulate(r, lambda a, b: (a[0] + b[0], a[1] + b[1]), initial=(0, 0)))
+                for r in rows.values()]
+
+        def seconds(cap: int) -> float:  # the step with each tenant's `cap` cheapest rows
+            tokens = pairs = 0
+            for acc in sums:
+                t, p = acc[min(cap, len(acc) - 1)]
+                tokens += t
+                pairs += p
+            return self.cost.seconds(tokens, pairs)
+
+        budget = self.tenant_slowdown * seconds(lightest) * (1 + 1e-9)  # rounding: 2 x 14 ms fits 28 ms
+        low, high = lightest, heaviest  # seconds(low) <= budget; find the largest such cap
+        while low < high:
+            mid = (low + high + 1) // 2
+            if seconds(mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return None if low >= heaviest else low
+
+    def caps(self, seqs: Iterable[Sequence], step_rows: Counter, step_seconds: float) -> bool:
+        """Whether a running step (`step_rows` sequences of each tenant, `step_seconds` long by the cost
+        model) is longer than fair steps allow beside new sequences `seqs` of a tenant not in it: then
+        stopping it (Engine.interrupt_for) gets the newcomer's first token sooner."""
+        if not self.tenant_slowdown or not step_rows:
+            return False
+        new: Counter[str] = Counter()
+        tokens: dict[str, list[int]] = {}
+        for seq in seqs:
+            if seq.tenant not in step_rows:
+                new[seq.tenant] += 1
+                tokens.setdefault(seq.tenant, []).append(min(seq.num_prompt_tokens, self.max_prefill_tokens))
+        if not new:
+            return False
+        lightest = min(min(step_rows.values()), min(new.values()))
+        reference = sum(min(n, lightest) for n in step_rows.values())  # a decode row each
+        reference += sum(sum(sorted(t)[:lightest]) for t in tokens.values())
+        return step_seconds > self.tenant_slowdown * self.cost.seconds(reference, 0)
 
     def _speculate(self, out: SchedulerOutput) -> None:
         """Gives the step's decodes proposals where they pay (speculation.py): a proposal's row (and

@@ -108,6 +108,7 @@ class Sequence:
     priority: int = 0
     arrival: int = 0
     deadline: float | None = None
+    last_step: int = 0  # the scheduler's step that last computed it (fair steps run the least recent first)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -136,3 +136,31 @@ def test_a_long_prompt_being_prefilled_does_not_hold_the_door(small, stub, hf_to
         thread.join(timeout=120)
     assert first_token_at  # and the long prompt was served too
     idle(small)
+
+
+def test_fair_steps_cap_a_flooding_client_beside_a_light_one(stack):
+    """The default stack (--tenant-slowdown 2): while A runs 48 sequences, B's request is computed in
+    steps that skip some of A's (genrpc_model_fair_share_skips_total), and A's go on after it."""
+    with grpc.insecure_channel(stack.gateway.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        idle(stack)
+        flood = stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}:" for i in range(48)],
+                                                        config=pb.GenerationConfig(max_new_tokens=300, ignore_eos=True)),
+                                     timeout=120, metadata=as_client("A"))
+        try:
+            port = stack.model.metrics_port
+            wait_for(lambda: running(stack) == 48, timeout=30)
+            skips = metric(port, "genrpc_model_fair_share_skips_total")
+            generated = metric(port, "genrpc_model_generated_tokens_total")
+            wait_for(lambda: metric(port, "genrpc_model_generated_tokens_total") >= generated + 96, timeout=30)
+            assert metric(port, "genrpc_model_fair_share_skips_total") == skips  # A alone: every step is A's
+            reply = generate(stub, ["Hello"], "B", max_new_tokens=4, ignore_eos=True)
+            assert reply.completions[0].generated_tokens == 4
+            assert metric(port, "genrpc_model_fair_share_skips_total") > skips
+            assert not flood.done()
+            generated = metric(port, "genrpc_model_generated_tokens_total")
+            wait_for(lambda: metric(port, "genrpc_model_generated_tokens_total") >= generated + 48,
+                     timeout=30)  # B is gone: A's sequences advance
+        finally:
+            flood.cancel()
+        idle(stack)

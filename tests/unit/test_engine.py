@@ -365,6 +365,55 @@ def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(re
     assert got["urgent"] == undisturbed[1][:3]
 
 
+def test_a_new_tenant_stops_a_flooded_step_and_gets_fair_steps(reference_model, hf_tokenizer):
+    """Tenant A runs 40 sequences; B's short prompt arrives mid-step: the step stops (longer than fair
+    steps allow beside B), the next carries B's prompt and only part of A (--tenant-slowdown 2), a
+    third tenant arriving during the step right after a stop does not stop it, and every sequence
+    gets the very tokens and logprobs of an undisturbed run."""
+    ids = [hf_tokenizer(p).input_ids for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=6, logprobs=True)
+
+    def flood(engine):
+        for i in range(40):
+            engine.add(Sequence(i, ids[i % 4], params, tenant="A"))
+
+    undisturbed = {}
+    engine = make_engine(reference_model, max_num_seqs=48)
+    flood(engine)
+    while engine.scheduler.has_work:
+        for o in engine.step():
+            undisturbed.setdefault(o.seq_id, []).append((o.token_id, o.logprob))
+    assert engine.num_interrupted == 0 and engine.last_step.num_capped == 0  # one tenant: never capped
+    b_alone = logprobs_of(make_engine(reference_model), Sequence("b", ids[2], SamplingParams(max_new_tokens=3,
+                                                                                              logprobs=True)))
+
+    engine = make_engine(reference_model, max_num_seqs=48)
+    flood(engine)
+    got = {}
+    for o in engine.step():  # A's prompts
+        got.setdefault(o.seq_id, []).append((o.token_id, o.logprob))
+    asks = arrivals_during_steps(engine, at_layer=10)
+    b = Sequence("b", ids[2], SamplingParams(max_new_tokens=3, logprobs=True), tenant="B")
+    asks.append(b)
+    assert engine.step() == [] and engine.num_interrupted == 1  # 40 rows: ~51 ms against 2 x ~19 ms
+    engine.interrupt.clear()
+    engine.add(b)
+    asks[:] = [Sequence("c", ids[2], SamplingParams(), tenant="C")]  # arrives during the step after a stop
+    outputs = engine.step()
+    assert engine.num_interrupted == 1 and not engine.interrupt.is_set()
+    a_rows = [o.seq_id for o in outputs if o.seq_id != "b"]
+    assert "b" in [o.seq_id for o in outputs] and 0 < len(a_rows) < 40
+    assert engine.last_step.num_capped == 40 - len(a_rows)
+    asks.clear()
+    for o in outputs:
+        got.setdefault(o.seq_id, []).append((o.token_id, o.logprob))
+    while engine.scheduler.has_work:
+        for o in engine.step():
+            got.setdefault(o.seq_id, []).append((o.token_id, o.logprob))
+    assert got.pop("b") == b_alone
+    assert got == undisturbed
+
+
 def test_a_long_prompt_alone_is_stopped_for_a_short_prompt_only(reference_model, hf_tokenizer):
     """A step that only prefills a long prompt stops for a prompt admitted whole (its first token
     then waits for no such step), not for another long one, and never once decodes run beside."""
@@ -536,3 +585,9 @@ def test_without_the_long_prompt_kernel_long_prompts_attend_through_sdpa(referen
     assert not engine.scheduler.cache_long_prompts and not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
     ours, theirs = prompt_logits(engine, ids), prompt_logits(with_kernel, ids)
     assert float((ours - theirs).pow(2).mean().sqrt()) < 0.2 and int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("value", ["0.5", "-1", "nan"])
+def test_a_tenant_slowdown_below_one_is_refused_at_start(reference_model, value):
+    with pytest.raises(SystemExit, match=f"--tenant-slowdown={value}"):
+        engine_for(reference_model, parse_args(["--tenant-slowdown", value]))

@@ -12,10 +12,10 @@ COST = (0.010, 0.001, 0.0)  # the step-time model the tests schedule by: 10 ms a
 
 
 def make(max_num_seqs=4, max_batch_tokens=16, kv_tokens=1000, max_waiting=10, max_context=100, block_size=4,
-         watermark_blocks=0, max_cached_prompt=0):
+         watermark_blocks=0, max_cached_prompt=0, tenant_slowdown=2.0):
     blocks = BlockManager(kv_tokens // block_size, block_size, watermark_blocks=watermark_blocks)
     return Scheduler(blocks, max_num_seqs, max_batch_tokens, max_waiting, max_context, [EOS],
-                     max_cached_prompt=max_cached_prompt, cost=StepCost(COST))
+                     max_cached_prompt=max_cached_prompt, cost=StepCost(COST), tenant_slowdown=tenant_slowdown)
 
 
 def seq(i, n_prompt=3, **params):
@@ -317,6 +317,71 @@ def test_a_tenant_over_its_share_gives_way_once_and_nobody_trades_places():
     resumed = 3 + len(s.by_id["a3"].output_ids)  # its prompt and what it had generated
     out, _ = step(s)
     assert ("a3", resumed) in ids_of(out)  # b's slot back to A, a3 first
+
+
+def flooded(tenant_slowdown=2.0, num_a=32):
+    """Tenant A running `num_a` decoding sequences, nobody else; slots to spare."""
+    s = make(max_num_seqs=num_a + 8, max_batch_tokens=128, kv_tokens=8000, max_waiting=100, max_context=400,
+             tenant_slowdown=tenant_slowdown)
+    for i in range(num_a):
+        s.add(Sequence(f"a{i}", [10, 11, 12], SamplingParams(max_new_tokens=300), tenant="A"))
+    while any(seq.num_uncomputed_tokens > 1 for seq in s.running) or s.waiting:
+        step(s)
+    return s
+
+
+def test_fair_steps_cap_a_flooding_tenant_while_a_light_one_runs():
+    """A alone has every step; beside B's one sequence, A's rows are capped so that the step takes at
+    most tenant_slowdown (2x) what it would if A ran as few as B does (cost model: 10 ms + 1 ms a
+    token): B's prompt step 2 x (10 + 3 + 1) ms -> 15 of A's; its decode steps 2 x 12 ms -> 13."""
+    s = flooded()
+    out, _ = step(s)
+    assert len(out.scheduled) == 32 and out.num_capped == 0  # a lone tenant is never capped
+    s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
+    counts_before = {seq.seq_id: len(seq.output_ids) for seq in s.running}
+    sizes = []
+    while "b" in s.by_id:
+        out, _ = step(s)
+        tenants = [item.seq.tenant for item in out.scheduled]
+        sizes.append((tenants.count("A"), tenants.count("B"), out.num_capped))
+        assert s.cost.seconds(out.num_batched_tokens, out.num_pairs) <= 2 * s.cost.seconds(
+            1 + (3 if len(sizes) == 1 else 1), 0) + 1e-9
+    assert sizes == [(15, 1, 17), (13, 1, 19), (13, 1, 19), (13, 1, 19)]
+    # The least recently stepped go first: A's streams advanced by 1 or 2 tokens in those 4 steps, none 0.
+    advanced = [len(seq.output_ids) - counts_before[seq.seq_id] for seq in s.running]
+    assert sorted(set(advanced)) == [1, 2] and sum(advanced) == 15 + 13 * 3
+    out, _ = step(s)
+    assert len(out.scheduled) == 32 and out.num_capped == 0  # B is gone: all of A again
+
+
+def test_fair_steps_off_and_equal_tenants_are_never_capped():
+    s = flooded(tenant_slowdown=0)
+    s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
+    out, _ = step(s)
+    assert len(out.scheduled) == 33 and out.num_capped == 0
+    # Sixteen tenants of two sequences each: equal loads, full steps.
+    s = make(max_num_seqs=32, max_batch_tokens=128, kv_tokens=8000, max_waiting=100, max_context=400)
+    for i in range(32):
+        s.add(Sequence(i, [10, 11, 12], SamplingParams(max_new_tokens=300), tenant=f"t{i % 16}"))
+    for _ in range(3):
+        out, _ = step(s)
+    assert len(out.scheduled) == 32 and out.num_capped == 0
+    with pytest.raises(ValueError, match="tenant_slowdown=0.5"):
+        make(tenant_slowdown=0.5)
+
+
+def test_a_new_tenant_stops_a_step_longer_than_fair_steps_allow():
+    """Scheduler.caps, asked by Engine.interrupt_for while a step runs: a 32-sequence step of A (42 ms
+    by the cost model) for B's 3-token prompt (reference: one of A's rows and B's prompt, 14 ms)."""
+    from collections import Counter
+    s = make()
+    b = Sequence("b", [10, 11, 12], SamplingParams(), tenant="B")
+    a = Sequence("a", [10, 11, 12], SamplingParams(), tenant="A")
+    assert s.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
+    assert not s.caps([b], Counter({"A": 8}), s.cost.seconds(8, 0))  # 18 ms <= 2 x 14 ms
+    assert not s.caps([a], Counter({"A": 32}), s.cost.seconds(32, 0))  # A's own: no
+    assert not s.caps([b], Counter({"A": 32, "B": 1}), s.cost.seconds(33, 0))  # B is in the step already
+    assert not make(tenant_slowdown=0).caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
 
 
 def test_priority_goes_first_and_preempts_the_least_urgent():
