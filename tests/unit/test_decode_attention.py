@@ -55,7 +55,7 @@ def attend(kernel, arena, query, rows, tables, lengths, scale, block_size=BS):
     return out
 
 
-@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 4, 128), (4, 1, 32), (1, 5, 80)])
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 4, 128), (4, 1, 32), (1, 5, 80), (1, 2, 256)])
 def test_as_accurate_as_sdpa(kernel, num_kv_heads, group, head_dim):
     lengths = [1, 2, 15, 16, 17, 100, 700, 2100]
     arena, tables, query = make_case(num_kv_heads, group, head_dim, lengths, seed=head_dim)

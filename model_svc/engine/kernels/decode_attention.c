@@ -10,6 +10,13 @@
  * probabilities rounded to bfloat16 for the product with the values, float32 accumulation, one
  * division by the float32 sum at the end, bfloat16 output rounded to nearest even.
  *
+ * Speed (AVX-512): a key's score is 16 lane sums reduced in a tree; sixteen keys share the tree's
+ * vectors (the same pairs in the same order, so the same bits as one reduction a key), and the
+ * common shapes (up to four query heads a key/value head, head dimension 64 or 128) are compiled
+ * with constant sizes so that the sums stay in registers: 1.3-1.9x the per-key version (8 samples
+ * of a 720-token prompt 3.3 against 5.9 ms a step over 30 layers; 32 sequences of 160 tokens 5.3
+ * against 7.3 ms).
+ *
  * Built by model_svc/engine/decode_attention.py with the C compiler of the machine that runs it.
  */
 #include <math.h>
@@ -59,20 +66,72 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 #define MAX_GROUP 16
 
-static void task_avx512(const uint16_t *q_src, const uint16_t *k_head, const uint16_t *v_head, uint16_t *dst,
-                        const int64_t *table, int64_t block_size, int64_t length, int64_t group, int64_t head_dim,
-                        int64_t slot_stride, float scale, float *scores) {
-    const int64_t chunks = head_dim / 16;
-    __m512 q[MAX_GROUP * MAX_CHUNKS], kv[MAX_CHUNKS], acc[MAX_GROUP * MAX_CHUNKS];
-    for (int64_t i = 0; i < group * chunks; i++) q[i] = load_bf16(q_src + 16 * i);
-    FOR_EACH_SLOT(k_head, t, k_row) {
-        for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k_row + 16 * c);
+/* scores[g * length + t] = (q_g . key t) * scale for every query head g of the group: each key's 16
+ * lane sums reduced in the very tree _mm512_reduce_add_ps uses (lane i with i + 8, then i + 4, i + 2,
+ * i + 1), but with four keys, then sixteen, sharing each vector of the tree, so that a score costs a
+ * fraction of a reduction; the same bits. `chunks` (16 dimensions each) is a constant after inlining,
+ * so that a quad of keys stays in registers. */
+static inline __attribute__((always_inline)) void key_scores(const __m512 *q, const uint16_t *k_head,
+                                                             const int64_t *table, int64_t block_size, int64_t length,
+                                                             int64_t group, int64_t slot_stride, float scale,
+                                                             float *scores, const int chunks) {
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    int64_t blk = 0, off = 0; /* where the next key lies */
+    for (int64_t t0 = 0; t0 < length; t0 += 16) {
+        __m512 u[MAX_GROUP * 4];
+        for (int quad = 0; quad < 4; quad++) {
+            __m512 k[4][8];
+            for (int i = 0; i < 4; i++) {
+                if (t0 + 4 * quad + i < length) {
+                    const uint16_t *row = k_head + (table[blk] * block_size + off) * slot_stride;
+                    if (++off == block_size) off = 0, blk++;
+                    for (int c = 0; c < chunks; c++) k[i][c] = load_bf16(row + 16 * c);
+                } else {
+                    for (int c = 0; c < chunks; c++) k[i][c] = _mm512_setzero_ps();
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                __m512 a[4];
+                for (int i = 0; i < 4; i++) {
+                    a[i] = _mm512_mul_ps(q[g * chunks], k[i][0]);
+                    for (int c = 1; c < chunks; c++) a[i] = _mm512_fmadd_ps(q[g * chunks + c], k[i][c], a[i]);
+                }
+                /* lane i + lane i + 8: keys 0 and 1 side by side, then 2 and 3; + lane i + 4: keys 0-3 */
+                const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xee));
+                const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xee));
+                u[g * 4 + quad] = _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xdd));
+            }
+        }
+        const __mmask16 mask = length - t0 >= 16 ? 0xffff : (__mmask16)((1u << (length - t0)) - 1);
         for (int64_t g = 0; g < group; g++) {
-            __m512 a = _mm512_mul_ps(q[g * chunks], kv[0]);
-            for (int64_t c = 1; c < chunks; c++) a = _mm512_fmadd_ps(q[g * chunks + c], kv[c], a);
-            scores[g * length + t] = _mm512_reduce_add_ps(a) * scale;
+            /* + lane i + 2 (keys j and 4 + j in 128-bit lane j), + lane i + 1 (keys j, 4 + j, 8 + j, 12 + j) */
+            const __m512 *w = u + g * 4;
+            const __m512 w0 = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x44), _mm512_shuffle_ps(w[0], w[1], 0xee));
+            const __m512 w1 = _mm512_add_ps(_mm512_shuffle_ps(w[2], w[3], 0x44), _mm512_shuffle_ps(w[2], w[3], 0xee));
+            const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x88), _mm512_shuffle_ps(w0, w1, 0xdd));
+            _mm512_mask_storeu_ps(scores + g * length + t0, mask, _mm512_mul_ps(_mm512_permutexvar_ps(order, x), scale_v));
         }
     }
+}
+
+static inline __attribute__((always_inline)) void task_body(
+        const uint16_t *q_src, const uint16_t *k_head, const uint16_t *v_head, uint16_t *dst, const int64_t *table,
+        int64_t block_size, int64_t length, const int64_t group, int64_t head_dim, int64_t slot_stride, float scale,
+        float *scores, const int64_t chunks) {
+    __m512 q[MAX_GROUP * MAX_CHUNKS], kv[MAX_CHUNKS], acc[MAX_GROUP * MAX_CHUNKS];
+    for (int64_t i = 0; i < group * chunks; i++) q[i] = load_bf16(q_src + 16 * i);
+    if (chunks <= 8)
+        key_scores(q, k_head, table, block_size, length, group, slot_stride, scale, scores, chunks);
+    else
+        FOR_EACH_SLOT(k_head, t, k_row) {
+            for (int64_t c = 0; c < chunks; c++) kv[c] = load_bf16(k_row + 16 * c);
+            for (int64_t g = 0; g < group; g++) {
+                __m512 a = _mm512_mul_ps(q[g * chunks], kv[0]);
+                for (int64_t c = 1; c < chunks; c++) a = _mm512_fmadd_ps(q[g * chunks + c], kv[c], a);
+                scores[g * length + t] = _mm512_reduce_add_ps(a) * scale;
+            }
+        }
     float sums[MAX_GROUP];
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * length;
@@ -106,6 +165,24 @@ static void task_avx512(const uint16_t *q_src, const uint16_t *k_head, const uin
             _mm256_storeu_si256((__m256i *)(dst + g * head_dim + 16 * c), _mm512_cvtepi32_epi16(bits));
         }
     }
+}
+
+/* One (sequence, key/value head) task; the common shapes (up to 4 query heads a key/value head, head
+ * dimension 64 or 128) as constants, so that the compiler keeps the sums in registers. */
+static void task_avx512(const uint16_t *q_src, const uint16_t *k_head, const uint16_t *v_head, uint16_t *dst,
+                        const int64_t *table, int64_t block_size, int64_t length, int64_t group, int64_t head_dim,
+                        int64_t slot_stride, float scale, float *scores) {
+#define TASK(g, c) task_body(q_src, k_head, v_head, dst, table, block_size, length, g, head_dim, slot_stride, scale, scores, c)
+    const int64_t chunks = head_dim / 16;
+    if (chunks == 4 && group == 1) TASK(1, 4);
+    else if (chunks == 4 && group == 2) TASK(2, 4);
+    else if (chunks == 4 && group == 3) TASK(3, 4);
+    else if (chunks == 4 && group == 4) TASK(4, 4);
+    else if (chunks == 8 && group == 1) TASK(1, 8);
+    else if (chunks == 8 && group == 2) TASK(2, 8);
+    else if (chunks == 8 && group == 4) TASK(4, 8);
+    else TASK(group, chunks);
+#undef TASK
 }
 #endif
 
