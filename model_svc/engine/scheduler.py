@@ -18,8 +18,8 @@ Fair steps (`_tenant_cap`): a slot is not enough when one tenant runs 64 sequenc
 one, since the light tenant's every token waits for the heavy tenant's whole step. While tenants of
 unequal loads share the engine, a step may take up to `tenant_slowdown` times what it would if no
 tenant ran more sequences than the lightest does; the heavier tenants' other sequences skip the
-step (the least recently stepped run first, so all of a tenant's streams advance). Tenants of equal
-loads are never capped, and a lone tenant has every step to itself.
+step (a tenant's most urgent run first, then the least recently stepped, so that all its streams
+advance). Tenants of equal loads are never capped, and a lone tenant has every step to itself.
 
 Prefill budget: a prompt up to `max_prefill_tokens` is admitted whole (never split) while the
 step's short-prompt budget lasts. A longer prompt is chunked by time, with the step-time model of
@@ -387,12 +387,12 @@ class Scheduler:
             out.num_capped += 1
             return True
 
-        # 1. Every decoding sequence advances one token, oldest first (least recently stepped first
-        # when fair steps cap a tenant).
+        # 1. Every decoding sequence advances one token, oldest first (when fair steps cap a tenant, its
+        # most urgent first, then the least recently stepped).
         decodes = [] if floor is not None else [
             seq for seq in self.running if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1]
         if cap is not None:
-            decodes.sort(key=lambda seq: seq.last_step)
+            decodes.sort(key=lambda seq: (-seq.priority, seq.last_step))
         for seq in decodes:
             if seq.status is SequenceStatus.RUNNING and not capped(seq):
                 if self._room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):

@@ -354,6 +354,15 @@ def test_fair_steps_cap_a_flooding_tenant_while_a_light_one_runs():
     assert len(out.scheduled) == 32 and out.num_capped == 0  # B is gone: all of A again
 
 
+def test_fair_steps_skip_a_tenants_least_urgent_sequences_first():
+    s = flooded()
+    s.by_id["a7"].priority = 5  # one urgent sequence among A's 32 (as if admitted so)
+    s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
+    for _ in range(4):
+        out, _ = step(s)
+        assert out.num_capped > 0 and "a7" in [item.seq.seq_id for item in out.scheduled]
+
+
 def test_fair_steps_off_and_equal_tenants_are_never_capped():
     s = flooded(tenant_slowdown=0)
     s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
