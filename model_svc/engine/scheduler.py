@@ -501,15 +501,13 @@ class Scheduler:
         stopping it (Engine.interrupt_for) gets the newcomer's first token sooner."""
         if not self.tenant_slowdown or not step_rows:
             return False
-        new: Counter[str] = Counter()
-        tokens: dict[str, list[int]] = {}
+        tokens: dict[str, list[int]] = {}  # each new tenant's prompts
         for seq in seqs:
             if seq.tenant not in step_rows:
-                new[seq.tenant] += 1
                 tokens.setdefault(seq.tenant, []).append(min(seq.num_prompt_tokens, self.max_prefill_tokens))
-        if not new:
+        if not tokens:
             return False
-        lightest = min(min(step_rows.values()), min(new.values()))
+        lightest = min(min(step_rows.values()), min(map(len, tokens.values())))
         reference = sum(min(n, lightest) for n in step_rows.values())  # a decode row each
         reference += sum(sum(sorted(t)[:lightest]) for t in tokens.values())
         return step_seconds > self.tenant_slowdown * self.cost.seconds(reference, 0)

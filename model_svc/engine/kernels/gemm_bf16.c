@@ -127,15 +127,15 @@ static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *c
 static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
                          int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *const *c,
                          const int64_t *ldc) {
-#define TILE(first, rows, cols, j) nf4_tile(a + (first) * lda, lda, codes + (j) * pairs * COLS, NULL, \
-                                            scales + (j) * scale_stride, scale_stride, pairs, block_pairs, table, \
-                                            c + (j), ldc + (j), rows, cols)
-#define FEW(rows, cols, j) TILE(0, rows, cols, j)
-#define HALVES(r1, r2) for (int j = 0; j < NF4_COLS; j++) {                                           \
-        uint16_t *const second = c[j] + (r1) * ldc[j];                                               \
-        TILE(0, r1, 1, j);                                                                            \
-        nf4_tile(a + (r1) * lda, lda, codes + j * pairs * COLS, NULL, scales + j * scale_stride, scale_stride, \
-                 pairs, block_pairs, table, &second, ldc + j, r2, 1);                                 \
+/* Rows first .. first + rows - 1 of column blocks j .. j + cols - 1, written through out[0 .. cols - 1]. */
+#define TILE(first, rows, cols, j, out) nf4_tile(a + (first) * lda, lda, codes + (j) * pairs * COLS, NULL, \
+                                                 scales + (j) * scale_stride, scale_stride, pairs, block_pairs, \
+                                                 table, out, ldc + (j), rows, cols)
+#define FEW(rows, cols, j) TILE(0, rows, cols, j, c + (j))
+#define HALVES(r1, r2) for (int j = 0; j < NF4_COLS; j++) {           \
+        uint16_t *const second = c[j] + (r1) * ldc[j];                 \
+        FEW(r1, 1, j);                                                  \
+        TILE(r1, r2, 1, j, &second);                                    \
     }
     switch (m) {
     case 1: FEW(1, 4, 0); break;
