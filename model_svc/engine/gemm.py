@@ -2,9 +2,9 @@
 with the CPU's bfloat16 dot-product instructions (AVX-512 BF16).
 
 bitsandbytes' own CPU kernel runs a 32-row step at about half this machine's bfloat16 peak and
-PyTorch's bfloat16 matmul (the output embedding) at about the same; this kernel dequantizes each
-block of 32 output columns once per step into a bfloat16 panel and multiplies every row against it
-(figures: README, "Measured costs behind the design"). A row's result depends only on that row
+PyTorch's bfloat16 matmul (the output embedding) at about the same; this kernel decodes the 4-bit
+codes in registers, once for a tile of up to twelve rows, and prefetches the weights it streams
+from memory (figures: README, "Measured costs behind the design"). A row's result depends only on that row
 (fixed summation order), so it is batch-invariant like the rest of the native path. It rounds
 differently from bitsandbytes' kernel (another summation order), so the runner uses it only where
 it promises native numbers, never with --match-generate.
@@ -26,7 +26,7 @@ from model_svc.engine import decode_attention
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "gemm_bf16.c"
-COLUMNS = 32  # output columns per block: bitsandbytes' CPU packing, and the kernel's panel
+COLUMNS = 32  # output columns per block: bitsandbytes' CPU packing, and the kernel's
 
 
 class Gemm:
@@ -68,7 +68,7 @@ class Gemm:
         pointers = (ctypes.c_void_p * len(outs))(*[out.data_ptr() for out in outs])
         if rows.shape[0] and self._nf4(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(), code_values.data_ptr(),
                                        rows.shape[0], n, k, blocksize, rows.stride(0), len(outs), cols, pointers):
-            raise MemoryError("gemm: could not allocate a panel")
+            raise MemoryError("gemm: could not allocate the block scales")
         return [out.view(*x.shape[:-1], out.shape[1]) for out in outs]
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:

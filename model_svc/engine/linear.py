@@ -113,7 +113,7 @@ class Linears:
             for i, out in enumerate(outs):
                 pointers[i] = out.data_ptr()
             if m and fn(rows.data_ptr(), *weights, m, n, k, blocksize, k, len(outs), cols, pointers):
-                raise MemoryError("gemm: could not allocate a panel")
+                raise MemoryError("gemm: could not allocate the block scales")
             for out, bias in zip(outs, biases):
                 if bias is not None:
                     out += bias

@@ -8,7 +8,7 @@ import torch
 from model_svc.engine import gemm
 from model_svc.engine.linear import Linears
 
-ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 32, 75)  # every tile shape of the kernel: decoded in place and from a panel
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17, 32, 75)  # every tile shape of the kernel (6 to 12 rows a tile past 8)
 
 
 def _modules(model):

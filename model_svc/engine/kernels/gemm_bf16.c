@@ -7,8 +7,8 @@
  * column, one float32 lane sums x[k] * v[k] + x[k + 1] * v[k + 1] pair after pair (VDPBF16PS), and
  * the column's sum gains that partial sum times the block's absmax (one FMA). That is the arithmetic
  * of bitsandbytes' own CPU kernel, in the same order: the same bits (tests/unit/test_linear.py). It
- * is faster at many rows because a block's codes are decoded once per step into a bfloat16 panel
- * that every row then reads (up to PANEL_ROWS rows decode in place, in tiles of at most four rows).
+ * is faster at many rows because the codes are decoded in registers once per tile of up to twelve
+ * rows (up to FEW_ROWS rows: tiles of up to four rows and four column blocks).
  *
  * Dense bfloat16 weights (the output embedding) are packed once into the panel layout
  * ([n / 32][k / 2][32][2]) and summed the same way, without blocks: PyTorch's matmul sums in another
@@ -27,8 +27,10 @@
 #define COLS 32 /* output columns per block (bitsandbytes' CPU packing) */
 #define MAX_ROWS 8 /* rows per register tile (dense) */
 #define NF4_ROWS 6 /* rows per nf4 tile: two sums per column vector (the block's, the row's) */
-#define NF4_COLS 4 /* column blocks per nf4 tile of at most PANEL_ROWS rows */
-#define PANEL_ROWS 8 /* nf4 products of more rows decode each column block once */
+#define NF4_COLS 4 /* column blocks per nf4 tile of at most FEW_ROWS rows */
+#define FEW_ROWS 8 /* nf4 products of more rows: tiles of one half-block (16 columns) and HALF_ROWS rows */
+#define HALF_ROWS 12 /* rows per half-block tile: a running and a block sum each, in registers */
+#define AHEAD 64 /* nf4 pairs prefetched ahead (2 KiB): the step's weights come from memory, not cache */
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -47,16 +49,15 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *byt
     *b1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
 }
 
-/* One tile: `rows` rows of A times `cols` blocks of 32 columns (both constants after inlining), from
- * the nf4 codes (decoding each pair as it goes) or from a panel of one block's codes already decoded;
- * both give the same bits. Per k-block of the quantization: a float32 partial sum of
+/* One tile: `rows` rows of A times `cols` blocks of 32 columns (both constants after inlining),
+ * decoding each pair of the nf4 codes as it goes. Per k-block of the quantization: a float32 partial sum of
  * x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one FMA), block after
  * block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks give a few rows enough
  * independent sums to hide the instruction's latency. codes, scales: of the first block; the next
  * block's are `pairs` * 32 bytes and `scale_stride` floats on; block j's output row r is at
  * c[j] + r * ldc[j]. */
 static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
-                                                           const uint16_t *panel, const float *scales,
+                                                           const float *scales,
                                                            int64_t scale_stride, int64_t pairs, int64_t block_pairs,
                                                            __m512i table, uint16_t *const *c, const int64_t *ldc,
                                                            const int rows, const int cols) {
@@ -67,12 +68,8 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
         for (int64_t p = p0; p < p0 + block_pairs; p++) {
             __m512bh b[2 * NF4_COLS];
             for (int j = 0; j < cols; j++) {
-                if (panel) {
-                    b[2 * j] = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS);
-                    b[2 * j + 1] = (__m512bh)_mm512_loadu_si512(panel + p * 2 * COLS + COLS);
-                } else {
-                    decode_pair(codes + (j * pairs + p) * COLS, table, &b[2 * j], &b[2 * j + 1]);
-                }
+                _mm_prefetch((const char *)(codes + (j * pairs + p + AHEAD) * COLS), _MM_HINT_T0);
+                decode_pair(codes + (j * pairs + p) * COLS, table, &b[2 * j], &b[2 * j + 1]);
             }
             for (int r = 0; r < rows; r++) {
                 int32_t pair;
@@ -99,18 +96,17 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
                                     (__m256i)_mm512_cvtneps_pbh(acc[2 * (r * cols + j) + h]));
 }
 
-/* Rows in tiles of at most NF4_ROWS, as even as they go (32 rows: 6, 6, 5, 5, 5, 5), times one block,
- * from the codes or the panel. */
-static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const uint16_t *panel,
-                     const float *scales, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c,
-                     int64_t ldc) {
+/* Rows in tiles of at most NF4_ROWS, as even as they go, times one block (up to FEW_ROWS rows, where
+ * the column blocks do not fill NF4_COLS). */
+static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
+                     int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c, int64_t ldc) {
     const int64_t tiles = (m + NF4_ROWS - 1) / NF4_ROWS;
     for (int64_t t = 0, r = 0; t < tiles; t++) {
         const int64_t rows = m / tiles + (t < m % tiles);
         uint16_t *const rows_c = c + r * ldc;
         switch (rows) {
 #define TILE(n) \
-    case n: nf4_tile(a + r * lda, lda, codes, panel, scales, 0, pairs, block_pairs, table, &rows_c, &ldc, n, 1); break;
+    case n: nf4_tile(a + r * lda, lda, codes, scales, 0, pairs, block_pairs, table, &rows_c, &ldc, n, 1); break;
             TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 #undef TILE
         default: break;
@@ -119,7 +115,57 @@ static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *c
     }
 }
 
-/* Up to PANEL_ROWS rows times NF4_COLS blocks, decoding as it goes: tiles shaped so that each has at
+/* `rows` rows of A times half a block (16 columns: h = 0 the first, 1 the second), decoding each pair's
+ * half as it goes: the same sums as nf4_tile, in registers, for twice its rows. One decode serves
+ * up to twelve rows; decoding a block once into a bfloat16 panel for all rows to read back cost more
+ * (a step's products at 16 and 32 rows: 0.89-0.90x the panel's time, both prefetching). */
+static inline __attribute__((always_inline)) void nf4_half_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
+                                                                const float *scales, int64_t pairs, int64_t block_pairs,
+                                                                __m512i table, uint16_t *c, int64_t ldc, const int h,
+                                                                const int rows) {
+    __m512 acc[HALF_ROWS], part[HALF_ROWS];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int r = 0; r < rows; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            _mm_prefetch((const char *)(codes + (p + AHEAD) * COLS), _MM_HINT_T0);
+            __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + p * COLS)));
+            if (h) words = _mm512_srli_epi16(words, 4); /* see decode_pair */
+            const __m512bh b = (__m512bh)_mm512_permutexvar_epi16(words, table);
+            for (int r = 0; r < rows; r++) {
+                int32_t pair;
+                memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+                part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(pair), b);
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(scales + (p0 / block_pairs) * COLS + 16 * h);
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(part[r], s, acc[r]);
+    }
+    for (int r = 0; r < rows; r++)
+        _mm256_storeu_si256((__m256i *)(c + r * ldc + 16 * h), (__m256i)_mm512_cvtneps_pbh(acc[r]));
+}
+
+/* More than FEW_ROWS rows times one block: tiles of at most HALF_ROWS rows, as even as they go (32 rows:
+ * 11, 11, 10), each half of the block in turn. */
+static void nf4_many_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
+                          int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c, int64_t ldc) {
+    const int64_t tiles = (m + HALF_ROWS - 1) / HALF_ROWS;
+    for (int64_t t = 0, r = 0; t < tiles; t++) {
+        const int64_t rows = m / tiles + (t < m % tiles);
+        for (int h = 0; h < 2; h++) {
+            switch (rows) {
+#define TILE(n) \
+    case n: nf4_half_tile(a + r * lda, lda, codes, scales, pairs, block_pairs, table, c + r * ldc, ldc, h, n); break;
+                TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+#undef TILE
+            default: break;
+            }
+        }
+        r += rows;
+    }
+}
+
+/* Up to FEW_ROWS rows times NF4_COLS blocks, decoding as it goes: tiles shaped so that each has at
  * least eight independent sums (or six). Five to eight rows take two tiles a block, the second
  * decoding the same codes again from L1: cheaper than writing them out as a panel of bfloat16 (four
  * times their bytes) and reading it back (8 rows: 10.0-11.3 against 13.2-16.3 ms a step's
@@ -128,7 +174,7 @@ static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_
                          int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *const *c,
                          const int64_t *ldc) {
 /* Rows first .. first + rows - 1 of column blocks j .. j + cols - 1, written through out[0 .. cols - 1]. */
-#define TILE(first, rows, cols, j, out) nf4_tile(a + (first) * lda, lda, codes + (j) * pairs * COLS, NULL, \
+#define TILE(first, rows, cols, j, out) nf4_tile(a + (first) * lda, lda, codes + (j) * pairs * COLS, \
                                                  scales + (j) * scale_stride, scale_stride, pairs, block_pairs, \
                                                  table, out, ldc + (j), rows, cols)
 #define FEW(rows, cols, j) TILE(0, rows, cols, j, c + (j))
@@ -230,21 +276,19 @@ static inline void block_output(int64_t block, int64_t parts, const int64_t *par
  * are lda apart. The n output columns go to `parts` tensors, part p taking the next part_cols[p]
  * (several layers' weights side by side, one product for all: q, k and v; gate and up). n and each
  * part % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of memory. Up to
- * PANEL_ROWS rows decode the codes in every tile, NF4_COLS blocks at a time; more rows decode each
- * block once, into a panel. */
+ * FEW_ROWS rows take NF4_COLS blocks at a time; more rows one block at a time, in half-block tiles. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                   int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                   const int64_t *part_cols, uint16_t *const *part_c) {
     __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)code_values));
     table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)code_values), 1);
     const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
-    const int64_t group = m > PANEL_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
-    const size_t panel_bytes = m > PANEL_ROWS ? (size_t)k * COLS * sizeof(uint16_t) : 0;
+    const int64_t group = m > FEW_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
-        float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float) + panel_bytes);
+        float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float));
         if (!scales) {
             failed = 1;
             continue;
@@ -256,23 +300,14 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
             block_output(first + j, parts, part_cols, part_c, &c[j], &ldc[j]);
         }
         const uint8_t *group_codes = codes + first * pairs * COLS;
-        if (cols == NF4_COLS) {
+        if (m > FEW_ROWS)
+            nf4_many_rows(a, m, lda, group_codes, scales, pairs, block_pairs, table, c[0], ldc[0]);
+        else if (cols == NF4_COLS)
             nf4_few_rows(a, m, lda, group_codes, scales, blocks * COLS, pairs, block_pairs, table, c, ldc);
-            continue;
-        }
-        uint16_t *panel = NULL;
-        if (panel_bytes) {
-            panel = (uint16_t *)(scales + blocks * COLS);
-            for (int64_t p = 0; p < pairs; p++) {
-                __m512bh b0, b1;
-                decode_pair(group_codes + p * COLS, table, &b0, &b1);
-                _mm512_storeu_si512(panel + p * 2 * COLS, (__m512i)b0);
-                _mm512_storeu_si512(panel + p * 2 * COLS + COLS, (__m512i)b1);
-            }
-        }
-        for (int64_t j = 0; j < cols; j++)
-            nf4_rows(a, m, lda, group_codes + j * pairs * COLS, panel, scales + j * blocks * COLS, pairs, block_pairs,
-                     table, c[j], ldc[j]);
+        else
+            for (int64_t j = 0; j < cols; j++)
+                nf4_rows(a, m, lda, group_codes + j * pairs * COLS, scales + j * blocks * COLS, pairs, block_pairs,
+                         table, c[j], ldc[j]);
     }
     return failed;
 }
