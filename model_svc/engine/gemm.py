@@ -4,8 +4,8 @@ with the CPU's bfloat16 dot-product instructions (AVX-512 BF16).
 bitsandbytes' own CPU kernel runs a 32-row step at about half this machine's bfloat16 peak and
 PyTorch's bfloat16 matmul (the output embedding) at about the same; this kernel decodes the 4-bit
 codes in registers, once for a tile of up to twelve rows, and prefetches the weights it streams
-from memory (figures: README, "Measured costs behind the design"). A row's result depends only on that row
-(fixed summation order), so it is batch-invariant like the rest of the native path. It rounds
+from memory (figures: README, "Measured costs behind the design"). A row's result depends only on
+that row (fixed summation order), so it is batch-invariant like the rest of the native path. It rounds
 differently from bitsandbytes' kernel (another summation order), so the runner uses it only where
 it promises native numbers, never with --match-generate.
 

@@ -68,15 +68,16 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 #define MAX_GROUP 16
 
 /* scores[g * length + t] = (q_g . key t) * scale for every query head g of the group (and key t's
- * value prefetched into L2, for the pass over the values): each key's 16
- * lane sums reduced in the very tree _mm512_reduce_add_ps uses (lane i with i + 8, then i + 4, i + 2,
- * i + 1), but with four keys, then sixteen, sharing each vector of the tree, so that a score costs a
- * fraction of a reduction; the same bits. `chunks` (16 dimensions each) is a constant after inlining,
+ * value prefetched into L2, for the pass over the values): each key's 16 lane sums reduced in the
+ * very tree _mm512_reduce_add_ps uses (lane i with i + 8, then i + 4, i + 2, i + 1), but with four
+ * keys, then sixteen, sharing each vector of the tree, so that a score costs a fraction of a
+ * reduction; the same bits. `chunks` (16 dimensions each) is a constant after inlining,
  * so that a quad of keys stays in registers. */
 static inline __attribute__((always_inline)) void key_scores(const __m512 *q, const uint16_t *k_head,
-                                                             const uint16_t *v_head, const int64_t *table, int64_t block_size, int64_t length,
-                                                             int64_t group, int64_t slot_stride, float scale,
-                                                             float *scores, const int chunks) {
+                                                             const uint16_t *v_head, const int64_t *table,
+                                                             int64_t block_size, int64_t length, int64_t group,
+                                                             int64_t slot_stride, float scale, float *scores,
+                                                             const int chunks) {
     const __m512 scale_v = _mm512_set1_ps(scale);
     const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     int64_t blk = 0, off = 0; /* where the next key lies */

@@ -50,10 +50,10 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *byt
 }
 
 /* One tile: `rows` rows of A times `cols` blocks of 32 columns (both constants after inlining),
- * decoding each pair of the nf4 codes as it goes. Per k-block of the quantization: a float32 partial sum of
- * x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one FMA), block after
- * block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks give a few rows enough
- * independent sums to hide the instruction's latency. codes, scales: of the first block; the next
+ * decoding each pair of the nf4 codes as it goes. Per k-block of the quantization: a float32
+ * partial sum of x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one
+ * FMA), block after block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks
+ * give a few rows enough independent sums to hide the instruction's latency. codes, scales: of the first block; the next
  * block's are `pairs` * 32 bytes and `scale_stride` floats on; block j's output row r is at
  * c[j] + r * ldc[j]. */
 static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
