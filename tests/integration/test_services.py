@@ -159,8 +159,9 @@ def test_env_variables_set_flags(tmp_path):
 
 def test_sigterm_lets_an_inflight_stream_finish(stack):
     """A second gateway in front of the same workers: SIGTERM mid-stream, the stream still completes."""
+    # 40 tokens take well under a second on a fast CPU, several on a slow one: a grace that covers both.
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", stack.model.address, *stack.credentials.client_flags())
+                            "--model-addrs", stack.model.address, *stack.credentials.client_flags(), "--grace", "20")
     wait_serving(gateway.address)
     from genrpc.v1 import generation_pb2_grpc
 
@@ -175,7 +176,7 @@ def test_sigterm_lets_an_inflight_stream_finish(stack):
         received.extend(responses)
     assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert sum(len(m.token_ids) for m in received) == 40
-    assert gateway.proc.wait(timeout=20) == 0
+    assert gateway.proc.wait(timeout=30) == 0
     # The workers behind it are unharmed.
     with grpc.insecure_channel(stack.gateway.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)

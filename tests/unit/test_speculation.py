@@ -251,14 +251,20 @@ def run(engine, specs):
 @pytest.mark.parametrize("mode", MODES)
 def test_speculation_changes_nothing_alone(engine, prompts, mode):
     params = dict(max_new_tokens=60, logprobs=True, **MODES[mode])
-    kept = []
+    kept, verified = [], []
     for ids in prompts:
         plain, proposed, _ = run(engine, [(0, ids, dict(params, prompt_lookup_num_tokens=0))])
         assert proposed == 0  # the off switch
         spec, proposed, accepted = run(engine, [(0, ids, dict(params, prompt_lookup_num_tokens=8))])
         assert spec == plain
         kept.append(accepted)
-    assert kept[0] > 0  # it did speculate (copying the paragraph) ...
+        verified.append(proposed)
+    if params.get("do_sample"):
+        # A draw need not copy the prompt: whether any proposal is kept depends on the draw (and so on
+        # the CPU's rounding), but proposals were verified against it, token by token.
+        assert sum(verified) > 0
+    else:
+        assert kept[0] > 0  # it did speculate (copying the paragraph) ...
     if mode == "greedy":
         assert kept[0] > 30  # ... and greedy, it kept most of what it copied
 

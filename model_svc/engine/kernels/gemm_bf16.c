@@ -18,7 +18,8 @@
  * rows are beside it, however many there are, and whichever thread computes it. Column blocks are
  * shared out between OpenMP threads (PyTorch's pool: one OpenMP runtime per process). Built by
  * model_svc/engine/decode_attention.py with the machine's C compiler; `gemm_supported()` says whether
- * it was built with the instructions (the Python side uses the libraries' kernels where not).
+ * it was built with the instructions (the Python side uses the libraries' kernels where not). Without
+ * AVX-512 BF16, an AVX2 version (after the AVX-512 one) computes the same sums with float32 FMAs.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +32,32 @@
 #define FEW_ROWS 8 /* nf4 products of more rows: tiles of one half-block (16 columns) and HALF_ROWS rows */
 #define HALF_ROWS 12 /* rows per half-block tile: a running and a block sum each, in registers */
 #define AHEAD 64 /* nf4 pairs prefetched ahead (2 KiB): the step's weights come from memory, not cache */
+
+/* A buffer per thread, grown as needed (a step's calls reuse it). */
+static __thread void *thread_buffer;
+static __thread size_t thread_buffer_size;
+
+static inline void *scratch(size_t bytes) {
+    if (thread_buffer_size < bytes) {
+        free(thread_buffer);
+        thread_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        thread_buffer_size = thread_buffer ? bytes : 0;
+    }
+    return thread_buffer;
+}
+
+/* The output of column block `block`: column block after column block, the parts' columns side by
+ * side (part p: part_cols[p] columns, a multiple of 32, rows part_cols[p] apart at part_c[p]). */
+static inline void block_output(int64_t block, int64_t parts, const int64_t *part_cols, uint16_t *const *part_c,
+                                uint16_t **c, int64_t *ldc) {
+    int64_t col = block * COLS;
+    for (int64_t p = 0; p < parts; col -= part_cols[p], p++)
+        if (col < part_cols[p]) {
+            *c = part_c[p] + col;
+            *ldc = part_cols[p];
+            return;
+        }
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -246,31 +273,6 @@ static void dense_rows(const uint16_t *a, int64_t m, int64_t lda, const uint16_t
     }
 }
 
-static __thread void *thread_buffer;
-static __thread size_t thread_buffer_size;
-
-static void *scratch(size_t bytes) {
-    if (thread_buffer_size < bytes) {
-        free(thread_buffer);
-        thread_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        thread_buffer_size = thread_buffer ? bytes : 0;
-    }
-    return thread_buffer;
-}
-
-/* The output of column block `block`: column block after column block, the parts' columns side by
- * side (part p: part_cols[p] columns, a multiple of 32, rows part_cols[p] apart at part_c[p]). */
-static inline void block_output(int64_t block, int64_t parts, const int64_t *part_cols, uint16_t *const *part_c,
-                                uint16_t **c, int64_t *ldc) {
-    int64_t col = block * COLS;
-    for (int64_t p = 0; p < parts; col -= part_cols[p], p++)
-        if (col < part_cols[p]) {
-            *c = part_c[p] + col;
-            *ldc = part_cols[p];
-            return;
-        }
-}
-
 /* [parts of c][m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32]
  * bytes), absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's rows
  * are lda apart. The n output columns go to `parts` tensors, part p taking the next part_cols[p]
@@ -319,6 +321,200 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
     for (int64_t block = 0; block < n / COLS; block++)
         dense_rows(a, m, lda, packed + block * k * COLS, k / 2, c + block * COLS, ldc);
     return 0;
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* Without AVX-512 BF16: the same sums in float32 with FMA, emulating VDPBF16PS as Intel documents it
+ * (each lane: acc += x[k + 1] * w[k + 1], rounded, then acc += x[k] * w[k], rounded; a product of two
+ * bfloat16 values is exact in float32, so one FMA is each step) and VCVTNEPS2BF16's rounding (to
+ * nearest even). Denormals are kept (the instruction flushes them), so the bits are the AVX-512
+ * kernel's except where a sum passes through a denormal. A column block's codes are decoded once per
+ * call into a float32 panel ([pair][4 column vectors][odd, even][8]) that every row tile reads. */
+#define LANES 8 /* float32 lanes of a vector */
+#define VECS (COLS / LANES) /* column vectors per block */
+#define TILE_ROWS 5 /* rows per tile of two column vectors: 10 sums, 2 weights, 1 input in 16 registers */
+
+int gemm_supported(void) { return 1; }
+
+/* The 16 code values as float32 (lo: 0-7, hi: 8-15) at the indices in bits 0-3 of each lane (the
+ * permutes read bits 0-2; bit 3, moved to the sign by `top`, picks the half). */
+static inline __attribute__((always_inline)) __m256 lookup(__m256i index, __m256i top, __m256 lo, __m256 hi) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, index), _mm256_permutevar8x32_ps(hi, index),
+                            _mm256_castsi256_ps(top));
+}
+
+/* One nf4 column block (`pairs` pairs of 32 bytes) to its float32 panel. Byte j of a pair: column j / 2
+ * (low half) and 16 + j / 2 (high half), input k + j % 2. As 32-bit lanes of 16 bytes widened to
+ * words, lane i holds column i's (or 8 + i's) two codes at bits 0-3 and 16-19, column 16 + i's (24 + i's)
+ * at bits 4-7 and 20-23. */
+static void nf4_panel(const uint8_t *codes, int64_t pairs, __m256 lo, __m256 hi, float *panel) {
+    for (int64_t p = 0; p < pairs; p++) {
+        float *out = panel + p * VECS * 2 * LANES;
+        for (int half = 0; half < 2; half++) {
+            const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + p * COLS + 16 * half)));
+            const int low = half, high = 2 + half; /* column vectors: 8 * half.. and 16 + 8 * half.. */
+            _mm256_storeu_ps(out + (2 * low + 0) * LANES, lookup(_mm256_srli_epi32(w, 16), _mm256_slli_epi32(w, 12), lo, hi));
+            _mm256_storeu_ps(out + (2 * low + 1) * LANES, lookup(w, _mm256_slli_epi32(w, 28), lo, hi));
+            _mm256_storeu_ps(out + (2 * high + 0) * LANES, lookup(_mm256_srli_epi32(w, 20), _mm256_slli_epi32(w, 8), lo, hi));
+            _mm256_storeu_ps(out + (2 * high + 1) * LANES, lookup(_mm256_srli_epi32(w, 4), _mm256_slli_epi32(w, 24), lo, hi));
+        }
+    }
+}
+
+/* One packed bfloat16 column block ([pairs][32][2]) to its float32 panel. */
+static void dense_panel(const uint16_t *block, int64_t pairs, float *panel) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t p = 0; p < pairs; p++)
+        for (int v = 0; v < VECS; v++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(block + (p * COLS + v * LANES) * 2));
+            float *out = panel + (p * VECS + v) * 2 * LANES;
+            _mm256_storeu_ps(out, _mm256_castsi256_ps(_mm256_and_si256(w, high)));
+            _mm256_storeu_ps(out + LANES, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+}
+
+/* float32 to bfloat16, to nearest even (VCVTNEPS2BF16 on numbers), 8 lanes. */
+static inline void store_bf16(uint16_t *c, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    _mm_storeu_si128((__m128i *)c, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+/* `rows` rows (float32, lda apart) times `vecs` column vectors from v0 of a block's panel: per
+ * quantization block, a partial sum in pair order, then sum += partial * scale (scales: NULL for a
+ * dense weight, whose one partial is the sum). */
+static inline __attribute__((always_inline)) void tile(const float *a, int64_t lda, const float *panel, int64_t pairs,
+                                                       int64_t block_pairs, const float *scales, int v0,
+                                                       uint16_t *c, int64_t ldc, const int rows, const int vecs) {
+    __m256 acc[TILE_ROWS * VECS], part[TILE_ROWS * VECS];
+    for (int i = 0; i < rows * vecs; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int i = 0; i < rows * vecs; i++) part[i] = _mm256_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            const float *w = panel + (p * VECS + v0) * 2 * LANES;
+            for (int r = 0; r < rows; r++) {
+                const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
+                for (int v = 0; v < vecs; v++)
+                    part[r * vecs + v] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(w + 2 * v * LANES), part[r * vecs + v]);
+                const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
+                for (int v = 0; v < vecs; v++)
+                    part[r * vecs + v] = _mm256_fmadd_ps(even, _mm256_loadu_ps(w + (2 * v + 1) * LANES), part[r * vecs + v]);
+            }
+        }
+        if (!scales) {
+            for (int i = 0; i < rows * vecs; i++) acc[i] = part[i];
+            continue;
+        }
+        for (int v = 0; v < vecs; v++) {
+            const __m256 s = _mm256_loadu_ps(scales + (p0 / block_pairs) * COLS + (v0 + v) * LANES);
+            for (int r = 0; r < rows; r++) acc[r * vecs + v] = _mm256_fmadd_ps(part[r * vecs + v], s, acc[r * vecs + v]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < vecs; v++) store_bf16(c + r * ldc + (v0 + v) * LANES, acc[r * vecs + v]);
+}
+
+/* All m rows times one block from its panel: one or two rows take the four column vectors at once
+ * (independent sums for the FMA latency), more rows tiles of up to TILE_ROWS rows, two vectors each. */
+static void panel_rows(const float *a, int64_t m, int64_t lda, const float *panel, int64_t pairs, int64_t block_pairs,
+                       const float *scales, uint16_t *c, int64_t ldc) {
+    if (m <= 2) {
+        if (m == 1) tile(a, lda, panel, pairs, block_pairs, scales, 0, c, ldc, 1, VECS);
+        else tile(a, lda, panel, pairs, block_pairs, scales, 0, c, ldc, 2, VECS);
+        return;
+    }
+    const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS;
+    for (int64_t t = 0, r = 0; t < tiles; t++) {
+        const int64_t rows = m / tiles + (t < m % tiles);
+        for (int v0 = 0; v0 < VECS; v0 += 2) {
+            switch (rows) {
+#define TILE(n) \
+    case n: tile(a + r * lda, lda, panel, pairs, block_pairs, scales, v0, c + r * ldc, ldc, n, 2); break;
+                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5)
+#undef TILE
+            default: break;
+            }
+        }
+        r += rows;
+    }
+}
+
+/* a [m, k] bfloat16 (rows lda apart) as float32 [m, k], in the calling thread's second buffer. */
+static __thread float *rows_buffer;
+static __thread size_t rows_buffer_size;
+
+static float *float_rows(const uint16_t *a, int64_t m, int64_t k, int64_t lda) {
+    const size_t bytes = (size_t)m * k * sizeof(float);
+    if (rows_buffer_size < bytes) {
+        free(rows_buffer);
+        rows_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        rows_buffer_size = rows_buffer ? bytes : 0;
+    }
+    if (!rows_buffer) return NULL;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t i = 0; i < k; i++) {
+            const uint32_t bits = (uint32_t)a[r * lda + i] << 16;
+            memcpy(rows_buffer + r * k + i, &bits, sizeof bits);
+        }
+    return rows_buffer;
+}
+
+/* As the AVX-512 BF16 version (above): the same arguments and layout, the same bits up to denormals. */
+int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                  int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                  const int64_t *part_cols, uint16_t *const *part_c) {
+    float table[16];
+    for (int i = 0; i < 16; i++) {
+        const uint32_t bits = (uint32_t)code_values[i] << 16;
+        memcpy(&table[i], &bits, sizeof bits);
+    }
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+    const float *x = float_rows(a, m, k, lda);
+    if (!x) return 1;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int64_t b = 0; b < num_blocks; b++) {
+        float *buffer = scratch(((size_t)pairs * VECS * 2 * LANES + (size_t)blocks * COLS) * sizeof(float));
+        if (!buffer) {
+            failed = 1;
+            continue;
+        }
+        float *scales = buffer + pairs * VECS * 2 * LANES;
+        for (int64_t kb = 0; kb < blocks; kb++)
+            for (int i = 0; i < COLS; i++) {
+                const uint32_t bits = (uint32_t)absmax[kb * n + b * COLS + i] << 16;
+                memcpy(&scales[kb * COLS + i], &bits, sizeof bits);
+            }
+        nf4_panel(codes + b * pairs * COLS, pairs, lo, hi, buffer);
+        uint16_t *c = NULL;
+        int64_t ldc = 0;
+        block_output(b, parts, part_cols, part_c, &c, &ldc);
+        panel_rows(x, m, k, buffer, pairs, block_pairs, scales, c, ldc);
+    }
+    return failed;
+}
+
+int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
+                     int64_t lda, int64_t ldc) {
+    const int64_t pairs = k / 2;
+    const float *x = float_rows(a, m, k, lda);
+    if (!x) return 1;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 8) reduction(| : failed)
+    for (int64_t b = 0; b < n / COLS; b++) {
+        float *panel = scratch((size_t)pairs * VECS * 2 * LANES * sizeof(float));
+        if (!panel) {
+            failed = 1;
+            continue;
+        }
+        dense_panel(packed + b * k * COLS, pairs, panel);
+        panel_rows(x, m, k, panel, pairs, pairs, NULL, c + b * COLS, ldc);
+    }
+    return failed;
 }
 
 #else
