@@ -50,17 +50,24 @@ class _Dense:
     bias: torch.Tensor | None
 
 
-def _packed_params(module: torch.nn.Module) -> _Packed | None:
+def _quant_state(module: torch.nn.Module, packed: bool):
+    """A bitsandbytes 4-bit layer's quantization state, if it is one and packed for the CPU (or not) as asked."""
     try:
         import bitsandbytes as bnb
-        from bitsandbytes.cextension import lib
     except ImportError:
         return None
-    if not isinstance(module, bnb.nn.Linear4bit):
+    state = getattr(module.weight, "quant_state", None) if isinstance(module, bnb.nn.Linear4bit) else None
+    if state is None or bool(getattr(state, "packing_format_for_cpu", False)) != packed:
         return None
-    state = getattr(module.weight, "quant_state", None)
-    if state is None or not getattr(state, "packing_format_for_cpu", False) or state.nested:
+    return state
+
+
+def _packed_params(module: torch.nn.Module) -> _Packed | None:
+    state = _quant_state(module, packed=True)
+    if state is None or state.nested:
         return None
+    from bitsandbytes.cextension import lib
+
     name = "gemv_4bit_inference_cpu_fp4_bf16" if float(state.code[1]) > 0 else "gemv_4bit_inference_cpu_nf4_bf16"
     kernel = getattr(lib, name, None)
     if kernel is None or state.absmax.dtype != torch.bfloat16 or module.weight.data.dtype != torch.uint8:
@@ -75,17 +82,12 @@ def _own_packed(module: torch.nn.Module) -> _Packed | None:
     library does not pack it (CPUs without AVX-512 BF16, whose module call dequantizes the whole
     weight every call: ~8x the native kernel's time at 1-32 rows). The module is left untouched, so
     that its own calls (and generate() on the same model) still compute what the library computes."""
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu
-    except ImportError:
+    state = _quant_state(module, packed=False)
+    if (state is None or len(state.shape) != 2 or state.shape[0] % 32 or state.shape[1] % 2
+            or state.code is None or len(state.code) != 16):
         return None
-    if not isinstance(module, bnb.nn.Linear4bit):
-        return None
-    state = getattr(module.weight, "quant_state", None)
-    if (state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2
-            or state.shape[0] % 32 or state.shape[1] % 2 or state.code is None or len(state.code) != 16):
-        return None
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
     codes, state = _convert_weight_packed_for_cpu(module.weight.data, copy.deepcopy(state))  # it edits the state
     bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
     return _Packed(None, codes, state.absmax, state.code.to(torch.bfloat16), int(state.shape[0]),
