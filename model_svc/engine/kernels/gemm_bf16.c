@@ -33,18 +33,21 @@
 #define HALF_ROWS 12 /* rows per half-block tile: a running and a block sum each, in registers */
 #define AHEAD 64 /* nf4 pairs prefetched ahead (2 KiB): the step's weights come from memory, not cache */
 
-/* A buffer per thread, grown as needed (a step's calls reuse it). */
+/* A buffer of at least `bytes`, grown as needed (a step's calls reuse it); NULL when out of memory. */
+static inline void *grown(void **buffer, size_t *size, size_t bytes) {
+    if (*size < bytes) {
+        free(*buffer);
+        *buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *size = *buffer ? bytes : 0;
+    }
+    return *buffer;
+}
+
+/* Each thread's scratch buffer. */
 static __thread void *thread_buffer;
 static __thread size_t thread_buffer_size;
 
-static inline void *scratch(size_t bytes) {
-    if (thread_buffer_size < bytes) {
-        free(thread_buffer);
-        thread_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        thread_buffer_size = thread_buffer ? bytes : 0;
-    }
-    return thread_buffer;
-}
+static inline void *scratch(size_t bytes) { return grown(&thread_buffer, &thread_buffer_size, bytes); }
 
 /* The output of column block `block`: column block after column block, the parts' columns side by
  * side (part p: part_cols[p] columns, a multiple of 32, rows part_cols[p] apart at part_c[p]). */
@@ -443,23 +446,18 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
 }
 
 /* a [m, k] bfloat16 (rows lda apart) as float32 [m, k], in the calling thread's second buffer. */
-static __thread float *rows_buffer;
+static __thread void *rows_buffer;
 static __thread size_t rows_buffer_size;
 
 static float *float_rows(const uint16_t *a, int64_t m, int64_t k, int64_t lda) {
-    const size_t bytes = (size_t)m * k * sizeof(float);
-    if (rows_buffer_size < bytes) {
-        free(rows_buffer);
-        rows_buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        rows_buffer_size = rows_buffer ? bytes : 0;
-    }
-    if (!rows_buffer) return NULL;
+    float *rows = grown(&rows_buffer, &rows_buffer_size, (size_t)m * k * sizeof(float));
+    if (!rows) return NULL;
     for (int64_t r = 0; r < m; r++)
         for (int64_t i = 0; i < k; i++) {
             const uint32_t bits = (uint32_t)a[r * lda + i] << 16;
-            memcpy(rows_buffer + r * k + i, &bits, sizeof bits);
+            memcpy(rows + r * k + i, &bits, sizeof bits);
         }
-    return rows_buffer;
+    return rows;
 }
 
 /* As the AVX-512 BF16 version (above): the same arguments and layout, the same bits up to denormals. */
