@@ -17,6 +17,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from genrpc.errors import ConfigError
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 
@@ -280,7 +281,7 @@ def _channel(args) -> grpc.Channel:
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)
     except OSError as exc:
         raise UsageError(f"{exc.filename}: {exc.strerror}")
-    except SystemExit as exc:  # a token file that cannot be read says so
+    except ConfigError as exc:  # a token file that cannot be read says so
         raise UsageError(str(exc))
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
     return grpc.secure_channel(args.addr, credentials, options=options)

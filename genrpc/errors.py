@@ -59,6 +59,22 @@ class DeadlineExceeded(GenrpcError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class ConfigError(ValueError):
+    """A flag, variable or file given at start-up is wrong. Library code raises it; an entry point
+    (`exits_on_config_error`) exits with its message, so the library never ends the process itself."""
+
+
+def exits_on_config_error(main):
+    """Wraps a service's `main`: a ConfigError ends the process with its message (exit status 1)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
+    return run
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message for an exception raised below a servicer."""
     if isinstance(exc, GenrpcError):
@@ -71,6 +87,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return code, exc.details() or code.name
+        if code == grpc.StatusCode.INTERNAL:  # a fault in that service, not a way to it: a retry may not help
+            return code, f"a backend failed: {exc.details()}"
         return grpc.StatusCode.UNAVAILABLE, f"a backend call failed ({code.name}): {exc.details()}"
     # The details stay in the log: an exception's text can carry paths, addresses or other callers' data.
     rid = request_id.get() or uuid.uuid4().hex[:16]

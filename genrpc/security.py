@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from genrpc.errors import ConfigError
+
 log = logging.getLogger("genrpc.security")
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -76,11 +78,13 @@ class TokenSet:
         try:
             self.reload()
         except OSError as exc:
-            raise SystemExit(f"token file {path!r}: {exc.strerror or exc}") from exc
+            raise ConfigError(f"token file {path!r}: {exc.strerror or exc}") from exc
         if not self._tokens:
-            raise SystemExit(f"no token in {'--auth-tokens-file ' + path if path else 'the token list'}")
+            raise ConfigError(f"no token in {'--auth-tokens-file ' + path if path else 'the token list'}")
 
     def reload(self) -> None:
+        """Re-reads the file. A file with no token (a Secret caught half-written) is not taken: the
+        tokens accepted so far stay, and a warning says so."""
         tokens = list(self._inline)
         stamp = None
         if self.path:
@@ -88,12 +92,21 @@ class TokenSet:
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             with open(self.path) as f:
                 tokens += [line.split("#", 1)[0].strip() for line in f]
+        tokens = [t.encode() for t in tokens if t]
         with self._lock:
-            changed = bool(self._tokens) and stamp != self._stamp
-            self._tokens = [t.encode() for t in tokens if t]
             self._stamp, self._checked = stamp, time.monotonic()
+            if not tokens and self._tokens:
+                log.warning("%s holds no token: keeping the %d accepted before", self.path, len(self._tokens))
+                return
+            changed = bool(self._tokens) and tokens != self._tokens
+            self._tokens = tokens
         if changed:
-            log.info("tokens re-read from %s: %d accepted", self.path, len(self._tokens))
+            log.info("tokens re-read from %s: %d accepted", self.path, len(tokens))
+
+    def request_reload(self) -> None:
+        """Makes the next use re-read the file (safe in a signal handler: takes no lock, reads nothing)."""
+        self._checked = float("-inf")
+        self._stamp = None
 
     def _fresh(self) -> list[bytes]:
         if self.path and time.monotonic() - self._checked > RECHECK_S:
@@ -230,16 +243,16 @@ def server_security(args, internal: bool) -> ServerSecurity:
     (tokenizer, model) refuses to listen beyond loopback without TLS and tokens unless
     --allow-insecure: it trusts whoever can reach it."""
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     if args.health_port >= 0 and not args.tls_cert:
-        raise SystemExit("--health-port is for a TLS server: without TLS, health is served on --port")
+        raise ConfigError("--health-port is for a TLS server: without TLS, health is served on --port")
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     tokens = TokenSet(args.auth_tokens, args.auth_tokens_file) if args.auth_tokens or args.auth_tokens_file else None
     exposed = not is_loopback(args.host)
     if internal and exposed and not (credentials and tokens) and not args.allow_insecure:
-        raise SystemExit(
+        raise ConfigError(
             f"--host {args.host} exposes an internal service beyond loopback without TLS and tokens: anyone who "
             "can reach it could run or read generations. Give --tls-cert/--tls-key and --auth-tokens-file (the "
             "gateway's --internal-* flags match them), or --allow-insecure to accept the risk")
@@ -249,7 +262,9 @@ def server_security(args, internal: bool) -> ServerSecurity:
     if args.auth_tokens:
         log.warning("--auth-tokens puts secrets on the command line or in the environment; prefer --auth-tokens-file")
     if tokens is not None and args.auth_tokens_file:
-        signal.signal(signal.SIGHUP, lambda signum, frame: tokens.reload())
+        # A handler runs between two bytecodes of the main thread, which may hold the tokens' lock:
+        # it only marks them stale, and the next call re-reads the file.
+        signal.signal(signal.SIGHUP, lambda signum, frame: tokens.request_reload())
     interceptors = [AuthInterceptor(tokens, require_tls=credentials is not None)] \
         if tokens is not None or credentials is not None else []
     return ServerSecurity(credentials, tokens, interceptors, args.health_port)
@@ -346,7 +361,7 @@ class ClientSecurity:
         problem = client_flags_problem(args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key,
                                        args.internal_token_file, prefix="--internal-")
         if problem:
-            raise SystemExit(problem)
+            raise ConfigError(problem)
         if not args.internal_tls_ca:
             return cls()
         return cls(channel_credentials(args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key),

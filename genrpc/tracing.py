@@ -23,6 +23,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
+from genrpc.errors import ConfigError
+
 TRACER_NAME = "genrpc"
 
 
@@ -61,10 +63,10 @@ def setup_tracing(service_name: str, exporter: str) -> None:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as exc:
-            raise SystemExit("--trace-exporter otlp needs: pip install opentelemetry-exporter-otlp") from exc
+            raise ConfigError("--trace-exporter otlp needs: pip install opentelemetry-exporter-otlp") from exc
         span_exporter = OTLPSpanExporter()
     else:
-        raise SystemExit(f"--trace-exporter {exporter!r}: allowed none, console, jsonl:PATH, otlp")
+        raise ConfigError(f"--trace-exporter {exporter!r}: allowed none, console, jsonl:PATH, otlp")
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if exporter == "otlp":
         from opentelemetry.sdk.trace.export import BatchSpanProcessor

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import os
 
+from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
 from genrpc.model_path import DEFAULT_MODEL
 from genrpc.logs import setup_logging
@@ -39,6 +40,7 @@ async def serve(args, security) -> None:
     await run_until_signal(handle, args.grace, args.port_file)
 
 
+@exits_on_config_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)

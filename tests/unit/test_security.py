@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 import time
 
 import grpc
 import pytest
 
 from genrpc import security
-from genrpc.errors import status_of
+from genrpc.errors import ConfigError, status_of
 from genrpc.flags import server_parser
 from genrpc.security import TokenSet, bearer, is_loopback, server_security
 
@@ -29,13 +31,49 @@ def test_token_file_is_reread_when_it_changes(tmp_path, monkeypatch):
     assert tokens.identity("gamma") and tokens.identity("alpha") is None
 
 
+def test_a_token_file_emptied_while_serving_keeps_the_tokens_it_had(tmp_path, caplog):
+    path = tmp_path / "tokens"
+    path.write_text("alpha\n")
+    tokens = TokenSet(path=str(path))
+    path.write_text("")  # a Secret caught half-written
+    with caplog.at_level(logging.WARNING):
+        tokens.reload()
+    assert tokens.first() == "alpha" and tokens.identity("alpha")
+    assert "holds no token" in caplog.text
+    path.write_text("beta\n")
+    tokens.reload()
+    assert tokens.first() == "beta" and tokens.identity("alpha") is None
+
+
+def test_sighup_while_the_tokens_lock_is_held_does_not_wait_for_it(tmp_path):
+    """The handler runs on the main thread between two bytecodes, maybe inside `reload`'s locked
+    part: it must not take the lock (it would wait for itself). It marks the tokens stale; the next
+    use re-reads the file."""
+    path = tmp_path / "tokens"
+    path.write_text("alpha\n")
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        tokens = server_security(server_parser("t", 1, 2).parse_args(["--auth-tokens-file", str(path)]),
+                                 internal=False).tokens
+        handler = signal.getsignal(signal.SIGHUP)
+        path.write_text("beta\n")
+        with tokens._lock:  # as if the signal came while the main thread re-read the file
+            call = threading.Thread(target=handler, args=(signal.SIGHUP, None), daemon=True)
+            call.start()
+            call.join(timeout=2)
+            assert not call.is_alive(), "the SIGHUP handler waits for the tokens' lock"
+        assert tokens.first() == "beta"
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_inline_tokens_and_an_empty_file(tmp_path):
     assert TokenSet("a, b").identity("b")
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         TokenSet(path=str(empty))
-    with pytest.raises(SystemExit, match="No such file"):
+    with pytest.raises(ConfigError, match="No such file"):
         TokenSet(path=str(tmp_path / "missing"))
 
 
@@ -52,13 +90,13 @@ def _args(*argv):
 
 
 def test_security_flags_checked_together(tmp_path):
-    with pytest.raises(SystemExit, match="go together"):
+    with pytest.raises(ConfigError, match="go together"):
         server_security(_args("--tls-cert", "x"), internal=False)
-    with pytest.raises(SystemExit, match="needs --tls-cert"):
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
         server_security(_args("--tls-client-ca", "x"), internal=False)
-    with pytest.raises(SystemExit, match="--health-port is for a TLS server"):
+    with pytest.raises(ConfigError, match="--health-port is for a TLS server"):
         server_security(_args("--health-port", "8080"), internal=False)
-    with pytest.raises(SystemExit, match="--allow-insecure"):
+    with pytest.raises(ConfigError, match="--allow-insecure"):
         server_security(_args("--host", "0.0.0.0"), internal=True)
     assert server_security(_args("--host", "0.0.0.0", "--allow-insecure"), internal=True).interceptors == []
     assert server_security(_args("--host", "0.0.0.0"), internal=False).credentials is None  # the public API may be open
@@ -73,7 +111,7 @@ def test_tokens_without_tls_beyond_loopback_warn(caplog):
 def test_client_flags_refuse_a_secret_without_tls():
     parser = argparse.ArgumentParser()
     security.add_client_flags(parser)
-    with pytest.raises(SystemExit, match="need --internal-tls-ca"):
+    with pytest.raises(ConfigError, match="need --internal-tls-ca"):
         security.ClientSecurity.from_args(parser.parse_args(["--internal-token-file", "t"]))
     assert security.ClientSecurity.from_args(parser.parse_args([])).credentials is None
 
