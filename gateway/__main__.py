@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
+from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
 from genrpc.security import ClientSecurity, ServerSecurity, add_client_flags, server_security
 from genrpc.logs import setup_logging
 from genrpc.tracing import setup_tracing
 from genrpc.serving import run_until_signal, start_server
 from genrpc.v1 import generation_pb2, generation_pb2_grpc
+from gateway import metrics
 from gateway.generation import Generator
 from gateway.server import GenerationServicer
 from gateway.model_pool import ModelPool
+from gateway.model_worker import DEFAULT_MAX_STREAM_BUFFER
 from gateway.tokenizers import TokenizerPool
 
 
@@ -31,7 +34,12 @@ def parse_args(argv=None):
                         help="one client's sequences in flight at most (0: half of --max-inflight-sequences); past "
                              "it RESOURCE_EXHAUSTED to that client only. A client is its bearer token when auth is "
                              "on, else its x-genrpc-client metadata value, else its IP address")
+    parser.add_argument("--max-stream-buffer", type=int, default=DEFAULT_MAX_STREAM_BUFFER,
+                        help="tokens a sequence's stream may hold that its client has not read; past it the "
+                             "sequence ends (RESOURCE_EXHAUSTED) and stops on the model worker")
     args = parser.parse_args(argv)
+    if args.max_stream_buffer < 1:
+        parser.error(f"--max-stream-buffer={args.max_stream_buffer} must be >= 1")
     if args.max_inflight_sequences < 1 or not 0 <= args.max_inflight_per_client <= args.max_inflight_sequences:
         parser.error(f"--max-inflight-sequences={args.max_inflight_sequences} must be >= 1 and "
                      f"--max-inflight-per-client={args.max_inflight_per_client} in [0, --max-inflight-sequences]")
@@ -51,7 +59,8 @@ async def serve(args, security: ServerSecurity) -> None:
         if handle_box:
             asyncio.get_running_loop().create_task(handle_box[0].set_ready(healthy))
 
-    models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change, internal)
+    models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change, internal, args.max_stream_buffer)
+    metrics.TRACKED_SEQUENCES.set_function(lambda: sum(len(w.sequences) for w in models.workers))
     generator = Generator(tokenizers, models, args.max_inflight_sequences, args.parse_special_tokens,
                           args.max_inflight_per_client)
     service_name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -67,6 +76,7 @@ async def serve(args, security: ServerSecurity) -> None:
     await run_until_signal(handle, args.grace, args.port_file, on_stop=models.close)
 
 
+@exits_on_config_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)

@@ -10,6 +10,7 @@ the model worker is aborted in `finally`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from gateway.validation import ResolvedConfig, fit_to_context
 from gateway.model_pool import ModelPool
 from gateway.model_worker import SequenceEvent
 from gateway.tokenizers import TokenizerPool
+
+log = logging.getLogger("genrpc.gateway.generation")
 
 RUNNING = gen_pb2.FINISH_REASON_UNSPECIFIED
 SAMPLING_FIELDS = [f.name for f in model_pb2.SamplingParams.DESCRIPTOR.fields]  # each one a ResolvedConfig field
@@ -239,11 +242,15 @@ class Generator:
     @staticmethod
     def _on_event(run: SequenceRun, event: SequenceEvent) -> Delta:
         if event.error and event.finish_reason in (RUNNING, gen_pb2.FINISH_REASON_ERROR):
-            if event.finish_reason == RUNNING:
-                raise Unavailable(event.error)
             if event.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
+                if event.finish_reason == RUNNING:  # ended here: its client stopped reading
+                    raise ResourceExhausted(event.error)
                 raise ResourceExhausted(f"the model worker refused the sequence: {event.error}")
-            raise GenrpcError(f"the model worker failed the sequence: {event.error}")
+            if event.finish_reason == RUNNING:  # ended here: a worker or tokenizer became unavailable
+                raise Unavailable(event.error)
+            log.error("the model worker failed sequence %d: %s", event.sequence_id, event.error)
+            raise GenrpcError(f"the model worker failed the sequence: {event.error} "
+                              f"(request id {request_id.get()}; the details are in the model service's log)")
         token_ids, logprobs = [], []
         if event.token_id is not None:
             token_ids.append(event.token_id)

@@ -13,6 +13,8 @@ INTER_TOKEN_LATENCY = Histogram(
 PROMPT_TOKENS = Counter("genrpc_gateway_prompt_tokens", "prompt tokens submitted")
 GENERATED_TOKENS = Counter("genrpc_gateway_generated_tokens", "tokens generated and returned")
 INFLIGHT_SEQUENCES = Gauge("genrpc_gateway_inflight_sequences", "sequences being generated")
+TRACKED_SEQUENCES = Gauge("genrpc_gateway_tracked_sequences",
+                          "sequences the gateway still expects tokens for from its model workers")
 FINISHED_SEQUENCES = Counter("genrpc_gateway_finished_sequences", "sequences finished, by reason", ["reason"])
 COALESCED_CALLS = Histogram(
     "genrpc_gateway_coalesced_calls", "requests carried by one backend call (concurrent ones merge), by call",

@@ -11,7 +11,7 @@ from genrpc.errors import Unavailable
 from genrpc.internal.v1 import model_pb2
 from genrpc.security import ClientSecurity
 from gateway.connections import DNS_PREFIX, RESOLVE_EVERY_S, dns_host, resolve
-from gateway.model_worker import ModelWorkerClient
+from gateway.model_worker import DEFAULT_MAX_STREAM_BUFFER, ModelWorkerClient
 from gateway.routing import PrefixRouter, block_hashes
 from gateway.tokenizers import TokenizerPool
 
@@ -27,9 +27,10 @@ class ModelPool:
     a scaled Deployment behind a headless Service is followed without a restart."""
 
     def __init__(self, addresses: list[str], tokenizers: TokenizerPool, on_health_change: Callable[[bool], None],
-                 security: ClientSecurity | None = None):
+                 security: ClientSecurity | None = None, max_stream_buffer: int = DEFAULT_MAX_STREAM_BUFFER):
         if not addresses:
             raise ValueError("--model-addrs: at least one address is needed")
+        self.max_stream_buffer = max_stream_buffer
         self.addresses = addresses
         self.tokenizers = tokenizers
         self.security = security or ClientSecurity()
@@ -60,7 +61,8 @@ class ModelPool:
         current = {w.address: w for w in self.workers}
         for target in targets:
             if target not in current:
-                worker = ModelWorkerClient(target, self.tokenizers, self._health_changed, self.security, names[target])
+                worker = ModelWorkerClient(target, self.tokenizers, self._health_changed, self.security, names[target],
+                                           self.max_stream_buffer)
                 self.workers.append(worker)
                 worker.start()
         for address, worker in current.items():

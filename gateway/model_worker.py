@@ -15,6 +15,7 @@ from typing import Callable
 
 import grpc
 
+from genrpc import faults
 from genrpc.errors import Unavailable
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2
 from genrpc.security import ClientSecurity
@@ -27,6 +28,8 @@ log = logging.getLogger("genrpc.gateway.model_worker")
 PROMPT_TAIL_TOKENS = 5  # prompt ids that prime incremental detokenization (as TGI)
 SUBMITS_IN_FLIGHT = 1  # per model worker; more concurrent requests share the next Submit
 SUBMIT_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+DEFAULT_MAX_STREAM_BUFFER = 1024  # pieces (about a token each) a sequence may have waiting unread
 
 
 @dataclass
@@ -72,6 +75,7 @@ class SequenceHandle:
     sequence_id: int
     detok: DetokState
     queue: asyncio.Queue  # shared by the sequences of one request: (SequenceEvent)
+    max_buffered: int  # pieces the queue may hold unread before the sequence ends (a reader that stopped)
     done: bool = False
 
 
@@ -79,8 +83,11 @@ class ModelWorkerClient:
     """One model worker: its Events stream, its sequences, and its health."""
 
     def __init__(self, address: str, tokenizers: TokenizerPool, on_health_change: Callable[[], None],
-                 security: ClientSecurity | None = None, server_name: str = ""):
+                 security: ClientSecurity | None = None, server_name: str = "",
+                 max_stream_buffer: int = DEFAULT_MAX_STREAM_BUFFER):
+        """max_stream_buffer: a sequence's pieces that may wait unread (a client that stopped reading)."""
         self.address = address
+        self.max_stream_buffer = max_stream_buffer
         self.tokenizers = tokenizers
         self.on_health_change = on_health_change
         self.client_id = f"gateway-{uuid.uuid4().hex}"
@@ -111,6 +118,7 @@ class ModelWorkerClient:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
+            stream = None
             try:
                 self.info = await self.stub.WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10)
                 stream = self.stub.Events(model_pb2.EventsRequest(client_id=self.client_id))
@@ -119,6 +127,7 @@ class ModelWorkerClient:
                         self._set_healthy(True)
                         backoff = 0.2
                         log.info("model worker %s connected", self.address)
+                    faults.check("gateway.model_stream")
                     if step.events:
                         await self._on_step(step)
                 raise Unavailable("the Events stream ended")
@@ -131,6 +140,9 @@ class ModelWorkerClient:
                 self.fail_all(f"model worker {self.address} became unavailable")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            finally:
+                if stream is not None:  # the worker then aborts every sequence this stream carried
+                    stream.cancel()
 
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
@@ -175,6 +187,7 @@ class ModelWorkerClient:
             for handle, _ in groups.values():
                 self._end(handle, SequenceEvent(
                     handle.sequence_id, None, "", 0, error=f"detokenization failed: {describe(exc)}"))
+            self._abort_in_background([handle.sequence_id for handle, _ in groups.values()])
             return
         texts = dict(zip(piece_ids, response.pieces))
         for (handle, events), result in zip(groups.values(), response.results):
@@ -199,6 +212,12 @@ class ModelWorkerClient:
                 if event.finish_reason != 0:
                     self._end(handle, piece)
                     break
+                if handle.queue.qsize() >= handle.max_buffered:
+                    self._end(handle, SequenceEvent(handle.sequence_id, None, "", 0, error=(
+                        f"{handle.max_buffered} pieces of the stream waited unread; "
+                        "a stream's reader must keep up (--max-stream-buffer)"), error_code=RESOURCE_EXHAUSTED))
+                    self._abort_in_background([handle.sequence_id])
+                    break
                 handle.queue.put_nowait(piece)
 
     def _end(self, handle: SequenceHandle, piece: SequenceEvent) -> None:
@@ -216,9 +235,11 @@ class ModelWorkerClient:
         them at once when they could not start within `timeout`."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         handles, inputs = [], []
+        max_buffered = self.max_stream_buffer * len(rows)  # the request's sequences share the queue
         for (ids, mask), p in zip(rows, params):
             tail = [i for i, m in zip(ids, mask) if m][-PROMPT_TAIL_TOKENS:]
-            handle = SequenceHandle(next(self._ids), DetokState(tail, len(tail), skip_special_tokens), queue)
+            handle = SequenceHandle(next(self._ids), DetokState(tail, len(tail), skip_special_tokens), queue,
+                                    max_buffered)
             handles.append(handle)
             inputs.append(model_pb2.SequenceInput(
                 sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p, tenant=tenant,
@@ -256,7 +277,11 @@ class ModelWorkerClient:
         """A request gave up while its merged Submit was in flight, and the Submit went through:
         its sequences are running with nobody to read them."""
         inputs, _ = item
-        task = asyncio.get_running_loop().create_task(self._abort_ids([s.sequence_id for s in inputs]))
+        self._abort_in_background([s.sequence_id for s in inputs])
+
+    def _abort_in_background(self, ids: list[int]) -> None:
+        """Aborts sequences that ended on this side (a sequence that ends here ends on the worker)."""
+        task = asyncio.get_running_loop().create_task(self._abort_ids(ids))
         self._orphan_aborts.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._orphan_aborts.discard)
 

@@ -10,6 +10,7 @@ import logging
 
 import grpc
 
+from genrpc import faults
 from genrpc.errors import Unavailable
 from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from genrpc.security import ClientSecurity
@@ -93,6 +94,7 @@ class TokenizerPool:
         for attempt in range(self.attempts):
             stub = self.stubs[(first + attempt) % len(self.stubs)]
             try:
+                faults.check("gateway.tokenizer_call")
                 return await getattr(stub, method)(request, timeout=timeout, wait_for_ready=False, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from genrpc import faults
 from genrpc.pki import make_credentials
 
 STOP_TIMEOUT = 15.0
@@ -53,6 +54,9 @@ class Child:
 
 
 def main() -> None:
+    if faults.requested():
+        raise SystemExit(f"{faults.ENV_SPEC} / {faults.ENV_FILE} arm fault injection, which is for tests only: "
+                         "unset them to serve")
     folder = tempfile.mkdtemp(prefix="genrpc-credentials-")
     try:
         credentials = make_credentials(folder)

@@ -10,6 +10,7 @@ import threading
 import torch
 from prometheus_client import Gauge
 
+from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
 from genrpc.model_path import DEFAULT_MODEL, ModelSource
 from genrpc.logs import setup_logging
@@ -259,8 +260,11 @@ def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
 async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,
                 security: ServerSecurity, thread_policy: ThreadPolicy) -> None:
     """The gRPC server, on its own thread's asyncio loop."""
-    subs = Subscriptions(asyncio.get_running_loop())
+    subs = Subscriptions(asyncio.get_running_loop(), engine_loop)
     engine_loop.publish = subs.publish_threadsafe
+    Gauge("genrpc_model_event_streams", "open Events streams (one per gateway)").set_function(lambda: len(subs.queues))
+    Gauge("genrpc_model_owned_sequences", "unfinished sequences the open Events streams' clients own").set_function(
+        lambda: sum(map(len, list(subs.owned.values()))))
 
     def register(server):
         model_pb2_grpc.add_ModelWorkerServicer_to_server(
@@ -272,6 +276,7 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
     await run_until_signal(handle, args.grace, args.port_file, stop=stop)
 
 
+@exits_on_config_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)

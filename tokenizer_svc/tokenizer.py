@@ -22,6 +22,7 @@ from typing import Sequence
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer
 
+from genrpc import faults
 from genrpc.model_path import ModelSource
 from tokenizer_svc.detokenize import DecodeStep, decode_incremental, decode_steps
 
@@ -111,6 +112,7 @@ class Tokenizer:
         """Encodes texts or chats; keeps the last `truncate_input_tokens` ids of each; left-pads when `pad`.
         Markup in the caller's text becomes special tokens only with `parse_special_tokens`. Raises
         AnswerTooLarge when the rows with their token strings would pass `max_answer_bytes`."""
+        faults.check("tokenizer.encode")
         if max_answer_bytes and return_tokens and texts:
             self._refuse_large(texts, max_answer_bytes)
         if chats:
@@ -224,6 +226,7 @@ class Tokenizer:
         return [self._piece_cache[i] for i in token_ids]
 
     def decode_stream(self, items: Sequence[DecodeStreamItem]) -> list[DecodeStep]:
+        faults.check("tokenizer.detokenize")
         return [
             decode_steps(self.decode, item.token_ids, item.read_offset, item.skip_special_tokens, item.final,
                          item.num_new_tokens) if item.num_new_tokens > 1 else

@@ -26,6 +26,8 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 
+from genrpc import faults
+
 
 class GrammarError(ValueError):
     """A grammar the tokenizer cannot be constrained by."""
@@ -49,6 +51,7 @@ class Grammars:
     def constraint(self, grammar: str) -> Constraint:
         """A new sequence's matcher for `grammar` (llguidance's grammar text), its first mask already
         computed (that builds the grammar's lexer: seconds for a large schema, the first time)."""
+        faults.check("grammar.compile")
         tokenizer = self._llg_tokenizer()
         matcher = llguidance.LLMatcher(tokenizer, grammar)
         if matcher.is_error():

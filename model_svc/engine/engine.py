@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -9,12 +10,15 @@ from typing import Hashable
 
 import torch
 
+from genrpc import faults
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
 from model_svc.engine.speculation import accepted_count
+
+log = logging.getLogger("genrpc.engine")
 
 
 @dataclass
@@ -45,6 +49,18 @@ class StepStats:
     emitted: list[int] = field(default_factory=list)  # tokens each sequence that got any got
 
 
+@dataclass(frozen=True)
+class RunningStep:
+    """What `interrupt_for` (any thread) knows of the step being computed: swapped whole, so that it
+    never reads one step's priorities beside another's rows."""
+
+    priorities: tuple[int, ...]  # of its sequences
+    only_long: bool  # it computes long prompts' chunks and nothing else
+    rows: Counter  # its sequences per tenant
+    seconds: float  # its duration by the cost model
+    after_stop: bool  # the step before it was stopped
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache,
                  default_prompt_lookup: int = 0, grammars=None):
@@ -61,11 +77,9 @@ class Engine:
         # Set (from any thread) to stop the running step between layers: `interrupt_for`.
         self.interrupt = threading.Event()
         self.num_interrupted = 0  # steps stopped so, since start
-        self._step_priorities: tuple[int, ...] = ()  # of the running step's sequences
-        self._step_only_long = False  # the running step computes long prompts' chunks and nothing else
-        self._step_rows: Counter[str] = Counter()  # the running step's sequences per tenant
-        self._step_seconds = 0.0  # and its duration by the cost model
-        self._after_stop = False  # the step before the running one was stopped
+        self.num_failures = 0  # failures that failed sequences (`_failed`), since start
+        self._running: RunningStep | None = None  # the step being computed, if any
+        self._after_stop = False  # the last step was stopped (engine thread only)
 
     def interrupt_for(self, seqs: list[Sequence]) -> None:
         """Stops the running step (any thread) so that a new request does not wait for it to end:
@@ -76,10 +90,12 @@ class Engine:
         stopped step's work is done again; the step after carries the new prompt and decodes, so a
         long prompt still advances every other step at worst (a step right after a stopped one is
         not stopped for fair steps, so new tenants arriving faster than steps end cannot stall it)."""
-        scheduler = self.scheduler
-        if scheduler.outranks_step(seqs, self._step_priorities) or (
-                self._step_only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)
-        ) or (not self._after_stop and scheduler.caps(seqs, self._step_rows, self._step_seconds)):
+        scheduler, step = self.scheduler, self._running
+        if step is None:
+            return
+        if scheduler.outranks_step(seqs, step.priorities) or (
+                step.only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)
+        ) or (not step.after_stop and scheduler.caps(seqs, step.rows, step.seconds)):
             self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
@@ -95,8 +111,15 @@ class Engine:
         return None if seq is None else TokenOutput(seq_id, None, FinishReason.CANCELLED)
 
     def step(self) -> list[TokenOutput]:
-        """Runs one step; returns one output per sequence that got a token or finished."""
-        out = self.scheduler.schedule()
+        """Runs one step; returns one output per sequence that got a token or finished. A failure
+        fails the sequences it touched and is returned as their outputs, never raised: the step's
+        sequences when computing or recording it fails, every sequence when scheduling does (the
+        queues may be half-moved)."""
+        try:
+            faults.check("scheduler.schedule")
+            out = self.scheduler.schedule()
+        except Exception as exc:
+            return self._failed(self.scheduler.fail_all(), exc, "scheduling")
         self.last_step = StepStats(len(out.scheduled), out.num_batched_tokens, out.num_cached_tokens,
                                    out.num_preempted, out.num_pairs, out.num_capped)
         if out.is_empty:
@@ -106,15 +129,17 @@ class Engine:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             # A step verifying proposals runs to its end: only `update` gives back their extra blocks.
             interrupt = None if out.num_proposed_tokens else self.interrupt
-            self._step_priorities = tuple({item.seq.priority for item in out.scheduled})
-            self._step_only_long = all(item.kind == "long" for item in out.scheduled)
-            self._step_seconds = self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs)
-            self._step_rows = Counter(item.seq.tenant for item in out.scheduled)
+            self._running = RunningStep(
+                tuple({item.seq.priority for item in out.scheduled}),
+                all(item.kind == "long" for item in out.scheduled),
+                Counter(item.seq.tenant for item in out.scheduled),
+                self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs), self._after_stop)
             try:
+                faults.check("runner.execute")
                 logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)
                 self._after_stop = False
             finally:
-                self._step_priorities, self._step_only_long, self._step_rows = (), False, Counter()
+                self._running = None
             rows, sampled_rows, counts, position = [], [], [], 0  # counts: each item's sampled rows
             for item in out.scheduled:
                 if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
@@ -132,17 +157,16 @@ class Engine:
                     counts.append(0)
             if len(sampled_rows) != len(logits):
                 logits = logits[sampled_rows]
+            faults.check("sampler.sample")
             tokens = self.sampler.sample(logits, rows)
         except StepInterrupted:  # nothing was computed: the next schedule takes them up again
+            self.scheduler.rewind(out)
             self.num_interrupted += 1
             self.last_step = StepStats(num_capped=out.num_capped)
             self._after_stop = True
             return []
         except Exception as exc:  # a failed step fails its sequences, never the server
-            seqs = [item.seq for item in out.scheduled]
-            self.scheduler.fail(seqs)
-            message = f"{type(exc).__name__}: {exc}"
-            return [TokenOutput(s.seq_id, None, FinishReason.ERROR, error=message) for s in seqs]
+            return self._failed(self.scheduler.fail([item.seq for item in out.scheduled]), exc, "the step")
         emitted: dict[Hashable, list[SampledToken]] = {}  # each sampled sequence's tokens, in order
         position = 0
         for item, count in zip(out.scheduled, counts):
@@ -151,7 +175,11 @@ class Engine:
                 position += count
                 emitted[item.seq.seq_id] = sampled[:accepted_count(item.proposals, [t.token_id for t in sampled]) + 1]
         lengths = {item.seq.seq_id: len(item.seq.output_ids) for item in out.scheduled}
-        self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
+        try:
+            faults.check("scheduler.update")
+            self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
+        except Exception as exc:
+            return self._failed(self.scheduler.fail([item.seq for item in out.scheduled]), exc, "recording the step")
         self.last_step.num_proposed = out.num_proposed_tokens
         outputs = []
         for item in out.scheduled:
@@ -170,6 +198,18 @@ class Engine:
                 if lengths[seq.seq_id] == 0 and i == 0 and seq.prompt_logprobs is not None:
                     outputs[-1].prompt_logprobs = seq.prompt_logprobs
         return outputs
+
+    def fail_all(self, exc: BaseException) -> list[TokenOutput]:
+        """Fails every sequence the engine holds (a failure outside `step`'s own guards)."""
+        return self._failed(self.scheduler.fail_all(), exc, "the engine loop")
+
+    def _failed(self, seqs: list[Sequence], exc: BaseException, where: str) -> list[TokenOutput]:
+        """The outputs of sequences failed by `exc`: the traceback goes to the log, the type to them."""
+        self.num_failures += 1
+        self.last_step = StepStats()  # nothing computed to learn step costs from
+        log.error("%s failed; failing its %d sequences", where, len(seqs), exc_info=exc)
+        message = f"{where} failed ({type(exc).__name__})"
+        return [TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=message) for seq in seqs]
 
     @staticmethod
     def _prompt_logprobs(item, logits: torch.Tensor) -> None:

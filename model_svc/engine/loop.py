@@ -27,6 +27,7 @@ from model_svc.engine.sequence import FinishReason, Sequence
 log = logging.getLogger("genrpc.engine")
 
 Publish = Callable[[list[TokenOutput]], None]
+MAX_BACKOFF_S = 1.0  # the longest pause after failures in a row (an engine failing every step idles)
 
 STEP_SECONDS = Histogram("genrpc_model_step_seconds", "duration of one engine step",
                          buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5))
@@ -91,12 +92,12 @@ class EngineLoop:
             self._commands.append(("abort", list(seq_ids)))
             self._wake.notify()
 
-    def _apply_commands(self) -> list[TokenOutput]:
-        outputs = []
+    def _apply_commands(self, outputs: list[TokenOutput]) -> None:
+        """Applies the queued adds and aborts, appending their outputs (a refusal, an abort's end)."""
         while True:
             with self._wake:
                 if not self._commands:
-                    return outputs
+                    return
                 kind, payload = self._commands.popleft()
                 if kind == "add":
                     self._num_pending_adds -= len(payload)
@@ -107,6 +108,10 @@ class EngineLoop:
                     except (ValueError, SchedulerFull) as exc:
                         outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=str(exc),
                                                    retryable=isinstance(exc, SchedulerFull)))
+                    except Exception as exc:  # not the request's fault: it ends, the others go on
+                        log.error("adding a sequence failed", exc_info=exc)
+                        outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR,
+                                                   error=f"adding the sequence failed ({type(exc).__name__})"))
             else:
                 for seq_id in payload:
                     out = self.engine.abort(seq_id)
@@ -114,19 +119,27 @@ class EngineLoop:
                         outputs.append(out)
 
     def run(self) -> None:
-        """Steps the engine on the calling thread until `stop()`."""
+        """Steps the engine on the calling thread until `stop()`. Whatever fails, every sequence it
+        touched ends with an output (the engine fails them), the outputs already collected go out,
+        and failures in a row back off (up to MAX_BACKOFF_S) instead of spinning."""
+        failures = 0
         while True:
             with self._wake:
                 while not self._stopped and not self._commands and not self.engine.scheduler.has_work:
                     self._wake.wait(timeout=1.0)  # wakes now and then so signal handlers can run
                 if self._stopped:
                     return
+                if failures:  # woken early by a command or stop(), or not at all
+                    self._wake.wait(timeout=min(MAX_BACKOFF_S, 0.01 * 2 ** failures))
+                    if self._stopped:
+                        return
+            outputs: list[TokenOutput] = []
             try:
                 self.between_steps()
                 self.engine.interrupt.clear()  # what asked for it is among the commands
-                outputs = self._apply_commands()
+                self._apply_commands(outputs)
                 started = time.perf_counter()
-                interrupted = self.engine.num_interrupted
+                interrupted, failed_before = self.engine.num_interrupted, self.engine.num_failures
                 outputs.extend(self.engine.step())
                 INTERRUPTED_STEPS.inc(self.engine.num_interrupted - interrupted)
                 stats = self.engine.last_step
@@ -148,9 +161,10 @@ class EngineLoop:
                             SPEC_ACCEPT_RATE.observe(kept / proposed)
                     for count in stats.emitted:
                         SEQUENCE_STEP_TOKENS.observe(count)
-            except Exception:  # never let the engine thread die
-                log.exception("engine step failed")
-                continue
+                failures = failures + 1 if self.engine.num_failures != failed_before else 0
+            except Exception as exc:  # never let the engine thread die, nor a sequence wait for nothing
+                outputs.extend(self.engine.fail_all(exc))
+                failures += 1
             if outputs:
                 self.publish(outputs)
 

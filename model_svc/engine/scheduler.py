@@ -665,15 +665,25 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's blocks (the full ones stay cached) and puts it at the front
         of the waiting queue, to be recomputed from its tokens."""
+        self._requeue(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def rewind(self, out: SchedulerOutput) -> None:
+        """Undoes a step that was stopped before it computed anything: a prompt it admitted whole
+        waits again, so that it is admitted whole again (never split into a long prompt's chunks)."""
+        for item in out.scheduled:
+            if item.kind == "short" and item.seq.status is SequenceStatus.RUNNING:
+                self._requeue(item.seq)
+
+    def _requeue(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._untrack(seq)
         self.blocks.free(seq.block_table)
         seq.block_table = None
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)  # its arrival ranks it before those that came later
-        self.num_preemptions += 1
 
     def _untrack(self, seq: Sequence) -> None:
         self.running_by_tenant[seq.tenant] -= 1
@@ -739,10 +749,34 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def fail(self, seqs: Iterable[Sequence]) -> None:
+    def fail(self, seqs: Iterable[Sequence]) -> list[Sequence]:
+        """Ends `seqs` with ERROR and frees their blocks; returns those that were not over yet."""
+        failed = []
         for seq in seqs:
             if not seq.is_finished:
+                if seq.status is SequenceStatus.WAITING:
+                    self.waiting.remove(seq)
                 self._finish(seq, FinishReason.ERROR)
+                failed.append(seq)
+        return failed
+
+    def fail_all(self) -> list[Sequence]:
+        """Ends every sequence with ERROR, whatever list it is in, and frees their blocks: after a
+        failure inside `schedule`, the queues may be half-moved."""
+        seqs = list(self.by_id.values())
+        for seq in seqs:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.ERROR
+            if seq.block_table is not None:
+                self.blocks.free(seq.block_table)
+                seq.block_table = None
+            if self.draft is not None:
+                self.draft.release(seq.seq_id)
+        self.waiting.clear()
+        self.running.clear()
+        self.running_by_tenant.clear()
+        self.by_id.clear()
+        return seqs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -527,3 +527,33 @@ def test_a_prompt_being_computed_is_shared_not_computed_again():
     s.add(Sequence("late", prompt[:8] + [77, 78], SamplingParams(max_new_tokens=5)))
     out, _ = step(s)
     assert ("late", 2) in ids_of(out)
+
+
+def test_a_stopped_step_readmits_its_short_prompts_whole():
+    """A step stopped before it computed anything (Engine: StepInterrupted) is rewound: a prompt it
+    admitted whole waits again and is admitted whole again, never taken up as a long prompt's chunk."""
+    s = make(max_num_seqs=8, max_batch_tokens=64)
+    s.max_prefill_tokens = 8
+    s.idle_step_seconds = 0.0035  # a long prompt's chunk is 3-4 tokens
+    s.add(seq("short", n_prompt=6, max_new_tokens=5))
+    out = s.schedule()
+    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, "short")]
+    s.rewind(out)  # nothing was computed
+    assert s.by_id["short"].status is SequenceStatus.WAITING and s.blocks.num_used_blocks == 0
+    out, _ = step(s)
+    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, "short")]
+
+
+def test_failures_end_sequences_wherever_they_are():
+    s = make()
+    for name in "abc":
+        s.add(seq(name, max_new_tokens=5))
+    out, _ = step(s)
+    s.add(seq("late", max_new_tokens=5))
+    assert [x.seq_id for x in s.fail([s.by_id["b"], s.by_id["late"]])] == ["b", "late"]
+    assert s.num_waiting == 0 and [x.seq_id for x in s.running] == ["a", "c"]
+    s.add(seq("waiting", max_new_tokens=5))
+    failed = s.fail_all()
+    assert sorted(x.seq_id for x in failed) == ["a", "c", "waiting"]
+    assert all(x.finish_reason is FinishReason.ERROR for x in failed)
+    assert not s.has_work and not s.by_id and s.blocks.num_used_blocks == 0

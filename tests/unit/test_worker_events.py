@@ -23,7 +23,7 @@ def test_a_logprob_of_exactly_zero_is_kept_and_tokens_carry_their_text():
         client = ModelWorkerClient("127.0.0.1:1", Tokenizers(), lambda: None)
         queue: asyncio.Queue = asyncio.Queue()
         for sequence_id in (1, 2, 3):
-            client.sequences[sequence_id] = SequenceHandle(sequence_id, DetokState([], 0, True), queue)
+            client.sequences[sequence_id] = SequenceHandle(sequence_id, DetokState([], 0, True), queue, 1024)
         step = model_pb2.EventsResponse(events=[
             # A certain token: its logprob is 0.0, which proto3 without presence would have dropped.
             model_pb2.TokenEvent(sequence_id=1, has_token=True, token_id=5, logprob=0.0),
