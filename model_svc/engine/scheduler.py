@@ -443,6 +443,8 @@ class Scheduler:
             if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
                 out.add(seq, num_new, "long")
                 rows[seq.tenant] += 1
+        if cap is not None:  # prompts held back by their tenant's cap skip the step too
+            out.num_capped += sum(rows[seq.tenant] >= cap for seq in self.waiting)
         for item in out.scheduled:
             item.seq.last_step = self.num_steps
         return out
