@@ -178,8 +178,10 @@ class Engine:
         try:
             faults.check("scheduler.update")
             self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
-        except Exception as exc:
-            return self._failed(self.scheduler.fail([item.seq for item in out.scheduled]), exc, "recording the step")
+        except Exception as exc:  # those it finished before failing end ERROR too: their last token is lost
+            seqs = [item.seq for item in out.scheduled]
+            self.scheduler.fail(seqs)
+            return self._failed(seqs, exc, "recording the step")
         self.last_step.num_proposed = out.num_proposed_tokens
         outputs = []
         for item in out.scheduled:

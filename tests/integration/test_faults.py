@@ -166,7 +166,7 @@ def test_a_client_that_stops_reading_is_bounded(armed):
         with grpc.insecure_channel(gateway.address, options=options) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
             wait_for(lambda: _serves(stub), timeout=60)
-            rss_before = gateway.rss_bytes()
+            rss_before = gateway.rss_bytes(), armed.model.rss_bytes()
             generated_before = metric(armed.model.metrics_port, "genrpc_model_generated_tokens_total")
             config = pb.GenerationConfig(max_new_tokens=2000, ignore_eos=True)
             calls = [stub.GenerateStream(pb.GenerateStreamRequest(prompt=f"Story {i}:", config=config), timeout=120)
@@ -175,7 +175,8 @@ def test_a_client_that_stops_reading_is_bounded(armed):
             wait_for(lambda: metric(armed.model.metrics_port, "genrpc_model_running_sequences") == 0, timeout=90)
             generated = metric(armed.model.metrics_port, "genrpc_model_generated_tokens_total") - generated_before
             assert metric(gateway.metrics_port, "genrpc_gateway_tracked_sequences") == 0
-            assert gateway.rss_bytes() - rss_before < 20 * 2**20
+            assert gateway.rss_bytes() - rss_before[0] < 20 * 2**20
+            assert armed.model.rss_bytes() - rss_before[1] < 50 * 2**20
             for call in calls:  # the client reads at last: what was held, then the status
                 error = fails_within(call, 120, time.monotonic())
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-stream-buffer" in error.details()

@@ -62,7 +62,7 @@ def test_every_point_is_checked_somewhere_and_every_check_names_a_point():
     sources = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     named = set()
     for name in sources:
-        if name.startswith("tests/"):
+        if name.startswith("tests/") or name == "genrpc/faults.py":
             continue
         with open(os.path.join(ROOT, name)) as f:
             named.update(re.findall(r'faults\.check\("([^"]+)"\)', f.read()))
