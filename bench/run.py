@@ -17,7 +17,8 @@ could all land in a slow minute the other side never saw.
 Then the CPU-contention section (bench/cpu_contention.py: the thread policies idle, beside a busy
 neighbour and under a CPU quota), the memory-model workloads (bench/memory_model.py: long
 max_new_tokens, a shared system prompt, a multi-turn chat) and the scheduling ones
-(bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), speculative
+(bench/mixed_tenants.py: a long prompt beside short ones, a flooding client, priorities), the prefix cache
+between tenants (bench/tenant_cache.py: cold, isolated, a shared salt), speculative
 decoding on and off (bench/speculative.py: input-grounded and free-text prompts, 1 and 16 streams, the
 outputs compared), structured output's mask cost and several samples per prompt (bench/structured.py),
 and it writes bench/results/latest.json, latest.png, cpu_contention.png and
@@ -39,7 +40,7 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model, mixed_tenants, speculative, structured
+from bench import cpu_contention, memory_model, mixed_tenants, speculative, structured, tenant_cache
 from bench.clients import run_streams
 from genrpc.launch import ROOT, start_stack
 
@@ -281,6 +282,7 @@ def main() -> None:
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["memory_model"] = memory_model.run()
     report["mixed_tenants"] = mixed_tenants.run()
+    report["tenant_cache"] = tenant_cache.run()
     report["speculative"] = speculative.run()
     report["structured"] = structured.run()
     report["ratios"] = {
@@ -304,6 +306,7 @@ def main() -> None:
     print(cpu_contention.markdown(report["cpu_contention"]))
     print(memory_model.markdown(report["memory_model"]))
     print(mixed_tenants.markdown(report["mixed_tenants"]))
+    print(tenant_cache.markdown(report["tenant_cache"]))
     print(speculative.markdown(report["speculative"]))
     print(structured.markdown(report["structured"]))
 

@@ -23,6 +23,8 @@ from opentelemetry.trace import SpanKind
 from genrpc import tracing
 from genrpc.errors import GenrpcError, ResourceExhausted, Unavailable
 from genrpc.logs import REQUEST_ID_HEADER, request_id
+from genrpc.rights import DEFAULT as DEFAULT_RIGHTS
+from genrpc.rights import Rights
 from genrpc.v1 import generation_pb2 as gen_pb2
 from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from gateway import metrics
@@ -30,6 +32,7 @@ from gateway.stop_strings import StopStringMatcher
 from gateway.validation import ResolvedConfig, fit_to_context
 from gateway.model_pool import ModelPool
 from gateway.model_worker import SequenceEvent
+from gateway.quotas import Quotas, refuse
 from gateway.tokenizers import TokenizerPool
 
 log = logging.getLogger("genrpc.gateway.generation")
@@ -102,17 +105,20 @@ class Generator:
         self.max_inflight_sequences = max_inflight_sequences
         self.max_inflight_per_client = max_inflight_per_client or max(1, max_inflight_sequences // 2)
         self.parse_special_tokens = parse_special_tokens  # markup in callers' text may become special tokens
+        self.quotas = Quotas()
         self.num_inflight = 0
         self.inflight_by_client: Counter[str] = Counter()  # only clients with sequences in flight
         metrics.ACTIVE_CLIENTS.set_function(lambda: len(self.inflight_by_client))
 
     async def encode(self, prompts: Prompts, truncate: int | None, pad: bool, return_tokens: bool,
-                     timeout: float | None) -> tokenizer_pb2.EncodeResponse:
+                     timeout: float | None, rights: Rights = DEFAULT_RIGHTS) -> tokenizer_pb2.EncodeResponse:
+        """Tokenizes; the caller's markup becomes special tokens as its rights say (else the flag)."""
+        raw_markup = rights.raw_markup if rights.raw_markup is not None else self.parse_special_tokens
         request = tokenizer_pb2.EncodeRequest(
             texts=prompts.texts,
             chats=[gen_pb2.Chat(messages=[gen_pb2.Message(role=r, content=c) for r, c in chat])
                    for chat in prompts.chats],
-            pad=pad, return_tokens=return_tokens, parse_special_tokens=self.parse_special_tokens,
+            pad=pad, return_tokens=return_tokens, parse_special_tokens=raw_markup,
         )
         if truncate is not None:
             request.truncate_input_tokens = truncate
@@ -139,28 +145,31 @@ class Generator:
         return [list(ids) for ids in dict.fromkeys(tuple(row.input_ids) for row in response.rows if row.input_ids)]
 
     async def stream(self, prompts: Prompts, config: ResolvedConfig, deadline: float | None = None,
-                     client: str = "") -> AsyncIterator[Delta]:
-        """Generates every prompt for `client` (the identity fair shares and caps are kept by);
-        yields deltas as tokens arrive (sequences interleaved)."""
+                     client: str = "", rights: Rights = DEFAULT_RIGHTS) -> AsyncIterator[Delta]:
+        """Generates every prompt for `client` (the identity fair shares, caps and rates are kept by,
+        within its token's `rights`); yields deltas as tokens arrive (sequences interleaved)."""
         started = time.monotonic()
         num_seqs = (len(prompts.texts) + len(prompts.chats)) * config.num_return_sequences
         mine = self.inflight_by_client[client]
-        if mine + num_seqs > self.max_inflight_per_client:
+        cap = rights.max_inflight if rights.max_inflight is not None else self.max_inflight_per_client
+        if mine + num_seqs > cap:
             metrics.CLIENT_CAP_REFUSALS.inc()
-            raise ResourceExhausted(
-                f"this client has {mine} sequences in flight and asks for {num_seqs} more: at most "
-                f"{self.max_inflight_per_client} per client; retry later")
+            error = ResourceExhausted(f"this client has {mine} sequences in flight and asks for {num_seqs} more: "
+                                      f"at most {cap} per client; retry later")
+            raise refuse(rights, "max_inflight", error) if rights.max_inflight is not None else error
         if self.num_inflight + num_seqs > self.max_inflight_sequences:
             raise ResourceExhausted(
                 f"the gateway is at capacity ({self.num_inflight} sequences in flight, "
                 f"max {self.max_inflight_sequences}); retry later")
+        self.quotas.admit(client, rights)
         self.num_inflight += num_seqs
         self.inflight_by_client[client] += num_seqs
         metrics.INFLIGHT_SEQUENCES.inc(num_seqs)
         num_finished = 0
         ended_by = gen_pb2.FINISH_REASON_CANCELLED  # unless an error ends it: client gone, deadline
         try:
-            async for delta in self._stream(prompts, config, deadline, started, client):
+            async for delta in self._stream(prompts, config, deadline, started, client, rights):
+                self.quotas.charge(client, rights, len(delta.token_ids))
                 if delta.finish_reason != RUNNING:
                     num_finished += 1
                     metrics.FINISHED_SEQUENCES.labels(gen_pb2.FinishReason.Name(delta.finish_reason)).inc()
@@ -179,10 +188,10 @@ class Generator:
                 del self.inflight_by_client[client]
             metrics.INFLIGHT_SEQUENCES.dec(num_seqs)
 
-    async def _stream(self, prompts, config, deadline, started, client) -> AsyncIterator[Delta]:
+    async def _stream(self, prompts, config, deadline, started, client, rights) -> AsyncIterator[Delta]:
         info = self.models.info()
         context_limit = min(info.max_context_tokens, info.kv_cache_tokens or info.max_context_tokens)
-        encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline))
+        encoded = await self.encode(prompts, config.truncate_input_tokens, True, False, _remaining(deadline), rights)
         bad_words_ids = await self._bad_words_ids(config.bad_words, deadline)
         field_name = "prompts" if prompts.texts else "chats"
         rows, params, runs = [], [], {}
@@ -202,12 +211,14 @@ class Generator:
         # Picked right before submit, with no await in between, so that concurrent requests see each
         # other's load (submit registers the sequences before its first await).
         first_ids, first_mask = rows[0]
-        worker = self.models.pick([i for i, m in zip(first_ids, first_mask) if m])
+        salt = cache_salt(config, rights, client)
+        worker = self.models.pick([i for i, m in zip(first_ids, first_mask) if m], salt)
         with tracing.tracer().start_as_current_span(
                 "model.Submit", kind=SpanKind.CLIENT, attributes={"genrpc.worker": worker.address,
                                                                   "genrpc.num_sequences": len(rows)}):
             handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline),
-                                          metadata=_metadata(), tenant=client, priority=config.priority)
+                                          metadata=_metadata(), tenant=client, priority=config.priority,
+                                          cache_salt=salt)
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
         num_unfinished = len(handles)
@@ -267,6 +278,17 @@ class Generator:
             delta = run.delta(match.text, token_ids, logprobs)
         delta.prompt_logprobs = event.prompt_logprobs
         return delta
+
+
+def cache_salt(config: ResolvedConfig, rights: Rights, client: str) -> str:
+    """The prefix-cache namespace of a request: the salt it names, else its token's team salt, else
+    its client's own. Requests share cached prompts only within one namespace: a client cannot time
+    another's prompts (as vLLM's cache_salt, CVE-2025-46570)."""
+    if config.cache_salt is not None:
+        return "salt:" + config.cache_salt
+    if rights.cache_salt:
+        return "salt:" + rights.cache_salt
+    return "client:" + client
 
 
 def _metadata() -> list[tuple[str, str]]:

@@ -87,8 +87,9 @@ class ModelPool:
     def healthy_workers(self) -> list[ModelWorkerClient]:
         return [w for w in self.workers if w.healthy]
 
-    def pick(self, token_ids: list[int] | None = None) -> ModelWorkerClient:
-        """The worker for a prompt with these ids (its first one, for a batch)."""
+    def pick(self, token_ids: list[int] | None = None, cache_salt: str = "") -> ModelWorkerClient:
+        """The worker for a prompt with these ids (its first one, for a batch) in the prefix-cache
+        namespace `cache_salt` (a worker holds a prompt for that salt only)."""
         healthy = self.healthy_workers
         if not healthy:
             raise Unavailable(
@@ -96,7 +97,7 @@ class ModelPool:
         if len(healthy) == 1 or token_ids is None:
             return min(healthy, key=lambda w: w.load)
         block_size = (healthy[0].info.kv_block_size if healthy[0].info else 0) or DEFAULT_BLOCK_SIZE
-        hashes = block_hashes(token_ids, block_size)
+        hashes = block_hashes(token_ids, block_size, cache_salt)
         worker = self.router.choose(healthy, [w.load for w in healthy], [w.address for w in healthy], hashes)
         self.router.record(worker.address, hashes)
         return worker

@@ -22,9 +22,11 @@ SLACK = 4  # sequences a cache-holding worker may run beyond twice the least-loa
 W = TypeVar("W")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int = MAX_BLOCKS) -> list[int]:
-    """Chained hashes of the prompt's full leading blocks: each covers every token before it too."""
-    hashes, parent = [], 0
+def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str = "",
+                 max_blocks: int = MAX_BLOCKS) -> list[int]:
+    """Chained hashes of the prompt's full leading blocks, from its cache salt: each covers every
+    token before it too, and the same prompt under another salt matches nothing."""
+    hashes, parent = [], hash(cache_salt)
     for i in range(min(len(token_ids) // block_size, max_blocks)):
         parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
         hashes.append(parent)

@@ -8,11 +8,12 @@ import uuid
 
 from genrpc.errors import grpc_errors
 from genrpc.logs import REQUEST_ID_HEADER, request_id
-from genrpc.security import ANONYMOUS, caller
+from genrpc.security import ANONYMOUS, caller, caller_rights
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from gateway import convert
 from gateway.generation import Generator, Prompts
+from gateway.quotas import apply_rights
 from gateway.validation import (check_answer_size, check_tokenize_size, check_truncate, resolve_config,
                                 validate_prompts)
 
@@ -72,9 +73,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.generator = generator
 
     def _resolve(self, prompts: Prompts, config: pb.GenerationConfig, single: bool):
+        """The request's config, checked, with the model's defaults and within the caller's rights."""
         validate_prompts(prompts.texts, prompts.chats, single)
         limits = convert.model_limits(self.generator.models.info())
-        return resolve_config(convert.requested_config(config), limits)
+        return apply_rights(resolve_config(convert.requested_config(config), limits), caller_rights.get())
 
     @grpc_errors
     async def Generate(self, request, context):
@@ -85,7 +87,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         check_answer_size(len(prompts.texts) + len(prompts.chats), config)
         num_seqs = (len(prompts.texts) + len(prompts.chats)) * config.num_return_sequences
         by_index: list[list] = [[] for _ in range(num_seqs)]
-        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context)):
+        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context),
+                                                 caller_rights.get()):
             by_index[delta.index].append(delta)
         response = convert.completions(by_index, config.num_return_sequences)
         _log_done("Generate", started, [c.finish_reason for c in response.completions],
@@ -98,7 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await _begin(context)
         prompts = convert.stream_prompts(request)
         config = self._resolve(prompts, request.config, single=True)
-        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context)):
+        async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context),
+                                                 caller_rights.get()):
             if delta.finish_reason:
                 _log_done("GenerateStream", started, [delta.finish_reason], delta.generated_tokens)
             yield convert.stream_response(delta)
@@ -113,7 +117,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         truncate = None
         if request.HasField("truncate_input_tokens"):  # a field of TokenizeRequest itself, not of a config
             truncate = check_truncate(request.truncate_input_tokens, limits.max_context, "truncate_input_tokens")
-        encoded = await self.generator.encode(prompts, truncate, False, True, context.time_remaining())
+        encoded = await self.generator.encode(prompts, truncate, False, True, context.time_remaining(),
+                                              caller_rights.get())
         return pb.TokenizeResponse(prompts=[
             pb.TokenizedPrompt(token_ids=row.input_ids, tokens=row.tokens, num_tokens=row.num_tokens)
             for row in encoded.rows

@@ -25,6 +25,7 @@ MAX_LOGIT_BIAS = 100.0
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_LENGTH = 256
 MAX_RETURN_SEQUENCES = 16
+MAX_CACHE_SALT = 256
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)
@@ -69,6 +70,7 @@ class RequestedConfig:
     bad_words: list[str] = field(default_factory=list)
     num_return_sequences: int | None = None
     prompt_logprobs: int | None = None
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ResolvedConfig:
     bad_words: list[str] = field(default_factory=list)
     num_return_sequences: int = 1
     prompt_logprobs: int | None = None  # None: not asked
+    cache_salt: str | None = None  # None: the client's own prefix-cache namespace
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -199,6 +202,9 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
     if req.prompt_logprobs is not None:
         _check(0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs", req.prompt_logprobs,
                f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)")
+    if req.cache_salt is not None:
+        _check(1 <= len(req.cache_salt) <= MAX_CACHE_SALT, "cache_salt", req.cache_salt,
+               f"must have 1 to {MAX_CACHE_SALT} characters (unset: this client's own prefix cache)")
     grammar = ""
     if req.structured_output is not None:
         kind, value = req.structured_output
@@ -229,6 +235,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         bad_words=list(req.bad_words),
         num_return_sequences=samples,
         prompt_logprobs=req.prompt_logprobs,
+        cache_salt=req.cache_salt,
     )
 
 

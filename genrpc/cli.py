@@ -80,6 +80,8 @@ GENERATION_FLAGS = [
      "also print each prompt token's logprob and N alternatives, 0 .. 20"),
     ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, 32),
      "speculative decoding: proposals a step, 0 .. 32, 0: off (the server's, 8); the output is the same"),
+    ("--cache-salt", "cache_salt", str,
+     "share the prompt in the prefix cache with requests naming the same salt (unset: this client's own)"),
 ]
 
 

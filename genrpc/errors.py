@@ -25,6 +25,11 @@ log = logging.getLogger("genrpc.errors")
 class GenrpcError(Exception):
     code = grpc.StatusCode.INTERNAL
 
+    def __init__(self, message: str = "", retry_after: float | None = None):
+        """retry_after: seconds after which a retry may succeed (sent as the `retry-after` trailer)."""
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class InvalidArgument(GenrpcError, ValueError):
     """A request field is wrong; the message names the field, the value and what is allowed."""
@@ -75,6 +80,11 @@ def exits_on_config_error(main):
     return run
 
 
+def _trailers(exc: BaseException) -> tuple:
+    retry_after = getattr(exc, "retry_after", None)
+    return (("retry-after", f"{retry_after:.1f}"),) if retry_after is not None else ()
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message for an exception raised below a servicer."""
     if isinstance(exc, GenrpcError):
@@ -108,7 +118,7 @@ def grpc_errors(method):
                 raise
             except Exception as exc:
                 code, message = status_of(exc)
-                await context.abort(code, message)
+                await context.abort(code, message, _trailers(exc))
         return stream
 
     @functools.wraps(method)
@@ -119,5 +129,5 @@ def grpc_errors(method):
             raise
         except Exception as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, _trailers(exc))
     return unary

@@ -169,3 +169,13 @@ def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tupl
                             *credentials.client_flags(), *gateway_args, env=env)
     wait_serving(gateway.address)
     return Stack(tokenizer, worker, gateway, credentials, folder)
+
+
+def describe_cpu() -> str:
+    """The CPU a figure was measured on: its model, the instruction sets that choose kernels, cores."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    kinds = [k for k in ("amx_bf16", "avx512_bf16", "avx2") if k in flags]
+    return f"{name} ({', '.join(kinds) or 'none of AMX, AVX-512 BF16, AVX2'}), {os.cpu_count()} cores"

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import grpc
 
 from genrpc.errors import ConfigError
+from genrpc.rights import DEFAULT as DEFAULT_RIGHTS
+from genrpc.rights import Rights, parse_line
 
 log = logging.getLogger("genrpc.security")
 
@@ -37,6 +39,8 @@ RECHECK_S = 1.0  # a token file is looked at (stat) at most this often
 
 # Who made the call being handled: "token:<hash>" for a bearer token, or ANONYMOUS without auth.
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("genrpc_caller", default=ANONYMOUS)
+# And what its token may do (the tokens file's settings; DEFAULT_RIGHTS without auth).
+caller_rights: contextvars.ContextVar[Rights] = contextvars.ContextVar("genrpc_caller_rights", default=DEFAULT_RIGHTS)
 
 
 def is_loopback(host: str) -> bool:
@@ -61,38 +65,51 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") 
 
 
 class TokenSet:
-    """Bearer tokens from a comma-separated list and/or a file (one a line, `#` starts a comment).
+    """Bearer tokens from a comma-separated list and/or a file: one a line, each maybe followed by
+    its rights (genrpc/rights.py), `#` starts a comment.
 
-    The file is re-read when it changes (looked at no more than once a second) and on `reload()`
-    (SIGHUP), so a rotated Kubernetes Secret takes effect without a restart. A token is never
-    logged; a caller is known by a hash of its token.
+    The file is re-read when it changes (looked at no more than once a second) and on SIGHUP, so a
+    rotated Kubernetes Secret takes effect without a restart; a file that does not parse, or holds
+    no token, is refused whole and the tokens read before stay (logged). A token is never logged;
+    a caller is known by a hash of its token.
     """
 
     def __init__(self, tokens: str = "", path: str = ""):
-        self._inline = [t.strip() for t in tokens.split(",") if t.strip()]
+        self._inline = [(t.strip(), DEFAULT_RIGHTS) for t in tokens.split(",") if t.strip()]
         self.path = path
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._checked = 0.0
-        self._tokens: list[bytes] = []
+        self._tokens: list[tuple[bytes, Rights]] = []
         try:
             self.reload()
         except OSError as exc:
             raise ConfigError(f"token file {path!r}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if not self._tokens:
             raise ConfigError(f"no token in {'--auth-tokens-file ' + path if path else 'the token list'}")
 
     def reload(self) -> None:
-        """Re-reads the file. A file with no token (a Secret caught half-written) is not taken: the
-        tokens accepted so far stay, and a warning says so."""
+        """Re-reads the file. Raises ValueError (naming the line) when it does not parse, keeping the
+        tokens read before; a file with no token (a Secret caught half-written) is not taken either."""
         tokens = list(self._inline)
         stamp = None
         if self.path:
             stat = os.stat(self.path)
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             with open(self.path) as f:
-                tokens += [line.split("#", 1)[0].strip() for line in f]
-        tokens = [t.encode() for t in tokens if t]
+                lines = f.readlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    parsed = parse_line(line)
+                except ValueError as exc:
+                    with self._lock:
+                        self._stamp, self._checked = stamp, time.monotonic()
+                    raise ValueError(f"{self.path} line {number}: {exc}") from None
+                if parsed is not None:
+                    tokens.append(parsed)
+        tokens = [(t.encode(), rights) for t, rights in tokens]
         with self._lock:
             self._stamp, self._checked = stamp, time.monotonic()
             if not tokens and self._tokens:
@@ -108,7 +125,7 @@ class TokenSet:
         self._checked = float("-inf")
         self._stamp = None
 
-    def _fresh(self) -> list[bytes]:
+    def _fresh(self) -> list[tuple[bytes, Rights]]:
         if self.path and time.monotonic() - self._checked > RECHECK_S:
             self._checked = time.monotonic()
             try:
@@ -117,19 +134,27 @@ class TokenSet:
                     self.reload()
             except OSError as exc:  # a Secret being swapped: keep the tokens we have
                 log.warning("cannot re-read %s: %s", self.path, exc)
+            except ValueError as exc:  # refused whole: keep the tokens we have
+                log.error("%s; keeping the %d tokens read before", exc, len(self._tokens))
         return self._tokens
 
-    def identity(self, token: str) -> str | None:
-        """The caller's name for a token that is accepted, else None (compared in constant time)."""
+    def lookup(self, token: str) -> tuple[str, Rights] | None:
+        """The caller's identity and rights for a token that is accepted, else None (compared in
+        constant time). The identity is a hash of the token: fair shares and caps count by it."""
         given = token.encode()
-        for accepted in self._fresh():
+        for accepted, rights in self._fresh():
             if hmac.compare_digest(given, accepted):
-                return "token:" + hashlib.sha256(accepted).hexdigest()[:12]
+                return "token:" + hashlib.sha256(accepted).hexdigest()[:12], rights
         return None
+
+    def identity(self, token: str) -> str | None:
+        """The caller's name for a token that is accepted, else None."""
+        found = self.lookup(token)
+        return found[0] if found else None
 
     def first(self) -> str:
         """The token a client sends (the first one: a file being rotated lists the new one first)."""
-        return self._fresh()[0].decode()
+        return self._fresh()[0][0].decode()
 
 
 def bearer(metadata) -> str | None:
@@ -160,8 +185,9 @@ def _is_tls(context) -> bool:
     return kind[0] == b"ssl"
 
 
-def _as_caller(handler: grpc.RpcMethodHandler, identity: str, require_tls: bool) -> grpc.RpcMethodHandler:
-    """The handler, run with `caller` set; refused unless the call came over TLS when `require_tls`
+def _as_caller(handler: grpc.RpcMethodHandler, identity: str, rights: Rights,
+               require_tls: bool) -> grpc.RpcMethodHandler:
+    """The handler, run with `caller` and `caller_rights` set; refused unless the call came over TLS when `require_tls`
     (a bearer token sent to the plaintext health port must not be honoured)."""
     plaintext = "this port serves health checks only: call the TLS port"
     if handler.unary_stream:
@@ -171,6 +197,7 @@ def _as_caller(handler: grpc.RpcMethodHandler, identity: str, require_tls: bool)
             if require_tls and not _is_tls(context):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, plaintext)
             caller.set(identity)
+            caller_rights.set(rights)
             async for item in inner_stream(request, context):
                 yield item
 
@@ -181,6 +208,7 @@ def _as_caller(handler: grpc.RpcMethodHandler, identity: str, require_tls: bool)
         if require_tls and not _is_tls(context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, plaintext)
         caller.set(identity)
+        caller_rights.set(rights)
         return await inner_unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
@@ -198,14 +226,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_SERVICES):
             return handler
-        identity = ANONYMOUS
+        identity, rights = ANONYMOUS, DEFAULT_RIGHTS
         if self.tokens is not None:
             token = bearer(handler_call_details.invocation_metadata)
-            identity = self.tokens.identity(token) if token else None
-            if identity is None:
+            found = self.tokens.lookup(token) if token else None
+            if found is None:
                 return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
                                  "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
-        return _as_caller(handler, identity, self.require_tls)
+            identity, rights = found
+        return _as_caller(handler, identity, rights, self.require_tls)
 
 
 def add_server_flags(parser) -> None:
@@ -221,6 +250,11 @@ def add_server_flags(parser) -> None:
                              "that cannot speak TLS (-1: off, 0: a free port)")
     parser.add_argument("--allow-insecure", action="store_true",
                         help="let an internal service listen beyond loopback without TLS and tokens")
+    parser.add_argument("--metrics-auth-tokens-file", default="",
+                        help="file of bearer tokens /metrics requires (one a line; re-read like "
+                             "--auth-tokens-file); without it /metrics is open to whoever reaches the port")
+    parser.add_argument("--metrics-tls-cert", default="", help="PEM certificate: serve /metrics over HTTPS")
+    parser.add_argument("--metrics-tls-key", default="", help="PEM private key for --metrics-tls-cert")
 
 
 @dataclass
@@ -231,6 +265,8 @@ class ServerSecurity:
     tokens: TokenSet | None
     interceptors: list
     health_port: int
+    metrics_tokens: TokenSet | None = None  # what /metrics requires (None: open)
+    metrics_tls: tuple[str, str] | None = None  # (certificate, key) files: /metrics over HTTPS
 
     @property
     def describe(self) -> str:
@@ -261,13 +297,21 @@ def server_security(args, internal: bool) -> ServerSecurity:
                     "give --tls-cert and --tls-key", args.host)
     if args.auth_tokens:
         log.warning("--auth-tokens puts secrets on the command line or in the environment; prefer --auth-tokens-file")
-    if tokens is not None and args.auth_tokens_file:
+    if bool(args.metrics_tls_cert) != bool(args.metrics_tls_key):
+        raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together")
+    metrics_tokens = TokenSet(path=args.metrics_auth_tokens_file) if args.metrics_auth_tokens_file else None
+    if exposed and tokens is not None and metrics_tokens is None and args.metrics_port >= 0:
+        log.warning("/metrics on %s:%d is open while calls need a token: its queue depths and cache figures "
+                    "tell one tenant about the others; give --metrics-auth-tokens-file", args.host, args.metrics_port)
+    reloading = [t for t in (tokens if args.auth_tokens_file else None, metrics_tokens) if t is not None]
+    if reloading:
         # A handler runs between two bytecodes of the main thread, which may hold the tokens' lock:
         # it only marks them stale, and the next call re-reads the file.
-        signal.signal(signal.SIGHUP, lambda signum, frame: tokens.request_reload())
+        signal.signal(signal.SIGHUP, lambda signum, frame: [t.request_reload() for t in reloading])
     interceptors = [AuthInterceptor(tokens, require_tls=credentials is not None)] \
         if tokens is not None or credentials is not None else []
-    return ServerSecurity(credentials, tokens, interceptors, args.health_port)
+    return ServerSecurity(credentials, tokens, interceptors, args.health_port, metrics_tokens,
+                          (args.metrics_tls_cert, args.metrics_tls_key) if args.metrics_tls_cert else None)
 
 
 def add_client_flags(parser) -> None:

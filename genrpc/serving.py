@@ -21,9 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 from genrpc import tracing
+from genrpc.metrics_server import serve_metrics
 from genrpc.security import ServerSecurity
 
 log = logging.getLogger("genrpc")
@@ -202,8 +203,8 @@ async def start_server(
             raise RuntimeError(f"could not listen on {host}:{security.health_port}")
     bound_metrics = -1
     if metrics_port >= 0:
-        metrics_server, _ = start_http_server(metrics_port, addr=host)
-        bound_metrics = metrics_server.server_port
+        tls = (security.metrics_tls if security else None) or ("", "")
+        bound_metrics = serve_metrics(host, metrics_port, security.metrics_tokens if security else None, *tls)
     await server.start()
     handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names, bound_health)
     await handle.set_serving(True)

@@ -14,6 +14,7 @@ from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import LoadedModel
 
 MAX_PRIORITY = 100  # as the gateway validates GenerationConfig.priority
+MAX_CACHE_SALT = 512  # characters: the gateway's salts are at most 256 characters and a prefix
 
 FINISH_REASONS = {
     None: generation_pb2.FINISH_REASON_UNSPECIFIED,
@@ -63,8 +64,11 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
         raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
     deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
     params = sampling_params(pb.params, default_prompt_lookup)
+    if len(pb.cache_salt) > MAX_CACHE_SALT:
+        raise ValueError(f"sequence {pb.sequence_id}: cache_salt has {len(pb.cache_salt)} characters, at most "
+                         f"{MAX_CACHE_SALT}")
     return Sequence((client_id, pb.sequence_id), ids, params, tenant=pb.tenant[:256],
-                    priority=pb.priority, deadline=deadline)
+                    priority=pb.priority, deadline=deadline, cache_salt=pb.cache_salt.encode() or None)
 
 
 def token_event(out: TokenOutput) -> model_pb2.TokenEvent:

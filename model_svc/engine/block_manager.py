@@ -10,7 +10,8 @@ Automatic prefix caching: a block whose every slot is computed gets a hash chain
 parent's hash and its token ids (blake2b, 128 bits; the ids are compared on a hit too, so a
 collision can never serve another prompt's keys). A chain starts from a root: sequences whose keys
 and values are computed with other numerics (a long prompt's kernel) hash under another root, so
-they never share blocks with the rest. A new sequence takes every leading block whose hash is
+they never share blocks with the rest, and each cache salt (a tenant, or a salt its requests name)
+has its own roots (`salted_root`). A new sequence takes every leading block whose hash is
 cached by reference, without a copy. A block whose last user ends keeps its contents and its
 hash and waits in a least-recently-used order; it is reused as is by the next sequence with that
 prefix, or emptied for another use only when no never-used block is left.
@@ -18,6 +19,7 @@ prefix, or emptied for another use only when no never-used block is left.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +37,17 @@ def block_hash(parent: bytes | None, token_ids: Seq[int]) -> bytes:
     """The identity of a full block: its tokens and, through the parent's hash, every token before."""
     digest = hashlib.blake2b(parent or b"", digest_size=16)
     digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return digest.digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def salted_root(root: bytes | None, salt: bytes | None) -> bytes | None:
+    """The namespace `root` inside the cache salt `salt` (None or empty: `root` itself). Chains from
+    different salts never meet, so a tenant can neither hit nor time another tenant's blocks."""
+    if not salt:
+        return root
+    digest = hashlib.blake2b(b"cache salt", digest_size=16)
+    digest.update(len(salt).to_bytes(4, "little") + salt + (root or b""))
     return digest.digest()
 
 

@@ -54,7 +54,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
-from model_svc.engine.block_manager import BlockManager, BlockTable
+from model_svc.engine.block_manager import BlockManager, BlockTable, salted_root
 from model_svc.engine.speculation import Speculator
 from model_svc.engine.step_cost import StepCost, chunk_pairs
 from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -252,14 +252,19 @@ class Scheduler:
             return False
         return seq.num_prompt_tokens <= self.max_cached_prompt or self.cache_long_prompts
 
+    def _is_long(self, seq: Sequence) -> bool:
+        """Whether its prompt goes through the long-prompt kernel (other numerics)."""
+        return seq.num_prompt_tokens > self.max_cached_prompt
+
     def _root(self, seq: Sequence) -> bytes | None:
-        """The prefix-cache namespace of the sequence's numbers (block_manager.py)."""
-        return LONG_PROMPTS if seq.num_prompt_tokens > self.max_cached_prompt else None
+        """The prefix-cache namespace of the sequence's numbers (block_manager.py) within its cache
+        salt's: sequences of different salts never share a block (no timing side channel)."""
+        return salted_root(LONG_PROMPTS if self._is_long(seq) else None, seq.cache_salt)
 
     def _shareable(self, seq: Sequence) -> int:
         """How many of a sequence's leading tokens others may share once computed: all of them, or a
         long prompt's prompt tokens (its decoded ones went through the other kernel)."""
-        return seq.num_prompt_tokens if self._root(seq) is not None else seq.num_tokens
+        return seq.num_prompt_tokens if self._is_long(seq) else seq.num_tokens
 
     def add(self, seq: Sequence, now: float | None = None) -> None:
         if len(self.waiting) >= self.max_waiting:

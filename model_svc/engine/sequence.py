@@ -109,6 +109,7 @@ class Sequence:
     arrival: int = 0
     deadline: float | None = None
     last_step: int = 0  # the scheduler's step that last computed it (fair steps run the least recent first)
+    cache_salt: bytes | None = None  # its prefix-cache namespace (block_manager.salted_root); None: shared
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -199,12 +199,14 @@ def test_kubernetes_manifests_are_valid():
         # TLS and tokens from files: no secret on a command line or in an environment variable.
         assert "GENRPC_AUTH_TOKENS" not in env and not any("secretKeyRef" in str(e) for e in container["env"])
         assert env["GENRPC_TLS_CERT"] and env["GENRPC_TLS_KEY"] and env["GENRPC_AUTH_TOKENS_FILE"]
+        assert env["GENRPC_METRICS_AUTH_TOKENS_FILE"]  # queue depths and cache figures are for the operator only
         # Probes reach the plaintext health-only port; the service port speaks TLS.
         assert container["readinessProbe"]["grpc"]["port"] == int(env["GENRPC_HEALTH_PORT"])
         secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
         assert secrets and not any(v.get("optional") for v in secrets)  # a missing Secret stops the pod
         mounted = {m["mountPath"] for m in container["volumeMounts"]}
-        assert {os.path.dirname(env["GENRPC_TLS_CERT"]), os.path.dirname(env["GENRPC_AUTH_TOKENS_FILE"])} <= mounted
+        assert {os.path.dirname(env[f"GENRPC_{v}"]) for v in ("TLS_CERT", "AUTH_TOKENS_FILE",
+                                                               "METRICS_AUTH_TOKENS_FILE")} <= mounted
         if name != "gateway":  # internal: client certificates required
             assert env["GENRPC_TLS_CLIENT_CA"]
         else:

@@ -23,7 +23,7 @@ from collections import Counter
 import grpc
 import pytest
 
-from genrpc.launch import ROOT, metric, start_service, wait_serving
+from genrpc.launch import ROOT, describe_cpu, metric, start_service, wait_serving
 from genrpc.pki import make_credentials
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
@@ -103,6 +103,7 @@ def one_request(stub, rng: random.Random, i: int) -> tuple[str, float, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(MINUTES * 60 + 600)
 def test_chaos_soak(tmp_path):
     backends = Backends(str(tmp_path))
     gateway = start_service("gateway", "--tokenizer-addrs", backends.addresses("tokenizer_svc"),
@@ -168,7 +169,7 @@ def test_chaos_soak(tmp_path):
         "minutes": MINUTES, "clients": NUM_CLIENTS, "deadline_s": DEADLINE_S, "requests": sum(outcomes.values()),
         "outcomes": dict(outcomes), "kills": kills, "problems": problems[:20], "overdue_s": overdue[:20],
         "gateway_rss_mib": [round(rss_before / 2**20), round(rss_after / 2**20)], "left_behind": left,
-        "cpu": _cpu(),
+        "cpu": describe_cpu(),
     }
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     with open(REPORT, "w") as f:
@@ -181,12 +182,3 @@ def test_chaos_soak(tmp_path):
     assert len(kills) >= max(1, int(MINUTES * 60 / KILL_EVERY_S[1]) - 1)
     assert not any(left.values()), left
     assert rss_after - rss_before < 100 * 2**20
-
-
-def _cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        info = f.read()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    kinds = [k for k in ("amx_bf16", "avx512_bf16", "avx2") if f" {k}" in flags]
-    return f"{name} ({', '.join(kinds)}), {os.cpu_count()} cores"

@@ -12,6 +12,7 @@ def test_block_hashes_are_chained_and_whole_blocks_only():
     b = block_hashes([99] + SYSTEM[1:], 16)
     assert all(x != y for x, y in zip(a, b))  # a different first token changes every later hash
     assert block_hashes(SYSTEM, 16, max_blocks=2) == a[:2]
+    assert not set(block_hashes(SYSTEM, 16, "client:token:a")) & set(a)  # another cache salt matches nothing
 
 
 def test_affinity_follows_the_longest_cached_prefix():
