@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
@@ -17,6 +18,9 @@ from gateway.server import GenerationServicer
 from gateway.model_pool import ModelPool
 from gateway.model_worker import DEFAULT_MAX_STREAM_BUFFER
 from gateway.tokenizers import TokenizerPool
+
+
+log = logging.getLogger("genrpc.gateway")
 
 
 def parse_args(argv=None):
@@ -58,6 +62,11 @@ async def serve(args, security: ServerSecurity) -> None:
     def on_health_change(healthy: bool) -> None:
         if handle_box:
             asyncio.get_running_loop().create_task(handle_box[0].set_ready(healthy))
+        if healthy:  # the line to wait for: from now on a request can succeed
+            log.info("gateway READY on %s:%d: a model worker is connected (health SERVING)", args.host,
+                     handle_box[0].port if handle_box else args.port)
+        else:
+            log.warning("gateway NOT READY: no model worker is connected (health NOT_SERVING)")
 
     models = ModelPool(_addresses(args.model_addrs), tokenizers, on_health_change, internal, args.max_stream_buffer)
     metrics.TRACKED_SEQUENCES.set_function(lambda: sum(len(w.sequences) for w in models.workers))

@@ -101,10 +101,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await _begin(context)
         prompts = convert.stream_prompts(request)
         config = self._resolve(prompts, request.config, single=True)
+        finished: list[tuple[int, int]] = []  # (finish reason, tokens) of each sample that ended
         async for delta in self.generator.stream(prompts, config, _deadline(context), client_identity(context),
                                                  caller_rights.get()):
             if delta.finish_reason:
-                _log_done("GenerateStream", started, [delta.finish_reason], delta.generated_tokens)
+                finished.append((delta.finish_reason, delta.generated_tokens))
+                if len(finished) == config.num_return_sequences:  # one line for the request, as Generate
+                    _log_done("GenerateStream", started, [r for r, _ in finished], sum(n for _, n in finished))
             yield convert.stream_response(delta)
 
     @grpc_errors

@@ -10,22 +10,16 @@ import math
 from dataclasses import dataclass, field, fields
 
 from genrpc.errors import InvalidArgument
+from genrpc.limits import (MAX_CACHE_SALT, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PRIORITY, MAX_PROMPT_LOOKUP,
+                           MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS, MAX_TOP_LOGPROBS)
 from gateway.structured import grammar_for
 
 MAX_PROMPTS = 64
 MAX_STOP_STRINGS = 32
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
-MAX_TIME_LIMIT_MS = 3_600_000
-MAX_TOP_LOGPROBS = 20
-MAX_PRIORITY = 100  # priorities are -MAX_PRIORITY .. MAX_PRIORITY, higher first
-MAX_PROMPT_LOOKUP = 32  # as the model service's SamplingParams allow
-MAX_LOGIT_BIAS_ENTRIES = 300
-MAX_LOGIT_BIAS = 100.0
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_LENGTH = 256
-MAX_RETURN_SEQUENCES = 16
-MAX_CACHE_SALT = 256
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENIZE_CHARS = 1_000_000  # a whole Tokenize request: ~1 s of tokenizing, an answer under 16 MiB for prose
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # one gRPC message (genrpc.serving.MAX_MESSAGE_BYTES)

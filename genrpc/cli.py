@@ -18,6 +18,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from genrpc.errors import ConfigError
+from genrpc.limits import (MAX_PRIORITY, MAX_PROMPT_LOOKUP, MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS,
+                           MAX_TOP_LOGPROBS)
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 
@@ -69,17 +71,21 @@ GENERATION_FLAGS = [
     ("--typical-p", "typical_p", ranged(float, 0.0, 1.0, low_open=True), "typical sampling (1.0)"),
     ("--repetition-penalty", "repetition_penalty", ranged(float, 0.0, 100.0, low_open=True), "1.0: off"),
     ("--seed", "seed", ranged(int, 0, 2**64 - 1), "reproduce a sample (random when unset)"),
-    ("--time-limit-ms", "time_limit_ms", ranged(int, 1, 3_600_000), "stop after this long; the text so far is kept"),
+    ("--time-limit-ms", "time_limit_ms", ranged(int, 1, MAX_TIME_LIMIT_MS),
+     "stop after this long; the text so far is kept"),
     ("--truncate-input-tokens", "truncate_input_tokens", ranged(int, 1, INT32_MAX),
      "keep only the prompt's last N tokens"),
-    ("--top-logprobs", "top_logprobs", ranged(int, 0, 20), "also the N most likely tokens at each step, 0 .. 20"),
-    ("--priority", "priority", ranged(int, -100, 100), "-100 .. 100, higher is more urgent (0)"),
-    ("--num-return-sequences", "num_return_sequences", ranged(int, 1, 16),
-     "samples of the prompt, 1 .. 16 (needs --do-sample; sample i uses seed + i)"),
-    ("--prompt-logprobs", "prompt_logprobs", ranged(int, 0, 20),
-     "also print each prompt token's logprob and N alternatives, 0 .. 20"),
-    ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, 32),
-     "speculative decoding: proposals a step, 0 .. 32, 0: off (the server's, 8); the output is the same"),
+    ("--top-logprobs", "top_logprobs", ranged(int, 0, MAX_TOP_LOGPROBS),
+     f"also the N most likely tokens at each step, 0 .. {MAX_TOP_LOGPROBS}"),
+    ("--priority", "priority", ranged(int, -MAX_PRIORITY, MAX_PRIORITY),
+     f"{-MAX_PRIORITY} .. {MAX_PRIORITY}, higher is more urgent (0)"),
+    ("--num-return-sequences", "num_return_sequences", ranged(int, 1, MAX_RETURN_SEQUENCES),
+     f"samples of the prompt, 1 .. {MAX_RETURN_SEQUENCES} (needs --do-sample; sample i uses seed + i)"),
+    ("--prompt-logprobs", "prompt_logprobs", ranged(int, 0, MAX_TOP_LOGPROBS),
+     f"also print each prompt token's logprob and N alternatives, 0 .. {MAX_TOP_LOGPROBS}"),
+    ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, MAX_PROMPT_LOOKUP),
+     f"speculative decoding: proposals a step, 0 .. {MAX_PROMPT_LOOKUP}, 0: off (the server's, 8); "
+     "the output is the same"),
     ("--cache-salt", "cache_salt", str,
      "share the prompt in the prefix cache with requests naming the same salt (unset: this client's own)"),
 ]

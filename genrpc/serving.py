@@ -150,6 +150,7 @@ class ServerHandle:
     metrics_port: int
     service_names: list[str] = field(default_factory=list)
     health_port: int = -1  # plaintext health-only port beside a TLS one (-1: none)
+    name: str = ""  # the service, as its log lines name it
 
     async def set_ready(self, ready: bool) -> None:
         """Readiness: the overall status ("") and each service's, what load balancers and
@@ -206,7 +207,7 @@ async def start_server(
         tls = (security.metrics_tls if security else None) or ("", "")
         bound_metrics = serve_metrics(host, metrics_port, security.metrics_tokens if security else None, *tls)
     await server.start()
-    handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names, bound_health)
+    handle = ServerHandle(server, health_servicer, bound, bound_metrics, service_names, bound_health, name)
     await handle.set_serving(True)
     log.info("%s serving on %s:%d (%s; metrics on %d%s)", name, host, bound,
              security.describe if security else "plaintext, no authentication", bound_metrics,
@@ -232,10 +233,10 @@ async def run_until_signal(
     server_done = asyncio.ensure_future(handle.server.wait_for_termination())
     stop_wait = asyncio.ensure_future(stop.wait())
     await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-    log.info("stopping: health NOT_SERVING, %.1fs grace for in-flight calls", grace)
+    log.info("%s stopping: health NOT_SERVING, %.1fs grace for in-flight calls", handle.name, grace)
     await handle.set_serving(False)
     await handle.server.stop(grace)
     if on_stop is not None:
         await on_stop()
     stop_wait.cancel()
-    log.info("stopped")
+    log.info("%s stopped", handle.name)

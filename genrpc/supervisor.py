@@ -13,6 +13,7 @@ the secret as a bearer token), and the gateway presents them.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,11 @@ class Child:
             self.start()
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m genrpc.supervisor", description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="Each service takes its flags from GENRPC_<FLAG> variables (see `python -m gateway --help`, "
+               "`python -m model_svc --help`, `python -m tokenizer_svc --help`).").parse_args(argv)
     if faults.requested():
         raise SystemExit(f"{faults.ENV_SPEC} / {faults.ENV_FILE} arm fault injection, which is for tests only: "
                          "unset them to serve")

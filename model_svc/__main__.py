@@ -28,7 +28,7 @@ from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
-from model_svc.engine.sequence import MAX_PROMPT_LOOKUP
+from genrpc.limits import MAX_PROMPT_LOOKUP
 from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
 from model_svc.server import ModelWorkerServicer, Subscriptions
 from model_svc.threads import LoadMonitor, ThreadPolicy, machine_policy

@@ -7,14 +7,14 @@ import time
 
 import grpc
 
+from genrpc import limits
 from genrpc.v1 import generation_pb2
 from genrpc.internal.v1 import model_pb2
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import LoadedModel
 
-MAX_PRIORITY = 100  # as the gateway validates GenerationConfig.priority
-MAX_CACHE_SALT = 512  # characters: the gateway's salts are at most 256 characters and a prefix
+MAX_CACHE_SALT = 2 * limits.MAX_CACHE_SALT  # the gateway's salts: a request's (or a token's), and a prefix
 
 FINISH_REASONS = {
     None: generation_pb2.FINISH_REASON_UNSPECIFIED,
@@ -60,8 +60,8 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
     if bad is not None:
         raise ValueError(f"sequence {pb.sequence_id}: logit_bias or bad_words_ids token id {bad} is not below the "
                          f"vocabulary size {vocab_size}")
-    if not -MAX_PRIORITY <= pb.priority <= MAX_PRIORITY:
-        raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    if not -limits.MAX_PRIORITY <= pb.priority <= limits.MAX_PRIORITY:
+        raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{limits.MAX_PRIORITY}, {limits.MAX_PRIORITY}]")
     deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
     params = sampling_params(pb.params, default_prompt_lookup)
     if len(pb.cache_salt) > MAX_CACHE_SALT:

@@ -9,8 +9,8 @@ from typing import Hashable
 
 import torch
 
-MAX_PROMPT_LOOKUP = 32  # proposals a step may verify for one sequence
-MAX_LOGIT_BIAS = 100.0
+from genrpc.limits import MAX_LOGIT_BIAS, MAX_PROMPT_LOOKUP
+
 
 class FinishReason(enum.Enum):
     """Token-level reasons the engine ends a sequence (text-level ones live in the gateway)."""

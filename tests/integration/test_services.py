@@ -42,6 +42,13 @@ def test_health_and_reflection(stack, name):
         assert "grpc.health.v1.Health" in names
 
 
+def test_the_gateway_says_when_a_request_can_succeed(stack):
+    with open(stack.gateway.log_path) as f:
+        log = f.read()
+    assert f"gateway READY on 127.0.0.1:{stack.gateway.port}" in log
+    assert log.index("gateway serving on") < log.index("gateway READY")  # serving is not ready
+
+
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_metrics_endpoint(stack, name):
     service = getattr(stack, name)

@@ -1,7 +1,11 @@
-"""One coherent attention choice: contradictory model-service flags are refused at start, naming them."""
+"""Start-up flags: one coherent attention choice (contradictions refused, naming the flags), and help."""
+
+import subprocess
+import sys
 
 import pytest
 
+from genrpc.launch import ROOT
 from model_svc.__main__ import parse_args, resolve_attention
 
 
@@ -30,3 +34,9 @@ def test_flags_resolve(flags, native_possible, expected):
 def test_contradictions_are_refused(flags, native_possible, message):
     with pytest.raises(SystemExit, match=message):
         resolve_attention(parse_args(flags), native_possible)
+
+
+def test_the_supervisor_prints_help_instead_of_serving():
+    done = subprocess.run([sys.executable, "-m", "genrpc.supervisor", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "GENRPC_<FLAG>" in done.stdout and "started" not in done.stdout

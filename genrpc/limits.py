@@ -1,0 +1,12 @@
+"""The request limits that more than one side checks, defined once: the gateway validates them
+(gateway/validation.py), the model service checks what reaches it (model_svc), and the CLI refuses
+them before a call (genrpc/cli.py)."""
+
+MAX_PRIORITY = 100  # priorities are -MAX_PRIORITY .. MAX_PRIORITY, higher first
+MAX_PROMPT_LOOKUP = 32  # proposals a step may verify for one sequence (speculative decoding)
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0  # biases are in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+MAX_TOP_LOGPROBS = 20  # alternatives a position may return (top_logprobs, prompt_logprobs)
+MAX_RETURN_SEQUENCES = 16  # samples per prompt
+MAX_TIME_LIMIT_MS = 3_600_000
+MAX_CACHE_SALT = 256  # characters of a request's cache_salt
