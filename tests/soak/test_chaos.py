@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -104,8 +106,9 @@ def one_request(stub, rng: random.Random, i: int) -> tuple[str, float, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(MINUTES * 60 + 600)
-def test_chaos_soak(tmp_path):
-    backends = Backends(str(tmp_path))
+def test_chaos_soak():
+    folder = tempfile.mkdtemp(prefix="genrpc-soak-")  # its own: pytest prunes old tmp_path folders meanwhile
+    backends = Backends(folder)
     gateway = start_service("gateway", "--tokenizer-addrs", backends.addresses("tokenizer_svc"),
                             "--model-addrs", backends.addresses("model_svc"), *backends.credentials.client_flags())
     outcomes: Counter[str] = Counter()
@@ -145,7 +148,11 @@ def test_chaos_soak(tmp_path):
                         return
                     time.sleep(wait)
                     index = rng.randrange(4)
-                    took = backends.kill_and_restart(index)
+                    try:
+                        took = backends.kill_and_restart(index)
+                    except Exception as exc:  # noqa: BLE001 - reported by the test
+                        problems.append(f"restarting {backends.kinds[index]} failed: {exc}"[:2000])
+                        return
                     kills.append({"at_s": round(MINUTES * 60 - (stop_at - time.monotonic())),
                                   "service": backends.kinds[index], "restart_s": round(took, 1)})
 
@@ -165,6 +172,7 @@ def test_chaos_soak(tmp_path):
     finally:
         gateway.stop()
         backends.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     report = {
         "minutes": MINUTES, "clients": NUM_CLIENTS, "deadline_s": DEADLINE_S, "requests": sum(outcomes.values()),
         "outcomes": dict(outcomes), "kills": kills, "problems": problems[:20], "overdue_s": overdue[:20],
