@@ -35,6 +35,7 @@ import sys
 import time
 import urllib.request
 
+from bench import roofline
 from bench.clients import run_streams
 from bench.run import MODEL, RESULTS, percentile, prompts_for
 from genrpc.launch import ROOT, start_stack
@@ -276,7 +277,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
+    machine = roofline.measure()  # before either server starts: nothing else on the cores
     report = run(args.rounds, args.concurrency)
+    context = 12 + NEW_TOKENS // 2  # a story prompt's ~12 tokens, then half the new ones on average
+    report["roofline"] = {side: roofline.bounds(machine, {p["concurrency"]: p[side]["tokens_per_s"]
+                                                          for p in report["points"]}, context,
+                                                weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0)
+                          for side in ("genrpc", "vllm")}
     with open(os.path.join(RESULTS, "peers.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot(report, os.path.join(RESULTS, "peers.png"))
@@ -285,6 +292,8 @@ def main() -> None:
               f"{p['vllm']['tokens_per_s']:.0f} tok/s: {p['ratio_tokens_per_s']:.2f}x (rounds "
               f"{', '.join(f'{r:.2f}' for r in p['ratio_per_round'])}); TTFT {p['genrpc']['ttft_p50_s'] * 1000:.0f} "
               f"vs {p['vllm']['ttft_p50_s'] * 1000:.0f} ms")
+    for side in ("genrpc", "vllm"):
+        print(f"{side}:\n{roofline.markdown(report['roofline'][side])}")
     sys.exit(0)
 
 

@@ -21,8 +21,8 @@ max_new_tokens, a shared system prompt, a multi-turn chat) and the scheduling on
 between tenants (bench/tenant_cache.py: cold, isolated, a shared salt), speculative
 decoding on and off (bench/speculative.py: input-grounded and free-text prompts, 1 and 16 streams, the
 outputs compared), structured output's mask cost and several samples per prompt (bench/structured.py),
-and it writes bench/results/latest.json, latest.png, cpu_contention.png and
-speculative.png.
+and the roofline (bench/roofline.py: each point against its bandwidth or compute bound on this CPU); it
+writes bench/results/latest.json, latest.png, cpu_contention.png and speculative.png.
 
     python -m bench.run [--quick]
 """
@@ -40,9 +40,9 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model, mixed_tenants, speculative, structured, tenant_cache
+from bench import cpu_contention, memory_model, mixed_tenants, roofline, speculative, structured, tenant_cache
 from bench.clients import run_streams
-from genrpc.launch import ROOT, start_stack
+from genrpc.launch import ROOT, describe_cpu, start_stack
 
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -272,13 +272,17 @@ def main() -> None:
     new_tokens = 32 if args.quick else 128
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpus": os.cpu_count(), "cpu": describe_cpu(), "platform": platform.platform(),
+                    "torch": torch.__version__},
         "model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "quantization": "4bit-nf4",
         "new_tokens": new_tokens,
     }
     report["repeats"] = args.repeats
+    machine = roofline.measure()  # first: nothing else on the cores
     report["service"], report["generate"] = interleaved(concurrency, new_tokens, 100 if args.quick else 1000,
                                                          args.repeats)
+    report["roofline"] = roofline.bounds(machine, {n: report["service"]["concurrency"][str(n)]["tokens_per_s"]
+                                                   for n in concurrency}, context=12 + new_tokens // 2)
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["memory_model"] = memory_model.run()
     report["mixed_tenants"] = mixed_tenants.run()
@@ -302,6 +306,7 @@ def main() -> None:
     speculative.plot(report["speculative"], os.path.join(RESULTS, "speculative.png"))
     print(json.dumps(report["ratios"], indent=2))
     print(markdown_table(report))
+    print(roofline.markdown(report["roofline"]))
     print(json.dumps(report["cpu_contention"]["summary"], indent=2))
     print(cpu_contention.markdown(report["cpu_contention"]))
     print(memory_model.markdown(report["memory_model"]))
