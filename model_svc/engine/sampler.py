@@ -118,7 +118,7 @@ class Sampler:
             return logits
         scores = logits.clone()
         vocab = scores.shape[-1]
-        taken: dict[int, tuple[Sequence, int]] = {}  # id(seq) -> proposals its grammar took for later rows
+        taken: dict[Sequence, int] = {}  # proposals each sequence's grammar took for its later rows
         for i in touched:
             seq, params = rows[i].seq, rows[i].seq.params
             if params.logit_bias:
@@ -133,17 +133,17 @@ class Sampler:
             if seq.constraint is not None:
                 # A later position's mask is the grammar's after the proposals before it (the rows
                 # of one sequence come in order): taken tentatively here, undone below.
-                _, count = taken.get(id(seq), (seq, 0))
+                count = taken.get(seq, 0)
                 while count < rows[i].offset and seq.constraint.try_advance(rows[i].before[count]):
                     count += 1
-                taken[id(seq)] = (seq, count)
+                taken[seq] = count
                 if count == rows[i].offset:
                     seq.constraint.mask(scores[i:i + 1])
                 else:  # a proposal before it breaks the grammar: verification stops there, this row is unused
                     scores[i] = -float("inf")
             if not bool(torch.isfinite(scores[i]).any()):  # nothing allowed is left: the output ends
                 scores[i, [t for t in self.eos_token_ids if t < vocab][:1] or [0]] = 0.0
-        for seq, count in taken.values():
+        for seq, count in taken.items():
             seq.constraint.rollback(count)
         return scores
 

@@ -104,12 +104,12 @@ class SchedulerOutput:
     num_long_tokens: int = 0  # of long prompts' chunks
     num_proposed_tokens: int = 0  # proposals to verify (speculation.py)
     num_capped: int = 0  # sequences that could have run but skip the step for fair shares (`_tenant_cap`)
-    _members: set[int] = field(default_factory=set, repr=False)  # id() of the scheduled sequences
+    _members: set[Sequence] = field(default_factory=set, repr=False)  # the scheduled sequences
 
     def add(self, seq: Sequence, num_new: int, kind: str = "decode") -> None:
         """Schedules `num_new` tokens of `seq` (before the step: its computed tokens not yet counted)."""
         self.scheduled.append(ScheduledSequence(seq, num_new, kind))
-        self._members.add(id(seq))
+        self._members.add(seq)
         self._count(seq, num_new, kind, 1)
 
     def propose(self, item: ScheduledSequence, proposals: list[int]) -> None:
@@ -126,7 +126,7 @@ class SchedulerOutput:
         for i, item in enumerate(self.scheduled):
             if item.seq is seq:
                 del self.scheduled[i]
-                self._members.discard(id(seq))
+                self._members.discard(seq)
                 self._count(seq, item.num_new_tokens, item.kind, -1)
                 self.num_proposed_tokens -= len(item.proposals)
                 return
@@ -140,7 +140,7 @@ class SchedulerOutput:
             self.num_long_tokens += sign * num_new
 
     def __contains__(self, seq: Sequence) -> bool:
-        return id(seq) in self._members
+        return seq in self._members
 
     @property
     def is_empty(self) -> bool:
@@ -408,16 +408,16 @@ class Scheduler:
         decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0
         # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
         # the chunks of long prompts already running, so that a long prefill never holds the door.
-        deferred: set[int] = set()
+        deferred: set[Sequence] = set()
         while True:
-            candidates = [w for w in self.waiting if id(w) not in deferred and (floor is None or w.priority >= floor)
+            candidates = [w for w in self.waiting if w not in deferred and (floor is None or w.priority >= floor)
                           and (cap is None or rows[w.tenant] < cap)]  # not over its tenant's share
             if not candidates:
                 break
             seq = min(candidates, key=self.rank)
             plan = self._plan(seq)
             if self._computed_by_another(seq, plan):
-                deferred.add(id(seq))  # it will share those blocks instead of computing them again
+                deferred.add(seq)  # it will share those blocks instead of computing them again
                 continue
             room = self._room(out)
             kind = "short" if plan.uncomputed <= self.max_prefill_tokens else "long"

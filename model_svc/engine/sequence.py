@@ -78,9 +78,10 @@ class SamplingParams:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One prompt being generated. `seq_id` is opaque to the engine (the server uses (client, id))."""
+    """One prompt being generated. `seq_id` is opaque to the engine (the server uses (client, id)).
+    An entity: compared and hashed by identity, so sets hold it and `list.remove` finds it at once."""
 
     seq_id: Hashable
     prompt_ids: list[int]
