@@ -11,7 +11,7 @@ the same prompt cold, in the same minutes:
 Each round times the four in a rotated order; the report keeps each one's median over the rounds
 and its ratio to cold, with the CPU it ran on.
 
-    python -m bench.tenant_cache
+    python -m bench.tenant_cache    (alone: writes bench/results/tenant_cache.json)
 """
 
 from __future__ import annotations
@@ -100,5 +100,7 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     result = run()
+    with open(os.path.join(ROOT, "bench", "results", "tenant_cache.json"), "w") as f:
+        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}, f, indent=1)
     print(json.dumps(result, indent=2))
     print(markdown(result))
