@@ -55,11 +55,16 @@ def generate(stub, prompts, client, timeout=60, **config):
 def test_a_flooding_client_is_capped_and_another_gets_its_share(small, stub):
     idle(small)
     preempted_before = metric(small.model.metrics_port, "genrpc_model_preemptions")
+    generated_before = metric(small.model.metrics_port, "genrpc_model_generated_tokens_total")
     flood = stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}:" for i in range(CAP)],
                                                     config=pb.GenerationConfig(**LONG)),
                                  timeout=120, metadata=as_client("A"))
     try:
-        wait_for(lambda: running(small) == SLOTS, timeout=20)  # A holds every slot; 2 more wait
+        # A holds every slot with sequences past their prompts (a step stopped before it computed
+        # a prompt puts the prompt back to waiting: no preemption needed then); 2 more wait.
+        wait_for(lambda: running(small) == SLOTS and metric(
+            small.model.metrics_port, "genrpc_model_generated_tokens_total") - generated_before >= 2 * SLOTS,
+                 timeout=30)
         with pytest.raises(grpc.RpcError) as info:  # A over its share: refused at once
             generate(stub, ["One more"], "A", max_new_tokens=4)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
