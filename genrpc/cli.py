@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import grpc
@@ -296,6 +297,10 @@ def _channel(args) -> grpc.Channel:
 
 
 def main(argv=None) -> int:
+    # Ctrl-C stops a stream even when this process was started with SIGINT ignored or blocked (both
+    # are inherited from the parent): the default handler raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         args = parser().parse_args(argv)
         args.metadata = (("x-genrpc-client", args.client),) if args.client else None

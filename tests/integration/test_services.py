@@ -149,7 +149,13 @@ def test_cli_ctrl_c_during_a_stream_exits_quietly(stack):
                              "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     proc.stdout.read(8)  # streaming
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # say what the process made of the signal, for the next reader
+        with open(f"/proc/{proc.pid}/status") as f:
+            masks = [line.strip() for line in f if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        proc.kill()
+        raise AssertionError(f"the CLI did not stop within 30 s of SIGINT; {masks}")
     assert proc.returncode == 130 and "Traceback" not in err
 
 
