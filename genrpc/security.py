@@ -93,25 +93,24 @@ class TokenSet:
     def reload(self) -> None:
         """Re-reads the file. Raises ValueError (naming the line) when it does not parse, keeping the
         tokens read before; a file with no token (a Secret caught half-written) is not taken either."""
-        tokens = list(self._inline)
-        stamp = None
+        tokens, stamp, problem = list(self._inline), None, ""
         if self.path:
             stat = os.stat(self.path)
             stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             with open(self.path) as f:
-                lines = f.readlines()
-            for number, line in enumerate(lines, 1):
-                try:
-                    parsed = parse_line(line)
-                except ValueError as exc:
-                    with self._lock:
-                        self._stamp, self._checked = stamp, time.monotonic()
-                    raise ValueError(f"{self.path} line {number}: {exc}") from None
-                if parsed is not None:
-                    tokens.append(parsed)
+                for number, line in enumerate(f, 1):
+                    try:
+                        parsed = parse_line(line)
+                    except ValueError as exc:
+                        problem = f"{self.path} line {number}: {exc}"
+                        break
+                    if parsed is not None:
+                        tokens.append(parsed)
         tokens = [(t.encode(), rights) for t, rights in tokens]
         with self._lock:
-            self._stamp, self._checked = stamp, time.monotonic()
+            self._stamp, self._checked = stamp, time.monotonic()  # this version is read, taken or not
+            if problem:
+                raise ValueError(problem)
             if not tokens and self._tokens:
                 log.warning("%s holds no token: keeping the %d accepted before", self.path, len(self._tokens))
                 return
@@ -187,8 +186,8 @@ def _is_tls(context) -> bool:
 
 def _as_caller(handler: grpc.RpcMethodHandler, identity: str, rights: Rights,
                require_tls: bool) -> grpc.RpcMethodHandler:
-    """The handler, run with `caller` and `caller_rights` set; refused unless the call came over TLS when `require_tls`
-    (a bearer token sent to the plaintext health port must not be honoured)."""
+    """The handler, run with `caller` and `caller_rights` set; refused unless the call came over TLS
+    when `require_tls` (a bearer token sent to the plaintext health port must not be honoured)."""
     plaintext = "this port serves health checks only: call the TLS port"
     if handler.unary_stream:
         inner_stream = handler.unary_stream

@@ -61,12 +61,12 @@ class Subscriptions:
                 by_client[out.seq_id[0]].append(convert.token_event(out))
         except Exception as exc:
             log.error("dispatching a step's %d outputs failed; ending their sequences", len(outputs), exc_info=exc)
+            unfinished = {out.seq_id for out in outputs if out.finish_reason is None}
+            self.engine_loop.abort(unfinished)
             by_client = defaultdict(list)
-            for out in outputs:
-                if out.finish_reason is None:
-                    self.engine_loop.abort([out.seq_id])
-                by_client[out.seq_id[0]].append(model_pb2.TokenEvent(
-                    sequence_id=out.seq_id[1], finish_reason=generation_pb2.FINISH_REASON_ERROR,
+            for client_id, seq_id in dict.fromkeys(out.seq_id for out in outputs):  # one event a sequence
+                by_client[client_id].append(model_pb2.TokenEvent(
+                    sequence_id=seq_id, finish_reason=generation_pb2.FINISH_REASON_ERROR,
                     error=f"sending the step's tokens failed ({type(exc).__name__})"))
         else:
             GENERATED_TOKENS.inc(sum(out.token_id is not None for out in outputs))
