@@ -138,5 +138,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             num_model_workers=len(self.generator.models.healthy_workers), thread_policy=info.thread_policy,
             kv_cache_tokens=info.kv_cache_tokens, kv_block_size=info.kv_block_size,
             prefix_caching=info.prefix_caching, decode_attention=info.decode_attention,
-            prefill_attention=info.prefill_attention,
+            prefill_attention=info.prefill_attention, matmul=info.matmul, cpu=info.cpu,
         )

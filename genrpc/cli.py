@@ -219,6 +219,8 @@ def cmd_info(stub, args) -> None:
         ("KV cache", f"{info.kv_cache_tokens} tokens in blocks of {info.kv_block_size}, prefix caching "
                      f"{'on' if info.prefix_caching else 'off'}"),
         ("attention", f"decoded tokens {info.decode_attention}, prompts {info.prefill_attention}"),
+        ("matmul", info.matmul),
+        ("cpu", info.cpu),
         ("threads", info.thread_policy),
         ("defaults", ", ".join(f"{k}={v}" for k, v in defaults.items())),
     ]

@@ -18,7 +18,7 @@ from genrpc.tracing import setup_tracing
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
-from model_svc.engine import fused
+from model_svc.engine import fused, kernel_choice
 from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
@@ -87,6 +87,11 @@ def parse_args(argv=None):
                              "AVX-512 BF16 (4-bit layers give bitsandbytes' own bits; the output embedding, with native "
                              "attention, rounds in its own order); falls back to library where it cannot build or "
                              "run; library: bitsandbytes' and PyTorch's kernels")
+    parser.add_argument("--matmul-direct-rows", default="auto",
+                        help="auto (default): where the native kernel has the choice (AVX2), time on this CPU up to "
+                             "how many rows its products read the weights directly rather than through a decoded "
+                             "panel, for this model's shapes, once (cached on disk); N: force N rows (0: always "
+                             "the panel). The same bits either way")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
                              "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
@@ -102,6 +107,24 @@ def parse_args(argv=None):
                              "prompt lookup's (loaded unquantized in --dtype); verified exactly like them")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
+
+
+def direct_rows(args) -> int | None:
+    """--matmul-direct-rows as the runner takes it (None: measure); refuses a bad value or one that
+    cannot apply, at start."""
+    value = args.matmul_direct_rows
+    if value == "auto":
+        return None
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if not 0 <= rows <= 4096:
+        raise SystemExit(f"--matmul-direct-rows={value} is invalid: auto, or a row count in [0, 4096]")
+    if args.matmul != "native":
+        raise SystemExit("--matmul-direct-rows chooses between the native kernel's paths: drop it with "
+                         f"--matmul {args.matmul}")
+    return rows
 
 
 def resolve_attention(args, native_possible: bool) -> tuple[str, str]:
@@ -155,6 +178,7 @@ def build_engine(args) -> tuple:
     if args.threads < 0:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
+    direct_rows(args)
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
@@ -167,9 +191,10 @@ def engine_for(loaded, args) -> Engine:
     decode, prefill = resolve_attention(args, loaded.dtype == "bfloat16" and loaded.device == "cpu")
     runner = ModelRunner(loaded.model, match_generate=args.match_generate,
                          decode_attention_impl="native" if decode == "generate" else decode,
-                         prefill_attention_impl=prefill, matmul=args.matmul)
+                         prefill_attention_impl=prefill, matmul=args.matmul, direct_rows=direct_rows(args))
     log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
-             runner.prefill_attention, runner.matmul)
+             runner.prefill_attention, runner.matmul_detail)
+    log.info("cpu: %s", kernel_choice.cpu_info().describe())
     if args.block_size < 1 or args.kv_cache_tokens < args.block_size:
         raise SystemExit(f"--block-size={args.block_size} and --kv-cache-tokens={args.kv_cache_tokens}: need "
                          "1 <= block size <= cache tokens")

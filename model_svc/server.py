@@ -21,6 +21,7 @@ from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from genrpc.v1 import generation_pb2
 from model_svc import convert
 from model_svc.engine.constraints import Grammars
+from model_svc.engine import kernel_choice
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.scheduler import SchedulerFull
@@ -87,6 +88,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
         self.engine_loop = engine_loop
         self.subs = subscriptions
         self.thread_policy = thread_policy
+        self.cpu = kernel_choice.cpu_info().describe()
 
     @grpc_errors
     async def Events(self, request, context):
@@ -180,7 +182,8 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             prefix_caching=blocks.enable_prefix_caching, thread_policy=self.thread_policy.describe,
             decode_attention=self.engine_loop.engine.runner.decode_attention,
             prefill_attention=self.engine_loop.engine.runner.prefill_attention,
-            num_threads=self.thread_policy.threads,
+            num_threads=self.thread_policy.threads, matmul=self.engine_loop.engine.runner.matmul_detail,
+            cpu=self.cpu,
         )
 
 

@@ -46,6 +46,19 @@ class Gemm:
         self._pack = library.pack_bf16
         self._pack.argtypes = [ptr, ptr, i64, i64]
         self._pack.restype = None
+        self._set_direct_rows = library.gemm_set_direct_rows
+        self._set_direct_rows.argtypes = [i64, i64]
+        self._set_direct_rows.restype = i64
+        isa = library.gemm_isa
+        isa.restype = ctypes.c_char_p
+        self.isa = isa().decode()  # the instructions it was built with: "avx512-bf16" or "avx2"
+        self.kernel_id = Path(getattr(library, "_name", "") or "").name  # the build: source, flags and CPU
+
+    def set_direct_rows(self, kind: int, rows: int) -> int:
+        """Products of at most `rows` rows read the weights directly (kind 0: nf4, 1: bfloat16), more
+        rows through a panel: the same bits either way (kernel_choice.py measures where). Returns -1
+        where the build has no such choice (AVX-512 BF16)."""
+        return int(self._set_direct_rows(kind, rows))
 
     @staticmethod
     def _rows(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import decode_attention, fused, gemm, prefill_attention
+from model_svc.engine import decode_attention, fused, gemm, kernel_choice, prefill_attention
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.scheduler import ScheduledSequence
@@ -103,7 +103,9 @@ class ModelRunner:
       a prompt's numbers are `generate()`'s and so is the first token; no prefix sharing."""
 
     def __init__(self, model: torch.nn.Module, match_generate: bool = False, decode_attention_impl: str = "native",
-                 prefill_attention_impl: str = "native", matmul: str = "native"):
+                 prefill_attention_impl: str = "native", matmul: str = "native", direct_rows: int | None = None):
+        """direct_rows: up to how many rows the native kernel reads weights directly (None: measured on
+        this CPU, kernel_choice.py); the bits are the same either way."""
         if decode_attention_impl not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {decode_attention_impl!r}: expected one of {', '.join(DECODE_ATTENTION)}")
         if prefill_attention_impl not in PREFILL_ATTENTION:
@@ -149,6 +151,34 @@ class ModelRunner:
         # bfloat16 output embedding in the kernel's own order, with native numerics only.
         kernel = gemm.load() if matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu" else None
         self.linear = Linears(kernel, dense=self.fused is not None)
+        self.kernel_choice = None
+        if kernel is not None:
+            self.kernel_choice = kernel_choice.choose(kernel, *self._product_shapes(), forced=direct_rows)
+
+    def _product_shapes(self) -> tuple[list, list]:
+        """The model's 4-bit layer shapes and its bfloat16 output layer's (if the native kernel takes it),
+        as kernel_choice.choose wants them: (n, k, blocksize, how many layers)."""
+        counts: dict[tuple[int, int, int], int] = {}
+        for module in self.model.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None and getattr(state, "shape", None) is not None and len(state.shape) == 2:
+                n, k = int(state.shape[0]), int(state.shape[1])
+                if gemm.Gemm.fits(n, k, int(state.blocksize)):
+                    shape = (n, k, int(state.blocksize))
+                    counts[shape] = counts.get(shape, 0) + 1
+        head = self.model.get_output_embeddings()
+        dense = []
+        if (self.linear.dense and type(head) is torch.nn.Linear and head.weight.dtype == torch.bfloat16
+                and gemm.Gemm.fits(head.out_features, head.in_features)):
+            dense.append((head.out_features, head.in_features, 0, 1))
+        return [(*shape, count) for shape, count in sorted(counts.items())], dense
+
+    @property
+    def matmul_detail(self) -> str:
+        """The matrix products' path, the kernel's instructions and its row-count choice, for logs and ModelInfo."""
+        if self.linear.gemm is None:
+            return "library"
+        return f"native {self.linear.gemm.isa}: {self.kernel_choice.describe()}"
 
     @property
     def matmul(self) -> str:

@@ -277,3 +277,20 @@ def test_contradictory_model_flags_stop_start_up_with_a_message():
 def test_model_info_reports_the_attention_in_use(stub):
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert (info.decode_attention, info.prefill_attention) == ("native", "native")
+
+
+def test_model_info_reports_the_matrix_products_and_the_cpu(stub):
+    """The kernel's path and its measured row-count choice, and the CPU it was measured on."""
+    from model_svc.engine import gemm, kernel_choice
+
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    kernel = gemm.load()
+    cpu = kernel_choice.cpu_info()
+    assert info.cpu == cpu.describe()
+    if kernel is None:
+        assert info.matmul == "library"
+    elif kernel.set_direct_rows(0, 2) < 0:
+        assert info.matmul == f"native {kernel.isa}: row tiles fixed by the kernel"
+    else:
+        assert info.matmul.startswith("native avx2: weights read directly up to ")
+        assert info.matmul.endswith(("measured", "cached"))

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from genrpc.launch import ROOT
-from model_svc.__main__ import parse_args, resolve_attention
+from model_svc.__main__ import direct_rows, parse_args, resolve_attention
 
 
 @pytest.mark.parametrize("flags, native_possible, expected", [
@@ -34,6 +34,25 @@ def test_flags_resolve(flags, native_possible, expected):
 def test_contradictions_are_refused(flags, native_possible, message):
     with pytest.raises(SystemExit, match=message):
         resolve_attention(parse_args(flags), native_possible)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], None), (["--matmul-direct-rows", "auto"], None), (["--matmul-direct-rows", "0"], 0),
+    (["--matmul-direct-rows", "12"], 12),
+])
+def test_matmul_direct_rows_resolve(flags, expected):
+    assert direct_rows(parse_args(flags)) == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--matmul-direct-rows", "-1"], "--matmul-direct-rows=-1 is invalid"),
+    (["--matmul-direct-rows", "many"], "--matmul-direct-rows=many is invalid"),
+    (["--matmul-direct-rows", "5000"], r"\[0, 4096\]"),
+    (["--matmul-direct-rows", "4", "--matmul", "library"], "drop it with --matmul library"),
+])
+def test_matmul_direct_rows_refused(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        direct_rows(parse_args(flags))
 
 
 def test_the_supervisor_prints_help_instead_of_serving():

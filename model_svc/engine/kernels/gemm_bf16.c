@@ -318,6 +318,10 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
 }
 
 /* c[m, n] = a[m, k] @ W.T for a bfloat16 W packed by pack_bf16 ([n / 32][k / 2][32][2]). */
+/* Its tiles are chosen by row count alone (FEW_ROWS): no direct path to set. */
+int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
+const char *gemm_isa(void) { return "avx512-bf16"; }
+
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
                      int64_t lda, int64_t ldc) {
 #pragma omp parallel for schedule(dynamic, 8)
@@ -333,8 +337,11 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
  * (each lane: acc += x[k + 1] * w[k + 1], rounded, then acc += x[k] * w[k], rounded; a product of two
  * bfloat16 values is exact in float32, so one FMA is each step) and VCVTNEPS2BF16's rounding (to
  * nearest even). Denormals are kept (the instruction flushes them), so the bits are the AVX-512
- * kernel's except where a sum passes through a denormal. A column block's codes are decoded once per
- * call into a float32 panel ([pair][4 column vectors][odd, even][8]) that every row tile reads. */
+ * kernel's except where a sum passes through a denormal. For three rows or more, a column block's codes
+ * are decoded once per call into a float32 panel ([pair][4 column vectors][odd, even][8]) that every
+ * row tile reads; one or two rows (a decoding step's few sequences) multiply the weights straight from
+ * the codes (nf4: a byte shuffle per half-byte, no panel), as writing and re-reading a panel per call
+ * cost more than the products themselves. The sums, and so the bits, are the same either way. */
 #define LANES 8 /* float32 lanes of a vector */
 #define VECS (COLS / LANES) /* column vectors per block */
 #define TILE_ROWS 5 /* rows per tile of two column vectors: 10 sums, 2 weights, 1 input in 16 registers */
@@ -445,6 +452,117 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
     }
 }
 
+#define DIRECT_ROWS 2 /* rows per direct tile */
+
+/* Products of at most this many rows read the weights directly, two rows per pass, instead of through
+ * a panel: where the crossover lies differs between CPUs, so the runner measures it (kernel_choice.py)
+ * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense. */
+static int64_t direct_rows[2] = {DIRECT_ROWS, DIRECT_ROWS};
+
+int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) {
+    if (kind < 0 || kind > 1 || rows < 0) return -1;
+    direct_rows[kind] = rows;
+    return rows;
+}
+
+const char *gemm_isa(void) { return "avx2"; }
+
+/* Natural column order (0-7, 8-15, 16-23, 24-31) from the direct nf4 path's vectors, which hold
+ * columns {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}; and back, for the scales. */
+static inline void to_natural(const __m256 *v, __m256 *out) {
+    out[0] = _mm256_permute2f128_ps(v[0], v[1], 0x20);
+    out[1] = _mm256_permute2f128_ps(v[0], v[1], 0x31);
+    out[2] = _mm256_permute2f128_ps(v[2], v[3], 0x20);
+    out[3] = _mm256_permute2f128_ps(v[2], v[3], 0x31);
+}
+
+/* One row times one or two nf4 column blocks, or two rows times one, straight from the codes. Byte j
+ * of a pair holds column j / 2's code (low half) and column 16 + j / 2's (high half) for input
+ * k + j % 2. Two byte shuffles give each code's bfloat16 value as a low and a high byte; interleaved,
+ * each 32-bit lane holds one column's (even input, odd input) pair, whose float32 values are a shift
+ * and a mask away. The columns come out in the order to_natural undoes; the sums are `tile`'s, term
+ * for term. Each column's sum is a chain of dependent FMAs, so one row of one block (four chains)
+ * waits on their latency: two blocks or two rows give eight chains to interleave. */
+static inline __attribute__((always_inline)) void nf4_direct(const float *a, int64_t lda, const uint8_t *const *codes,
+                                                             int64_t pairs, int64_t block_pairs,
+                                                             const float *const *scales, __m256i table_lo,
+                                                             __m256i table_hi, uint16_t *const *c, int64_t ldc,
+                                                             const int rows, const int nblocks) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int groups = rows * nblocks; /* (row, block) pairs: at most two */
+    __m256 acc[2 * VECS], part[2 * VECS];
+    for (int i = 0; i < groups * VECS; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int i = 0; i < groups * VECS; i++) part[i] = _mm256_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            for (int blk = 0; blk < nblocks; blk++) {
+                const __m256i y = _mm256_loadu_si256((const __m256i *)(codes[blk] + p * COLS));
+                const __m256i lo = _mm256_and_si256(y, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(y, 4), nibble);
+                const __m256i lo_l = _mm256_shuffle_epi8(table_lo, lo), lo_h = _mm256_shuffle_epi8(table_hi, lo);
+                const __m256i hi_l = _mm256_shuffle_epi8(table_lo, hi), hi_h = _mm256_shuffle_epi8(table_hi, hi);
+                const __m256i w[VECS] = {_mm256_unpacklo_epi8(lo_l, lo_h), _mm256_unpackhi_epi8(lo_l, lo_h),
+                                         _mm256_unpacklo_epi8(hi_l, hi_h), _mm256_unpackhi_epi8(hi_l, hi_h)};
+                for (int r = 0; r < rows; r++) {
+                    __m256 *sums = part + (blk + r) * VECS; /* group blk + r: one of the two is 0 */
+                    const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
+                    for (int v = 0; v < VECS; v++)
+                        sums[v] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(w[v], high)), sums[v]);
+                    const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
+                    for (int v = 0; v < VECS; v++)
+                        sums[v] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16)), sums[v]);
+                }
+            }
+        }
+        for (int g = 0; g < groups; g++) {
+            const float *block = scales[nblocks == 1 ? 0 : g] + (p0 / block_pairs) * COLS;
+            const __m256 natural[VECS] = {_mm256_loadu_ps(block), _mm256_loadu_ps(block + 8),
+                                          _mm256_loadu_ps(block + 16), _mm256_loadu_ps(block + 24)};
+            __m256 s[VECS];
+            to_natural(natural, s); /* the same pairing of halves maps natural order to the vectors' */
+            for (int v = 0; v < VECS; v++) acc[g * VECS + v] = _mm256_fmadd_ps(part[g * VECS + v], s[v], acc[g * VECS + v]);
+        }
+    }
+    for (int g = 0; g < groups; g++) {
+        __m256 out[VECS];
+        to_natural(acc + g * VECS, out);
+        uint16_t *dst = nblocks == 1 ? c[0] + g * ldc : c[g];
+        for (int v = 0; v < VECS; v++) store_bf16(dst + v * LANES, out[v]);
+    }
+}
+
+/* One row times one or two packed bfloat16 column blocks, or two rows times one, straight from the
+ * weights: each 32-bit lane holds a column's (even input, odd input) pair. The sums are `tile`'s for a
+ * dense weight; two blocks or rows interleave eight FMA chains, as nf4_direct. */
+static inline __attribute__((always_inline)) void dense_direct(const float *a, int64_t lda,
+                                                               const uint16_t *const *blocks, int64_t pairs,
+                                                               uint16_t *const *c, int64_t ldc, const int rows,
+                                                               const int nblocks) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int groups = rows * nblocks;
+    __m256 part[2 * VECS];
+    for (int i = 0; i < groups * VECS; i++) part[i] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        for (int blk = 0; blk < nblocks; blk++) {
+            __m256i w[VECS];
+            for (int v = 0; v < VECS; v++)
+                w[v] = _mm256_loadu_si256((const __m256i *)(blocks[blk] + (p * COLS + v * LANES) * 2));
+            for (int r = 0; r < rows; r++) {
+                __m256 *sums = part + (blk + r) * VECS;
+                const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
+                for (int v = 0; v < VECS; v++)
+                    sums[v] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(w[v], high)), sums[v]);
+                const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
+                for (int v = 0; v < VECS; v++)
+                    sums[v] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16)), sums[v]);
+            }
+        }
+    }
+    for (int g = 0; g < groups; g++) {
+        uint16_t *dst = nblocks == 1 ? c[0] + g * ldc : c[g];
+        for (int v = 0; v < VECS; v++) store_bf16(dst + v * LANES, part[g * VECS + v]);
+    }
+}
+
 /* a [m, k] bfloat16 (rows lda apart) as float32 [m, k], in the calling thread's second buffer. */
 static __thread void *rows_buffer;
 static __thread size_t rows_buffer_size;
@@ -470,28 +588,57 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
         memcpy(&table[i], &bits, sizeof bits);
     }
     const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    uint8_t bytes_lo[16], bytes_hi[16]; /* the code values' low and high bytes, for the direct path's shuffles */
+    for (int i = 0; i < 16; i++) {
+        bytes_lo[i] = (uint8_t)(code_values[i] & 0xFF);
+        bytes_hi[i] = (uint8_t)(code_values[i] >> 8);
+    }
+    const __m256i table_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes_lo));
+    const __m256i table_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes_hi));
     const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+    const int direct = m <= direct_rows[0];
     const float *x = float_rows(a, m, k, lda);
     if (!x) return 1;
     int failed = 0;
+    /* One row: two column blocks a pass (their FMA chains interleave); else one block a pass. */
+    const int64_t step = direct && m == 1 ? 2 : 1;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
-    for (int64_t b = 0; b < num_blocks; b++) {
-        float *buffer = scratch(((size_t)pairs * VECS * 2 * LANES + (size_t)blocks * COLS) * sizeof(float));
+    for (int64_t b0 = 0; b0 < num_blocks; b0 += step) {
+        const int nblocks = b0 + step <= num_blocks ? (int)step : 1;
+        const size_t panel = direct ? 0 : (size_t)pairs * VECS * 2 * LANES;
+        float *buffer = scratch((panel + (size_t)nblocks * blocks * COLS) * sizeof(float));
         if (!buffer) {
             failed = 1;
             continue;
         }
-        float *scales = buffer + pairs * VECS * 2 * LANES;
-        for (int64_t kb = 0; kb < blocks; kb++)
-            for (int i = 0; i < COLS; i++) {
-                const uint32_t bits = (uint32_t)absmax[kb * n + b * COLS + i] << 16;
-                memcpy(&scales[kb * COLS + i], &bits, sizeof bits);
-            }
-        nf4_panel(codes + b * pairs * COLS, pairs, lo, hi, buffer);
-        uint16_t *c = NULL;
+        const float *scales[2];
+        const uint8_t *block[2];
+        uint16_t *c[2];
         int64_t ldc = 0;
-        block_output(b, parts, part_cols, part_c, &c, &ldc);
-        panel_rows(x, m, k, buffer, pairs, block_pairs, scales, c, ldc);
+        for (int blk = 0; blk < nblocks; blk++) {
+            const int64_t b = b0 + blk;
+            float *own = buffer + panel + blk * blocks * COLS;
+            for (int64_t kb = 0; kb < blocks; kb++)
+                for (int i = 0; i < COLS; i++) {
+                    const uint32_t bits = (uint32_t)absmax[kb * n + b * COLS + i] << 16;
+                    memcpy(&own[kb * COLS + i], &bits, sizeof bits);
+                }
+            scales[blk] = own;
+            block[blk] = codes + b * pairs * COLS;
+            block_output(b, parts, part_cols, part_c, &c[blk], &ldc);
+        }
+        if (nblocks == 2) { /* one row: each block's output where its part puts it, no stride needed */
+            nf4_direct(x, k, block, pairs, block_pairs, scales, table_lo, table_hi, c, 0, 1, 2);
+        } else if (direct) {
+            for (int64_t r = 0; r < m; r += 2) {
+                uint16_t *out[1] = {c[0] + r * ldc};
+                if (m - r == 1) nf4_direct(x + r * k, k, block, pairs, block_pairs, scales, table_lo, table_hi, out, ldc, 1, 1);
+                else nf4_direct(x + r * k, k, block, pairs, block_pairs, scales, table_lo, table_hi, out, ldc, 2, 1);
+            }
+        } else {
+            nf4_panel(block[0], pairs, lo, hi, buffer);
+            panel_rows(x, m, k, buffer, pairs, block_pairs, scales[0], c[0], ldc);
+        }
     }
     return failed;
 }
@@ -504,6 +651,22 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 8) reduction(| : failed)
     for (int64_t b = 0; b < n / COLS; b++) {
+        if (m <= direct_rows[1]) {
+            const uint16_t *blocks[2] = {packed + b * k * COLS, packed + (b + 1) * k * COLS};
+            if (m == 1 && b % 2 == 0 && b + 1 < n / COLS) { /* two blocks a pass (see nf4_direct) */
+                uint16_t *out[2] = {c + b * COLS, c + (b + 1) * COLS};
+                dense_direct(x, k, blocks, pairs, out, ldc, 1, 2);
+            } else if (m == 1 && b % 2 == 1) {
+                continue; /* done with the block before it (an even last block goes alone) */
+            } else {
+                for (int64_t r = 0; r < m; r += 2) {
+                    uint16_t *out[1] = {c + r * ldc + b * COLS};
+                    if (m - r == 1) dense_direct(x + r * k, k, blocks, pairs, out, ldc, 1, 1);
+                    else dense_direct(x + r * k, k, blocks, pairs, out, ldc, 2, 1);
+                }
+            }
+            continue;
+        }
         float *panel = scratch((size_t)pairs * VECS * 2 * LANES * sizeof(float));
         if (!panel) {
             failed = 1;
@@ -517,6 +680,8 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
 
 #else
 int gemm_supported(void) { return 0; }
+int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
+const char *gemm_isa(void) { return "none"; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                   int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                   const int64_t *part_cols, uint16_t *const *part_c) {

@@ -1,0 +1,251 @@
+"""Which matrix-product path runs at which row count, chosen by timing this CPU on the model's shapes.
+
+The native kernel (gemm.py) has, where it runs on AVX2, two ways through a column block: straight
+from the weights (decoded in registers, two rows a pass) or through a float32 panel decoded once
+and read by every row tile. Both sum every output element in the same order, so they give the same
+bits and the choice may differ by row count without a row's result depending on its neighbours.
+Where the crossover lies depends on the CPU (decode throughput, cache sizes, bandwidth), so it is
+measured: at first start, for the loaded model's own layer shapes, at a few row counts, both ways
+interleaved; the largest row count up to which the direct way wins at every measured count is the
+threshold. The result is kept on disk, keyed by the CPU (model name and flags), the compiled kernel,
+the shapes and the thread count: a new CPU or kernel measures again, a corrupt file is ignored.
+
+`cpu_info()` reports what the CPU offers (AMX tiles, with the permission Linux asks a process to
+request before it may use them; AVX-512 BF16; AVX2), for the logs, ModelInfo and the bench.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed (a step's decoded rows; more rows take the panel)
+KINDS = ("nf4", "dense")
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    isa: str  # the best the matrix products can use: "amx-bf16", "avx512-bf16", "avx2" or "none"
+    flags: tuple[str, ...]  # the ones that matter here
+    amx_permitted: bool  # Linux granted this process the AMX tile state
+
+    def describe(self) -> str:
+        amx = "" if "amx_bf16" not in self.flags else f", AMX {'permitted' if self.amx_permitted else 'refused'}"
+        return f"{self.model} ({' '.join(self.flags) or 'no SIMD flags of note'}{amx}), {os.cpu_count()} CPUs"
+
+
+_FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_tile",
+                  "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def request_amx() -> bool:
+    """Asks Linux for the AMX tile data state (arch_prctl ARCH_REQ_XCOMP_PERM), which a process must
+    hold before its first tile instruction; False where refused, not Linux x86-64, or no AMX."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def cpu_info() -> CpuInfo:
+    model, flags = _cpuinfo()
+    noted = tuple(f for f in _FLAGS_OF_NOTE if f in flags)
+    amx = "amx_bf16" in flags and "amx_tile" in flags and request_amx()
+    if amx:
+        isa = "amx-bf16"
+    elif {"avx512_bf16", "avx512f", "avx512bw", "avx512vl"} <= flags:
+        isa = "avx512-bf16"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    else:
+        isa = "none"
+    return CpuInfo(model, isa, noted, amx)
+
+
+@dataclass
+class Choice:
+    """Up to how many rows each weight kind's products read the weights directly (-1: the kernel has
+    no such choice, e.g. the AVX-512 BF16 build), and how that was settled."""
+
+    nf4_direct_rows: int
+    dense_direct_rows: int
+    source: str  # "measured", "cached", "forced" or "fixed"
+    timings: dict | None = None  # per kind and row count: [direct ms, panel ms], where measured
+
+    def describe(self) -> str:
+        if self.nf4_direct_rows < 0:
+            return "row tiles fixed by the kernel"
+        return (f"weights read directly up to {self.nf4_direct_rows} rows (nf4), {self.dense_direct_rows} (bfloat16), "
+                f"through a panel beyond; {self.source}")
+
+
+def cache_path() -> Path:
+    from model_svc.engine import decode_attention
+
+    return decode_attention.cache_dir() / "choices.json"
+
+
+def _key(kernel_id: str, shapes: dict, threads: int) -> str:
+    model, flags = _cpuinfo()
+    text = json.dumps([model, sorted(flags), kernel_id, shapes, threads], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the kernel-choice cache %s (%s): measuring again", path, e)
+        return {}
+
+
+def _valid(entry) -> bool:
+    return (isinstance(entry, dict) and all(isinstance(entry.get(f"{kind}_direct_rows"), int)
+                                            and entry[f"{kind}_direct_rows"] >= 0 for kind in KINDS))
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not keep the kernel choice in %s: %s", path, e)
+
+
+def _threshold(direct: dict[int, float], panel: dict[int, float]) -> int:
+    """The largest measured row count up to which the direct way is at least as fast at every count."""
+    best = 0
+    for m in sorted(direct):
+        if direct[m] > panel[m]:
+            break
+        best = m
+    return best
+
+
+def _operands(kind: str, shapes: list[tuple[int, int, int, int]], rows: int):
+    """Random operands of each shape (timing does not depend on the values)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n, k, blocksize, count in shapes:
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        if kind == "nf4":
+            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+            absmax = torch.rand(k // blocksize, n, generator=gen).to(torch.bfloat16)
+            values = torch.linspace(-1, 1, 16).to(torch.bfloat16)
+            out.append((x, (codes, absmax, values, n, blocksize), count))
+        else:
+            out.append((x, torch.randn(n, k, generator=gen).to(torch.bfloat16), count))
+    return out
+
+
+def measure(gemm, kind: str, shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> dict[int, list[float]]:
+    """Per row count: [direct, panel] milliseconds for one pass over the model's layers (one call of each
+    shape, times how many layers have it), the best of `repeats`, the two ways interleaved so drift
+    hits both."""
+    largest = max(ROWS)
+    operands = _operands(kind, shapes, largest)
+    if kind == "dense":
+        operands = [(x, gemm.pack(w), count) for x, w, count in operands]
+
+    def one_pass(m: int) -> float:
+        total = 0.0
+        for x, weight, count in operands:
+            start = time.perf_counter()
+            if kind == "nf4":
+                codes, absmax, values, n, blocksize = weight
+                gemm.nf4(x[:m], codes, absmax, values, n, blocksize)
+            else:
+                gemm.dense(x[:m], weight)
+            total += (time.perf_counter() - start) * count
+        return total * 1e3
+
+    index = KINDS.index(kind)
+    results = {}
+    try:
+        for m in ROWS:
+            direct = panel = float("inf")
+            for _ in range(repeats):
+                gemm.set_direct_rows(index, largest)
+                direct = min(direct, one_pass(m))
+                gemm.set_direct_rows(index, 0)
+                panel = min(panel, one_pass(m))
+            results[m] = [round(direct, 4), round(panel, 4)]
+    finally:
+        gemm.set_direct_rows(index, 2)
+    return results
+
+
+def choose(gemm, nf4_shapes: list[tuple[int, int, int, int]], dense_shapes: list[tuple[int, int, int, int]],
+           forced: int | None = None, path: Path | None = None) -> Choice:
+    """Sets and returns the direct-rows thresholds for this model: `forced` for both kinds, else the
+    cached measurement for this CPU, kernel and shapes, else a new measurement (kept on disk).
+    Shapes: (n, k, blocksize, how many layers), dense ones with blocksize 0."""
+    if gemm.set_direct_rows(0, 2) < 0:
+        return Choice(-1, -1, "fixed")
+    if forced is not None:
+        choice = Choice(forced, forced, "forced")
+    else:
+        shapes = {"nf4": [list(s) for s in nf4_shapes], "dense": [list(s) for s in dense_shapes]}
+        path = path or cache_path()
+        key = _key(gemm.kernel_id, shapes, torch.get_num_threads())
+        data = _read_cache(path)
+        entry = data.get(key)
+        if _valid(entry):
+            choice = Choice(entry["nf4_direct_rows"], entry["dense_direct_rows"], "cached", entry.get("timings"))
+        else:
+            start = time.perf_counter()
+            timings = {}
+            thresholds = {}
+            for kind, kind_shapes in (("nf4", nf4_shapes), ("dense", dense_shapes)):
+                if not kind_shapes:
+                    thresholds[kind] = 2
+                    continue
+                timings[kind] = measure(gemm, kind, kind_shapes)
+                t = timings[kind]
+                thresholds[kind] = _threshold({m: v[0] for m, v in t.items()}, {m: v[1] for m, v in t.items()})
+            choice = Choice(thresholds["nf4"], thresholds["dense"], "measured", timings)
+            log.info("kernel choice measured in %.1f s", time.perf_counter() - start)
+            data = _read_cache(path)  # another process may have written meanwhile
+            data[key] = {**asdict(choice), "source": "measured", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "cpu": _cpuinfo()[0]}
+            _write_cache(path, data)
+    gemm.set_direct_rows(0, choice.nf4_direct_rows)
+    gemm.set_direct_rows(1, choice.dense_direct_rows)
+    return choice
