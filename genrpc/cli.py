@@ -213,7 +213,8 @@ def cmd_info(stub, args) -> None:
     rows = [
         ("model", info.model_name),
         ("context", f"{info.max_context_tokens} tokens"),
-        ("weights", f"{info.dtype}, quantization {info.quantization}, on {info.device}"),
+        ("weights", f"{info.dtype}, quantization {info.quantization} (output layer {info.output_layer or 'none'}), "
+                    f"on {info.device}"),
         ("vocabulary", f"{info.vocab_size} tokens; EOS {', '.join(map(str, info.eos_token_ids))}"),
         ("model workers", str(info.num_model_workers)),
         ("KV cache", f"{info.kv_cache_tokens} tokens in blocks of {info.kv_block_size}, prefix caching "

@@ -29,7 +29,7 @@ from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT,
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.scheduler import Scheduler
 from genrpc.limits import MAX_PROMPT_LOOKUP
-from model_svc.loader import DTYPES, QUANTIZATIONS, load_model
+from model_svc.loader import DTYPES, OUTPUT_LAYERS, QUANTIZATIONS, load_model
 from model_svc.server import ModelWorkerServicer, Subscriptions
 from model_svc.threads import LoadMonitor, ThreadPolicy, machine_policy
 
@@ -87,6 +87,10 @@ def parse_args(argv=None):
                              "AVX-512 BF16 (4-bit layers give bitsandbytes' own bits; the output embedding, with native "
                              "attention, rounds in its own order); falls back to library where it cannot build or "
                              "run; library: bitsandbytes' and PyTorch's kernels")
+    parser.add_argument("--output-layer", default="none", choices=list(OUTPUT_LAYERS),
+                        help="none (default): the output embedding in --dtype, as transformers loads a 4-bit model; "
+                             "nf4: quantized like the 4-bit layers (a quarter of its bytes, read every step; "
+                             "needs --quantize 4bit; less accurate: see docs/measurements.md)")
     parser.add_argument("--matmul-direct-rows", default="auto",
                         help="auto (default): where the native kernel has the choice (AVX2), time on this CPU up to "
                              "how many rows its products read the weights directly rather than through a decoded "
@@ -107,6 +111,19 @@ def parse_args(argv=None):
                              "prompt lookup's (loaded unquantized in --dtype); verified exactly like them")
     parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
+
+
+def check_output_layer(args) -> None:
+    """--output-layer nf4 quantizes like the 4-bit layers: refused without them, and with
+    --match-generate (whose promise is generate()'s tokens on the model as transformers loads it)."""
+    if args.output_layer == "none":
+        return
+    if args.quantize != "4bit":
+        raise SystemExit(f"--output-layer {args.output_layer} quantizes like the 4-bit layers: it needs "
+                         f"--quantize 4bit, not {args.quantize}")
+    if args.match_generate:
+        raise SystemExit(f"--output-layer {args.output_layer}: --match-generate promises generate()'s tokens on the "
+                         "model as transformers loads it (output layer unquantized); drop one of them")
 
 
 def direct_rows(args) -> int | None:
@@ -179,10 +196,11 @@ def build_engine(args) -> tuple:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     direct_rows(args)
+    check_output_layer(args)
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
-    loaded = load_model(args.model, args.dtype, args.quantize, args.device)
+    loaded = load_model(args.model, args.dtype, args.quantize, args.device, output_layer=args.output_layer)
     return loaded, engine_for(loaded, args), monitor
 
 

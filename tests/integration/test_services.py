@@ -284,6 +284,7 @@ def test_model_info_reports_the_matrix_products_and_the_cpu(stub):
     from model_svc.engine import gemm, kernel_choice
 
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert info.output_layer == "none"  # the default: as transformers loads a 4-bit model
     kernel = gemm.load()
     cpu = kernel_choice.cpu_info()
     assert info.cpu == cpu.describe()

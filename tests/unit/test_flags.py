@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from genrpc.launch import ROOT
-from model_svc.__main__ import direct_rows, parse_args, resolve_attention
+from model_svc.__main__ import check_output_layer, direct_rows, parse_args, resolve_attention
 
 
 @pytest.mark.parametrize("flags, native_possible, expected", [
@@ -53,6 +53,21 @@ def test_matmul_direct_rows_resolve(flags, expected):
 def test_matmul_direct_rows_refused(flags, message):
     with pytest.raises(SystemExit, match=message):
         direct_rows(parse_args(flags))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output-layer", "nf4", "--quantize", "8bit"], "needs --quantize 4bit, not 8bit"),
+    (["--output-layer", "nf4", "--quantize", "none"], "needs --quantize 4bit, not none"),
+    (["--output-layer", "nf4", "--match-generate"], "drop one of them"),
+])
+def test_an_nf4_output_layer_is_refused_where_it_cannot_apply(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        check_output_layer(parse_args(flags))
+
+
+def test_an_nf4_output_layer_is_accepted_with_4bit_layers():
+    check_output_layer(parse_args(["--output-layer", "nf4"]))
+    check_output_layer(parse_args(["--quantize", "8bit"]))  # the default output layer goes with any
 
 
 def test_the_supervisor_prints_help_instead_of_serving():
