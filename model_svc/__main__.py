@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+from dataclasses import replace
 
 import torch
 from prometheus_client import Gauge
@@ -27,6 +28,7 @@ from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
+from model_svc.engine.schedule_types import SchedulerConfig
 from model_svc.engine.scheduler import Scheduler
 from genrpc.limits import MAX_PROMPT_LOOKUP
 from model_svc.loader import DTYPES, OUTPUT_LAYERS, QUANTIZATIONS, load_model
@@ -113,6 +115,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def scheduler_config(args) -> SchedulerConfig:
+    """The scheduler's settings from the flags, checked (the runner's facts are added later)."""
+    try:
+        return SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
+            max_prefill_tokens=args.max_prefill_tokens, prefill_slowdown=args.prefill_slowdown,
+            idle_step_seconds=args.idle_step_ms / 1000, tenant_slowdown=args.tenant_slowdown)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def check_output_layer(args) -> None:
     """--output-layer nf4 quantizes like the 4-bit layers: refused without them, and with
     --match-generate (whose promise is generate()'s tokens on the model as transformers loads it)."""
@@ -197,6 +210,7 @@ def build_engine(args) -> tuple:
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     direct_rows(args)
     check_output_layer(args)
+    scheduler_config(args)
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
@@ -221,18 +235,11 @@ def engine_for(loaded, args) -> Engine:
     if not runner.native_prefill and not args.no_prefix_caching:
         log.info("prefix caching is off: %s prefill attention is not chunking-invariant", runner.prefill_attention)
     blocks = BlockManager(num_blocks, args.block_size, enable_prefix_caching=caching)
-    if args.prefill_slowdown < 1 or not args.idle_step_ms > 0 or args.max_prefill_tokens < 1:
-        raise SystemExit(f"--prefill-slowdown={args.prefill_slowdown} must be >= 1, --idle-step-ms="
-                         f"{args.idle_step_ms} > 0 and --max-prefill-tokens={args.max_prefill_tokens} >= 1")
-    if args.tenant_slowdown != 0 and not args.tenant_slowdown >= 1:
-        raise SystemExit(f"--tenant-slowdown={args.tenant_slowdown} must be >= 1, or 0 (fair steps off)")
-    scheduler = Scheduler(
-        blocks, args.max_num_seqs, args.max_batch_tokens, args.max_waiting, loaded.max_context,
-        loaded.eos_token_ids, args.max_prefill_tokens, max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
-        prefill_slowdown=args.prefill_slowdown, idle_step_seconds=args.idle_step_ms / 1000,
-        tenant_slowdown=args.tenant_slowdown,
-        cache_long_prompts=caching and runner.long_prefill is not None,
-    )
+    speculation = runner.native_decode is not None
+    config = replace(scheduler_config(args), max_cached_prompt=NATIVE_MAX_PROMPT if caching else 0,
+                     cache_long_prompts=caching and runner.long_prefill is not None, speculation=speculation)
+    draft = load_draft(args.draft_model, loaded) if args.draft_model and speculation else None
+    scheduler = Scheduler(blocks, config, loaded.max_context, loaded.eos_token_ids, draft=draft)
     kv_cache = KVCache(runner.kv_spec, num_blocks, args.block_size)
     lookup = args.prompt_lookup_num_tokens
     if runner.native_decode is None:
@@ -242,9 +249,6 @@ def engine_for(loaded, args) -> Engine:
         lookup = 0
     elif lookup is None:
         lookup = DEFAULT_PROMPT_LOOKUP
-    scheduler.speculation = runner.native_decode is not None
-    if args.draft_model and scheduler.speculation:
-        scheduler.draft = load_draft(args.draft_model, loaded)
     # Greedy rows' argmax through the fused kernels where they build (the same indices as torch's).
     ops = runner.fused or (fused.load() if runner.device.type == "cpu" else None)
     sampler = Sampler(loaded.eos_token_ids, argmax=ops.argmax if ops else None)

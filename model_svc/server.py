@@ -24,7 +24,7 @@ from model_svc.engine.constraints import Grammars
 from model_svc.engine import kernel_choice
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.scheduler import SchedulerFull
+from model_svc.engine.schedule_types import SchedulerFull
 from model_svc.loader import LoadedModel
 from model_svc.threads import ThreadPolicy
 

@@ -14,6 +14,7 @@ from genrpc import faults
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
+from model_svc.engine.schedule_types import ItemKind
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
 from model_svc.engine.speculation import accepted_count
@@ -42,7 +43,7 @@ class StepStats:
     num_cached_tokens: int = 0  # tokens admitted sequences found in the prefix cache instead
     num_preempted: int = 0  # sequences preempted this step
     num_pairs: int = 0  # attention pairs computed (the step-time model's input)
-    num_capped: int = 0  # sequences that skipped the step for fair shares (Scheduler._tenant_cap)
+    num_capped: int = 0  # sequences that skipped the step for fair shares (Policy.tenant_cap)
     num_proposed: int = 0  # proposals verified (speculation.py)
     num_accepted: int = 0  # of which kept and emitted
     verified: list[tuple[int, int]] = field(default_factory=list)  # (proposed, kept) of each verified sequence
@@ -86,16 +87,16 @@ class Engine:
         when one of `seqs` would make the step after an urgent one (Scheduler.urgent_priority), when
         the step only prefills long prompts (up to --idle-step-ms) and one of `seqs` is a prompt the
         scheduler admits whole, or when `seqs` are a new tenant's and the step is longer than fair
-        steps allow beside them (Scheduler.caps: a flooding neighbour's 64-sequence step). The
+        steps allow beside them (Policy.caps: a flooding neighbour's 64-sequence step). The
         stopped step's work is done again; the step after carries the new prompt and decodes, so a
         long prompt still advances every other step at worst (a step right after a stopped one is
         not stopped for fair steps, so new tenants arriving faster than steps end cannot stall it)."""
         scheduler, step = self.scheduler, self._running
         if step is None:
             return
-        if scheduler.outranks_step(seqs, step.priorities) or (
-                step.only_long and any(seq.num_prompt_tokens <= scheduler.max_prefill_tokens for seq in seqs)
-        ) or (not step.after_stop and scheduler.caps(seqs, step.rows, step.seconds)):
+        if scheduler.policy.outranks_step(seqs, step.priorities) or (
+                step.only_long and any(seq.num_prompt_tokens <= scheduler.config.prefill_tokens for seq in seqs)
+        ) or (not step.after_stop and scheduler.policy.caps(seqs, step.rows, step.seconds)):
             self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
@@ -131,7 +132,7 @@ class Engine:
             interrupt = None if out.num_proposed_tokens else self.interrupt
             self._running = RunningStep(
                 tuple({item.seq.priority for item in out.scheduled}),
-                all(item.kind == "long" for item in out.scheduled),
+                all(item.kind is ItemKind.LONG for item in out.scheduled),
                 Counter(item.seq.tenant for item in out.scheduled),
                 self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs), self._after_stop)
             try:

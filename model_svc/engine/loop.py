@@ -21,7 +21,7 @@ from typing import Callable, Hashable, Iterable
 from prometheus_client import Counter, Histogram
 
 from model_svc.engine.engine import Engine, TokenOutput
-from model_svc.engine.scheduler import SchedulerFull
+from model_svc.engine.schedule_types import SchedulerFull
 from model_svc.engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger("genrpc.engine")
@@ -77,10 +77,10 @@ class EngineLoop:
         scheduler = self.engine.scheduler
         with self._wake:
             num_waiting = scheduler.num_waiting + self._num_pending_adds
-            if num_waiting + len(seqs) > scheduler.max_waiting:
+            if num_waiting + len(seqs) > scheduler.config.max_waiting:
                 raise SchedulerFull(
                     f"the model worker is at capacity ({num_waiting} sequences waiting, "
-                    f"max_waiting={scheduler.max_waiting}); retry later"
+                    f"max_waiting={scheduler.config.max_waiting}); retry later"
                 )
             self._num_pending_adds += len(seqs)
             self._commands.append(("add", seqs))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from model_svc.engine import decode_attention, fused, gemm, kernel_choice, prefill_attention
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
-from model_svc.engine.scheduler import ScheduledSequence
+from model_svc.engine.schedule_types import ScheduledSequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

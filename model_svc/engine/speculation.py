@@ -27,6 +27,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_svc.engine.schedule_types import SchedulerOutput
+    from model_svc.engine.scheduler import Scheduler
 
 # The n-gram sizes tried, longest first: a longer match predicts the continuation better.
 MAX_NGRAM = 4
@@ -120,3 +125,31 @@ class Speculator:
         for kept in outcomes:
             self.kept = DECAY * self.kept + kept
             self.trials = DECAY * self.trials + 1
+
+
+def propose(scheduler: Scheduler, out: SchedulerOutput) -> None:
+    """Gives a step's decodes proposals where they pay: a proposal's row (and the draft model's pass,
+    with one) must be worth its marginal time at the rate the step earns tokens now. Proposals take
+    free blocks only (never preempt) and room the step has left. Called by Scheduler.schedule."""
+    decodes = list(out.scheduled)
+    cost, draft = scheduler.cost, scheduler.draft
+    seconds_per_token = cost.seconds(out.num_batched_tokens, out.num_pairs) / len(decodes)
+    for item in decodes:
+        seq = item.seq
+        params = seq.params
+        most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - len(seq.output_ids) - 1,
+                   scheduler.max_context - seq.num_tokens - 1, scheduler.room(out))
+        if most <= 0:
+            continue
+        if seq.speculator is None:
+            seq.speculator = Speculator()
+        speculator = seq.speculator
+        price = cost.marginal(1, seq.num_tokens) + (draft.seconds_per_token if draft else 0.0)
+        num = speculator.budget(price / seconds_per_token, most)
+        if draft is not None:
+            proposals = draft.propose(seq, num)
+        else:
+            speculator.index.sync(seq.prompt_ids, seq.output_ids)
+            proposals = speculator.index.propose(num)
+        if proposals and scheduler.blocks.ensure(seq.block_table, seq.num_computed_tokens + 1 + len(proposals)):
+            out.propose(item, proposals)

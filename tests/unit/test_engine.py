@@ -1,6 +1,8 @@
 """The engine with the real model on the CPU: equal to transformers' generate(), batch-invariant,
 seeded sampling independent of the batch, aborts between steps."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -214,7 +216,7 @@ def test_a_long_prompt_is_independent_of_chunking(reference_model, hf_tokenizer)
     params = SamplingParams(max_new_tokens=3, logprobs=True)
     engine = make_engine(reference_model, max_batch_tokens=2048)
     needs_long_prompt_kernel(engine)
-    engine.scheduler.idle_step_seconds = 100  # one chunk
+    engine.scheduler.config = replace(engine.scheduler.config, idle_step_seconds=100)  # one chunk
     whole = logprobs_of(engine, Sequence(0, ids, params))
     for budget in (300, 517):
         assert logprobs_of(make_engine(reference_model, max_batch_tokens=budget), Sequence(0, ids, params)) == whole
@@ -263,7 +265,7 @@ def test_long_prompts_share_cached_blocks_with_the_same_numbers(reference_model,
     alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
     engine = make_engine(reference_model, prefix_caching=True)
     needs_long_prompt_kernel(engine)
-    assert engine.scheduler.cache_long_prompts
+    assert engine.scheduler.config.cache_long_prompts
     logprobs_of(engine, Sequence("a", first, params))
     cached = []
     engine.add(Sequence("b", second, params))
@@ -582,7 +584,7 @@ def test_without_the_long_prompt_kernel_long_prompts_attend_through_sdpa(referen
     monkeypatch.setattr(prefill_attention, "load", lambda: None)
     engine = make_engine(reference_model, prefix_caching=True)
     assert engine.runner.native_prefill and engine.runner.long_prefill is None
-    assert not engine.scheduler.cache_long_prompts and not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
+    assert not engine.scheduler.config.cache_long_prompts and not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
     ours, theirs = prompt_logits(engine, ids), prompt_logits(with_kernel, ids)
     assert float((ours - theirs).pow(2).mean().sqrt()) < 0.2 and int(ours.argmax()) == int(theirs.argmax())
 

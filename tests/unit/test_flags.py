@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from genrpc.launch import ROOT
-from model_svc.__main__ import check_output_layer, direct_rows, parse_args, resolve_attention
+from model_svc.__main__ import check_output_layer, direct_rows, parse_args, resolve_attention, scheduler_config
 
 
 @pytest.mark.parametrize("flags, native_possible, expected", [
@@ -68,6 +68,26 @@ def test_an_nf4_output_layer_is_refused_where_it_cannot_apply(flags, message):
 def test_an_nf4_output_layer_is_accepted_with_4bit_layers():
     check_output_layer(parse_args(["--output-layer", "nf4"]))
     check_output_layer(parse_args(["--quantize", "8bit"]))  # the default output layer goes with any
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prefill-slowdown", "nan"], "--prefill-slowdown=nan must be >= 1"),
+    (["--prefill-slowdown", "0.5"], "--prefill-slowdown=0.5 must be >= 1"),
+    (["--idle-step-ms", "0"], "--idle-step-ms=0 must be > 0"),
+    (["--tenant-slowdown", "0.5"], "--tenant-slowdown=0.5 must be >= 1, or 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs=0 must be >= 1"),
+    (["--max-waiting", "-1"], "--max-waiting=-1 must be >= 0"),
+    (["--max-prefill-tokens", "0"], "--max-prefill-tokens=0 must be >= 1"),
+    (["--max-num-seqs", "64", "--max-batch-tokens", "32"], "--max-batch-tokens=32 must be >= --max-num-seqs=64"),
+])
+def test_scheduler_settings_are_checked_once_naming_the_flag(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        scheduler_config(parse_args(flags))
+
+
+def test_the_default_scheduler_settings_pass():
+    config = scheduler_config(parse_args([]))
+    assert config.prefill_tokens <= config.max_batch_tokens and config.max_num_seqs >= 1
 
 
 def test_the_supervisor_prints_help_instead_of_serving():

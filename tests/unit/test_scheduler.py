@@ -1,9 +1,12 @@
 """The scheduler alone: hand-made sampled tokens, no tensors (as vLLM's tests/v1/core)."""
 
+from dataclasses import replace
+
 import pytest
 
 from model_svc.engine.block_manager import BlockManager
-from model_svc.engine.scheduler import DeadlineUnmeetable, Scheduler, SchedulerFull
+from model_svc.engine.schedule_types import DeadlineUnmeetable, ItemKind, SchedulerConfig, SchedulerFull
+from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from model_svc.engine.step_cost import StepCost
 
@@ -14,8 +17,9 @@ COST = (0.010, 0.001, 0.0)  # the step-time model the tests schedule by: 10 ms a
 def make(max_num_seqs=4, max_batch_tokens=16, kv_tokens=1000, max_waiting=10, max_context=100, block_size=4,
          watermark_blocks=0, max_cached_prompt=0, tenant_slowdown=2.0):
     blocks = BlockManager(kv_tokens // block_size, block_size, watermark_blocks=watermark_blocks)
-    return Scheduler(blocks, max_num_seqs, max_batch_tokens, max_waiting, max_context, [EOS],
-                     max_cached_prompt=max_cached_prompt, cost=StepCost(COST), tenant_slowdown=tenant_slowdown)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_waiting=max_waiting,
+                             max_cached_prompt=max_cached_prompt, tenant_slowdown=tenant_slowdown)
+    return Scheduler(blocks, config, max_context, [EOS], cost=StepCost(COST))
 
 
 def seq(i, n_prompt=3, **params):
@@ -166,8 +170,8 @@ def test_sampling_params_are_checked():
 
 def test_a_burst_fills_an_idle_step_then_spreads_beside_decodes_and_short_prompts_are_never_split():
     s = make(max_num_seqs=8, max_batch_tokens=64)
-    s.max_prefill_tokens = 8
-    s.idle_step_seconds = 0.0095  # 9 tokens at 1 ms a token (beyond the 10 ms any step costs)
+    s.config = replace(s.config, max_prefill_tokens=8)
+    s.config = replace(s.config, idle_step_seconds=0.0095)  # 9 tokens at 1 ms a token (beyond the 10 ms any step costs)
     for i in range(5):
         s.add(seq(i, n_prompt=3, max_new_tokens=5))
     out, _ = step(s)
@@ -231,7 +235,7 @@ def test_long_prompts_share_their_prompt_blocks_among_themselves_only():
     other (cached ones, and a running one's partial block), never with shorter prompts, and never
     the blocks of their decoded tokens."""
     s = make(max_num_seqs=8, max_batch_tokens=64, max_cached_prompt=10, block_size=4)
-    s.cache_long_prompts = True
+    s.config = replace(s.config, cache_long_prompts=True)
     prompt = list(range(100, 130))  # 30 tokens: long
     s.add(Sequence("a", prompt, SamplingParams(max_new_tokens=20, ignore_eos=True)))
     for _ in range(10):
@@ -255,8 +259,8 @@ def ids_of(out):
 
 def test_a_long_prefill_never_holds_the_door():
     s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000)
-    s.max_prefill_tokens = 16
-    s.idle_step_seconds = 0.1  # ~100 tokens a step when nothing else runs
+    s.config = replace(s.config, max_prefill_tokens=16)
+    s.config = replace(s.config, idle_step_seconds=0.1)  # ~100 tokens a step when nothing else runs
     s.add(seq("long", n_prompt=600, max_new_tokens=2))
     out, _ = step(s)
     assert ids_of(out) == [("long", 100)]  # alone: a chunk that fills the idle step
@@ -273,7 +277,7 @@ def test_a_long_prefill_never_holds_the_door():
 def test_chunks_keep_a_minimum_pace_and_grow_back_when_alone():
     s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000)
     s.cost = StepCost((0.010, 0.001, 1e-5))  # attention dear: a chunk at a long context costs more
-    s.idle_step_seconds = 0.05
+    s.config = replace(s.config, idle_step_seconds=0.05)
     s.add(seq("long", n_prompt=900, max_new_tokens=1))
     sizes = []
     s.add(seq("short", n_prompt=3, max_new_tokens=30))
@@ -375,22 +379,22 @@ def test_fair_steps_off_and_equal_tenants_are_never_capped():
     for _ in range(3):
         out, _ = step(s)
     assert len(out.scheduled) == 32 and out.num_capped == 0
-    with pytest.raises(ValueError, match="tenant_slowdown=0.5"):
+    with pytest.raises(ValueError, match="--tenant-slowdown=0.5"):
         make(tenant_slowdown=0.5)
 
 
 def test_a_new_tenant_stops_a_step_longer_than_fair_steps_allow():
-    """Scheduler.caps, asked by Engine.interrupt_for while a step runs: a 32-sequence step of A (42 ms
+    """Policy.caps, asked by Engine.interrupt_for while a step runs: a 32-sequence step of A (42 ms
     by the cost model) for B's 3-token prompt (reference: one of A's rows and B's prompt, 14 ms)."""
     from collections import Counter
     s = make()
     b = Sequence("b", [10, 11, 12], SamplingParams(), tenant="B")
     a = Sequence("a", [10, 11, 12], SamplingParams(), tenant="A")
-    assert s.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
-    assert not s.caps([b], Counter({"A": 8}), s.cost.seconds(8, 0))  # 18 ms <= 2 x 14 ms
-    assert not s.caps([a], Counter({"A": 32}), s.cost.seconds(32, 0))  # A's own: no
-    assert not s.caps([b], Counter({"A": 32, "B": 1}), s.cost.seconds(33, 0))  # B is in the step already
-    assert not make(tenant_slowdown=0).caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
+    assert s.policy.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
+    assert not s.policy.caps([b], Counter({"A": 8}), s.cost.seconds(8, 0))  # 18 ms <= 2 x 14 ms
+    assert not s.policy.caps([a], Counter({"A": 32}), s.cost.seconds(32, 0))  # A's own: no
+    assert not s.policy.caps([b], Counter({"A": 32, "B": 1}), s.cost.seconds(33, 0))  # B is in the step already
+    assert not make(tenant_slowdown=0).policy.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
 
 
 def test_priority_goes_first_and_preempts_the_least_urgent():
@@ -422,10 +426,10 @@ def test_a_request_more_urgent_than_all_running_gets_a_step_of_its_own():
     s.add(Sequence("five", [10, 11, 12], SamplingParams(max_new_tokens=50), priority=5))
     s.add(Sequence("nine", [10, 11], SamplingParams(max_new_tokens=50), priority=9))
     s.add(Sequence("zero", [10, 11], SamplingParams(max_new_tokens=50)))
-    assert s.urgent_priority() == 1  # more urgent than the running (all 0)
+    assert s.policy.urgent_priority() == 1  # more urgent than the running (all 0)
     out, _ = step(s)  # only the prompts more urgent than every running sequence, most urgent first
     assert ids_of(out) == [("nine", 2), ("five", 3)]
-    assert s.urgent_priority() is None
+    assert s.policy.urgent_priority() is None
     out, _ = step(s)  # then everyone decodes again, and the rest is admitted
     assert ids_of(out) == [(0, 1), (1, 1), (2, 1), ("same", 1), ("nine", 1), ("five", 1), ("zero", 2)]
 
@@ -441,9 +445,9 @@ def test_an_urgent_client_running_already_still_gets_urgent_steps():
     s.add(Sequence("second", [10, 11], SamplingParams(max_new_tokens=50), priority=10))
     out, _ = step(s)
     assert ids_of(out) == [("second", 2)]
-    assert s.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [0, 10])
-    assert not s.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [10])
-    assert not s.outranks_step([Sequence("low", [1], SamplingParams(), priority=3)], [0, 10])
+    assert s.policy.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [0, 10])
+    assert not s.policy.outranks_step([Sequence("third", [1], SamplingParams(), priority=10)], [10])
+    assert not s.policy.outranks_step([Sequence("low", [1], SamplingParams(), priority=3)], [0, 10])
     s.add(Sequence("more bulk", [10, 11], SamplingParams(max_new_tokens=50)))
     out, _ = step(s)
     assert ids_of(out) == [("first", 1), ("bulk", 1), ("second", 1), ("more bulk", 2)]
@@ -453,8 +457,8 @@ def test_an_urgent_step_that_admits_nothing_is_an_ordinary_one():
     s = make(max_num_seqs=2, max_batch_tokens=64, max_context=200)
     s.add(Sequence(0, [10, 11], SamplingParams(max_new_tokens=50)))
     step(s)
-    s.max_batch_tokens = 40  # the urgent prompt (45 tokens, never split) cannot fit this step
-    s.max_prefill_tokens = 64
+    s.config = replace(s.config, max_batch_tokens=40)  # the urgent prompt (45 tokens, never split) cannot fit this step
+    s.config = replace(s.config, max_prefill_tokens=64)
     s.add(Sequence("urgent", list(range(10, 55)), SamplingParams(max_new_tokens=5), priority=3))
     out, _ = step(s)
     assert ids_of(out) == [(0, 1)]  # the running sequence still advances: no empty steps
@@ -497,7 +501,7 @@ def test_step_cost_learns_the_machine():
 
 def test_a_one_token_prompt_counts_as_a_short_prompt_when_chunks_are_sized():
     s = make(max_num_seqs=8, max_batch_tokens=512, kv_tokens=4000, max_context=1000, max_cached_prompt=20)
-    s.max_prefill_tokens = 16
+    s.config = replace(s.config, max_prefill_tokens=16)
     prompt = list(range(10, 19))  # 9 tokens: two full blocks of 4 are cached once it has run
     s.add(Sequence("a", prompt, SamplingParams(max_new_tokens=1)))
     step(s)
@@ -533,15 +537,15 @@ def test_a_stopped_step_readmits_its_short_prompts_whole():
     """A step stopped before it computed anything (Engine: StepInterrupted) is rewound: a prompt it
     admitted whole waits again and is admitted whole again, never taken up as a long prompt's chunk."""
     s = make(max_num_seqs=8, max_batch_tokens=64)
-    s.max_prefill_tokens = 8
-    s.idle_step_seconds = 0.0035  # a long prompt's chunk is 3-4 tokens
+    s.config = replace(s.config, max_prefill_tokens=8)
+    s.config = replace(s.config, idle_step_seconds=0.0035)  # a long prompt's chunk is 3-4 tokens
     s.add(seq("short", n_prompt=6, max_new_tokens=5))
     out = s.schedule()
-    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, "short")]
+    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, ItemKind.SHORT)]
     s.rewind(out)  # nothing was computed
     assert s.by_id["short"].status is SequenceStatus.WAITING and s.blocks.num_used_blocks == 0
     out, _ = step(s)
-    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, "short")]
+    assert [(i.seq.seq_id, i.num_new_tokens, i.kind) for i in out.scheduled] == [("short", 6, ItemKind.SHORT)]
 
 
 def test_failures_end_sequences_wherever_they_are():

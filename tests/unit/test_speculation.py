@@ -4,11 +4,14 @@ real model: outputs equal to the same requests without speculation, bit for bit.
 
 import itertools
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine.block_manager import BlockManager
+from model_svc.engine.schedule_types import SchedulerConfig
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.engine.speculation import NgramIndex, Speculator, accepted_count
@@ -83,7 +86,8 @@ def test_budget_follows_the_acceptance_and_the_price():
 def make_scheduler(kv_tokens=1000, block_size=4):
     blocks = BlockManager(kv_tokens // block_size, block_size, watermark_blocks=0)
     # A step costs 10 ms plus 1 ms a token: a lone sequence's row is worth 1/11 of a step.
-    return Scheduler(blocks, 4, 64, 10, 200, [2], cost=StepCost((0.010, 0.001, 0.0)), speculation=True)
+    config = SchedulerConfig(max_num_seqs=4, max_batch_tokens=64, max_waiting=10, speculation=True)
+    return Scheduler(blocks, config, 200, [2], cost=StepCost((0.010, 0.001, 0.0)))
 
 
 def test_verified_tokens_are_kept_up_to_the_first_miss_and_the_rest_rolls_back():
@@ -155,7 +159,7 @@ def test_proposals_never_pass_max_new_tokens():
 def test_no_proposals_when_asked_for_none_or_not_enabled():
     for lookup, enabled in ((0, True), (4, False)):
         s = make_scheduler()
-        s.speculation = enabled
+        s.config = replace(s.config, speculation=enabled)
         seq = Sequence("a", [10, 11, 12, 13, 10, 11], SamplingParams(max_new_tokens=9, prompt_lookup_num_tokens=lookup))
         s.add(seq)
         s.update(s.schedule(), {"a": 12})
@@ -289,7 +293,7 @@ def test_proposals_attend_as_decoded_tokens_whatever_the_prompt_path(reference_m
     """With prompts attending through SDPA (generate()'s numbers), proposals still attend through
     the decode kernel, as the tokens they stand for would."""
     engine = engine_for(reference_model, parse_args(["--prefill-attention", "sdpa"]))
-    assert engine.scheduler.speculation and engine.default_prompt_lookup == 8
+    assert engine.scheduler.config.speculation and engine.default_prompt_lookup == 8
     for params in (dict(), dict(do_sample=True, top_k=40, seed=2)):
         params = dict(max_new_tokens=48, logprobs=True, **params)
         plain, _, _ = run(engine, [(0, prompts[0], dict(params, prompt_lookup_num_tokens=0))])
@@ -311,7 +315,7 @@ def test_speculation_survives_preemption(reference_model, prompts):
 
 def test_speculation_needs_native_decode(reference_model):
     sdpa = engine_for(reference_model, parse_args(["--decode-attention", "sdpa", "--prefill-attention", "sdpa"]))
-    assert sdpa.default_prompt_lookup == 0 and not sdpa.scheduler.speculation
+    assert sdpa.default_prompt_lookup == 0 and not sdpa.scheduler.config.speculation
     assert engine_for(reference_model, parse_args([])).default_prompt_lookup == 8
     for flags in (["--match-generate", "--prompt-lookup-num-tokens", "4"],
                   ["--decode-attention", "sdpa", "--prompt-lookup-num-tokens", "4"],

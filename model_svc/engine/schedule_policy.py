@@ -1,0 +1,171 @@
+"""Who goes first: the scheduler's policy, apart from its mechanics (scheduler.py).
+
+Waiting sequences are admitted by priority (higher first), then by fair share (the tenant running
+the fewest sequences first: round-robin between clients), then by arrival (`rank`). A waiting
+sequence as urgent as every running one and more urgent than some gets a step of its own (with any
+others as urgent): its first token waits for no one's decode (`urgent_priority`). When sequence
+slots or blocks run short, a waiting sequence may preempt a running one it outranks (`victim`,
+`outranks`): a less urgent one, or one of a tenant running at least two more sequences than its
+own. A sequence whose deadline its place in the queue cannot meet is refused when it is added
+(`estimate_start`), so its caller hears "retry later" at once instead of timing out.
+
+Fair steps (`tenant_cap`): a slot is not enough when one tenant runs 64 sequences beside another's
+one, since the light tenant's every token waits for the heavy tenant's whole step. While tenants of
+unequal loads share the engine, a step may take up to `tenant_slowdown` times what it would if no
+tenant ran more sequences than the lightest does; the heavier tenants' other sequences skip the
+step (a tenant's most urgent run first, then the least recently stepped, so that all its streams
+advance). Tenants of equal loads are never capped, and a lone tenant has every step to itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import TYPE_CHECKING, Iterable
+
+from model_svc.engine.sequence import Sequence
+from model_svc.engine.step_cost import chunk_pairs
+
+if TYPE_CHECKING:
+    from model_svc.engine.scheduler import Scheduler
+
+
+class Policy:
+    """Reads the scheduler's queues, configuration and step-time model; changes nothing."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def rank(self, seq: Sequence) -> tuple[int, int, int]:
+        """Admission order, smallest first: more urgent, then the tenant running fewest sequences
+        (round-robin between clients), then earlier arrival (a preempted sequence keeps its own)."""
+        return -seq.priority, self.scheduler.running_by_tenant[seq.tenant], seq.arrival
+
+    def victim(self) -> Sequence | None:
+        """The running sequence to preempt when blocks or slots run out: the least urgent, then of
+        the tenant running the most sequences, then the most recently admitted."""
+        s = self.scheduler
+        if not s.running:
+            return None
+        return min(reversed(s.running), key=lambda r: (r.priority, -s.running_by_tenant[r.tenant]))
+
+    def outranks(self, seq: Sequence, victim: Sequence) -> bool:
+        """Whether a waiting sequence may preempt a running one: it is more urgent, or as urgent and
+        its tenant runs at least two fewer sequences (so that two tenants never trade places)."""
+        if seq.priority != victim.priority:
+            return seq.priority > victim.priority
+        running = self.scheduler.running_by_tenant
+        return seq.tenant != victim.tenant and running[victim.tenant] > running[seq.tenant] + 1
+
+    def estimate_start(self, seq: Sequence) -> float:
+        """Seconds until a new sequence would get its first token, from its place in the queue and
+        the step-time model: the prompts ranked before it and its own are prefilled at the model's
+        rate, and when no sequence slot is free and it outranks no running sequence, it waits for the
+        running sequences that cannot stop early (ignore_eos, min_new_tokens) to free one."""
+        s, cost = self.scheduler, self.scheduler.cost
+        mine = self.rank(seq)
+        ahead = [w for w in s.waiting if self.rank(w) < mine]
+        tokens = seq.num_prompt_tokens + sum(w.num_uncomputed_tokens for w in ahead)
+        tokens += sum(r.num_uncomputed_tokens for r in s.running if r.num_uncomputed_tokens > 1)
+        decoding = sum(r.num_uncomputed_tokens == 1 for r in s.running)
+        steps = -(-tokens // s.config.prefill_tokens) if decoding else 1
+        seconds = steps * cost.seconds(decoding, 0) + cost.marginal(tokens, 0)
+        slot = len(s.running) + len(ahead) - s.config.max_num_seqs  # slots to be freed before its own
+        victim = self.victim()
+        if slot >= 0 and (victim is None or not self.outranks(seq, victim)):
+            bound = sorted(
+                (r.params.max_new_tokens - len(r.output_ids)) if r.params.ignore_eos
+                else max(0, r.params.min_new_tokens - len(r.output_ids)) for r in s.running)
+            if bound:
+                seconds += bound[min(slot, len(bound) - 1)] * cost.seconds(len(s.running), 0)
+        return seconds
+
+    @staticmethod
+    def urgent_floor(priorities: list[int]) -> int:
+        """The least priority that is urgent beside sequences of these priorities: as urgent as the
+        most urgent of them and more than the least (one of its own rank may be running still: an
+        urgent client's previous request)."""
+        return max(min(priorities) + 1, max(priorities))
+
+    def urgent_priority(self) -> int | None:
+        """When the step is an urgent one (Scheduler.schedule), the least priority a prompt needs to be
+        in it, else None."""
+        s = self.scheduler
+        if not s.running or not s.waiting:
+            return None
+        floor = self.urgent_floor([seq.priority for seq in s.running])
+        return floor if max(seq.priority for seq in s.waiting) >= floor else None
+
+    def outranks_step(self, seqs: Iterable[Sequence], priorities: Iterable[int]) -> bool:
+        """Whether one of `seqs` would make an urgent step beside sequences of these priorities."""
+        priorities = list(priorities)
+        return bool(priorities) and any(seq.priority >= self.urgent_floor(priorities) for seq in seqs)
+
+    def tenant_rows(self) -> dict[str, list[tuple[int, int]]]:
+        """What each tenant could compute this step, a (tokens, attention pairs) row per sequence: its
+        running sequences' next token or chunk, its waiting prompts' (up to max_prefill_tokens);
+        cheapest first."""
+        s = self.scheduler
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for seq in itertools.chain(s.running, s.waiting):
+            num = min(seq.num_uncomputed_tokens, s.config.prefill_tokens)
+            if num > 0:
+                rows.setdefault(seq.tenant, []).append((num, chunk_pairs(seq.num_computed_tokens, num)))
+        for tenant_rows in rows.values():
+            tenant_rows.sort()
+        return rows
+
+    def tenant_cap(self) -> int | None:
+        """Fair steps: the most sequences any one tenant computes this step, or None for no cap. The
+        step may take `tenant_slowdown` times what it would if every tenant ran at most as many as
+        the lightest one could (the cost model's estimate); the cap is the most that keeps it so.
+        None when fair steps are off, one tenant has work, or the loads are equal."""
+        s = self.scheduler
+        slowdown = s.config.tenant_slowdown
+        if not slowdown or len(set(s.running_by_tenant).union(w.tenant for w in s.waiting)) < 2:
+            return None
+        rows = self.tenant_rows()
+        if len(rows) < 2:
+            return None
+        sizes = [len(r) for r in rows.values()]
+        lightest, heaviest = min(sizes), max(sizes)
+        if lightest == heaviest:
+            return None
+        sums = [list(itertools.accumulate(r, lambda a, b: (a[0] + b[0], a[1] + b[1]), initial=(0, 0)))
+                for r in rows.values()]
+
+        def seconds(cap: int) -> float:  # the step with each tenant's `cap` cheapest rows
+            tokens = pairs = 0
+            for acc in sums:
+                t, p = acc[min(cap, len(acc) - 1)]
+                tokens += t
+                pairs += p
+            return s.cost.seconds(tokens, pairs)
+
+        budget = slowdown * seconds(lightest) * (1 + 1e-9)  # rounding: 2 x 14 ms fits 28 ms
+        low, high = lightest, heaviest  # seconds(low) <= budget; find the largest such cap
+        while low < high:
+            mid = (low + high + 1) // 2
+            if seconds(mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return None if low >= heaviest else low
+
+    def caps(self, seqs: Iterable[Sequence], step_rows: Counter, step_seconds: float) -> bool:
+        """Whether a running step (`step_rows` sequences of each tenant, `step_seconds` long by the cost
+        model) is longer than fair steps allow beside new sequences `seqs` of a tenant not in it: then
+        stopping it (Engine.interrupt_for) gets the newcomer's first token sooner."""
+        s = self.scheduler
+        if not s.config.tenant_slowdown or not step_rows:
+            return False
+        tokens: dict[str, list[int]] = {}  # each new tenant's prompts
+        for seq in seqs:
+            if seq.tenant not in step_rows:
+                tokens.setdefault(seq.tenant, []).append(min(seq.num_prompt_tokens, s.config.prefill_tokens))
+        if not tokens:
+            return False
+        lightest = min(min(step_rows.values()), min(map(len, tokens.values())))
+        reference = sum(min(n, lightest) for n in step_rows.values())  # a decode row each
+        reference += sum(sum(sorted(t)[:lightest]) for t in tokens.values())
+        return step_seconds > s.config.tenant_slowdown * s.cost.seconds(reference, 0)
