@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
 
-.PHONY: setup stubs model run test soak unit integration bench bench-peers loadtest clean
+.PHONY: setup stubs model run test lint soak unit integration bench bench-peers loadtest clean
 
 setup: $(STAMP) stubs model
 
@@ -34,8 +34,12 @@ $(MODEL)/model.safetensors: $(STAMP)
 run: setup
 	$(BIN)/python -m genrpc.supervisor
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# ruff, with its rules in pyproject.toml (pycodestyle, pyflakes, import order)
+lint: $(STAMP)
+	$(BIN)/ruff check --no-cache .
 
 soak: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s tests/soak

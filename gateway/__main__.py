@@ -5,20 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from genrpc.errors import exits_on_config_error
-from genrpc.flags import server_parser
-from genrpc.security import ClientSecurity, ServerSecurity, add_client_flags, server_security
-from genrpc.logs import setup_logging
-from genrpc.tracing import setup_tracing
-from genrpc.serving import run_until_signal, start_server
-from genrpc.v1 import generation_pb2, generation_pb2_grpc
 from gateway import metrics
 from gateway.generation import Generator
-from gateway.server import GenerationServicer
 from gateway.model_pool import ModelPool
 from gateway.model_worker import DEFAULT_MAX_STREAM_BUFFER
+from gateway.server import GenerationServicer
 from gateway.tokenizers import TokenizerPool
-
+from genrpc.errors import exits_on_config_error
+from genrpc.flags import server_parser
+from genrpc.logs import setup_logging
+from genrpc.security import ClientSecurity, ServerSecurity, add_client_flags, server_security
+from genrpc.serving import run_until_signal, start_server
+from genrpc.tracing import setup_tracing
+from genrpc.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("genrpc.gateway")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from genrpc.v1 import generation_pb2 as pb
-from genrpc.internal.v1 import model_pb2
 from gateway.generation import Delta, Prompts
 from gateway.validation import FIELD_NAMES, ModelLimits, RequestedConfig
+from genrpc.internal.v1 import model_pb2
+from genrpc.v1 import generation_pb2 as pb
 
 REPEATED = ("stop", "stop_token_ids", "bad_words")
 

@@ -20,20 +20,20 @@ from typing import AsyncIterator
 import grpc
 from opentelemetry.trace import SpanKind
 
+from gateway import metrics
+from gateway.model_pool import ModelPool
+from gateway.model_worker import SequenceEvent
+from gateway.quotas import Quotas, refuse
+from gateway.stop_strings import StopStringMatcher
+from gateway.tokenizers import TokenizerPool
+from gateway.validation import ResolvedConfig, fit_to_context
 from genrpc import tracing
 from genrpc.errors import GenrpcError, ResourceExhausted, Unavailable
+from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.rights import DEFAULT as DEFAULT_RIGHTS
 from genrpc.rights import Rights
 from genrpc.v1 import generation_pb2 as gen_pb2
-from genrpc.internal.v1 import model_pb2, tokenizer_pb2
-from gateway import metrics
-from gateway.stop_strings import StopStringMatcher
-from gateway.validation import ResolvedConfig, fit_to_context
-from gateway.model_pool import ModelPool
-from gateway.model_worker import SequenceEvent
-from gateway.quotas import Quotas, refuse
-from gateway.tokenizers import TokenizerPool
 
 log = logging.getLogger("genrpc.gateway.generation")
 

@@ -7,13 +7,13 @@ import asyncio
 import logging
 from typing import Callable
 
-from genrpc.errors import Unavailable
-from genrpc.internal.v1 import model_pb2
-from genrpc.security import ClientSecurity
 from gateway.connections import DNS_PREFIX, RESOLVE_EVERY_S, dns_host, resolve
 from gateway.model_worker import DEFAULT_MAX_STREAM_BUFFER, ModelWorkerClient
 from gateway.routing import PrefixRouter, block_hashes
 from gateway.tokenizers import TokenizerPool
+from genrpc.errors import Unavailable
+from genrpc.internal.v1 import model_pb2
+from genrpc.security import ClientSecurity
 
 log = logging.getLogger("genrpc.gateway.model_pool")
 

@@ -15,13 +15,13 @@ from typing import Callable
 
 import grpc
 
+from gateway.coalesce import Coalescer
+from gateway.connections import channel, describe
+from gateway.tokenizers import TokenizerPool
 from genrpc import faults
 from genrpc.errors import Unavailable
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2
 from genrpc.security import ClientSecurity
-from gateway.coalesce import Coalescer
-from gateway.connections import channel, describe
-from gateway.tokenizers import TokenizerPool
 
 log = logging.getLogger("genrpc.gateway.model_worker")
 

@@ -12,9 +12,9 @@ import time
 
 from prometheus_client import Counter
 
+from gateway.validation import ResolvedConfig
 from genrpc.errors import PermissionDenied, ResourceExhausted
 from genrpc.rights import Rights
-from gateway.validation import ResolvedConfig
 
 REFUSALS = Counter("genrpc_gateway_token_refusals", "requests refused for a token's rights or rates, by the "
                    "token's name in the tokens file ('unnamed' without one) and the setting", ["token", "setting"])

@@ -6,17 +6,15 @@ import logging
 import time
 import uuid
 
+from gateway import convert
+from gateway.generation import Generator, Prompts
+from gateway.quotas import apply_rights
+from gateway.validation import check_answer_size, check_tokenize_size, check_truncate, resolve_config, validate_prompts
 from genrpc.errors import grpc_errors
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.security import ANONYMOUS, caller, caller_rights
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from gateway import convert
-from gateway.generation import Generator, Prompts
-from gateway.quotas import apply_rights
-from gateway.validation import (check_answer_size, check_tokenize_size, check_truncate, resolve_config,
-                                validate_prompts)
-
 
 log = logging.getLogger("genrpc.gateway")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 import json
 
-from genrpc.errors import InvalidArgument
-
 import llguidance
+
+from genrpc.errors import InvalidArgument
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 MAX_TEXT_CHARS = 100_000  # a schema, regex or grammar

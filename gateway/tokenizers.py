@@ -10,12 +10,12 @@ import logging
 
 import grpc
 
+from gateway.coalesce import Coalescer
+from gateway.connections import DNS_PREFIX, RETRYABLE, channel
 from genrpc import faults
 from genrpc.errors import Unavailable
 from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from genrpc.security import ClientSecurity
-from gateway.coalesce import Coalescer
-from gateway.connections import DNS_PREFIX, RETRYABLE, channel
 
 log = logging.getLogger("genrpc.gateway.tokenizers")
 

@@ -9,10 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from genrpc.errors import InvalidArgument
-from genrpc.limits import (MAX_CACHE_SALT, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PRIORITY, MAX_PROMPT_LOOKUP,
-                           MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS, MAX_TOP_LOGPROBS)
 from gateway.structured import grammar_for
+from genrpc.errors import InvalidArgument
+from genrpc.limits import (
+    MAX_CACHE_SALT,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_PRIORITY,
+    MAX_PROMPT_LOOKUP,
+    MAX_RETURN_SEQUENCES,
+    MAX_TIME_LIMIT_MS,
+    MAX_TOP_LOGPROBS,
+)
 
 MAX_PROMPTS = 64
 MAX_STOP_STRINGS = 32

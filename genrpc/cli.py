@@ -19,8 +19,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from genrpc.errors import ConfigError
-from genrpc.limits import (MAX_PRIORITY, MAX_PROMPT_LOOKUP, MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS,
-                           MAX_TOP_LOGPROBS)
+from genrpc.limits import MAX_PRIORITY, MAX_PROMPT_LOOKUP, MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS, MAX_TOP_LOGPROBS
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 

@@ -13,24 +13,24 @@ from prometheus_client import Gauge
 
 from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
-from genrpc.model_path import DEFAULT_MODEL, ModelSource
+from genrpc.internal.v1 import model_pb2, model_pb2_grpc
+from genrpc.limits import MAX_PROMPT_LOOKUP
 from genrpc.logs import setup_logging
-from genrpc.tracing import setup_tracing
+from genrpc.model_path import DEFAULT_MODEL, ModelSource
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
-from genrpc.internal.v1 import model_pb2, model_pb2_grpc
+from genrpc.tracing import setup_tracing
 from model_svc.engine import fused, kernel_choice
-from model_svc.engine.engine import Engine
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
+from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.schedule_types import SchedulerConfig
 from model_svc.engine.scheduler import Scheduler
-from genrpc.limits import MAX_PROMPT_LOOKUP
 from model_svc.loader import DTYPES, OUTPUT_LAYERS, QUANTIZATIONS, load_model
 from model_svc.server import ModelWorkerServicer, Subscriptions
 from model_svc.threads import LoadMonitor, ThreadPolicy, machine_policy

@@ -8,8 +8,8 @@ import time
 import grpc
 
 from genrpc import limits
-from genrpc.v1 import generation_pb2
 from genrpc.internal.v1 import model_pb2
+from genrpc.v1 import generation_pb2
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import LoadedModel

@@ -16,12 +16,12 @@ import prometheus_client
 
 from genrpc import faults
 from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, grpc_errors
-from genrpc.security import caller
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
+from genrpc.security import caller
 from genrpc.v1 import generation_pb2
 from model_svc import convert
-from model_svc.engine.constraints import Grammars
 from model_svc.engine import kernel_choice
+from model_svc.engine.constraints import Grammars
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.schedule_types import SchedulerFull

@@ -8,12 +8,12 @@ import os
 
 from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
-from genrpc.model_path import DEFAULT_MODEL
+from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from genrpc.logs import setup_logging
-from genrpc.tracing import setup_tracing
+from genrpc.model_path import DEFAULT_MODEL
 from genrpc.security import server_security
 from genrpc.serving import run_until_signal, start_server
-from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from genrpc.tracing import setup_tracing
 from tokenizer_svc.server import TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer
 

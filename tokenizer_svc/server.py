@@ -6,8 +6,8 @@ import asyncio
 import ctypes
 
 from genrpc.errors import InvalidArgument, ResourceExhausted, grpc_errors
-from genrpc.serving import MAX_MESSAGE_BYTES
 from genrpc.internal.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from genrpc.serving import MAX_MESSAGE_BYTES
 from tokenizer_svc.tokenizer import AnswerTooLarge, DecodeStreamItem, Tokenizer, TokenizerError
 
 ANSWER_HEADROOM = 64 * 1024  # the message's other fields

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-import torch
-
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
+import torch
 
 from genrpc import faults
 

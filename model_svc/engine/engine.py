@@ -13,7 +13,7 @@ import torch
 from genrpc import faults
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
-from model_svc.engine.sampler import SampledToken, SampleRow, Sampler
+from model_svc.engine.sampler import SampledToken, Sampler, SampleRow
 from model_svc.engine.schedule_types import ItemKind
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence

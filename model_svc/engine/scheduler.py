@@ -29,8 +29,16 @@ from typing import Hashable, Iterable
 from model_svc.engine.block_manager import BlockManager, BlockTable
 from model_svc.engine.prefix_search import Prefixes
 from model_svc.engine.schedule_policy import Policy
-from model_svc.engine.schedule_types import (DeadlineUnmeetable, ItemKind, Plan, PrefixCopy, Room,
-                                             SchedulerConfig, SchedulerFull, SchedulerOutput)
+from model_svc.engine.schedule_types import (
+    DeadlineUnmeetable,
+    ItemKind,
+    Plan,
+    PrefixCopy,
+    Room,
+    SchedulerConfig,
+    SchedulerFull,
+    SchedulerOutput,
+)
 from model_svc.engine.sequence import FinishReason, Sequence, SequenceStatus
 from model_svc.engine.speculation import propose
 from model_svc.engine.step_cost import StepCost

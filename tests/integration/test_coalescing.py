@@ -8,10 +8,10 @@ import asyncio
 
 import grpc
 
-from genrpc.v1 import generation_pb2 as gen_pb2
-from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from gateway.model_worker import ModelWorkerClient
 from gateway.tokenizers import TokenizerPool
+from genrpc.internal.v1 import model_pb2, tokenizer_pb2
+from genrpc.v1 import generation_pb2 as gen_pb2
 from tests.conftest import MODEL, start_service
 
 TEXTS = ["Hi", "Write a long story about a lighthouse keeper in great detail.", "2 + 2 =",

@@ -12,10 +12,10 @@ import time
 import grpc
 import pytest
 
+from genrpc.launch import ROOT
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 from tests.conftest import MODEL, start_service, wait_serving
-from genrpc.launch import ROOT
 from tests.helpers import make_certificates, metric, wait_for
 
 RUNNING = "genrpc_model_running_sequences"

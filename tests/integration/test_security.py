@@ -3,7 +3,6 @@ internal hops over TLS with client certificates and a shared secret from throw-a
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import threading
@@ -12,10 +11,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from genrpc.security import read_file
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from tests.conftest import MODEL, start_service, wait_serving
 from tests.helpers import metric, wait_for
 

@@ -548,7 +548,7 @@ def test_gguf_file_loads_and_generates(hf_tokenizer):
 ])
 def test_vectorized_sampling_keeps_the_tokens_transformers_keeps(params):
     """The batched top-k path may only draw tokens that transformers' own warpers leave possible."""
-    from model_svc.engine.sampler import SampleRow, Sampler, build_processors
+    from model_svc.engine.sampler import Sampler, SampleRow, build_processors
 
     torch.manual_seed(0)
     logits = torch.randn(4, 1000) * 3

@@ -7,12 +7,12 @@ import dataclasses
 import grpc
 import pytest
 
-from genrpc.errors import ConfigError, PermissionDenied, ResourceExhausted
-from genrpc.rights import DEFAULT, Rights, parse_line
-from genrpc.security import TokenSet
 from gateway.generation import cache_salt
 from gateway.quotas import Quotas, apply_rights
 from gateway.validation import ModelLimits, RequestedConfig, resolve_config
+from genrpc.errors import ConfigError, PermissionDenied, ResourceExhausted
+from genrpc.rights import DEFAULT, Rights, parse_line
+from genrpc.security import TokenSet
 
 LIMITS = ModelLimits(8192, 49152, RequestedConfig(max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50,
                                                    top_p=1.0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0))

@@ -3,7 +3,6 @@ with hand-made tokens, incremental detokenization of several tokens a step, and 
 real model: outputs equal to the same requests without speculation, bit for bit."""
 
 import itertools
-
 from dataclasses import replace
 
 import pytest

@@ -8,9 +8,9 @@ import jsonschema
 import pytest
 import torch
 
-from genrpc.errors import InvalidArgument
 from gateway.structured import grammar_for
 from gateway.validation import ModelLimits, RequestedConfig, resolve_config
+from genrpc.errors import InvalidArgument
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 

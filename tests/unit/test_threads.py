@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from model_svc.threads import (LoadMonitor, ThreadPolicy, busy_jiffies, cgroup_cpu_max, own_jiffies, policy_from,
-                               quota_cores, usable_threads)
+from model_svc.threads import (
+    LoadMonitor,
+    ThreadPolicy,
+    busy_jiffies,
+    cgroup_cpu_max,
+    own_jiffies,
+    policy_from,
+    quota_cores,
+    usable_threads,
+)
 
 
 def test_quota_from_cpu_max():

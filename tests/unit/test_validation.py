@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from genrpc.errors import InvalidArgument
 from gateway.validation import ModelLimits, RequestedConfig, fit_to_context, resolve_config, validate_prompts
+from genrpc.errors import InvalidArgument
 
 DEFAULTS = RequestedConfig(max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0,
                            typical_p=1.0, repetition_penalty=1.0)

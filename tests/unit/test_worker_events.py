@@ -3,8 +3,8 @@
 import asyncio
 
 from gateway.model_worker import DetokState, ModelWorkerClient, SequenceHandle
-from genrpc.v1 import generation_pb2
 from genrpc.internal.v1 import model_pb2, tokenizer_pb2
+from genrpc.v1 import generation_pb2
 
 
 class Tokenizers:
