@@ -9,68 +9,23 @@ blocks (through its block table) and does one (sequence, key/value head) pair pe
 order, so it is batch-invariant by construction and costs a tenth as much for the same work
 (figures: README, "Measured costs behind the design").
 
-The kernel is compiled on first use with the machine's C compiler (`cc`, ~0.5 s) into a cache
-folder keyed by the source, the flags and the CPU, and loaded with ctypes: no Python headers, no
-torch headers. Where it cannot be built, `load()` returns None and the runner attends per sequence.
+The kernel is compiled on first use (kernels/__init__.py, ~0.5 s). Where it cannot be built,
+`load()` returns None and the runner attends per sequence.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from model_svc.engine import kernels
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_attention.c"
-# -march=native: built where it runs. Contraction on, so scalar and vector loops both use FMA and a
-# value rounds the same whichever loop computes it.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GENRPC_KERNEL_CACHE") or Path.home() / ".cache" / "genrpc" / "kernels")
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def build(compiler: str | None = None, source_path: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compiles a kernel source (once per source, flags and CPU) and returns the shared library's path.
-    `extra_flags`: e.g. -fopenmp, for a kernel that shares out its work on PyTorch's OpenMP pool."""
-    flags = [*FLAGS, *extra_flags]
-    compiler = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"C compiler {compiler!r} not found")
-    source = source_path.read_bytes()
-    headers = [h.read_bytes() for h in sorted(source_path.parent.glob("*.h"))]  # what it may #include
-    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(flags).encode(), _cpu_signature().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{source_path.stem}-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
-        partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, "-o", str(partial), str(source_path), "-lm"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {source_path.name} failed:\n{result.stderr}")
-        os.replace(partial, target)
-    return target
 
 
 class DecodeAttention:
@@ -108,23 +63,7 @@ class DecodeAttention:
             raise MemoryError("decode attention kernel could not allocate its buffers")
 
 
-def open_library(source_path: Path, logger: logging.Logger, unavailable: str, supported: str | None = None,
-                 lacking: str = "") -> ctypes.CDLL | None:
-    """A kernel source built (with OpenMP, on PyTorch's pool) and loaded; None where it cannot be built
-    here (a warning: `unavailable`, then why) or where its function `supported` says it was built
-    without the instructions it needs (logged: `lacking`). Every kernel in kernels/ loads through this."""
-    try:
-        library = ctypes.CDLL(str(build(source_path=source_path, extra_flags=("-fopenmp",))))
-    except (OSError, RuntimeError) as exc:
-        logger.warning("%s: %s", unavailable, exc)
-        return None
-    if supported is not None and not getattr(library, supported)():
-        logger.info("%s", lacking)
-        return None
-    return library
-
-
 def load() -> DecodeAttention | None:
     """The compiled kernel, or None (logged) where it cannot be built here."""
-    library = open_library(SOURCE, log, "native decode attention unavailable, attending per sequence")
+    library = kernels.open_library(SOURCE, log, "native decode attention unavailable, attending per sequence")
     return DecodeAttention(library) if library is not None else None

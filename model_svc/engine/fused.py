@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model_svc.engine import decode_attention
+from model_svc.engine import kernels
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,6 @@ class FusedOps:
 
 def load() -> FusedOps | None:
     """The compiled kernels, or None (logged) where they cannot be built here."""
-    library = decode_attention.open_library(SOURCE, log,
+    library = kernels.open_library(SOURCE, log,
                                             "fused elementwise kernels unavailable, using PyTorch's operators")
     return FusedOps(library) if library is not None else None

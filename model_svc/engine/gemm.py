@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model_svc.engine import decode_attention
+from model_svc.engine import kernels
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Gemm:
 
 def load() -> Gemm | None:
     """The compiled kernel, or None (logged) where it cannot be built or run here."""
-    library = decode_attention.open_library(
+    library = kernels.open_library(
         SOURCE, log, "native matrix products unavailable, using the libraries' kernels", "gemm_supported",
         "native matrix products need AVX-512 BF16 or AVX2 with FMA, which this CPU lacks: using the libraries' "
         "kernels")

@@ -112,9 +112,9 @@ class Choice:
 
 
 def cache_path() -> Path:
-    from model_svc.engine import decode_attention
+    from model_svc.engine import kernels
 
-    return decode_attention.cache_dir() / "choices.json"
+    return kernels.cache_dir() / "choices.json"
 
 
 def _key(kernel_id: str, shapes: dict, threads: int) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from model_svc.engine import decode_attention
+from model_svc.engine import kernels
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PrefillAttention:
 
 def load() -> PrefillAttention | None:
     """The compiled kernel, or None (logged) where it cannot be built or run here."""
-    library = decode_attention.open_library(
+    library = kernels.open_library(
         SOURCE, log, "native long-prompt attention unavailable, using SDPA", "prefill_supported",
         "native long-prompt attention needs AVX-512 BF16, which this CPU lacks: using SDPA")
     return PrefillAttention(library) if library is not None else None

@@ -18,7 +18,7 @@
  * against 7.3 ms). While a key is read, its value is prefetched: the step's keys and values come
  * from memory, not cache (in real steps, 32 sequences: 0.81x the attention's time, 8: 0.77x).
  *
- * Built by model_svc/engine/decode_attention.py with the C compiler of the machine that runs it.
+ * Built by model_svc/engine/kernels/__init__.py with the C compiler of the machine that runs it.
  */
 #include <math.h>
 #include <stdint.h>

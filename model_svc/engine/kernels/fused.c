@@ -8,7 +8,7 @@
  * result never depends on the other rows. The one difference: the RMSNorm's mean of squares is
  * summed in a different order, which moves its float32 value in the last bits.
  *
- * Built by model_svc/engine/decode_attention.py with the machine's C compiler (with OpenMP), as the
+ * Built by model_svc/engine/kernels/__init__.py with the machine's C compiler (with OpenMP), as the
  * attention kernel is.
  */
 #include <math.h>

@@ -17,7 +17,7 @@
  * Every output element is summed in an order fixed by k alone: a row's result is the same whatever
  * rows are beside it, however many there are, and whichever thread computes it. Column blocks are
  * shared out between OpenMP threads (PyTorch's pool: one OpenMP runtime per process). Built by
- * model_svc/engine/decode_attention.py with the machine's C compiler; `gemm_supported()` says whether
+ * model_svc/engine/kernels/__init__.py with the machine's C compiler; `gemm_supported()` says whether
  * it was built with the instructions (the Python side uses the libraries' kernels where not). Without
  * AVX-512 BF16, an AVX2 version (after the AVX-512 one) computes the same sums with float32 FMAs.
  */

@@ -16,7 +16,7 @@
  * one-row kernel (decode_attention.c) that decoded tokens and short prompts take, so a long prompt's
  * cache blocks are not shared across requests (the runner's NATIVE_MAX_PROMPT).
  *
- * Built by model_svc/engine/decode_attention.py; `prefill_supported()` says whether it was built
+ * Built by model_svc/engine/kernels/__init__.py; `prefill_supported()` says whether it was built
  * with the instructions (the runner uses SDPA where not).
  */
 #include <math.h>
