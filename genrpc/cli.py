@@ -152,6 +152,29 @@ def _logprob_lines(logprobs) -> list[str]:
     return lines
 
 
+def _print_samples_as_they_end(call, args) -> None:
+    """-n N --stream: the samples' messages interleave on the stream, so each sample's text is printed
+    whole as soon as that sample ends (its last message), under a header, in the order they end."""
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list] = {}
+    try:
+        for message in call:
+            i = message.sample_index
+            texts.setdefault(i, []).append(message.text)
+            logprobs.setdefault(i, []).extend(message.logprobs)
+            if message.finish_reason:
+                print(f"--- sample {i} (seed {message.seed})")
+                print("".join(texts.pop(i)), flush=True)
+                if logprobs[i]:
+                    print("\n".join(_logprob_lines(logprobs.pop(i))), file=sys.stderr)
+                if args.verbose:
+                    print(f"[{FINISH[message.finish_reason]}, {message.generated_tokens} tokens, seed {message.seed}]",
+                          file=sys.stderr)
+    except KeyboardInterrupt:
+        call.cancel()
+        raise
+
+
 def cmd_generate(stub, args) -> None:
     config = _config(args)
     if args.stream:
@@ -160,8 +183,11 @@ def cmd_generate(stub, args) -> None:
             request.chat.CopyFrom(_chat(args.prompt, args.system))
         else:
             request.prompt = args.prompt
-        last, logprobs = None, []
         call = stub.GenerateStream(request, timeout=args.timeout, metadata=args.metadata)
+        if (args.num_return_sequences or 1) > 1:
+            _print_samples_as_they_end(call, args)
+            return
+        last, logprobs = None, []
         try:
             for last in call:
                 sys.stdout.write(last.text)
@@ -219,6 +245,7 @@ def cmd_info(stub, args) -> None:
         ("KV cache", f"{info.kv_cache_tokens} tokens in blocks of {info.kv_block_size}, prefix caching "
                      f"{'on' if info.prefix_caching else 'off'}"),
         ("attention", f"decoded tokens {info.decode_attention}, prompts {info.prefill_attention}"),
+        ("speculation", info.speculation),
         ("matmul", info.matmul),
         ("cpu", info.cpu),
         ("threads", info.thread_policy),
@@ -243,7 +270,8 @@ def parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate text", formatter_class=Help)
     g.add_argument("prompt")
-    g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    g.add_argument("--stream", action="store_true",
+                   help="print tokens as they arrive (with -n N: each sample whole as soon as it ends)")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     g.add_argument("--system", help="system message (with --chat)")
     for flag, name, kind, help_text in GENERATION_FLAGS:
@@ -306,8 +334,6 @@ def main(argv=None) -> int:
     try:
         args = parser().parse_args(argv)
         args.metadata = (("x-genrpc-client", args.client),) if args.client else None
-        if getattr(args, "stream", False) and (args.num_return_sequences or 1) > 1:
-            raise UsageError("--stream prints one sample as it comes: drop --stream or -n")
         channel = _channel(args)
     except UsageError as exc:
         print(f"genrpc: error: {exc}", file=sys.stderr)

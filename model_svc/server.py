@@ -183,7 +183,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             decode_attention=self.engine_loop.engine.runner.decode_attention,
             prefill_attention=self.engine_loop.engine.runner.prefill_attention,
             num_threads=self.thread_policy.threads, matmul=self.engine_loop.engine.runner.matmul_detail,
-            cpu=self.cpu, output_layer=m.output_layer,
+            cpu=self.cpu, output_layer=m.output_layer, speculation=self.engine_loop.engine.describe_speculation(),
         )
 
 

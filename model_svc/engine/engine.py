@@ -82,6 +82,14 @@ class Engine:
         self._running: RunningStep | None = None  # the step being computed, if any
         self._after_stop = False  # the last step was stopped (engine thread only)
 
+    def describe_speculation(self) -> str:
+        """What a request that does not set prompt_lookup_num_tokens gets (ModelInfo.speculation)."""
+        n = self.default_prompt_lookup
+        if not n or not self.scheduler.config.speculation:
+            return "off"
+        how = "a draft model" if self.scheduler.draft is not None else "prompt lookup"
+        return f"{how}, up to {n} tokens a step"
+
     def interrupt_for(self, seqs: list[Sequence]) -> None:
         """Stops the running step (any thread) so that a new request does not wait for it to end:
         when one of `seqs` would make the step after an urgent one (Scheduler.urgent_priority), when

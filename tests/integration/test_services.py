@@ -104,6 +104,18 @@ def test_cli(stack):
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "min_new_tokens" in refused.stderr
 
 
+def test_cli_streams_several_samples_each_whole_as_it_ends(stack):
+    """-n 3 --stream: the same samples (same seed) as without --stream, each under its header."""
+    def samples(text: str) -> dict[str, str]:
+        blocks = text.split("--- sample ")[1:]
+        return {block.split("\n", 1)[0]: block.split("\n", 1)[1] for block in blocks}
+
+    flags = ["generate", "Once upon a time", "-n", "3", "--do-sample", "--seed", "7", "--max-new-tokens", "8"]
+    whole, streamed = run_cli(stack, *flags), run_cli(stack, *flags, "--stream")
+    assert whole.returncode == 0 and streamed.returncode == 0, streamed.stderr
+    assert len(samples(whole.stdout)) == 3 and samples(streamed.stdout) == samples(whole.stdout)
+
+
 def run_cli(stack, *args, timeout=120):
     cli = [sys.executable, "-m", "genrpc.cli", "--addr", stack.gateway.address]
     return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -285,6 +297,7 @@ def test_model_info_reports_the_matrix_products_and_the_cpu(stub):
 
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert info.output_layer == "none"  # the default: as transformers loads a 4-bit model
+    assert info.speculation == "prompt lookup, up to 8 tokens a step"  # the default with native attention
     kernel = gemm.load()
     cpu = kernel_choice.cpu_info()
     assert info.cpu == cpu.describe()
