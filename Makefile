@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
 
-.PHONY: setup stubs model run test lint soak unit integration bench bench-peers loadtest clean
+.PHONY: setup stubs model run test lint soak unit model-tests integration polyglot bench bench-peers loadtest clean
 
 setup: $(STAMP) stubs model
 
@@ -44,11 +44,18 @@ lint: $(STAMP)
 soak: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s tests/soak
 
+# the suite by kind: pure logic (seconds), the real model in process, real processes, other languages
 unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+model-tests: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/model
 
 integration: setup
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
+
+polyglot: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/polyglot
 
 bench: setup
 	$(BIN)/python -m bench.run

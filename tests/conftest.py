@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
 import torch
 
-from genrpc.launch import ROOT, start_service, start_stack, wait_serving  # noqa: F401 (re-exported for tests)
-
-MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+from tests.helpers import MODEL, start_stack
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,16 @@
-"""Small helpers for tests against live services."""
+"""What tests share besides fixtures (those are in conftest.py): the model's path, starting the
+services, waiting for them, credentials."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
-from genrpc.launch import metric  # noqa: F401 (re-exported for tests)
+from genrpc.launch import ROOT, metric, start_service, start_stack, wait_serving  # noqa: F401 (for tests)
 from genrpc.pki import make_credentials
+
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> float:

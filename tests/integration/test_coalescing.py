@@ -12,7 +12,7 @@ from gateway.model_worker import ModelWorkerClient
 from gateway.tokenizers import TokenizerPool
 from genrpc.internal.v1 import model_pb2, tokenizer_pb2
 from genrpc.v1 import generation_pb2 as gen_pb2
-from tests.conftest import MODEL, start_service
+from tests.helpers import MODEL, start_service
 
 TEXTS = ["Hi", "Write a long story about a lighthouse keeper in great detail.", "2 + 2 =",
          "한국어 문장도 섞어 봅니다", "The quick brown fox jumps over the lazy dog, twice."]

@@ -14,8 +14,7 @@ import pytest
 from genrpc.launch import start_service, start_stack
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL
-from tests.helpers import metric, wait_for
+from tests.helpers import MODEL, metric, wait_for
 
 PROMPT = "Write a short poem about the sea."
 REFERENCE = pb.GenerationConfig(max_new_tokens=12)

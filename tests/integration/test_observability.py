@@ -14,8 +14,7 @@ import yaml
 
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL, ROOT, start_service, wait_serving
-from tests.helpers import metric, wait_for
+from tests.helpers import MODEL, ROOT, metric, start_service, wait_for, wait_serving
 
 
 @pytest.fixture(scope="module")

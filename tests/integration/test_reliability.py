@@ -15,8 +15,7 @@ import pytest
 from genrpc.launch import ROOT
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL, start_service, wait_serving
-from tests.helpers import make_certificates, metric, wait_for
+from tests.helpers import MODEL, make_certificates, metric, start_service, wait_for, wait_serving
 
 RUNNING = "genrpc_model_running_sequences"
 LONG = pb.GenerationConfig(max_new_tokens=2000, ignore_eos=True)

@@ -12,8 +12,7 @@ import pytest
 
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL, start_stack
-from tests.helpers import metric, wait_for
+from tests.helpers import MODEL, metric, start_stack, wait_for
 
 LONG = dict(max_new_tokens=2000, ignore_eos=True)
 SLOTS = 4  # sequences the model service runs at once

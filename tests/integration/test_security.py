@@ -15,8 +15,7 @@ from genrpc.internal.v1 import model_pb2, model_pb2_grpc, tokenizer_pb2, tokeniz
 from genrpc.security import read_file
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL, start_service, wait_serving
-from tests.helpers import metric, wait_for
+from tests.helpers import MODEL, metric, start_service, wait_for, wait_serving
 
 IM_START, IM_END = 1, 2  # SmolLM2's chat markup tokens
 

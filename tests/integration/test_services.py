@@ -18,8 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from genrpc.v1 import generation_pb2 as pb
-from tests.conftest import MODEL, ROOT, start_service, wait_serving
-from tests.helpers import metric
+from tests.helpers import MODEL, ROOT, metric, start_service, wait_serving
 
 SERVICES = {
     "tokenizer": "genrpc.internal.v1.Tokenizer",

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from genrpc.v1 import generation_pb2 as pb
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 GO_DIR = os.path.join(ROOT, "clients", "go")
 PROMPT = "The capital of France is"

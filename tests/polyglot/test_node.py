@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from genrpc.v1 import generation_pb2 as pb
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "node")
 

@@ -29,8 +29,7 @@ from genrpc.launch import ROOT, describe_cpu, metric, start_service, wait_servin
 from genrpc.pki import make_credentials
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
-from tests.conftest import MODEL
-from tests.helpers import wait_for
+from tests.helpers import MODEL, wait_for
 
 MINUTES = float(os.environ.get("GENRPC_SOAK_MINUTES", "20"))
 KILL_EVERY_S = tuple(float(x) for x in os.environ.get("GENRPC_SOAK_KILL_EVERY", "60,180").split(","))

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from model_svc.engine import decode_attention
-from model_svc.engine.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +113,3 @@ def test_wrong_dtype_is_refused(kernel):
     with pytest.raises(TypeError):
         kernel(query.float(), arena[0].float(), arena[1].float(), query.float(), torch.tensor([0]),
                torch.tensor(tables[0]), torch.tensor([0]), torch.tensor([5]), BS, 0.125)
-
-
-def test_the_runner_uses_it_for_bfloat16_models(reference_model):
-    assert ModelRunner(reference_model.model).decode_attention == "native"
-    assert ModelRunner(reference_model.model, decode_attention_impl="sdpa").decode_attention == "sdpa"
-    assert ModelRunner(reference_model.model, match_generate=True).decode_attention == "generate"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import MODEL
+from tests.helpers import MODEL
 from tokenizer_svc.detokenize import decode_incremental
 from tokenizer_svc.tokenizer import DecodeStreamItem, Tokenizer
 

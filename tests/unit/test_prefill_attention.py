@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from model_svc.engine import prefill_attention
-from model_svc.engine.runner import ModelRunner
 from tests.unit.test_decode_attention import gathered, make_case
 
 
@@ -141,9 +140,3 @@ def test_unsupported_shapes_are_refused(kernel):
     with pytest.raises(ValueError):
         attend(kernel, arena, query, [(0, 5, 0)], tables, 0.125)
     assert not kernel.fits(48) and kernel.fits(64)
-
-
-def test_the_runner_uses_it_with_native_prefill_only(kernel, reference_model):
-    assert ModelRunner(reference_model.model).long_prefill is not None
-    assert ModelRunner(reference_model.model, prefill_attention_impl="sdpa").long_prefill is None
-    assert ModelRunner(reference_model.model, match_generate=True).long_prefill is None

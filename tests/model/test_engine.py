@@ -11,8 +11,8 @@ from model_svc.engine import gemm
 from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import load_model
-from tests.conftest import MODEL
 from tests.greedy import NATIVE_PREFILL_MARGIN, assert_greedy_matches
+from tests.helpers import MODEL
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind in the autumn evening:",
            "1, 2, 3,", "한국어로 인사해 주세요"]

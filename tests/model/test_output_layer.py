@@ -9,9 +9,9 @@ import torch
 from model_svc.engine import gemm
 from model_svc.engine.sequence import SamplingParams, Sequence
 from model_svc.loader import load_model
-from tests.conftest import MODEL
 from tests.greedy import NATIVE_PREFILL_MARGIN, assert_greedy_matches
-from tests.unit.test_engine import PROMPTS, make_engine, run
+from tests.helpers import MODEL
+from tests.model.test_engine import PROMPTS, make_engine, run
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ generate()'s up to near-ties."""
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine.sequence import SamplingParams, Sequence
 from tests.greedy import assert_greedy_matches
-from tests.unit.test_engine import PROMPTS, run
+from tests.model.test_engine import PROMPTS, run
 
 
 def test_no_compiler_falls_back_to_sdpa_with_the_same_tokens(reference_model, hf_tokenizer, tmp_path, monkeypatch):

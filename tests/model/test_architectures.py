@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 from model_svc.engine.sequence import SamplingParams, Sequence
 from model_svc.loader import load_model
-from tests.unit.test_engine import make_engine, run
+from tests.model.test_engine import make_engine, run
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TOOL_DIR = os.path.join(ROOT, "tools", "buf")
 BUF = os.path.join(TOOL_DIR, "node_modules", ".bin", "buf")
