@@ -476,6 +476,19 @@ static inline void to_natural(const __m256 *v, __m256 *out) {
     out[3] = _mm256_permute2f128_ps(v[2], v[3], 0x31);
 }
 
+/* One input pair's terms of four column vectors' sums, `tile`'s arithmetic: x points at the row's
+ * (even, odd) inputs; each 32-bit lane of w holds a column's (even input, odd input) bfloat16 pair.
+ * The odd term first, then the even one, as VDPBF16PS. */
+static inline __attribute__((always_inline)) void pair_sums(const float *x, const __m256i *w, __m256 *sums) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256 odd = _mm256_broadcast_ss(x + 1);
+    for (int v = 0; v < VECS; v++)
+        sums[v] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(w[v], high)), sums[v]);
+    const __m256 even = _mm256_broadcast_ss(x);
+    for (int v = 0; v < VECS; v++)
+        sums[v] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16)), sums[v]);
+}
+
 /* One row times one or two nf4 column blocks, or two rows times one, straight from the codes. Byte j
  * of a pair holds column j / 2's code (low half) and column 16 + j / 2's (high half) for input
  * k + j % 2. Two byte shuffles give each code's bfloat16 value as a low and a high byte; interleaved,
@@ -488,7 +501,7 @@ static inline __attribute__((always_inline)) void nf4_direct(const float *a, int
                                                              const float *const *scales, __m256i table_lo,
                                                              __m256i table_hi, uint16_t *const *c, int64_t ldc,
                                                              const int rows, const int nblocks) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
     const int groups = rows * nblocks; /* (row, block) pairs: at most two */
     __m256 acc[2 * VECS], part[2 * VECS];
     for (int i = 0; i < groups * VECS; i++) acc[i] = _mm256_setzero_ps();
@@ -502,15 +515,8 @@ static inline __attribute__((always_inline)) void nf4_direct(const float *a, int
                 const __m256i hi_l = _mm256_shuffle_epi8(table_lo, hi), hi_h = _mm256_shuffle_epi8(table_hi, hi);
                 const __m256i w[VECS] = {_mm256_unpacklo_epi8(lo_l, lo_h), _mm256_unpackhi_epi8(lo_l, lo_h),
                                          _mm256_unpacklo_epi8(hi_l, hi_h), _mm256_unpackhi_epi8(hi_l, hi_h)};
-                for (int r = 0; r < rows; r++) {
-                    __m256 *sums = part + (blk + r) * VECS; /* group blk + r: one of the two is 0 */
-                    const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
-                    for (int v = 0; v < VECS; v++)
-                        sums[v] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(w[v], high)), sums[v]);
-                    const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
-                    for (int v = 0; v < VECS; v++)
-                        sums[v] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16)), sums[v]);
-                }
+                for (int r = 0; r < rows; r++) /* group blk + r: one of the two is 0 */
+                    pair_sums(a + r * lda + 2 * p, w, part + (blk + r) * VECS);
             }
         }
         for (int g = 0; g < groups; g++) {
@@ -537,7 +543,6 @@ static inline __attribute__((always_inline)) void dense_direct(const float *a, i
                                                                const uint16_t *const *blocks, int64_t pairs,
                                                                uint16_t *const *c, int64_t ldc, const int rows,
                                                                const int nblocks) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     const int groups = rows * nblocks;
     __m256 part[2 * VECS];
     for (int i = 0; i < groups * VECS; i++) part[i] = _mm256_setzero_ps();
@@ -546,15 +551,7 @@ static inline __attribute__((always_inline)) void dense_direct(const float *a, i
             __m256i w[VECS];
             for (int v = 0; v < VECS; v++)
                 w[v] = _mm256_loadu_si256((const __m256i *)(blocks[blk] + (p * COLS + v * LANES) * 2));
-            for (int r = 0; r < rows; r++) {
-                __m256 *sums = part + (blk + r) * VECS;
-                const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
-                for (int v = 0; v < VECS; v++)
-                    sums[v] = _mm256_fmadd_ps(odd, _mm256_castsi256_ps(_mm256_and_si256(w[v], high)), sums[v]);
-                const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
-                for (int v = 0; v < VECS; v++)
-                    sums[v] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16)), sums[v]);
-            }
+            for (int r = 0; r < rows; r++) pair_sums(a + r * lda + 2 * p, w, part + (blk + r) * VECS);
         }
     }
     for (int g = 0; g < groups; g++) {
