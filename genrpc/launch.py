@@ -171,11 +171,25 @@ def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tupl
     return Stack(tokenizer, worker, gateway, credentials, folder)
 
 
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and flags, from /proc/cpuinfo ("?" and none where it cannot be read)."""
+    model, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "?" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def describe_cpu() -> str:
     """The CPU a figure was measured on: its model, the instruction sets that choose kernels, cores."""
-    with open("/proc/cpuinfo") as f:
-        info = f.read()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    name, flags = cpu_model_and_flags()
     kinds = [k for k in ("amx_bf16", "avx512_bf16", "avx2") if k in flags]
     return f"{name} ({', '.join(kinds) or 'none of AMX, AVX-512 BF16, AVX2'}), {os.cpu_count()} cores"

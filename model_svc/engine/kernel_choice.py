@@ -17,6 +17,7 @@ request before it may use them; AVX-512 BF16; AVX2), for the logs, ModelInfo and
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from genrpc.launch import cpu_model_and_flags
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +55,8 @@ _FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and value.strip():
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
+    model, flags = cpu_model_and_flags()
+    return (platform.processor() or platform.machine() if model == "?" else model), flags
 
 
 def request_amx() -> bool:
@@ -79,7 +71,9 @@ def request_amx() -> bool:
         return False
 
 
+@functools.cache
 def cpu_info() -> CpuInfo:
+    """What this CPU offers, read (and AMX asked for) once a process."""
     model, flags = _cpuinfo()
     noted = tuple(f for f in _FLAGS_OF_NOTE if f in flags)
     amx = "amx_bf16" in flags and "amx_tile" in flags and request_amx()
