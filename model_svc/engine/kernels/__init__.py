@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from genrpc.launch import cpu_model_and_flags
+
 # -march=native: built where it runs. Contraction on, so scalar and vector loops both use FMA and a
 # value rounds the same whichever loop computes it.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
@@ -27,11 +29,9 @@ def cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
+    """What a build depends on: the CPU's flags (-march=native)."""
+    flags = cpu_model_and_flags()[1]
+    return " ".join(sorted(flags)) if flags else platform.processor()
 
 
 def build(source_path: Path, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
