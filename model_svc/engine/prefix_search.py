@@ -60,9 +60,9 @@ class Prefixes:
         for other in self.scheduler.running:
             limit = min(len(tokens) - 1, other.num_computed_tokens, self.shareable(other))
             if (limit <= best_len or not self.cacheable(other) or self.root(other) != root
-                    or other.prompt_ids[0] != tokens[0]):
+                    or other.tokens[0] != tokens[0]):
                 continue
-            theirs = other.prompt_ids if other.num_prompt_tokens >= limit else other.token_ids()
+            theirs = other.tokens  # within `limit`: the tokens it computed and may share
             low, high = 1, limit  # theirs[:low] == tokens[:low]; find the longest such prefix
             while low < high:
                 mid = (low + high + 1) // 2
@@ -86,9 +86,9 @@ class Prefixes:
                     or self.root(other) != root):
                 continue  # not prefilling, or not sharing
             limit = min(len(tokens) - 1, other.num_prompt_tokens)
-            if limit < plan.num_shared + bs or other.prompt_ids[:bs] != tokens[:bs]:
+            if limit < plan.num_shared + bs or other.tokens[:bs] != tokens[:bs]:
                 continue
-            common = next((i for i, (a, b) in enumerate(zip(other.prompt_ids[:limit], tokens[:limit])) if a != b),
+            common = next((i for i, (a, b) in enumerate(zip(other.tokens[:limit], tokens[:limit])) if a != b),
                           limit)
             if common >= plan.num_shared + bs:
                 return True

@@ -64,7 +64,7 @@ def build_processors(params: SamplingParams) -> LogitsProcessorList | None:
 
 @dataclass
 class SampleRow:
-    """One row of logits to select a token from: position len(seq.output_ids) + offset of `seq`'s
+    """One row of logits to select a token from: position seq.num_output_tokens + offset of `seq`'s
     output, after the tokens `before` (proposals not yet in the sequence; len(before) == offset)."""
 
     seq: Sequence
@@ -107,7 +107,7 @@ class Sampler:
 
     def _suppresses_eos(self, row: SampleRow) -> bool:
         """min_new_tokens holds EOS back (not under a grammar: it decides when the output may end)."""
-        return row.seq.constraint is None and len(row.seq.output_ids) + row.offset < row.seq.params.min_new_tokens
+        return row.seq.constraint is None and row.seq.num_output_tokens + row.offset < row.seq.params.min_new_tokens
 
     def _adjusted(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The scores token selection uses: `logits` with each row's bias, banned words and grammar

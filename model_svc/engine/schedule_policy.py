@@ -74,8 +74,8 @@ class Policy:
         victim = self.victim()
         if slot >= 0 and (victim is None or not self.outranks(seq, victim)):
             bound = sorted(
-                (r.params.max_new_tokens - len(r.output_ids)) if r.params.ignore_eos
-                else max(0, r.params.min_new_tokens - len(r.output_ids)) for r in s.running)
+                (r.params.max_new_tokens - r.num_output_tokens) if r.params.ignore_eos
+                else max(0, r.params.min_new_tokens - r.num_output_tokens) for r in s.running)
             if bound:
                 seconds += bound[min(slot, len(bound) - 1)] * cost.seconds(len(s.running), 0)
         return seconds

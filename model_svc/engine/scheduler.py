@@ -337,7 +337,7 @@ class Scheduler:
                 seq.speculator.record(len(item.proposals), len(tokens) - 1)
             reason, appended = None, 0
             for token_id in tokens:
-                seq.output_ids.append(token_id)
+                seq.append(token_id)
                 appended += 1
                 if seq.constraint is not None:
                     seq.constraint.advance(token_id)
@@ -367,11 +367,11 @@ class Scheduler:
     def check_stop(self, seq: Sequence, token_id: int) -> FinishReason | None:
         """Token-level stops, as values: EOS or a stop token, then the length limits."""
         params = seq.params
-        if not params.ignore_eos and len(seq.output_ids) >= params.min_new_tokens and (
+        if not params.ignore_eos and seq.num_output_tokens >= params.min_new_tokens and (
             token_id in self.eos_token_ids or token_id in params.stop_token_ids
         ):
             return FinishReason.EOS_TOKEN
-        if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_context:
+        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_context:
             return FinishReason.LENGTH
         return None
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
 
 import torch
 
 from genrpc.limits import MAX_LOGIT_BIAS, MAX_PROMPT_LOOKUP
+
+if TYPE_CHECKING:
+    from model_svc.engine.block_manager import BlockTable
 
 
 class FinishReason(enum.Enum):
@@ -81,16 +84,16 @@ class SamplingParams:
 @dataclass(eq=False)
 class Sequence:
     """One prompt being generated. `seq_id` is opaque to the engine (the server uses (client, id)).
-    An entity: compared and hashed by identity, so sets hold it and `list.remove` finds it at once."""
+    An entity: compared and hashed by identity, so sets hold it and `list.remove` finds it at once.
+    Its tokens are one list, the prompt then the outputs, read without a copy every step."""
 
     seq_id: Hashable
-    prompt_ids: list[int]
+    tokens: list[int]  # given the prompt; the outputs are appended (`append`)
     params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
-    block_table: object | None = None  # its block_manager.BlockTable while running
+    block_table: BlockTable | None = None  # its blocks while running
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     # The random numbers of the next output positions, drawn from `generator` in order (`uniform`):
@@ -112,23 +115,42 @@ class Sequence:
     last_step: int = 0  # the scheduler's step that last computed it (fair steps run the least recent first)
     cache_salt: bytes | None = None  # its prefix-cache namespace (block_manager.salted_root); None: shared
 
+    num_prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.tokens)  # its own: the caller's list is not appended to
+        self.num_prompt_tokens = len(self.tokens)
+
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+    def prompt_ids(self) -> list[int]:
+        return self.tokens[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        """A copy: `append` adds to them."""
+        return self.tokens[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.tokens) - self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.tokens)
 
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
     def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """The prompt then the outputs: the sequence's own list, not to be changed by the caller."""
+        return self.tokens
+
+    def append(self, token_id: int) -> None:
+        self.tokens.append(token_id)
 
     def uniform(self, offset: int = 0) -> float:
-        """The random number of output position len(output_ids) + offset (float32, in [0, 1))."""
+        """The random number of output position num_output_tokens + offset (float32, in [0, 1))."""
         while len(self.uniforms) <= offset:
             self.uniforms.append(float(torch.rand((), generator=self.generator)))
         return self.uniforms[offset]

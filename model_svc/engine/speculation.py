@@ -63,13 +63,9 @@ class NgramIndex:
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> index of its last token
     num_indexed: int = 0  # n-grams ending before this index are in last_end
 
-    def sync(self, prompt: list[int], output: list[int]) -> None:
+    def sync(self, tokens: list[int]) -> None:
         """Brings the index up to a sequence's tokens (its prompt, then its output: only appended to)."""
-        seen = len(self.tokens)
-        if seen < len(prompt):
-            self.tokens.extend(prompt[seen:])
-            seen = len(prompt)
-        self.tokens.extend(output[seen - len(prompt):])
+        self.tokens.extend(tokens[len(self.tokens):])
 
     def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the list's last n tokens
@@ -137,7 +133,7 @@ def propose(scheduler: Scheduler, out: SchedulerOutput) -> None:
     for item in decodes:
         seq = item.seq
         params = seq.params
-        most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - len(seq.output_ids) - 1,
+        most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - seq.num_output_tokens - 1,
                    scheduler.max_context - seq.num_tokens - 1, scheduler.room(out))
         if most <= 0:
             continue
@@ -149,7 +145,7 @@ def propose(scheduler: Scheduler, out: SchedulerOutput) -> None:
         if draft is not None:
             proposals = draft.propose(seq, num)
         else:
-            speculator.index.sync(seq.prompt_ids, seq.output_ids)
+            speculator.index.sync(seq.tokens)
             proposals = speculator.index.propose(num)
         if proposals and scheduler.blocks.ensure(seq.block_table, seq.num_computed_tokens + 1 + len(proposals)):
             out.propose(item, proposals)

@@ -199,7 +199,7 @@ def test_the_draft_proposes_its_own_greedy_continuation(reference_model, prompts
     seq = Sequence("a", list(prompts[0]), SamplingParams())
     first = proposer.propose(seq, 5)
     assert first == greedy(seq.prompt_ids, 5)
-    seq.output_ids += first[:2] + [first[2] + 1]  # two kept, then another token than the third
+    seq.tokens += first[:2] + [first[2] + 1]  # two kept, then another token than the third
     assert proposer.propose(seq, 4) == greedy(seq.token_ids(), 4)
     assert proposer.seconds_per_token > 0
     proposer.release("a")

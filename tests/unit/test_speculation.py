@@ -21,7 +21,7 @@ from tokenizer_svc.detokenize import decode_incremental, decode_steps
 
 def proposals(tokens, k):
     index = NgramIndex()
-    index.sync(tokens, [])
+    index.sync(tokens)
     return index.propose(k)
 
 
@@ -39,18 +39,18 @@ def test_proposes_what_followed_the_latest_earlier_occurrence():
 
 def test_the_index_follows_appended_tokens():
     index = NgramIndex()
-    prompt, output = [10, 11, 12, 13, 14], []
-    index.sync(prompt, output)
+    tokens = [10, 11, 12, 13, 14]  # the prompt, then the output appended
+    index.sync(tokens)
     assert index.propose(3) == []
     for token in [10, 11]:
-        output.append(token)
-        index.sync(prompt, output)
+        tokens.append(token)
+        index.sync(tokens)
     assert index.propose(3) == [12, 13, 14]
-    output += [12, 99]  # diverged: "12 99" never occurred
-    index.sync(prompt, output)
+    tokens += [12, 99]  # diverged: "12 99" never occurred
+    index.sync(tokens)
     assert index.propose(3) == []
-    output += [10, 11]  # "10 11" now occurred twice: the latest earlier one continues with 12 99
-    index.sync(prompt, output)
+    tokens += [10, 11]  # "10 11" now occurred twice: the latest earlier one continues with 12 99
+    index.sync(tokens)
     assert index.propose(3) == [12, 99, 10]
 
 
