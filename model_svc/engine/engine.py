@@ -1,4 +1,4 @@
-"""One engine step: schedule -> execute -> sample -> update."""
+"""One engine step: schedule -> copy -> execute -> sample -> accept -> update -> outputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from genrpc import faults
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, Sampler, SampleRow
-from model_svc.engine.schedule_types import ItemKind
+from model_svc.engine.schedule_types import ItemKind, SchedulerOutput
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
 from model_svc.engine.speculation import accepted_count
@@ -120,10 +120,11 @@ class Engine:
         return None if seq is None else TokenOutput(seq_id, None, FinishReason.CANCELLED)
 
     def step(self) -> list[TokenOutput]:
-        """Runs one step; returns one output per sequence that got a token or finished. A failure
-        fails the sequences it touched and is returned as their outputs, never raised: the step's
-        sequences when computing or recording it fails, every sequence when scheduling does (the
-        queues may be half-moved)."""
+        """Runs one step (schedule -> copy -> execute -> sample -> accept -> update -> outputs);
+        returns one output per sequence that got a token or finished. A failure fails the sequences
+        it touched and is returned as their outputs, never raised: the step's sequences when
+        computing or recording it fails, every sequence when scheduling does (the queues may be
+        half-moved)."""
         try:
             faults.check("scheduler.schedule")
             out = self.scheduler.schedule()
@@ -136,36 +137,8 @@ class Engine:
         try:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
-            # A step verifying proposals runs to its end: only `update` gives back their extra blocks.
-            interrupt = None if out.num_proposed_tokens else self.interrupt
-            self._running = RunningStep(
-                tuple({item.seq.priority for item in out.scheduled}),
-                all(item.kind is ItemKind.LONG for item in out.scheduled),
-                Counter(item.seq.tenant for item in out.scheduled),
-                self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs), self._after_stop)
-            try:
-                faults.check("runner.execute")
-                logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)
-                self._after_stop = False
-            finally:
-                self._running = None
-            rows, sampled_rows, counts, position = [], [], [], 0  # counts: each item's sampled rows
-            for item in out.scheduled:
-                if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
-                    self._prompt_logprobs(item, logits[position:position + item.num_new_tokens])
-                    position += item.num_new_tokens
-                    counts.append(int(item.completes_prompt))
-                    sampled_rows += [position - 1] * counts[-1]
-                    rows += [SampleRow(item.seq)] * counts[-1]
-                elif item.proposals or item.completes_prompt:  # the last token's row, then one per proposal
-                    counts.append(len(item.proposals) + 1)
-                    rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j])) for j in range(counts[-1]))
-                    sampled_rows.extend(range(position, position + counts[-1]))
-                    position += counts[-1]
-                else:
-                    counts.append(0)
-            if len(sampled_rows) != len(logits):
-                logits = logits[sampled_rows]
+            logits = self._execute(out)
+            rows, counts, logits = self._sample_rows(out, logits)
             faults.check("sampler.sample")
             tokens = self.sampler.sample(logits, rows)
         except StepInterrupted:  # nothing was computed: the next schedule takes them up again
@@ -176,14 +149,8 @@ class Engine:
             return []
         except Exception as exc:  # a failed step fails its sequences, never the server
             return self._failed(self.scheduler.fail([item.seq for item in out.scheduled]), exc, "the step")
-        emitted: dict[Hashable, list[SampledToken]] = {}  # each sampled sequence's tokens, in order
-        position = 0
-        for item, count in zip(out.scheduled, counts):
-            if count:
-                sampled = tokens[position:position + count]
-                position += count
-                emitted[item.seq.seq_id] = sampled[:accepted_count(item.proposals, [t.token_id for t in sampled]) + 1]
-        lengths = {item.seq.seq_id: len(item.seq.output_ids) for item in out.scheduled}
+        emitted = self._accept(out, counts, tokens)
+        lengths = {item.seq.seq_id: item.seq.num_output_tokens for item in out.scheduled}
         try:
             faults.check("scheduler.update")
             self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
@@ -191,13 +158,73 @@ class Engine:
             seqs = [item.seq for item in out.scheduled]
             self.scheduler.fail(seqs)
             return self._failed(seqs, exc, "recording the step")
+        return self._outputs(out, emitted, lengths)
+
+    def _execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """The step's logits (runner.execute), with what `interrupt_for` needs published meanwhile."""
+        # A step verifying proposals runs to its end: only `update` gives back their extra blocks.
+        interrupt = None if out.num_proposed_tokens else self.interrupt
+        self._running = RunningStep(
+            tuple({item.seq.priority for item in out.scheduled}),
+            all(item.kind is ItemKind.LONG for item in out.scheduled),
+            Counter(item.seq.tenant for item in out.scheduled),
+            self.scheduler.cost.seconds(out.num_batched_tokens, out.num_pairs), self._after_stop)
+        try:
+            faults.check("runner.execute")
+            logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)
+            self._after_stop = False
+            return logits
+        finally:
+            self._running = None
+
+    def _sample_rows(self, out: SchedulerOutput, logits: torch.Tensor
+                     ) -> tuple[list[SampleRow], list[int], torch.Tensor]:
+        """What to sample: a row per sampled position (a completed prompt's last token, a decode's
+        token and one per proposal), each item's count of them, and their logits. Records the
+        prompt chunks' logprobs on the way (their rows are computed only when asked)."""
+        rows, sampled_rows, counts, position = [], [], [], 0
+        for item in out.scheduled:
+            if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
+                self._prompt_logprobs(item, logits[position:position + item.num_new_tokens])
+                position += item.num_new_tokens
+                counts.append(int(item.completes_prompt))
+                sampled_rows += [position - 1] * counts[-1]
+                rows += [SampleRow(item.seq)] * counts[-1]
+            elif item.proposals or item.completes_prompt:  # the last token's row, then one per proposal
+                counts.append(len(item.proposals) + 1)
+                rows.extend(SampleRow(item.seq, j, tuple(item.proposals[:j])) for j in range(counts[-1]))
+                sampled_rows.extend(range(position, position + counts[-1]))
+                position += counts[-1]
+            else:
+                counts.append(0)
+        if len(sampled_rows) != len(logits):
+            logits = logits[sampled_rows]
+        return rows, counts, logits
+
+    @staticmethod
+    def _accept(out: SchedulerOutput, counts: list[int],
+                tokens: list[SampledToken]) -> dict[Hashable, list[SampledToken]]:
+        """Each sampled sequence's tokens, in order: with proposals, those up to the first the model
+        disagreed with, and the model's own token there."""
+        emitted, position = {}, 0
+        for item, count in zip(out.scheduled, counts):
+            if count:
+                sampled = tokens[position:position + count]
+                position += count
+                emitted[item.seq.seq_id] = sampled[:accepted_count(item.proposals, [t.token_id for t in sampled]) + 1]
+        return emitted
+
+    def _outputs(self, out: SchedulerOutput, emitted: dict[Hashable, list[SampledToken]],
+                 lengths: dict[Hashable, int]) -> list[TokenOutput]:
+        """The tokens `update` appended (a stop may have cut them short; `lengths`: the output
+        lengths before), as outputs, the last carrying the finish reason; and the step's statistics."""
         self.last_step.num_proposed = out.num_proposed_tokens
         outputs = []
         for item in out.scheduled:
             seq = item.seq
             if seq.seq_id not in emitted:
                 continue
-            appended = emitted[seq.seq_id][:len(seq.output_ids) - lengths[seq.seq_id]]
+            appended = emitted[seq.seq_id][:seq.num_output_tokens - lengths[seq.seq_id]]
             if item.proposals:
                 self.last_step.num_accepted += len(emitted[seq.seq_id]) - 1
                 self.last_step.verified.append((len(item.proposals), len(emitted[seq.seq_id]) - 1))
@@ -234,7 +261,7 @@ class Engine:
         if count <= 0:
             return
         logprobs = torch.log_softmax(logits[:count], dim=-1)
-        targets = torch.tensor(seq.prompt_ids[start + 1:start + 1 + count])
+        targets = torch.tensor(seq.tokens[start + 1:start + 1 + count])
         chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         top = seq.params.prompt_logprobs
         alternatives = [[]] * count
@@ -242,4 +269,4 @@ class Engine:
             values, ids = logprobs.topk(top, dim=-1)
             alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         for r in range(count):
-            seq.prompt_logprobs[start + r] = (seq.prompt_ids[start + 1 + r], chosen[r], alternatives[r])
+            seq.prompt_logprobs[start + r] = (seq.tokens[start + 1 + r], chosen[r], alternatives[r])
