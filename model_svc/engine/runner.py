@@ -22,6 +22,7 @@ random-weight models; any other model type is refused at start.
 
 from __future__ import annotations
 
+import enum
 import threading
 from dataclasses import dataclass
 
@@ -36,6 +37,14 @@ from model_svc.engine.schedule_types import ScheduledSequence
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+class Attend(enum.Enum):
+    """The attention path a sequence takes in a step (ModelRunner.path)."""
+
+    NATIVE = "native"  # decode_attention.py's kernel: decoded tokens, proposals, prompts up to NATIVE_MAX_PROMPT
+    LONG = "long"  # prefill_attention.py's kernel: a long prompt's chunk
+    SDPA = "sdpa"  # transformers' own SDPA function, per sequence (--prefill-attention sdpa, --match-generate)
+
+
 @dataclass
 class PackedBatch:
     """One step's tokens, packed: sequence i owns input_ids[starts[i] : starts[i] + lengths[i]]."""
@@ -43,16 +52,16 @@ class PackedBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] arena slot of each token's keys and values
-    kv_slots: list[torch.Tensor | slice]  # each sequence's cached slots after this step (a slice when contiguous)
+    # Each SDPA sequence's cached slots after this step (a slice when contiguous; an empty one for the others).
+    kv_slots: list[torch.Tensor | slice]
     starts: list[int]
     lengths: list[int]
     kv_lengths: list[int]  # each sequence's cached length after this step
     logit_rows: list[int]  # packed rows whose logits the step returns (ScheduledSequence: its last, or all)
+    paths: list[Attend]  # each sequence's attention path
     # Rows attended by the native kernel: (packed rows, the block tables concatenated, each row's
-    # table offset, number of keys each row sees), and which sequences a native kernel attends (that
-    # one, or the long-prompt one below).
+    # table offset, number of keys each row sees).
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    native_seqs: list[bool] | None = None
     # Long prompts' chunks through the prefill kernel: (starts, lengths, pasts, tables, table offsets).
     long: tuple[torch.Tensor, ...] | None = None
 
@@ -195,26 +204,66 @@ class ModelRunner:
         """What prompt tokens attend through: "native" or "sdpa"."""
         return "native" if self.native_prefill else "sdpa"
 
+    def path(self, item: ScheduledSequence) -> Attend:
+        """The attention path of `item`'s tokens this step."""
+        if self.native_decode is None:
+            return Attend.SDPA
+        seq = item.seq
+        # A long prompt's tokens go through the long-prompt kernel, its last one alone too (after a
+        # shared prefix), so its numbers do not depend on how much of it was shared.
+        long_prompt = self.long_prefill is not None and seq.num_prompt_tokens > NATIVE_MAX_PROMPT
+        if ((item.num_new_tokens == 1 and not (long_prompt and seq.num_computed_tokens < seq.num_prompt_tokens))
+                or item.proposals or (self.native_prefill and seq.num_prompt_tokens <= NATIVE_MAX_PROMPT)):
+            return Attend.NATIVE
+        return Attend.LONG if self.long_prefill is not None else Attend.SDPA
+
     def pack(self, scheduled: list[ScheduledSequence], kv: KVCache) -> PackedBatch:
+        """The step's tokens in one row, and each attention path's arguments (one pass: a sequence's
+        path is chosen first, then its rows are added to that path's)."""
         bs = kv.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        starts, lengths, kv_lengths, logit_rows = [], [], [], []
+        starts, lengths, kv_lengths, logit_rows, paths, kv_slots = [], [], [], [], [], []
+        native_rows, native_tables, native_offsets, native_counts = [], [], [], []
+        long_starts, long_lengths, long_pasts, long_tables, long_offsets = [], [], [], [], []
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         for item in scheduled:
-            seq = item.seq
-            start = seq.num_computed_tokens
+            table = item.seq.block_table
+            past = item.seq.num_computed_tokens
             tokens = item.tokens()
-            starts.append(len(ids))
-            lengths.append(len(tokens))
-            kv_lengths.append(start + len(tokens))
+            start, length, kv_length = len(ids), len(tokens), past + len(tokens)
+            starts.append(start)
+            lengths.append(length)
+            kv_lengths.append(kv_length)
             ids.extend(tokens)
-            positions.extend(range(start, start + len(tokens)))
-            slots.extend(seq.block_table.slots(start, start + len(tokens), bs))
+            positions.extend(range(past, kv_length))
+            slots.extend(table.slots(past, kv_length, bs))
             if item.proposals or item.prompt_rows:  # every row: proposals' to sample, a prompt's logprobs
-                logit_rows.extend(range(len(ids) - len(tokens), len(ids)))
+                logit_rows.extend(range(start, start + length))
             elif item.completes_prompt:
-                logit_rows.append(len(ids) - 1)
+                logit_rows.append(start + length - 1)
+            path = self.path(item)
+            paths.append(path)
+            if path is Attend.NATIVE:  # query row r sees its sequence's keys up to its own position
+                native_rows.extend(range(start, start + length))
+                native_offsets.extend([len(native_tables)] * length)
+                native_tables.extend(table.covering(kv_length, bs))
+                native_counts.extend(range(past + 1, kv_length + 1))
+                kv_slots.append(slice(0, 0))  # the kernels read through the table
+            elif path is Attend.LONG:
+                long_starts.append(start)
+                long_lengths.append(length)
+                long_pasts.append(past)
+                long_offsets.append(len(long_tables))
+                long_tables.extend(table.covering(kv_length, bs))
+                kv_slots.append(slice(0, 0))
+            else:
+                blocks = table.covering(kv_length, bs)
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):  # one run of blocks: a view
+                    kv_slots.append(slice(blocks[0] * bs, blocks[0] * bs + kv_length))
+                else:
+                    kv_slots.append(as_tensor(table.slots(0, kv_length, bs)))
         if len(ids) == 1:
             # Matrix products on one row take a different kernel (GEMV) than on two or more (GEMM),
             # and the two round differently. A step of a single token gets a dummy second row, so
@@ -223,54 +272,12 @@ class ModelRunner:
             ids.append(ids[0])
             positions.append(positions[0])
             slots.append(kv.scratch_slot)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        native, native_seqs = None, None
-        if self.native_decode is not None:
-            # Decoded tokens, and with native prefill prompt tokens too: query row r sees its sequence's
-            # keys up to its own position, through its block table.
-            rows, tables, offsets, kv_counts = [], [], [], []
-            native_seqs = []
-            for item, start, length, kv_length in zip(scheduled, starts, lengths, kv_lengths):
-                seq = item.seq
-                # A long prompt's tokens go through the long-prompt kernel, its last one alone too (after
-                # a shared prefix), so its numbers do not depend on how much of it was shared.
-                long_prompt_row = (self.long_prefill is not None and seq.num_prompt_tokens > NATIVE_MAX_PROMPT
-                                   and seq.num_computed_tokens < seq.num_prompt_tokens)
-                native_seqs.append((length == 1 and not long_prompt_row) or bool(item.proposals) or (
-                    self.native_prefill and seq.num_prompt_tokens <= NATIVE_MAX_PROMPT))
-                if native_seqs[-1]:
-                    past = kv_length - length
-                    rows.extend(range(start, start + length))
-                    offsets.extend([len(tables)] * length)
-                    tables.extend(item.seq.block_table.covering(kv_length, bs))
-                    kv_counts.extend(range(past + 1, kv_length + 1))
-            if rows:
-                native = (as_tensor(rows), as_tensor(tables), as_tensor(offsets), as_tensor(kv_counts))
-        long = None
-        if self.long_prefill is not None:  # the other sequences here are long prompts' chunks
-            starts_, lengths_, pasts, tables, offsets = [], [], [], [], []
-            for i, (item, start, length, kv_length) in enumerate(zip(scheduled, starts, lengths, kv_lengths)):
-                if not native_seqs[i]:
-                    native_seqs[i] = True
-                    starts_.append(start)
-                    lengths_.append(length)
-                    pasts.append(kv_length - length)
-                    offsets.append(len(tables))
-                    tables.extend(item.seq.block_table.covering(kv_length, bs))
-            if starts_:
-                long = tuple(map(as_tensor, (starts_, lengths_, pasts, tables, offsets)))
-        kv_slots = []
-        for item, kv_length in zip(scheduled, kv_lengths):
-            if native_seqs and native_seqs[len(kv_slots)]:
-                kv_slots.append(slice(0, 0))  # the kernel reads through the table
-                continue
-            table = item.seq.block_table.covering(kv_length, bs)
-            if table == list(range(table[0], table[0] + len(table))):  # one run of blocks: a view
-                kv_slots.append(slice(table[0] * bs, table[0] * bs + kv_length))
-            else:
-                kv_slots.append(as_tensor(item.seq.block_table.slots(0, kv_length, bs)))
+        native = (tuple(map(as_tensor, (native_rows, native_tables, native_offsets, native_counts)))
+                  if native_rows else None)
+        long = (tuple(map(as_tensor, (long_starts, long_lengths, long_pasts, long_tables, long_offsets)))
+                if long_starts else None)
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
-                           kv_lengths, logit_rows, native, native_seqs, long)
+                           kv_lengths, logit_rows, paths, native, long)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCache,
@@ -360,7 +367,7 @@ class ModelRunner:
             self.long_prefill(query, keys_all, values_all, out, batch.long, kv.block_size, attn.scaling)
         for i, (start, length, kv_length, kv_slots) in enumerate(
                 zip(batch.starts, batch.lengths, batch.kv_lengths, batch.kv_slots)):
-            if batch.native_seqs and batch.native_seqs[i]:
+            if batch.paths[i] is not Attend.SDPA:
                 continue  # done above
             # [1, Hkv, L, D]: a view where the sequence's blocks are one run, else gathered
             keys = keys_all[None, :, kv_slots]
