@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-MODEL  := models/SmolLM2-135M-Instruct
+BUNDLED := models/SmolLM2-135M-Instruct
+MODEL  := $(BUNDLED)
+# What `make run` serves: `make run MODEL=<folder, hub id or .gguf>`, else GENRPC_MODEL, else the bundled model
+SERVE  := $(if $(filter command line,$(origin MODEL)),$(MODEL),$(or $(GENRPC_MODEL),$(BUNDLED)))
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
 STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
@@ -26,13 +29,14 @@ stubs: $(STUBS)
 $(STUBS) &: $(PROTOS) $(STAMP)
 	$(BIN)/python -m genrpc.stubs
 
-model: $(MODEL)/model.safetensors
+model: $(BUNDLED)/model.safetensors
 
-$(MODEL)/model.safetensors: $(STAMP)
-	$(BIN)/python -m genrpc.prepare_model --out $(MODEL)
+$(BUNDLED)/model.safetensors: $(STAMP)
+	$(BIN)/python -m genrpc.prepare_model --out $(BUNDLED)
 
-run: setup
-	$(BIN)/python -m genrpc.supervisor
+# the bundled model is converted only when it is the one served
+run: $(STAMP) stubs $(if $(filter $(BUNDLED),$(SERVE)),model)
+	GENRPC_MODEL=$(SERVE) $(BIN)/python -m genrpc.supervisor
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests

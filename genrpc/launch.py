@@ -188,6 +188,28 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     return model, flags
 
 
+def available_memory() -> int | None:
+    """Bytes this process could still take: the kernel's MemAvailable, or less under a cgroup (v2)
+    memory limit (a container's); None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                found.append(max(0, int(limit) - int(f.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def describe_cpu() -> str:
     """The CPU a figure was measured on: its model, the instruction sets that choose kernels, cores."""
     name, flags = cpu_model_and_flags()

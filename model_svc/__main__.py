@@ -14,6 +14,7 @@ from prometheus_client import Gauge
 from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
+from genrpc.launch import available_memory
 from genrpc.limits import MAX_PROMPT_LOOKUP
 from genrpc.logs import setup_logging
 from genrpc.model_path import DEFAULT_MODEL, ModelSource
@@ -25,7 +26,7 @@ from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
 from model_svc.engine.engine import Engine
-from model_svc.engine.kv_cache import KVCache
+from model_svc.engine.kv_cache import GIB, KVCache, arena_tokens
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
 from model_svc.engine.sampler import Sampler
@@ -67,9 +68,12 @@ def parse_args(argv=None):
     parser.add_argument("--idle-step-ms", type=float, default=250.0,
                         help="with nothing else running, a long prompt's chunk fills a step of about this long: "
                              "longer prefills faster, but a request arriving meanwhile waits for the step")
-    parser.add_argument("--kv-cache-tokens", type=int, default=65536,
-                        help="KV-cache capacity in tokens (memory is bounded by it); sequences hold what they "
-                             "have computed, in blocks")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="KV-cache capacity in tokens; sequences hold what they have computed, in blocks "
+                             "(default: what --kv-cache-memory holds at the model's bytes per token)")
+    parser.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                        help="KV-cache memory in GiB, committed at start (default: 1/8 of the memory available "
+                             "at start, at most 2 GiB); excludes --kv-cache-tokens")
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                         help="tokens per KV-cache block: the unit of allocation and of prefix caching")
     parser.add_argument("--match-generate", action="store_true",
@@ -124,6 +128,20 @@ def scheduler_config(args) -> SchedulerConfig:
             idle_step_seconds=args.idle_step_ms / 1000, tenant_slowdown=args.tenant_slowdown)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+
+def check_kv_cache(args) -> None:
+    """--kv-cache-tokens and --kv-cache-memory: each in range, and not both (two sizes of one arena)."""
+    if args.block_size < 1:
+        raise SystemExit(f"--block-size={args.block_size} is invalid: must be >= 1")
+    if args.kv_cache_tokens is not None and args.kv_cache_memory is not None:
+        raise SystemExit(f"--kv-cache-tokens={args.kv_cache_tokens} and --kv-cache-memory={args.kv_cache_memory:g} "
+                         "both size the KV cache: give one")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.block_size:
+        raise SystemExit(f"--kv-cache-tokens={args.kv_cache_tokens} is invalid: must be >= --block-size "
+                         f"({args.block_size})")
+    if args.kv_cache_memory is not None and not 0 < args.kv_cache_memory <= 1 << 20:
+        raise SystemExit(f"--kv-cache-memory={args.kv_cache_memory:g} is invalid: GiB in (0, 1048576]")
 
 
 def check_output_layer(args) -> None:
@@ -209,6 +227,7 @@ def build_engine(args) -> tuple:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     direct_rows(args)
+    check_kv_cache(args)
     check_output_layer(args)
     scheduler_config(args)
     policy, cpus = machine_policy(args.threads)
@@ -227,10 +246,16 @@ def engine_for(loaded, args) -> Engine:
     log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
              runner.prefill_attention, runner.matmul_detail)
     log.info("cpu: %s", kernel_choice.cpu_info().describe())
-    if args.block_size < 1 or args.kv_cache_tokens < args.block_size:
-        raise SystemExit(f"--block-size={args.block_size} and --kv-cache-tokens={args.kv_cache_tokens}: need "
-                         "1 <= block size <= cache tokens")
-    num_blocks = args.kv_cache_tokens // args.block_size
+    check_kv_cache(args)
+    per_token = runner.kv_spec.bytes_per_token
+    tokens, why = arena_tokens(per_token, args.block_size, args.kv_cache_tokens, args.kv_cache_memory,
+                               available_memory())
+    log.info("KV cache: %d tokens, %.2f GiB at %d bytes a token (%s)", tokens, tokens * per_token / GIB,
+             per_token, why)
+    if tokens < loaded.max_context:
+        log.warning("KV cache: %d tokens hold less than one sequence of the model's context (%d)", tokens,
+                    loaded.max_context)
+    num_blocks = tokens // args.block_size
     caching = runner.native_prefill and not args.no_prefix_caching
     if not runner.native_prefill and not args.no_prefix_caching:
         log.info("prefix caching is off: %s prefill attention is not chunking-invariant", runner.prefill_attention)
@@ -324,9 +349,26 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
 
 
 @exits_on_config_error
+class HubKernelNotice(logging.Filter):
+    """bitsandbytes warns at import, on CPUs with AVX-512 BF16, that it could not fetch its CPU 4-bit
+    kernel from the Hugging Face hub (the `kernels` package). Nothing here needs it: the native
+    matmul (the default) runs our own 4-bit kernels, and with --matmul library bitsandbytes uses its
+    built-in CPU kernel. A server should not download code at start either, so the warning becomes
+    one INFO line that says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in str(record.msg):
+            record.levelno, record.levelname, record.args = logging.INFO, "INFO", ()
+            record.msg = ("bitsandbytes' optional CPU kernel from the Hugging Face hub (`kernels`) is not "
+                          "installed: not needed (the native matmul runs genrpc's 4-bit kernels; --matmul library "
+                          "uses bitsandbytes' built-in one)")
+        return True
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(HubKernelNotice())
     setup_tracing("genrpc-model", args.trace_exporter)
     security = server_security(args, internal=True)  # on the main thread: it may install a SIGHUP handler
     loaded, engine, monitor = build_engine(args)

@@ -12,6 +12,10 @@ large from its first request as it will be under full load (a limit that is too 
 start, not hours later), and a steady RSS afterwards means nothing leaks. Left lazy, the prefix
 cache would touch fresh blocks for hours (it keeps freed blocks for reuse and takes never-used ones
 first), and RSS would creep up to the arena's size.
+
+Its size (`arena_tokens`): --kv-cache-tokens, or --kv-cache-memory's bytes at the model's cost per
+token, or by default AUTO_FRACTION of the memory available at start, at most AUTO_MAX_BYTES (as
+vLLM's CPU backend sets its KV space in bytes: a model with a costlier token gets fewer of them).
 """
 
 from __future__ import annotations
@@ -19,6 +23,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+GIB = 1 << 30
+AUTO_FRACTION = 1 / 8  # of the memory available at start, by default
+AUTO_MAX_BYTES = 2 * GIB  # at most, by default (1 GiB where the memory available is unknown)
+
+
+def arena_tokens(bytes_per_token: int, block_size: int, tokens: int | None = None,
+                 memory_gib: float | None = None, available: int | None = None) -> tuple[int, str]:
+    """The arena's capacity in tokens (whole blocks, at least one) and how it was chosen: `tokens`
+    when given, else the tokens `memory_gib` holds, else the default budget of `available` bytes."""
+    if tokens is not None:
+        return tokens // block_size * block_size, "--kv-cache-tokens"
+    if memory_gib is not None:
+        budget, why = int(memory_gib * GIB), f"--kv-cache-memory {memory_gib:g}"
+    elif available is None:
+        budget, why = GIB, "1 GiB: the memory available is unknown"
+    else:
+        budget = min(AUTO_MAX_BYTES, int(available * AUTO_FRACTION))
+        why = f"min(2 GiB, 1/8 of the {available / GIB:.1f} GiB available)"
+    return max(block_size, budget // bytes_per_token // block_size * block_size), why
 
 
 @dataclass

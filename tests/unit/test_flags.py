@@ -1,12 +1,22 @@
 """Start-up flags: one coherent attention choice (contradictions refused, naming the flags), and help."""
 
+import logging
+import os
 import subprocess
 import sys
 
 import pytest
 
 from genrpc.launch import ROOT
-from model_svc.__main__ import check_output_layer, direct_rows, parse_args, resolve_attention, scheduler_config
+from model_svc.__main__ import (
+    check_kv_cache,
+    check_output_layer,
+    direct_rows,
+    parse_args,
+    resolve_attention,
+    scheduler_config,
+)
+from model_svc.engine.kv_cache import GIB, arena_tokens
 
 
 @pytest.mark.parametrize("flags, native_possible, expected", [
@@ -71,6 +81,33 @@ def test_an_nf4_output_layer_is_accepted_with_4bit_layers():
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--kv-cache-tokens", "4096", "--kv-cache-memory", "1"], "both size the KV cache: give one"),
+    (["--kv-cache-tokens", "8"], r"--kv-cache-tokens=8 is invalid: must be >= --block-size \(16\)"),
+    (["--kv-cache-memory", "0"], "--kv-cache-memory=0 is invalid"),
+    (["--kv-cache-memory", "nan"], "--kv-cache-memory=nan is invalid"),
+    (["--block-size", "0"], "--block-size=0 is invalid"),
+])
+def test_kv_cache_sizes_are_refused_at_start(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        check_kv_cache(parse_args(flags))
+
+
+def test_the_kv_cache_is_sized_by_the_models_bytes_per_token():
+    small, large = 23_040, 65_536  # the bundled model's bytes a token in bfloat16; a 1B Llama's
+    available = 22 * GIB
+    # By default 1/8 of what is available, at most 2 GiB: a costlier token gets fewer tokens.
+    assert arena_tokens(small, 16, available=available)[0] == 2 * GIB // small // 16 * 16
+    assert arena_tokens(large, 16, available=available)[0] == 32_768
+    assert arena_tokens(small, 16, available=4 * GIB)[0] == (4 * GIB // 8) // small // 16 * 16
+    assert arena_tokens(small, 16, available=10)[0] == 16  # one block at least
+    assert arena_tokens(small, 16)[0] == GIB // small // 16 * 16  # available memory unknown: 1 GiB
+    assert arena_tokens(small, 16, memory_gib=0.5, available=available)[0] == (GIB // 2) // small // 16 * 16
+    assert arena_tokens(small, 16, tokens=4000, available=available) == (4000, "--kv-cache-tokens")
+    check_kv_cache(parse_args(["--kv-cache-memory", "0.5"]))
+    check_kv_cache(parse_args([]))
+
+
+@pytest.mark.parametrize("flags, message", [
     (["--prefill-slowdown", "nan"], "--prefill-slowdown=nan must be >= 1"),
     (["--prefill-slowdown", "0.5"], "--prefill-slowdown=0.5 must be >= 1"),
     (["--idle-step-ms", "0"], "--idle-step-ms=0 must be > 0"),
@@ -94,3 +131,30 @@ def test_the_supervisor_prints_help_instead_of_serving():
     done = subprocess.run([sys.executable, "-m", "genrpc.supervisor", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "GENRPC_<FLAG>" in done.stdout and "started" not in done.stdout
+
+
+@pytest.mark.parametrize("command, serves, converts", [
+    (["run"], "models/SmolLM2-135M-Instruct", True),
+    (["run", "MODEL=/srv/models/other"], "/srv/models/other", False),  # another model: no conversion
+])
+def test_make_run_serves_the_model_it_is_given(command, serves, converts):
+    # make -n -B prints every recipe the target would run (-B: as if nothing were built yet)
+    env = {k: v for k, v in os.environ.items() if k != "GENRPC_MODEL"}
+    done = subprocess.run(["make", "-n", "-B", *command], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"GENRPC_MODEL={serves} " in done.stdout
+    assert ("genrpc.prepare_model" in done.stdout) is converts
+
+
+def test_bitsandbytes_hub_kernel_warning_becomes_one_info_line(caplog):
+    from model_svc.__main__ import HubKernelNotice
+    logger = logging.getLogger("test.bitsandbytes.backends.cpu.ops")
+    logger.addFilter(HubKernelNotice())
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        # the message bitsandbytes 0.50 logs where AVX-512 BF16 is present and `kernels` is not
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("kernels"))
+        logger.warning("another warning")
+    assert [(r.levelname, r.getMessage()[:24]) for r in caplog.records] == [
+        ("INFO", "bitsandbytes' optional C"), ("WARNING", "another warning")]
