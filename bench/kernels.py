@@ -92,8 +92,25 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     plot(report, args.out.removesuffix(".json") + ".png")
+    from bench import readme  # here: it imports this module for its markdown
+
+    readme.write()
     print(json.dumps(report["points"], indent=2))
     print(roofline.markdown(report["roofline"]))
+
+
+def markdown(report: dict) -> str:
+    """The bench README's table: both sides by sequence count, and the measured side's roofline."""
+    m = report["roofline"]["machine"]
+    rows = [f"{report['cpu_flags']}; read bandwidth {m['read_bandwidth_gb_s']} GB/s, peak {m['peak_gflop_s']} "
+            f"GFLOP/s ({m['peak_dtype']}). The choice measured there: {report['choice']}.", "",
+            "| sequences | panel only tok/s | measured choice tok/s | ratio | fraction of roofline |",
+            "|---|---|---|---|---|"]
+    for n, p in report["points"].items():
+        bound = report["roofline"]["points"][n]
+        rows.append(f"| {n} | {p['panel_tok_s']} | {p['measured_tok_s']} | {p['ratio']:.2f} | "
+                    f"{bound['fraction']:.2f} ({bound['bound']}) |")
+    return "\n".join(rows)
 
 
 def plot(report: dict, path: str) -> None:

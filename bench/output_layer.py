@@ -65,6 +65,18 @@ def agreement(got: list[int], reference: list[int], eos: set[int]) -> int:
     return TOKENS if len(got) == len(reference) else min(len(got), len(reference))
 
 
+def markdown(report: dict) -> str:
+    """The bench README's table: agreement with float32 by side, and the one-stream speed."""
+    rows = ["| side | tokens agreeing with float32, mean of " + str(report["tokens"]) + " | first token equal |",
+            "|---|---|---|"]
+    for side, a in report["accuracy_against_float32"].items():
+        rows.append(f"| {side} | {a['mean_agreement']} | {a['first_token_equal']} of {report['prompts']} |")
+    speed = report["one_sequence_tok_s"]
+    rows.append(f"\nOne sequence: output layer bfloat16 {speed['none']} tok/s, nf4 {speed['nf4']} tok/s "
+                f"({report['speed_ratio_nf4']:.2f}x).")
+    return "\n".join(rows)
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -98,6 +110,9 @@ def main() -> None:
     out = os.path.join(ROOT, "bench", "results", "output_layer.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
+    from bench import readme  # here: it imports this module for its markdown
+
+    readme.write()
     print(json.dumps(report, indent=2))
 
 

@@ -38,7 +38,7 @@ import urllib.request
 from bench import roofline
 from bench.clients import run_streams
 from bench.run import MODEL, RESULTS, percentile, prompts_for
-from genrpc.launch import ROOT, start_stack
+from genrpc.launch import ROOT, describe_cpu, start_stack
 
 PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 NEW_TOKENS = 128
@@ -272,6 +272,24 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+TARGETS = {1: ">= 1.5x", 8: ">= 1.3x", 32: ">= 1.2x; TTFT no worse"}
+
+
+def markdown(report: dict) -> str:
+    """The bench README's table: each point's median tokens/s, the ratio each round, first tokens."""
+    rows = ["| streams | genrpc tok/s | vLLM-CPU tok/s | ratio (each round) | TTFT p50 genrpc / vLLM ms | target |",
+            "|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        n, g, v = p["concurrency"], p["genrpc"], p["vllm"]
+        rounds = ", ".join(f"{r:.2f}" for r in p["ratio_per_round"])
+        rows.append(f"| {n} | {g['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {p['ratio_tokens_per_s']:.2f}x "
+                    f"({rounds}) | {g['ttft_p50_s'] * 1000:.0f} / {v['ttft_p50_s'] * 1000:.0f} | "
+                    f"{TARGETS.get(n, '')} |")
+    orders = ", ".join("-".join(o) for o in report["orders"])
+    rows.append(f"\nvLLM {report['vllm']['version']} ({report['vllm']['dtype']}); orders of the rounds: {orders}.")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -284,9 +302,13 @@ def main() -> None:
                                                           for p in report["points"]}, context,
                                                 weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0)
                           for side in ("genrpc", "vllm")}
+    report["cpu"] = describe_cpu()
     with open(os.path.join(RESULTS, "peers.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot(report, os.path.join(RESULTS, "peers.png"))
+    from bench import readme  # here: it imports this module for its markdown
+
+    readme.write()
     for p in report["points"]:
         print(f"N={p['concurrency']:2d}: genrpc {p['genrpc']['tokens_per_s']:.0f} tok/s, vLLM "
               f"{p['vllm']['tokens_per_s']:.0f} tok/s: {p['ratio_tokens_per_s']:.2f}x (rounds "

@@ -301,9 +301,14 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(RESULTS, "tenant_cache.json"), "w") as f:
+        json.dump({"when": report["date"], **report["tenant_cache"]}, f, indent=1)
     plot(report, os.path.join(RESULTS, "latest.png"))
     cpu_contention.plot(report["cpu_contention"], os.path.join(RESULTS, "cpu_contention.png"))
     speculative.plot(report["speculative"], os.path.join(RESULTS, "speculative.png"))
+    from bench import readme  # here: it imports this module for its table
+
+    readme.write()
     print(json.dumps(report["ratios"], indent=2))
     print(markdown_table(report))
     print(roofline.markdown(report["roofline"]))
