@@ -123,11 +123,11 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise InvalidArgument.field(f"config.{name}", value, allowed)
 
 
-def _check_strings(name: str, values: list[str], most: int, longest: int, noun: str) -> None:
+def _string_checks(name: str, values: list[str], most: int, longest: int, noun: str) -> list:
     """At most `most` strings, each of 1 .. `longest` characters."""
-    _check(len(values) <= most, name, f"{len(values)} strings", f"at most {most} {noun}s")
-    for i, value in enumerate(values):
-        _check(1 <= len(value) <= longest, f"{name}[{i}]", value, f"a {noun} must have 1 to {longest} characters")
+    return [(name, f"{len(values)} strings", len(values) <= most, f"at most {most} {noun}s"),
+            *((f"{name}[{i}]", value, 1 <= len(value) <= longest, f"a {noun} must have 1 to {longest} characters")
+              for i, value in enumerate(values))]
 
 
 def _finite_in(value: float, low: float, high: float, low_open: bool) -> bool:
@@ -142,84 +142,30 @@ def check_truncate(value: int, max_context: int, name: str) -> int:
     return value
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
+    """The request's config with unset fields resolved to the model's defaults, after every check
+    in `_checks` (in order: the first that fails is the error)."""
     d = limits.defaults
-    ctx = limits.max_context
-    if req.max_new_tokens is not None:
-        _check(1 <= req.max_new_tokens <= ctx - 1, "max_new_tokens", req.max_new_tokens,
-               f"must be in [1, {ctx - 1}] (the model's context is {ctx} tokens)")
-    max_new = req.max_new_tokens if req.max_new_tokens is not None else d.max_new_tokens
-    min_new = req.min_new_tokens if req.min_new_tokens is not None else 0
-    _check(0 <= min_new <= max_new, "min_new_tokens", min_new, f"must be in [0, max_new_tokens={max_new}]")
-    temperature = req.temperature if req.temperature is not None else d.temperature
-    do_sample = req.do_sample if req.do_sample is not None else bool(d.do_sample)
-    _check(_finite_in(temperature, 0.0, MAX_TEMPERATURE, True), "temperature", temperature,
-           f"must be a number in (0, {MAX_TEMPERATURE:g}]; "
-           + ("for greedy decoding set do_sample=false" if do_sample
-              else "it is unused without do_sample=true: leave it unset"))
-    top_k = req.top_k if req.top_k is not None else d.top_k
-    _check(0 <= top_k <= INT32_MAX, "top_k", top_k, "must be >= 0 (0 turns it off)")
-    top_p = req.top_p if req.top_p is not None else d.top_p
-    _check(_finite_in(top_p, 0.0, 1.0, True), "top_p", top_p, "must be in (0, 1]")
-    min_p = req.min_p if req.min_p is not None else d.min_p
-    _check(_finite_in(min_p, 0.0, 1.0, False), "min_p", min_p, "must be in [0, 1]")
-    typical_p = req.typical_p if req.typical_p is not None else d.typical_p
-    _check(_finite_in(typical_p, 0.0, 1.0, True), "typical_p", typical_p, "must be in (0, 1]")
-    penalty = req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty
-    _check(_finite_in(penalty, 0.0, MAX_REPETITION_PENALTY, True), "repetition_penalty", penalty,
-           f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
-    _check_strings("stop", req.stop, MAX_STOP_STRINGS, MAX_STOP_LENGTH, "stop string")
-    _check(len(req.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
-           f"{len(req.stop_token_ids)} ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
-    for i, token_id in enumerate(req.stop_token_ids):
-        _check(0 <= token_id < limits.vocab_size, f"stop_token_ids[{i}]", token_id,
-               f"must be in [0, {limits.vocab_size - 1}]")
-    if req.truncate_input_tokens is not None:
-        check_truncate(req.truncate_input_tokens, ctx, "config.truncate_input_tokens")
-    if req.time_limit_ms is not None:
-        _check(1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS, "time_limit_ms", req.time_limit_ms,
-               f"must be in [1, {MAX_TIME_LIMIT_MS}]")
-    top_logprobs = req.top_logprobs if req.top_logprobs is not None else 0
-    _check(0 <= top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", top_logprobs, f"must be in [0, {MAX_TOP_LOGPROBS}]")
-    priority = req.priority if req.priority is not None else 0
-    _check(-MAX_PRIORITY <= priority <= MAX_PRIORITY, "priority", priority,
-           f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] (higher is more urgent; default 0)")
-    lookup = req.prompt_lookup_num_tokens
-    if lookup is not None:
-        _check(0 <= lookup <= MAX_PROMPT_LOOKUP, "prompt_lookup_num_tokens", lookup,
-               f"must be in [0, {MAX_PROMPT_LOOKUP}] (0 turns speculation off)")
-    _check(len(req.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias", f"{len(req.logit_bias)} entries",
-           f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
-    for token_id, bias in sorted(req.logit_bias.items()):
-        _check(0 <= token_id < limits.vocab_size, f"logit_bias[{token_id}]", token_id,
-               f"a token id must be in [0, {limits.vocab_size - 1}]")
-        _check(_finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False), f"logit_bias[{token_id}]", bias,
-               f"a bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
-    _check_strings("bad_words", req.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_LENGTH, "banned string")
-    samples = req.num_return_sequences if req.num_return_sequences is not None else 1
-    _check(1 <= samples <= MAX_RETURN_SEQUENCES, "num_return_sequences", samples,
-           f"must be in [1, {MAX_RETURN_SEQUENCES}]")
-    _check(samples == 1 or do_sample, "num_return_sequences", samples,
-           "more than 1 needs do_sample=true (greedy samples would all be the same)")
-    if req.prompt_logprobs is not None:
-        _check(0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs", req.prompt_logprobs,
-               f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)")
-    if req.cache_salt is not None:
-        _check(1 <= len(req.cache_salt) <= MAX_CACHE_SALT, "cache_salt", req.cache_salt,
-               f"must have 1 to {MAX_CACHE_SALT} characters (unset: this client's own prefix cache)")
-    grammar = ""
-    if req.structured_output is not None:
-        kind, value = req.structured_output
-        _check(not req.ignore_eos, "ignore_eos", True,
-               f"must be false with config.{kind}: structured output ends with EOS where the output is complete")
-        grammar = grammar_for(kind, value)
+    max_new = _given(req.max_new_tokens, d.max_new_tokens)
+    do_sample = _given(req.do_sample, bool(d.do_sample))
+    values = dict(
+        max_new_tokens=max_new, min_new_tokens=_given(req.min_new_tokens, 0), do_sample=do_sample,
+        temperature=_given(req.temperature, d.temperature), top_k=_given(req.top_k, d.top_k),
+        top_p=_given(req.top_p, d.top_p), min_p=_given(req.min_p, d.min_p),
+        typical_p=_given(req.typical_p, d.typical_p),
+        repetition_penalty=_given(req.repetition_penalty, d.repetition_penalty),
+        top_logprobs=_given(req.top_logprobs, 0), priority=_given(req.priority, 0),
+        num_return_sequences=_given(req.num_return_sequences, 1))
+    for name, value, ok, allowed in _checks(req, limits, values):
+        _check(ok, name, value, allowed)
+    grammar = grammar_for(*req.structured_output) if req.structured_output is not None else ""
     return ResolvedConfig(
-        max_new_tokens=max_new,
+        **{k: v for k, v in values.items() if k != "top_logprobs"},
         max_new_tokens_explicit=req.max_new_tokens is not None,
-        min_new_tokens=min_new,
-        do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=penalty,
         seed=req.seed,
         stop=list(req.stop),
         include_stop_sequence=bool(req.include_stop_sequence),
@@ -228,17 +174,70 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
         truncate_input_tokens=req.truncate_input_tokens,
         time_limit_ms=req.time_limit_ms,
-        logprobs=bool(req.logprobs) or top_logprobs > 0,
-        top_logprobs=top_logprobs,
-        priority=priority,
-        prompt_lookup_num_tokens=lookup,
+        logprobs=bool(req.logprobs) or values["top_logprobs"] > 0,
+        top_logprobs=values["top_logprobs"],
+        prompt_lookup_num_tokens=req.prompt_lookup_num_tokens,
         grammar=grammar,
         logit_bias=dict(req.logit_bias),
         bad_words=list(req.bad_words),
-        num_return_sequences=samples,
         prompt_logprobs=req.prompt_logprobs,
         cache_salt=req.cache_salt,
     )
+
+
+def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[str, object, bool, str]]:
+    """Every check of a config, as (field, value, holds, what is allowed); `v`: the resolved values."""
+    ctx, vocab = limits.max_context, limits.vocab_size
+    max_new, min_new, samples = v["max_new_tokens"], v["min_new_tokens"], v["num_return_sequences"]
+    lookup, salt = req.prompt_lookup_num_tokens, req.cache_salt
+    greedy_hint = ("for greedy decoding set do_sample=false" if v["do_sample"]
+                   else "it is unused without do_sample=true: leave it unset")
+    return [
+        ("max_new_tokens", req.max_new_tokens, req.max_new_tokens is None or 1 <= max_new <= ctx - 1,
+         f"must be in [1, {ctx - 1}] (the model's context is {ctx} tokens)"),
+        ("min_new_tokens", min_new, 0 <= min_new <= max_new, f"must be in [0, max_new_tokens={max_new}]"),
+        ("temperature", v["temperature"], _finite_in(v["temperature"], 0.0, MAX_TEMPERATURE, True),
+         f"must be a number in (0, {MAX_TEMPERATURE:g}]; {greedy_hint}"),
+        ("top_k", v["top_k"], 0 <= v["top_k"] <= INT32_MAX, "must be >= 0 (0 turns it off)"),
+        ("top_p", v["top_p"], _finite_in(v["top_p"], 0.0, 1.0, True), "must be in (0, 1]"),
+        ("min_p", v["min_p"], _finite_in(v["min_p"], 0.0, 1.0, False), "must be in [0, 1]"),
+        ("typical_p", v["typical_p"], _finite_in(v["typical_p"], 0.0, 1.0, True), "must be in (0, 1]"),
+        ("repetition_penalty", v["repetition_penalty"],
+         _finite_in(v["repetition_penalty"], 0.0, MAX_REPETITION_PENALTY, True),
+         f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 turns it off)"),
+        *_string_checks("stop", req.stop, MAX_STOP_STRINGS, MAX_STOP_LENGTH, "stop string"),
+        ("stop_token_ids", f"{len(req.stop_token_ids)} ids", len(req.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+         f"at most {MAX_STOP_TOKEN_IDS} ids"),
+        *((f"stop_token_ids[{i}]", t, 0 <= t < vocab, f"must be in [0, {vocab - 1}]")
+          for i, t in enumerate(req.stop_token_ids)),
+        ("truncate_input_tokens", req.truncate_input_tokens,
+         req.truncate_input_tokens is None or 1 <= req.truncate_input_tokens <= ctx - 1, f"must be in [1, {ctx - 1}]"),
+        ("time_limit_ms", req.time_limit_ms,
+         req.time_limit_ms is None or 1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS, f"must be in [1, {MAX_TIME_LIMIT_MS}]"),
+        ("top_logprobs", v["top_logprobs"], 0 <= v["top_logprobs"] <= MAX_TOP_LOGPROBS,
+         f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ("priority", v["priority"], -MAX_PRIORITY <= v["priority"] <= MAX_PRIORITY,
+         f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] (higher is more urgent; default 0)"),
+        ("prompt_lookup_num_tokens", lookup, lookup is None or 0 <= lookup <= MAX_PROMPT_LOOKUP,
+         f"must be in [0, {MAX_PROMPT_LOOKUP}] (0 turns speculation off)"),
+        ("logit_bias", f"{len(req.logit_bias)} entries", len(req.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+         f"at most {MAX_LOGIT_BIAS_ENTRIES} entries"),
+        *(check for token_id, bias in sorted(req.logit_bias.items()) for check in (
+            (f"logit_bias[{token_id}]", token_id, 0 <= token_id < vocab, f"a token id must be in [0, {vocab - 1}]"),
+            (f"logit_bias[{token_id}]", bias, _finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False),
+             f"a bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"))),
+        *_string_checks("bad_words", req.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_LENGTH, "banned string"),
+        ("num_return_sequences", samples, 1 <= samples <= MAX_RETURN_SEQUENCES, f"must be in [1, {MAX_RETURN_SEQUENCES}]"),
+        ("num_return_sequences", samples, samples == 1 or v["do_sample"],
+         "more than 1 needs do_sample=true (greedy samples would all be the same)"),
+        ("prompt_logprobs", req.prompt_logprobs,
+         req.prompt_logprobs is None or 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS,
+         f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)"),
+        ("cache_salt", salt, salt is None or 1 <= len(salt) <= MAX_CACHE_SALT,
+         f"must have 1 to {MAX_CACHE_SALT} characters (unset: this client's own prefix cache)"),
+        *([("ignore_eos", True, not req.ignore_eos, f"must be false with config.{req.structured_output[0]}: "
+            "structured output ends with EOS where the output is complete")] if req.structured_output else []),
+    ]
 
 
 def validate_prompts(prompts: list[str], chats: list[list[tuple[str, str]]], single: bool) -> None:
