@@ -16,18 +16,31 @@ rounded up: a logit-wise move of d can only swap two candidates within 2d of eac
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 NATIVE_PREFILL_MARGIN = 2.0
 
+# generate()'s greedy runs, kept for the session: several tests compare with the same prompts on the
+# same model. Per model object (weakly: a model a module loaded and dropped takes its runs along),
+# then per (prompt, kwargs): the longest run so far, whose first n steps are generate()'s for n.
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def reference_scores(loaded, tokenizer, prompt_ids: list[int], max_new_tokens: int, **kwargs):
-    input_ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                                    output_logits=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences[0, len(prompt_ids):].tolist(), [s[0] for s in out.scores]
+    """generate()'s greedy tokens after `prompt_ids` and the scores it chose them by."""
+    runs = _RUNS.setdefault(loaded.model, {})
+    key = (tuple(prompt_ids), tuple(sorted(kwargs.items())))
+    if key not in runs or runs[key][0] < max_new_tokens:
+        input_ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                                        output_logits=True, return_dict_in_generate=True, **kwargs)
+        runs[key] = (max_new_tokens, out.sequences[0, len(prompt_ids):].tolist(), [s[0] for s in out.scores])
+    _, tokens, scores = runs[key]
+    return tokens[:max_new_tokens], scores[:max_new_tokens]
 
 
 def assert_greedy_matches(loaded, tokenizer, prompt, got: list[int], dtype=torch.bfloat16, margin: float = 0.0,

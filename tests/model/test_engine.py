@@ -11,7 +11,7 @@ from model_svc.engine import gemm
 from model_svc.engine.runner import NATIVE_MAX_PROMPT, ModelRunner
 from model_svc.engine.sequence import FinishReason, SamplingParams, Sequence
 from model_svc.loader import load_model
-from tests.greedy import NATIVE_PREFILL_MARGIN, assert_greedy_matches
+from tests.greedy import NATIVE_PREFILL_MARGIN, assert_greedy_matches, reference_scores
 from tests.helpers import MODEL
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind in the autumn evening:",
@@ -45,11 +45,9 @@ def run(engine, seqs):
     return outputs
 
 
-def reference(loaded, tokenizer, prompt, n, **kwargs):
-    enc = tokenizer([prompt], return_tensors="pt")
-    with torch.inference_mode():
-        out = loaded.model.generate(**enc, max_new_tokens=n, **kwargs)
-    return out[0, enc.input_ids.shape[1]:].tolist()
+def reference(loaded, tokenizer, prompt, n):
+    """generate()'s greedy tokens (tests/greedy.py keeps them for the session's other comparisons)."""
+    return reference_scores(loaded, tokenizer, tokenizer(prompt).input_ids, n)[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def test_float32_greedy_equals_generate(float32_model, hf_tokenizer, prompt):
     engine = make_engine(float32_model, match_generate=True)
     ids = hf_tokenizer(prompt).input_ids
     got = run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24))])[0]
-    assert got == reference(float32_model, hf_tokenizer, prompt, 24, do_sample=False)
+    assert got == reference(float32_model, hf_tokenizer, prompt, 24)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -71,7 +69,7 @@ def test_match_generate_is_bit_identical_with_4bit(reference_model, hf_tokenizer
     engine = make_engine(reference_model, match_generate=True)
     # the native 4-bit products (where this CPU runs them) give the library's bits: generate()'s tokens
     assert engine.runner.matmul == ("native" if gemm.load() else "library")
-    expected = reference(reference_model, hf_tokenizer, prompt, 24, do_sample=False)
+    expected = reference(reference_model, hf_tokenizer, prompt, 24)
     assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24))])[0] == expected
     # ... and stays so beside other sequences.
     crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
@@ -99,7 +97,7 @@ ACCURACY_PROMPTS = PROMPTS + ["Write a long story about a lighthouse keeper.", "
 
 
 # Over NATIVE_MAX_PROMPT tokens: prefilled in chunks through the long-prompt kernel.
-LONG_PROMPTS = [" ".join(f"Item {i}: the {w} is on the shelf." for i, w in enumerate(["book", "lamp", "cup"] * 60)),
+LONG_PROMPTS = [" ".join(f"Item {i}: the {w} is on the shelf." for i, w in enumerate(["book", "lamp", "cup"] * 30)),
                 "Summarize the following notes.\n" + "The harbour master counted the boats and wrote each name "
                 "in a ledger; the tide came in at noon and went out at dusk. " * 40]
 
@@ -262,9 +260,9 @@ def test_long_prompts_share_cached_blocks_with_the_same_numbers(reference_model,
     first, second = document + hf_tokenizer(" Which item is first?").input_ids[1:], document + [13]
     assert len(document) > NATIVE_MAX_PROMPT
     params = SamplingParams(max_new_tokens=4, logprobs=True)
-    alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
     engine = make_engine(reference_model, prefix_caching=True)
     needs_long_prompt_kernel(engine)
+    alone = logprobs_of(make_engine(reference_model), Sequence("b", second, params))
     assert engine.scheduler.config.cache_long_prompts
     logprobs_of(engine, Sequence("a", first, params))
     cached = []
