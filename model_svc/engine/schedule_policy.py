@@ -15,6 +15,10 @@ unequal loads share the engine, a step may take up to `tenant_slowdown` times wh
 tenant ran more sequences than the lightest does; the heavier tenants' other sequences skip the
 step (a tenant's most urgent run first, then the least recently stepped, so that all its streams
 advance). Tenants of equal loads are never capped, and a lone tenant has every step to itself.
+
+Chunks (`chunk`): a long prompt's chunk may make the step up to `prefill_slowdown` times as long as
+the rest of it by the step-time model (step_cost.py), or fill `idle_step_seconds` when nothing else
+runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from model_svc.engine.sequence import Sequence
 from model_svc.engine.step_cost import chunk_pairs
 
 if TYPE_CHECKING:
+    from model_svc.engine.schedule_types import SchedulerOutput
     from model_svc.engine.scheduler import Scheduler
 
 
@@ -169,3 +174,20 @@ class Policy:
         reference = sum(min(n, lightest) for n in step_rows.values())  # a decode row each
         reference += sum(sum(sorted(t)[:lightest]) for t in tokens.values())
         return step_seconds > s.config.tenant_slowdown * s.cost.seconds(reference, 0)
+
+    def chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float) -> int:
+        """Tokens of a long prompt (`start` computed) this step may compute: what keeps the step within
+        `prefill_slowdown` times its other work, or within `idle_step_seconds` when there is none;
+        at least `min_chunk` while no other long prompt advanced this step."""
+        config, cost = self.scheduler.config, self.scheduler.cost
+        long_tokens, short_tokens = out.num_long_tokens, out.num_short_tokens
+        other = decode_seconds + (cost.marginal(short_tokens, 0) if short_tokens else 0.0)
+        if other:
+            allowance = (config.prefill_slowdown - 1) * (other if decode_seconds else other + cost.seconds(0, 0))
+        else:
+            allowance = config.idle_step_seconds
+        spent = cost.marginal(long_tokens, 0)
+        num_new = cost.chunk_for(allowance - spent, start, most)
+        if num_new < config.min_chunk and not long_tokens:
+            num_new = min(config.min_chunk, most)
+        return num_new

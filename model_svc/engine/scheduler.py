@@ -1,21 +1,15 @@
 """Iteration-level scheduling: which sequences run this step, and how many tokens each (the
 mechanics: queues, blocks, chunks). Policy is in schedule_policy.py (admission order, preemption,
-urgent steps, deadlines, fair steps between tenants), the prefix search in prefix_search.py.
+urgent steps, deadlines, fair steps, chunk sizes), the prefix search in prefix_search.py.
 
 Every step, in this order: each decoding sequence computes one token; then waiting sequences are
-admitted in policy order; then prompts already being prefilled in chunks take their next chunk. A
-long prompt therefore never holds the door. A prompt up to `max_prefill_tokens` is admitted whole
-(never split) while the step's short-prompt budget lasts; a longer one is chunked by time with the
-step-time model (step_cost.py): its chunk may make the step up to `prefill_slowdown` times as long
-as the rest of it, or fill `idle_step_seconds` when nothing else runs.
-
-Memory (block_manager.py): a sequence holds KV-cache blocks for the tokens it has computed, taken
-as it grows. When a running sequence needs a block and none is free, the policy's victim is
-preempted: its blocks go back (the full ones stay cached) and it waits again under its original
-arrival, to be recomputed from its tokens. A sequence starts from every leading full block of its
-tokens the cache holds, and from a running sequence's partial block (copied: `PrefixCopy`), which
-is exact because the native path's keys and values do not depend on batching or chunking. The
-scheduler never touches tensors: it lists the slots for the step to copy. Docs: docs/scheduling.md.
+admitted in policy order (a prompt up to `max_prefill_tokens` whole while the step's short-prompt
+budget lasts, a longer one a chunk sized by time); then prompts already being prefilled take their
+next chunk, so a long prompt never holds the door. A sequence holds KV-cache blocks for the tokens
+it has computed (block_manager.py); when none is free, the policy's victim is preempted and waits
+again under its original arrival. A sequence starts from the cached full blocks of its tokens and
+from a running sequence's partial block (`PrefixCopy`): the scheduler never touches tensors, it
+lists the slots for the step to copy. Docs: docs/scheduling.md.
 """
 
 from __future__ import annotations
@@ -182,7 +176,7 @@ class Scheduler:
                     break  # the next step
                 num_new = plan.uncomputed
             else:
-                num_new = self._chunk(out, plan.num_shared, min(plan.uncomputed, room), decode_seconds)
+                num_new = self.policy.chunk(out, plan.num_shared, min(plan.uncomputed, room), decode_seconds)
                 if num_new <= 0:
                     break
             made = self._make_room(seq, plan, num_new, out)
@@ -197,7 +191,7 @@ class Scheduler:
             uncomputed = seq.num_uncomputed_tokens
             if seq.status is not SequenceStatus.RUNNING or uncomputed <= 1 or seq in out or capped(seq):
                 continue
-            num_new = self._chunk(out, seq.num_computed_tokens, min(uncomputed, self.room(out)), decode_seconds)
+            num_new = self.policy.chunk(out, seq.num_computed_tokens, min(uncomputed, self.room(out)), decode_seconds)
             if num_new > 0 and self._grow(seq, seq.num_computed_tokens + num_new, out):
                 out.add(seq, num_new, ItemKind.LONG)
                 rows[seq.tenant] += 1
@@ -210,22 +204,6 @@ class Scheduler:
     def room(self, out: SchedulerOutput) -> int:
         """Tokens the step has left."""
         return self.config.max_batch_tokens - out.num_batched_tokens
-
-    def _chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float) -> int:
-        """Tokens of a long prompt (`start` computed) this step may compute: what keeps the step within
-        `prefill_slowdown` times its other work, or within `idle_step_seconds` when there is none;
-        at least `min_chunk` while no other long prompt advanced this step."""
-        long_tokens, short_tokens = out.num_long_tokens, out.num_short_tokens
-        other = decode_seconds + (self.cost.marginal(short_tokens, 0) if short_tokens else 0.0)
-        if other:
-            allowance = (self.config.prefill_slowdown - 1) * (other if decode_seconds else other + self.cost.seconds(0, 0))
-        else:
-            allowance = self.config.idle_step_seconds
-        spent = self.cost.marginal(long_tokens, 0)
-        num_new = self.cost.chunk_for(allowance - spent, start, most)
-        if num_new < self.config.min_chunk and not long_tokens:
-            num_new = min(self.config.min_chunk, most)
-        return num_new
 
     def _plan(self, seq: Sequence) -> Plan:
         tokens = seq.token_ids()  # after a preemption: its outputs so far too
@@ -390,26 +368,23 @@ class Scheduler:
         """Ends every sequence with ERROR, whatever list it is in, and frees their blocks: after a
         failure inside `schedule`, the queues may be half-moved."""
         seqs = list(self.by_id.values())
-        for seq in seqs:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = FinishReason.ERROR
-            if seq.block_table is not None:
-                self.blocks.free(seq.block_table)
-                seq.block_table = None
-            if self.draft is not None:
-                self.draft.release(seq.seq_id)
         self.waiting.clear()
         self.running.clear()
         self.running_by_tenant.clear()
-        self.by_id.clear()
+        for seq in seqs:
+            self._release(seq, FinishReason.ERROR)
         return seqs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
             self._untrack(seq)
+        self._release(seq, reason)
+
+    def _release(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends a sequence out of the queues: its reason, its blocks back, its draft state dropped."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
         if seq.block_table is not None:
             self.blocks.free(seq.block_table)
             seq.block_table = None
