@@ -7,7 +7,7 @@ from gateway.validation import FIELD_NAMES, ModelLimits, RequestedConfig
 from genrpc.internal.v1 import model_pb2
 from genrpc.v1 import generation_pb2 as pb
 
-REPEATED = ("stop", "stop_token_ids", "bad_words")
+REPEATED = ("stop", "stop_token_ids", "bad_words", "suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id")
 
 
 def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
@@ -17,6 +17,12 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
             values[name] = list(getattr(config, name))
         elif name == "logit_bias":
             values[name] = dict(config.logit_bias)
+        elif name == "sequence_bias":
+            values[name] = [(list(b.token_ids), b.bias) for b in config.sequence_bias]
+        elif name == "exponential_decay_length_penalty":
+            if config.HasField(name):
+                decay = config.exponential_decay_length_penalty
+                values[name] = (decay.start_index, decay.decay_factor)
         elif name == "structured_output":
             which = config.WhichOneof("structured_output")
             if which is not None:

@@ -132,7 +132,12 @@ class Generator:
         values = {name: getattr(config, name) for name in SAMPLING_FIELDS if name != "bad_words_ids"}
         values = {name: value for name, value in values.items() if value is not None}  # unset: the worker's
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
-                      seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids])
+                      seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids],
+                      sequence_bias=[gen_pb2.SequenceBias(token_ids=ids, bias=bias) for ids, bias in config.sequence_bias])
+        if config.exponential_decay_length_penalty is not None:
+            start, factor = config.exponential_decay_length_penalty
+            values["exponential_decay_length_penalty"] = gen_pb2.ExponentialDecayLengthPenalty(
+                start_index=start, decay_factor=factor)
         return model_pb2.SamplingParams(**values)
 
     async def _bad_words_ids(self, words: list[str], deadline: float | None) -> list[list[int]]:

@@ -13,11 +13,19 @@ from gateway.structured import grammar_for
 from genrpc.errors import InvalidArgument
 from genrpc.limits import (
     MAX_CACHE_SALT,
+    MAX_DECAY_FACTOR,
+    MAX_DECAY_START,
+    MAX_FORCED_EOS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
+    MAX_NO_REPEAT_NGRAM,
+    MAX_OCCURRENCE_PENALTY,
     MAX_PRIORITY,
     MAX_PROMPT_LOOKUP,
     MAX_RETURN_SEQUENCES,
+    MAX_SEQUENCE_BIAS,
+    MAX_SEQUENCE_BIAS_LENGTH,
+    MAX_SUPPRESS_TOKENS,
     MAX_TIME_LIMIT_MS,
     MAX_TOP_LOGPROBS,
 )
@@ -73,6 +81,17 @@ class RequestedConfig:
     num_return_sequences: int | None = None
     prompt_logprobs: int | None = None
     cache_salt: str | None = None
+    no_repeat_ngram_size: int | None = None
+    epsilon_cutoff: float | None = None
+    eta_cutoff: float | None = None
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)
+    forced_eos_token_id: list[int] = field(default_factory=list)
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
+    sequence_bias: list[tuple[list[int], float]] = field(default_factory=list)
+    renormalize_logits: bool | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
 
 @dataclass
@@ -116,11 +135,39 @@ class ResolvedConfig:
     num_return_sequences: int = 1
     prompt_logprobs: int | None = None  # None: not asked
     cache_salt: str | None = None  # None: the client's own prefix-cache namespace
+    # generate()'s other processors; neutral values: off
+    no_repeat_ngram_size: int = 0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)
+    forced_eos_token_id: list[int] = field(default_factory=list)
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    sequence_bias: list[tuple[list[int], float]] = field(default_factory=list)
+    renormalize_logits: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise InvalidArgument.field(f"config.{name}", value, allowed)
+
+
+def _id_checks(name: str, ids: list[int], most: int, vocab: int) -> list:
+    """At most `most` token ids, each in the vocabulary."""
+    return [(name, f"{len(ids)} ids", len(ids) <= most, f"at most {most} ids"),
+            *((f"{name}[{i}]", t, 0 <= t < vocab, f"must be in [0, {vocab - 1}]") for i, t in enumerate(ids))]
+
+
+def _decay_checks(decay: tuple[int, float] | None) -> list:
+    if decay is None:
+        return []
+    start, factor = decay
+    return [("exponential_decay_length_penalty.start_index", start, 0 <= start <= MAX_DECAY_START,
+             f"must be in [0, {MAX_DECAY_START}]"),
+            ("exponential_decay_length_penalty.decay_factor", factor,
+             _finite_in(factor, 0.0, MAX_DECAY_FACTOR, True), f"must be in (0, {MAX_DECAY_FACTOR:g}]")]
 
 
 def _string_checks(name: str, values: list[str], most: int, longest: int, noun: str) -> list:
@@ -159,7 +206,10 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         typical_p=_given(req.typical_p, d.typical_p),
         repetition_penalty=_given(req.repetition_penalty, d.repetition_penalty),
         top_logprobs=_given(req.top_logprobs, 0), priority=_given(req.priority, 0),
-        num_return_sequences=_given(req.num_return_sequences, 1))
+        num_return_sequences=_given(req.num_return_sequences, 1),
+        no_repeat_ngram_size=_given(req.no_repeat_ngram_size, 0), epsilon_cutoff=_given(req.epsilon_cutoff, 0.0),
+        eta_cutoff=_given(req.eta_cutoff, 0.0), renormalize_logits=bool(req.renormalize_logits),
+        frequency_penalty=_given(req.frequency_penalty, 0.0), presence_penalty=_given(req.presence_penalty, 0.0))
     for name, value, ok, allowed in _checks(req, limits, values):
         _check(ok, name, value, allowed)
     grammar = grammar_for(*req.structured_output) if req.structured_output is not None else ""
@@ -182,6 +232,11 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         bad_words=list(req.bad_words),
         prompt_logprobs=req.prompt_logprobs,
         cache_salt=req.cache_salt,
+        suppress_tokens=list(req.suppress_tokens),
+        begin_suppress_tokens=list(req.begin_suppress_tokens),
+        forced_eos_token_id=list(req.forced_eos_token_id),
+        exponential_decay_length_penalty=req.exponential_decay_length_penalty,
+        sequence_bias=[(list(ids), bias) for ids, bias in req.sequence_bias],
     )
 
 
@@ -235,6 +290,25 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
          f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)"),
         ("cache_salt", salt, salt is None or 1 <= len(salt) <= MAX_CACHE_SALT,
          f"must have 1 to {MAX_CACHE_SALT} characters (unset: this client's own prefix cache)"),
+        ("no_repeat_ngram_size", v["no_repeat_ngram_size"], 0 <= v["no_repeat_ngram_size"] <= MAX_NO_REPEAT_NGRAM,
+         f"must be in [0, {MAX_NO_REPEAT_NGRAM}] (0 turns it off)"),
+        *((name, v[name], _finite_in(v[name], 0.0, 1.0, False) and v[name] < 1.0,
+           "must be in [0, 1) (0 turns it off)") for name in ("epsilon_cutoff", "eta_cutoff")),
+        *(check for name, most in (("suppress_tokens", MAX_SUPPRESS_TOKENS),
+                                   ("begin_suppress_tokens", MAX_SUPPRESS_TOKENS),
+                                   ("forced_eos_token_id", MAX_FORCED_EOS))
+          for check in _id_checks(name, getattr(req, name), most, vocab)),
+        *_decay_checks(req.exponential_decay_length_penalty),
+        ("sequence_bias", f"{len(req.sequence_bias)} sequences", len(req.sequence_bias) <= MAX_SEQUENCE_BIAS,
+         f"at most {MAX_SEQUENCE_BIAS} sequences"),
+        *(check for i, (ids, bias) in enumerate(req.sequence_bias) for check in (
+            *_id_checks(f"sequence_bias[{i}].token_ids", ids, MAX_SEQUENCE_BIAS_LENGTH, vocab),
+            (f"sequence_bias[{i}].token_ids", "no ids", bool(ids), f"must have 1 .. {MAX_SEQUENCE_BIAS_LENGTH} ids"),
+            (f"sequence_bias[{i}].bias", bias, _finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False),
+             f"must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"))),
+        *((name, v[name], _finite_in(v[name], -MAX_OCCURRENCE_PENALTY, MAX_OCCURRENCE_PENALTY, False),
+           f"must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] (0 turns it off)")
+          for name in ("frequency_penalty", "presence_penalty")),
         *([("ignore_eos", True, not req.ignore_eos, f"must be false with config.{req.structured_output[0]}: "
             "structured output ends with EOS where the output is complete")] if req.structured_output else []),
     ]

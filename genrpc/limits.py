@@ -10,3 +10,12 @@ MAX_TOP_LOGPROBS = 20  # alternatives a position may return (top_logprobs, promp
 MAX_RETURN_SEQUENCES = 16  # samples per prompt
 MAX_TIME_LIMIT_MS = 3_600_000
 MAX_CACHE_SALT = 256  # characters of a request's cache_salt
+# generate()'s other processors (GenerationConfig fields 32-42)
+MAX_NO_REPEAT_NGRAM = 64
+MAX_SUPPRESS_TOKENS = 1024  # ids in suppress_tokens, and in begin_suppress_tokens
+MAX_FORCED_EOS = 16
+MAX_SEQUENCE_BIAS = 300  # sequences in sequence_bias
+MAX_SEQUENCE_BIAS_LENGTH = 16  # tokens in one of them
+MAX_OCCURRENCE_PENALTY = 2.0  # frequency_penalty and presence_penalty are in [-2, 2] (OpenAI's range)
+MAX_DECAY_START = 1 << 20  # exponential_decay_length_penalty's start_index
+MAX_DECAY_FACTOR = 10.0

@@ -34,6 +34,12 @@ def sampling_params(pb: model_pb2.SamplingParams, default_prompt_lookup: int = 0
     values["logit_bias"] = tuple(sorted(pb.logit_bias.items()))
     values["bad_words_ids"] = tuple(tuple(words.ids) for words in pb.bad_words_ids)
     values["prompt_logprobs"] = pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None
+    for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
+        values[name] = tuple(values[name])
+    decay = pb.exponential_decay_length_penalty
+    values["exponential_decay_length_penalty"] = ((decay.start_index, decay.decay_factor)
+                                                  if pb.HasField("exponential_decay_length_penalty") else None)
+    values["sequence_bias"] = tuple((tuple(b.token_ids), b.bias) for b in pb.sequence_bias)
     if not pb.HasField("prompt_lookup_num_tokens"):
         values["prompt_lookup_num_tokens"] = default_prompt_lookup
     return SamplingParams(**values)
@@ -55,10 +61,12 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
     bad = next((i for i in ids if i >= vocab_size), None)
     if bad is not None:
         raise ValueError(f"sequence {pb.sequence_id}: token id {bad} is not below the vocabulary size {vocab_size}")
-    banned = (t for words in pb.params.bad_words_ids for t in words.ids)
-    bad = next((i for i in [*pb.params.logit_bias, *banned] if i >= vocab_size), None)
+    p = pb.params
+    listed = [*p.logit_bias, *(t for words in p.bad_words_ids for t in words.ids), *p.suppress_tokens,
+              *p.begin_suppress_tokens, *p.forced_eos_token_id, *(t for b in p.sequence_bias for t in b.token_ids)]
+    bad = next((i for i in listed if not 0 <= i < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"sequence {pb.sequence_id}: logit_bias or bad_words_ids token id {bad} is not below the "
+        raise ValueError(f"sequence {pb.sequence_id}: token id {bad} in its sampling parameters is not below the "
                          f"vocabulary size {vocab_size}")
     if not -limits.MAX_PRIORITY <= pb.priority <= limits.MAX_PRIORITY:
         raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{limits.MAX_PRIORITY}, {limits.MAX_PRIORITY}]")

@@ -7,8 +7,10 @@ Three paths, each row on exactly one:
   and min-p are applied as transformers' warpers define them, but on each row's top-k candidates
   only (every other token has probability zero anyway), then each row draws from its candidates
   with its own generator;
-- everything else: transformers' own processors (repetition penalty, temperature, top-k, top-p,
-  min-p, typical-p, in `generate()`'s order), row by row.
+- everything else: transformers' own processors in `generate()`'s order, row by row: sequence
+  bias, repetition penalty (then OpenAI's frequency and presence penalties, ours), no-repeat
+  n-grams, forced EOS, the exponential length penalty, suppressed tokens, then the warpers
+  (temperature, top-k, top-p, min-p, typical-p, epsilon, eta) and renormalization.
 Every operation is row-wise, so a seed gives the same tokens whatever else shares the batch.
 Before any of them, a row's scores get its logit bias, its banned words (-inf for a banned sequence's
 last token after the rest of it) and its grammar's mask (constraints.py); other rows are untouched,
@@ -24,9 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedEOSTokenLogitsProcessor,
+    LogitNormalization,
+    LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -43,11 +55,47 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
-def build_processors(params: SamplingParams) -> LogitsProcessorList | None:
-    """transformers' processors for these parameters, None when the row is plain greedy."""
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's frequency and presence penalties, over the generated tokens only: a token's score
+    minus `frequency` times its count so far, minus `presence` if it occurred at all."""
+
+    def __init__(self, prompt_length: int, frequency: float, presence: float):
+        self.prompt_length, self.frequency, self.presence = prompt_length, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[0, self.prompt_length:]
+        if not generated.numel():
+            return scores
+        vocab = scores.shape[-1]
+        counts = torch.bincount(generated[generated < vocab], minlength=vocab).to(scores.dtype)
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def build_processors(params: SamplingParams, prompt_length: int = 0,
+                     eos_token_ids: list[int] = ()) -> LogitsProcessorList | None:
+    """transformers' processors for these parameters in generate()'s order (its
+    _get_logits_processor; logit_bias, bad words and min_new_tokens are applied before, where
+    they commute with these), None when the row is plain greedy. `prompt_length` and
+    `eos_token_ids`: what generate() takes from its input and the model."""
     processors = LogitsProcessorList()
+    if params.sequence_bias:
+        processors.append(SequenceBiasLogitsProcessor([[list(ids), bias] for ids, bias in params.sequence_bias]))
     if params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.frequency_penalty or params.presence_penalty:
+        processors.append(OccurrencePenalty(prompt_length, params.frequency_penalty, params.presence_penalty))
+    if params.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+    if params.forced_eos_token_id:
+        processors.append(ForcedEOSTokenLogitsProcessor(prompt_length + params.max_new_tokens,
+                                                        list(params.forced_eos_token_id)))
+    if params.exponential_decay_length_penalty is not None:
+        processors.append(ExponentialDecayLengthPenalty(params.exponential_decay_length_penalty, eos, prompt_length))
+    if params.suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(list(params.suppress_tokens)))
+    if params.begin_suppress_tokens:
+        processors.append(SuppressTokensAtBeginLogitsProcessor(list(params.begin_suppress_tokens), prompt_length))
     if params.do_sample:
         if params.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(params.temperature))
@@ -59,6 +107,12 @@ def build_processors(params: SamplingParams) -> LogitsProcessorList | None:
             processors.append(MinPLogitsWarper(params.min_p))
         if params.typical_p < 1.0:
             processors.append(TypicalLogitsWarper(params.typical_p))
+        if params.epsilon_cutoff:
+            processors.append(EpsilonLogitsWarper(params.epsilon_cutoff))
+        if params.eta_cutoff:
+            processors.append(EtaLogitsWarper(params.eta_cutoff))
+    if params.renormalize_logits:
+        processors.append(LogitNormalization())
     return processors or None
 
 
@@ -93,7 +147,7 @@ class Sampler:
 
     def prepare(self, seq: Sequence) -> None:
         """Sets up a sequence's processors and generator once, when it is admitted."""
-        seq.processors = build_processors(seq.params)
+        seq.processors = build_processors(seq.params, seq.num_prompt_tokens, self.eos_token_ids)
         if seq.params.do_sample:
             seq.generator = torch.Generator(device="cpu").manual_seed(seq.params.seed)
 
@@ -103,7 +157,7 @@ class Sampler:
     def _vectorizable(self, row: SampleRow) -> bool:
         p = row.seq.params
         return (p.do_sample and p.top_k > 0 and p.repetition_penalty == 1.0 and p.typical_p == 1.0
-                and not self._suppresses_eos(row))
+                and not p.other_processors and not self._suppresses_eos(row))
 
     def _suppresses_eos(self, row: SampleRow) -> bool:
         """min_new_tokens holds EOS back (not under a grammar: it decides when the output may end)."""

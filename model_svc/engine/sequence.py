@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Hashable
 
 import torch
 
+from genrpc import limits
 from genrpc.limits import MAX_LOGIT_BIAS, MAX_PROMPT_LOOKUP
 
 if TYPE_CHECKING:
@@ -53,6 +54,18 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # banned token sequences (generate()'s bad_words_ids)
     prompt_logprobs: int | None = None  # set: the prompt tokens' logprobs, with this many alternatives
+    # generate()'s other processors (sampler.build_processors applies them in generate()'s order)
+    no_repeat_ngram_size: int = 0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    forced_eos_token_id: tuple[int, ...] = ()
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # (token ids, bias)
+    renormalize_logits: bool = False
+    frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,10 +88,41 @@ class SamplingParams:
             ("logit_bias", all(math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias),
              f"biases in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"),
             ("bad_words_ids", all(self.bad_words_ids), "non-empty token sequences"),
+            ("no_repeat_ngram_size", 0 <= self.no_repeat_ngram_size <= limits.MAX_NO_REPEAT_NGRAM,
+             f"in [0, {limits.MAX_NO_REPEAT_NGRAM}]"),
+            ("epsilon_cutoff", 0 <= self.epsilon_cutoff < 1, "in [0, 1)"),
+            ("eta_cutoff", 0 <= self.eta_cutoff < 1, "in [0, 1)"),
+            ("suppress_tokens", len(self.suppress_tokens) <= limits.MAX_SUPPRESS_TOKENS,
+             f"at most {limits.MAX_SUPPRESS_TOKENS} ids"),
+            ("begin_suppress_tokens", len(self.begin_suppress_tokens) <= limits.MAX_SUPPRESS_TOKENS,
+             f"at most {limits.MAX_SUPPRESS_TOKENS} ids"),
+            ("forced_eos_token_id", len(self.forced_eos_token_id) <= limits.MAX_FORCED_EOS,
+             f"at most {limits.MAX_FORCED_EOS} ids"),
+            ("exponential_decay_length_penalty", self.exponential_decay_length_penalty is None or (
+                0 <= self.exponential_decay_length_penalty[0] <= limits.MAX_DECAY_START
+                and 0 < self.exponential_decay_length_penalty[1] <= limits.MAX_DECAY_FACTOR),
+             f"start_index in [0, {limits.MAX_DECAY_START}], decay_factor in (0, {limits.MAX_DECAY_FACTOR:g}]"),
+            ("sequence_bias", len(self.sequence_bias) <= limits.MAX_SEQUENCE_BIAS and all(
+                1 <= len(ids) <= limits.MAX_SEQUENCE_BIAS_LENGTH and math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS
+                for ids, b in self.sequence_bias),
+             f"at most {limits.MAX_SEQUENCE_BIAS} sequences of 1 .. {limits.MAX_SEQUENCE_BIAS_LENGTH} ids, biases in "
+             f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"),
+            ("frequency_penalty", abs(self.frequency_penalty) <= limits.MAX_OCCURRENCE_PENALTY,
+             f"in [-{limits.MAX_OCCURRENCE_PENALTY:g}, {limits.MAX_OCCURRENCE_PENALTY:g}]"),
+            ("presence_penalty", abs(self.presence_penalty) <= limits.MAX_OCCURRENCE_PENALTY,
+             f"in [-{limits.MAX_OCCURRENCE_PENALTY:g}, {limits.MAX_OCCURRENCE_PENALTY:g}]"),
         ]
-        for name, ok, allowed in checks:
+        for name, ok, allowed in checks:  # (NaN fails every comparison above: refused)
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+    @property
+    def other_processors(self) -> bool:
+        """Whether any of generate()'s other processors is on (the sampler runs such a row alone)."""
+        return bool(self.no_repeat_ngram_size or self.epsilon_cutoff or self.eta_cutoff or self.suppress_tokens
+                    or self.begin_suppress_tokens or self.forced_eos_token_id or self.sequence_bias
+                    or self.exponential_decay_length_penalty or self.renormalize_logits
+                    or self.frequency_penalty or self.presence_penalty)
 
 
 @dataclass(eq=False)

@@ -255,3 +255,16 @@ def test_tokenize_and_model_info(stub, hf_tokenizer):
     assert info.device == "cpu"
     assert info.default_config.max_new_tokens == 20
     assert list(info.eos_token_ids) == [hf_tokenizer.eos_token_id]
+
+
+def test_generates_other_processors_reach_the_engine(stub, hf_tokenizer):
+    """generate()'s processors through the three services (their exactness: tests/model/test_processors.py)."""
+    (plain,) = generate(stub, [PROMPTS[1]], max_new_tokens=12)
+    first = plain.token_ids[0]
+    (got,) = generate(stub, [PROMPTS[1]], max_new_tokens=12, suppress_tokens=[first], no_repeat_ngram_size=1)
+    assert first not in got.token_ids
+    assert len(set(got.token_ids)) == len(got.token_ids)  # no token twice
+    eos = hf_tokenizer.eos_token_id
+    (forced,) = generate(stub, [PROMPTS[1]], max_new_tokens=4, forced_eos_token_id=[eos])
+    assert forced.token_ids[-1] == eos and forced.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    assert len(forced.token_ids) == 4 and list(forced.token_ids[:3]) == list(plain.token_ids[:3])

@@ -37,6 +37,18 @@ BAD_CONFIGS = [
     (dict(time_limit_ms=-1), "time_limit_ms"),
     (dict(top_logprobs=50), "top_logprobs"),
     (dict(top_logprobs=-1), "top_logprobs"),
+    (dict(no_repeat_ngram_size=100), "no_repeat_ngram_size"),
+    (dict(epsilon_cutoff=1.0), "epsilon_cutoff"),
+    (dict(eta_cutoff=float("nan")), "eta_cutoff"),
+    (dict(suppress_tokens=[10**6]), "suppress_tokens[0]"),
+    (dict(begin_suppress_tokens=[-2]), "begin_suppress_tokens[0]"),
+    (dict(forced_eos_token_id=[1] * 17), "forced_eos_token_id"),
+    (dict(exponential_decay_length_penalty=pb.ExponentialDecayLengthPenalty(start_index=2, decay_factor=0)),
+     "exponential_decay_length_penalty.decay_factor"),
+    (dict(sequence_bias=[pb.SequenceBias(token_ids=[5], bias=500)]), "sequence_bias[0].bias"),
+    (dict(sequence_bias=[pb.SequenceBias(bias=1)]), "sequence_bias[0].token_ids"),
+    (dict(frequency_penalty=2.5), "frequency_penalty"),
+    (dict(presence_penalty=float("inf")), "presence_penalty"),
 ]
 
 

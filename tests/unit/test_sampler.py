@@ -62,3 +62,14 @@ def test_a_positions_number_does_not_depend_on_how_far_ahead_was_looked():
         peeking.consume_uniforms(kept)
     assert got == expected
     assert expected == [uniform(g) for g in [torch.Generator().manual_seed(5)] for _ in range(12)]
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    from model_svc.engine.sampler import OccurrencePenalty
+
+    scores = torch.zeros(1, 6)
+    ids = torch.tensor([[4, 4, 1, 2, 2, 2, 5]])  # a prompt of 2 tokens (4, 4), then 1 2 2 2 5
+    out = OccurrencePenalty(2, frequency=0.5, presence=0.25)(ids, scores.clone())
+    # token 2: three times (-1.5 - 0.25), tokens 1 and 5 once (-0.5 - 0.25), 4 only in the prompt: 0
+    assert out.tolist() == [[0.0, -0.75, -1.75, 0.0, 0.0, -0.75]]
+    assert torch.equal(OccurrencePenalty(7, 0.5, 0.25)(ids, scores.clone()), scores)  # nothing generated yet

@@ -81,3 +81,35 @@ def test_sampling_fields_have_one_definition():
     # bad_words_ids are made per request from config.bad_words by the tokenizer service.
     assert wire - {"bad_words_ids"} <= {f.name for f in dataclasses.fields(ResolvedConfig)}
     assert "bad_words" in {f.name for f in dataclasses.fields(ResolvedConfig)}
+
+
+@pytest.mark.parametrize("config, names, value", [
+    (dict(no_repeat_ngram_size=65), "config.no_repeat_ngram_size=", "65"),
+    (dict(epsilon_cutoff=1.0), "config.epsilon_cutoff=", "1.0"),
+    (dict(eta_cutoff=-0.1), "config.eta_cutoff=", "-0.1"),
+    (dict(eta_cutoff=math.nan), "config.eta_cutoff=", "nan"),
+    (dict(suppress_tokens=[1, 1000]), "config.suppress_tokens[1]=", "1000"),
+    (dict(begin_suppress_tokens=list(range(1025))), "config.begin_suppress_tokens=", "1025 ids"),
+    (dict(forced_eos_token_id=[-1]), "config.forced_eos_token_id[0]=", "-1"),
+    (dict(exponential_decay_length_penalty=(-1, 1.5)), "config.exponential_decay_length_penalty.start_index=", "-1"),
+    (dict(exponential_decay_length_penalty=(3, 0.0)), "config.exponential_decay_length_penalty.decay_factor=", "0.0"),
+    (dict(sequence_bias=[([1, 2], 101.0)]), "config.sequence_bias[0].bias=", "101.0"),
+    (dict(sequence_bias=[([], 1.0)]), "config.sequence_bias[0].token_ids=", "no ids"),
+    (dict(sequence_bias=[([5] * 17, 1.0)]), "config.sequence_bias[0].token_ids=", "17 ids"),
+    (dict(sequence_bias=[([5], 1.0)] * 301), "config.sequence_bias=", "301 sequences"),
+    (dict(frequency_penalty=2.5), "config.frequency_penalty=", "2.5"),
+    (dict(presence_penalty=-3.0), "config.presence_penalty=", "-3.0"),
+])
+def test_generate_processors_are_checked(config, names, value):
+    with pytest.raises(InvalidArgument) as info:
+        resolve_config(RequestedConfig(**config), LIMITS)
+    assert names in str(info.value) and value in str(info.value)
+
+
+def test_generate_processors_resolve():
+    c = resolve_config(RequestedConfig(no_repeat_ngram_size=3, epsilon_cutoff=3e-4, suppress_tokens=[7],
+                                       exponential_decay_length_penalty=(4, 1.5), sequence_bias=[([1, 2], -5.0)],
+                                       renormalize_logits=True, presence_penalty=0.5), LIMITS)
+    assert (c.no_repeat_ngram_size, c.epsilon_cutoff, c.eta_cutoff, c.suppress_tokens) == (3, 3e-4, 0.0, [7])
+    assert c.exponential_decay_length_penalty == (4, 1.5) and c.sequence_bias == [([1, 2], -5.0)]
+    assert c.renormalize_logits and (c.frequency_penalty, c.presence_penalty) == (0.0, 0.5)
