@@ -19,6 +19,10 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
             values[name] = dict(config.logit_bias)
         elif name == "sequence_bias":
             values[name] = [(list(b.token_ids), b.bias) for b in config.sequence_bias]
+        elif name == "watermarking_config":
+            if config.HasField(name):
+                w = config.watermarking_config
+                values[name] = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if w.HasField(f.name)}
         elif name == "exponential_decay_length_penalty":
             if config.HasField(name):
                 decay = config.exponential_decay_length_penalty

@@ -134,6 +134,8 @@ class Generator:
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
                       seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids],
                       sequence_bias=[gen_pb2.SequenceBias(token_ids=ids, bias=bias) for ids, bias in config.sequence_bias])
+        if config.watermarking_config is not None:
+            values["watermarking_config"] = gen_pb2.WatermarkingConfig(**config.watermarking_config)
         if config.exponential_decay_length_penalty is not None:
             start, factor = config.exponential_decay_length_penalty
             values["exponential_decay_length_penalty"] = gen_pb2.ExponentialDecayLengthPenalty(

@@ -28,6 +28,11 @@ from genrpc.limits import (
     MAX_SUPPRESS_TOKENS,
     MAX_TIME_LIMIT_MS,
     MAX_TOP_LOGPROBS,
+    MAX_WATERMARK_BIAS,
+    MAX_WATERMARK_CONTEXT,
+    MAX_WATERMARK_KEY,
+    WATERMARK_DEFAULTS,
+    WATERMARK_SCHEMES,
 )
 
 MAX_PROMPTS = 64
@@ -92,6 +97,7 @@ class RequestedConfig:
     renormalize_logits: bool | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    watermarking_config: dict | None = None  # the fields of WatermarkingConfig that are set
 
 
 @dataclass
@@ -147,6 +153,7 @@ class ResolvedConfig:
     renormalize_logits: bool = False
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    watermarking_config: dict | None = None  # every field, transformers' defaults filled in
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -168,6 +175,23 @@ def _decay_checks(decay: tuple[int, float] | None) -> list:
              f"must be in [0, {MAX_DECAY_START}]"),
             ("exponential_decay_length_penalty.decay_factor", factor,
              _finite_in(factor, 0.0, MAX_DECAY_FACTOR, True), f"must be in (0, {MAX_DECAY_FACTOR:g}]")]
+
+
+def _watermark_checks(given: dict | None) -> list:
+    if given is None:
+        return []
+    w = {**WATERMARK_DEFAULTS, **given}
+    name = "watermarking_config."
+    return [(name + "greenlist_ratio", w["greenlist_ratio"], _finite_in(w["greenlist_ratio"], 0.0, 1.0, True)
+             and w["greenlist_ratio"] < 1.0, "must be in (0, 1)"),
+            (name + "bias", w["bias"], _finite_in(w["bias"], 0.0, MAX_WATERMARK_BIAS, False),
+             f"must be in [0, {MAX_WATERMARK_BIAS:g}]"),
+            (name + "hashing_key", w["hashing_key"], 1 <= w["hashing_key"] <= MAX_WATERMARK_KEY,
+             f"must be in [1, {MAX_WATERMARK_KEY}]"),
+            (name + "seeding_scheme", w["seeding_scheme"], w["seeding_scheme"] in WATERMARK_SCHEMES,
+             f"must be one of {', '.join(WATERMARK_SCHEMES)}"),
+            (name + "context_width", w["context_width"], 1 <= w["context_width"] <= MAX_WATERMARK_CONTEXT,
+             f"must be in [1, {MAX_WATERMARK_CONTEXT}]")]
 
 
 def _string_checks(name: str, values: list[str], most: int, longest: int, noun: str) -> list:
@@ -237,6 +261,8 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         forced_eos_token_id=list(req.forced_eos_token_id),
         exponential_decay_length_penalty=req.exponential_decay_length_penalty,
         sequence_bias=[(list(ids), bias) for ids, bias in req.sequence_bias],
+        watermarking_config=(None if req.watermarking_config is None
+                             else {**WATERMARK_DEFAULTS, **req.watermarking_config}),
     )
 
 
@@ -309,6 +335,7 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
         *((name, v[name], _finite_in(v[name], -MAX_OCCURRENCE_PENALTY, MAX_OCCURRENCE_PENALTY, False),
            f"must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] (0 turns it off)")
           for name in ("frequency_penalty", "presence_penalty")),
+        *_watermark_checks(req.watermarking_config),
         *([("ignore_eos", True, not req.ignore_eos, f"must be false with config.{req.structured_output[0]}: "
             "structured output ends with EOS where the output is complete")] if req.structured_output else []),
     ]

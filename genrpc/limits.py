@@ -19,3 +19,9 @@ MAX_SEQUENCE_BIAS_LENGTH = 16  # tokens in one of them
 MAX_OCCURRENCE_PENALTY = 2.0  # frequency_penalty and presence_penalty are in [-2, 2] (OpenAI's range)
 MAX_DECAY_START = 1 << 20  # exponential_decay_length_penalty's start_index
 MAX_DECAY_FACTOR = 10.0
+WATERMARK_DEFAULTS = dict(greenlist_ratio=0.25, bias=2.0, hashing_key=15485863, seeding_scheme="lefthash",
+                          context_width=1)  # transformers' WatermarkingConfig defaults
+WATERMARK_SCHEMES = ("lefthash", "selfhash")
+MAX_WATERMARK_BIAS = 100.0
+MAX_WATERMARK_KEY = 2**31 - 1
+MAX_WATERMARK_CONTEXT = 16

@@ -276,7 +276,8 @@ def engine_for(loaded, args) -> Engine:
         lookup = DEFAULT_PROMPT_LOOKUP
     # Greedy rows' argmax through the fused kernels where they build (the same indices as torch's).
     ops = runner.fused or (fused.load() if runner.device.type == "cpu" else None)
-    sampler = Sampler(loaded.eos_token_ids, argmax=ops.argmax if ops else None)
+    sampler = Sampler(loaded.eos_token_ids, argmax=ops.argmax if ops else None,
+                      vocab_size=loaded.model.config.get_text_config().vocab_size)
     return Engine(runner, scheduler, sampler, kv_cache, default_prompt_lookup=lookup,
                   grammars=grammars_for(args.model))
 

@@ -40,6 +40,10 @@ def sampling_params(pb: model_pb2.SamplingParams, default_prompt_lookup: int = 0
     values["exponential_decay_length_penalty"] = ((decay.start_index, decay.decay_factor)
                                                   if pb.HasField("exponential_decay_length_penalty") else None)
     values["sequence_bias"] = tuple((tuple(b.token_ids), b.bias) for b in pb.sequence_bias)
+    values["watermarking_config"] = None
+    if pb.HasField("watermarking_config"):
+        w = pb.watermarking_config
+        values["watermarking_config"] = (w.greenlist_ratio, w.bias, w.hashing_key, w.seeding_scheme, w.context_width)
     if not pb.HasField("prompt_lookup_num_tokens"):
         values["prompt_lookup_num_tokens"] = default_prompt_lookup
     return SamplingParams(**values)

@@ -10,7 +10,7 @@ Three paths, each row on exactly one:
 - everything else: transformers' own processors in `generate()`'s order, row by row: sequence
   bias, repetition penalty (then OpenAI's frequency and presence penalties, ours), no-repeat
   n-grams, forced EOS, the exponential length penalty, suppressed tokens, then the warpers
-  (temperature, top-k, top-p, min-p, typical-p, epsilon, eta) and renormalization.
+  (temperature, top-k, top-p, min-p, typical-p, epsilon, eta), a watermark and renormalization.
 Every operation is row-wise, so a seed gives the same tokens whatever else shares the batch.
 Before any of them, a row's scores get its logit bias, its banned words (-inf for a banned sequence's
 last token after the rest of it) and its grammar's mask (constraints.py); other rows are untouched,
@@ -43,6 +43,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
+    WatermarkLogitsProcessor,
 )
 
 from model_svc.engine.sequence import SamplingParams, Sequence
@@ -71,12 +72,13 @@ class OccurrencePenalty(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def build_processors(params: SamplingParams, prompt_length: int = 0,
-                     eos_token_ids: list[int] = ()) -> LogitsProcessorList | None:
+def build_processors(params: SamplingParams, prompt_length: int = 0, eos_token_ids: list[int] = (),
+                     vocab_size: int | None = None) -> LogitsProcessorList | None:
     """transformers' processors for these parameters in generate()'s order (its
     _get_logits_processor; logit_bias, bad words and min_new_tokens are applied before, where
     they commute with these), None when the row is plain greedy. `prompt_length` and
-    `eos_token_ids`: what generate() takes from its input and the model."""
+    `eos_token_ids`: what generate() takes from its input and the model; `vocab_size`: the model
+    config's (a watermark's green list is drawn from it)."""
     processors = LogitsProcessorList()
     if params.sequence_bias:
         processors.append(SequenceBiasLogitsProcessor([[list(ids), bias] for ids, bias in params.sequence_bias]))
@@ -111,6 +113,12 @@ def build_processors(params: SamplingParams, prompt_length: int = 0,
             processors.append(EpsilonLogitsWarper(params.epsilon_cutoff))
         if params.eta_cutoff:
             processors.append(EtaLogitsWarper(params.eta_cutoff))
+    if params.watermarking_config is not None:
+        if vocab_size is None:
+            raise ValueError("watermarking needs the model's vocabulary size")
+        ratio, bias, key, scheme, width = params.watermarking_config
+        processors.append(WatermarkLogitsProcessor(vocab_size, "cpu", greenlist_ratio=ratio, bias=bias,
+                                                   hashing_key=key, seeding_scheme=scheme, context_width=width))
     if params.renormalize_logits:
         processors.append(LogitNormalization())
     return processors or None
@@ -139,15 +147,16 @@ def draw(probs: torch.Tensor, uniforms: list[float]) -> list[int]:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int], argmax=None):
+    def __init__(self, eos_token_ids: list[int], argmax=None, vocab_size: int | None = None):
         """`argmax`: rows [N, V] -> their argmax indices as a list, torch.argmax's very answer (the
-        fused kernels' faster one); PyTorch's by default."""
+        fused kernels' faster one); PyTorch's by default. `vocab_size`: the model config's."""
         self.eos_token_ids = list(eos_token_ids)
+        self.vocab_size = vocab_size
         self.argmax = argmax or (lambda rows: rows.argmax(dim=-1).tolist())
 
     def prepare(self, seq: Sequence) -> None:
         """Sets up a sequence's processors and generator once, when it is admitted."""
-        seq.processors = build_processors(seq.params, seq.num_prompt_tokens, self.eos_token_ids)
+        seq.processors = build_processors(seq.params, seq.num_prompt_tokens, self.eos_token_ids, self.vocab_size)
         if seq.params.do_sample:
             seq.generator = torch.Generator(device="cpu").manual_seed(seq.params.seed)
 

@@ -66,6 +66,8 @@ class SamplingParams:
     renormalize_logits: bool = False
     frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
     presence_penalty: float = 0.0
+    # (greenlist_ratio, bias, hashing_key, seeding_scheme, context_width): transformers' watermark
+    watermarking_config: tuple[float, float, int, str, int] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -111,6 +113,13 @@ class SamplingParams:
              f"in [-{limits.MAX_OCCURRENCE_PENALTY:g}, {limits.MAX_OCCURRENCE_PENALTY:g}]"),
             ("presence_penalty", abs(self.presence_penalty) <= limits.MAX_OCCURRENCE_PENALTY,
              f"in [-{limits.MAX_OCCURRENCE_PENALTY:g}, {limits.MAX_OCCURRENCE_PENALTY:g}]"),
+            ("watermarking_config", self.watermarking_config is None or (
+                0 < self.watermarking_config[0] < 1 and 0 <= self.watermarking_config[1] <= limits.MAX_WATERMARK_BIAS
+                and 1 <= self.watermarking_config[2] <= limits.MAX_WATERMARK_KEY
+                and self.watermarking_config[3] in limits.WATERMARK_SCHEMES
+                and 1 <= self.watermarking_config[4] <= limits.MAX_WATERMARK_CONTEXT),
+             "greenlist_ratio in (0, 1), bias in [0, 100], hashing_key in [1, 2^31), seeding_scheme lefthash or "
+             "selfhash, context_width in [1, 16]"),
         ]
         for name, ok, allowed in checks:  # (NaN fails every comparison above: refused)
             if not ok:
@@ -122,7 +131,7 @@ class SamplingParams:
         return bool(self.no_repeat_ngram_size or self.epsilon_cutoff or self.eta_cutoff or self.suppress_tokens
                     or self.begin_suppress_tokens or self.forced_eos_token_id or self.sequence_bias
                     or self.exponential_decay_length_penalty or self.renormalize_logits
-                    or self.frequency_penalty or self.presence_penalty)
+                    or self.frequency_penalty or self.presence_penalty or self.watermarking_config is not None)
 
 
 @dataclass(eq=False)

@@ -268,3 +268,23 @@ def test_generates_other_processors_reach_the_engine(stub, hf_tokenizer):
     (forced,) = generate(stub, [PROMPTS[1]], max_new_tokens=4, forced_eos_token_id=[eos])
     assert forced.token_ids[-1] == eos and forced.finish_reason == pb.FINISH_REASON_EOS_TOKEN
     assert len(forced.token_ids) == 4 and list(forced.token_ids[:3]) == list(plain.token_ids[:3])
+
+
+def test_a_watermarked_output_is_detected_by_transformers_detector(stub, hf_tokenizer):
+    """watermarking_config through the services; transformers' own WatermarkDetector, given the same
+    settings, finds the watermark in the output and not in the same prompt's unwatermarked output."""
+    import torch
+    from transformers import AutoConfig, WatermarkDetector
+
+    from tests.helpers import MODEL
+
+    settings = dict(greenlist_ratio=0.25, bias=6.0, hashing_key=777)
+    prompt = "Write a long story about a lighthouse keeper."
+    (marked,) = generate(stub, [prompt], max_new_tokens=64, ignore_eos=True,
+                         watermarking_config=pb.WatermarkingConfig(**settings))
+    (plain,) = generate(stub, [prompt], max_new_tokens=64, ignore_eos=True)
+    assert list(marked.token_ids) != list(plain.token_ids)
+    detector = WatermarkDetector(AutoConfig.from_pretrained(MODEL), "cpu",
+                                 {**settings, "seeding_scheme": "lefthash", "context_width": 1})
+    found = [detector(torch.tensor([list(c.token_ids)]), z_threshold=4.0, return_dict=True) for c in (marked, plain)]
+    assert found[0].prediction[0] and not found[1].prediction[0], (found[0].z_score, found[1].z_score)

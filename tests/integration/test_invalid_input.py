@@ -49,6 +49,9 @@ BAD_CONFIGS = [
     (dict(sequence_bias=[pb.SequenceBias(bias=1)]), "sequence_bias[0].token_ids"),
     (dict(frequency_penalty=2.5), "frequency_penalty"),
     (dict(presence_penalty=float("inf")), "presence_penalty"),
+    (dict(watermarking_config=pb.WatermarkingConfig(greenlist_ratio=1.0)), "watermarking_config.greenlist_ratio"),
+    (dict(watermarking_config=pb.WatermarkingConfig(seeding_scheme="minhash")), "watermarking_config.seeding_scheme"),
+    (dict(watermarking_config=pb.WatermarkingConfig(context_width=0)), "watermarking_config.context_width"),
 ]
 
 

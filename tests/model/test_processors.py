@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from transformers import WatermarkingConfig
 
 from model_svc.__main__ import engine_for, parse_args
 from model_svc.engine.sampler import build_processors
@@ -17,6 +18,9 @@ EVERYTHING = dict(no_repeat_ngram_size=3, sequence_bias=[[[260], 2.0], [[30, 31]
                   begin_suppress_tokens=[13], forced_eos_token_id=[2], exponential_decay_length_penalty=(4, 1.5),
                   renormalize_logits=True, repetition_penalty=1.2)
 SAMPLED = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, epsilon_cutoff=3e-4, eta_cutoff=1e-3)
+WATERMARK = dict(watermarking_config=WatermarkingConfig(greenlist_ratio=0.3, bias=4.0, hashing_key=12345,
+                                                        context_width=2))
+SELFHASH = dict(watermarking_config=WatermarkingConfig(seeding_scheme="selfhash", context_width=3))
 
 
 def tokens(engine, seq: Sequence) -> list[int]:
@@ -35,6 +39,9 @@ def sampling(kwargs: dict, **extra) -> SamplingParams:
             values[name] = tuple(values[name])
     if "sequence_bias" in values:
         values["sequence_bias"] = tuple((tuple(ids), bias) for ids, bias in values["sequence_bias"])
+    if "watermarking_config" in values:
+        w = values["watermarking_config"]
+        values["watermarking_config"] = (w.greenlist_ratio, w.bias, w.hashing_key, w.seeding_scheme, w.context_width)
     return SamplingParams(max_new_tokens=NEW, **values)
 
 
@@ -48,13 +55,15 @@ def generate_processors(model, kwargs: dict, prompt_length: int):
 
 
 @pytest.mark.parametrize("kwargs", [EVERYTHING, {**EVERYTHING, **SAMPLED}, dict(no_repeat_ngram_size=2),
-                                    dict(do_sample=True, top_k=0, eta_cutoff=2e-3)], ids=["greedy", "sampled", "ngram", "eta"])
+                                    dict(do_sample=True, top_k=0, eta_cutoff=2e-3), WATERMARK,
+                                    {**SAMPLED, **SELFHASH, "renormalize_logits": True}],
+                         ids=["greedy", "sampled", "ngram", "eta", "watermark", "selfhash"])
 def test_the_processors_are_generates_own_in_its_order(reference_model, kwargs):
     """The same scores as generate()'s own list at the first new token, in the middle (past the
     length penalty's start) and at the last (forced EOS), with repeated n-grams in the context."""
     model = reference_model.model
     prompt_length, vocab = 9, model.config.vocab_size
-    ours = build_processors(sampling(kwargs), prompt_length, reference_model.eos_token_ids)
+    ours = build_processors(sampling(kwargs), prompt_length, reference_model.eos_token_ids, vocab)
     theirs = generate_processors(model, kwargs, prompt_length)
     generator = torch.Generator().manual_seed(0)
     for new in (0, 1, 6, NEW - 1):
@@ -65,14 +74,17 @@ def test_the_processors_are_generates_own_in_its_order(reference_model, kwargs):
                                    equal_nan=True)
 
 
-def test_greedy_tokens_with_the_processors_are_generates(reference_model, hf_tokenizer):
+@pytest.mark.parametrize("prompt, kwargs", [("Write a poem about the sea, the sea, the sea:", EVERYTHING),
+                                            ("List the days of the week:", EVERYTHING),
+                                            ("List the days of the week:", WATERMARK)])
+def test_greedy_tokens_with_the_processors_are_generates(reference_model, hf_tokenizer, prompt, kwargs):
     engine = engine_for(reference_model, parse_args(["--match-generate", "--kv-cache-tokens", "4096"]))
-    for prompt in ("Write a poem about the sea, the sea, the sea:", "List the days of the week:"):
-        ids = hf_tokenizer(prompt).input_ids
-        got = tokens(engine, Sequence(prompt, ids, sampling(EVERYTHING)))
-        with torch.inference_mode():
-            input_ids = torch.tensor([ids])
-            out = reference_model.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                                 max_new_tokens=NEW, do_sample=False, **EVERYTHING)
-        assert got == out[0, len(ids):].tolist(), prompt
+    ids = hf_tokenizer(prompt).input_ids
+    got = tokens(engine, Sequence(prompt, ids, sampling(kwargs)))
+    with torch.inference_mode():
+        input_ids = torch.tensor([ids])
+        out = reference_model.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                             max_new_tokens=NEW, do_sample=False, **kwargs)
+    assert got == out[0, len(ids):].tolist(), prompt
+    if "forced_eos_token_id" in kwargs:
         assert got[-1] == 2 or len(got) < NEW  # forced EOS at the last position

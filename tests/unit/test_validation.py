@@ -99,6 +99,9 @@ def test_sampling_fields_have_one_definition():
     (dict(sequence_bias=[([5], 1.0)] * 301), "config.sequence_bias=", "301 sequences"),
     (dict(frequency_penalty=2.5), "config.frequency_penalty=", "2.5"),
     (dict(presence_penalty=-3.0), "config.presence_penalty=", "-3.0"),
+    (dict(watermarking_config={"bias": -1.0}), "config.watermarking_config.bias=", "-1.0"),
+    (dict(watermarking_config={"hashing_key": 0}), "config.watermarking_config.hashing_key=", "0"),
+    (dict(watermarking_config={"seeding_scheme": "x"}), "config.watermarking_config.seeding_scheme=", "'x'"),
 ])
 def test_generate_processors_are_checked(config, names, value):
     with pytest.raises(InvalidArgument) as info:
@@ -113,3 +116,6 @@ def test_generate_processors_resolve():
     assert (c.no_repeat_ngram_size, c.epsilon_cutoff, c.eta_cutoff, c.suppress_tokens) == (3, 3e-4, 0.0, [7])
     assert c.exponential_decay_length_penalty == (4, 1.5) and c.sequence_bias == [([1, 2], -5.0)]
     assert c.renormalize_logits and (c.frequency_penalty, c.presence_penalty) == (0.0, 0.5)
+    assert c.watermarking_config is None
+    w = resolve_config(RequestedConfig(watermarking_config={"bias": 3.0}), LIMITS).watermarking_config
+    assert w == dict(greenlist_ratio=0.25, bias=3.0, hashing_key=15485863, seeding_scheme="lefthash", context_width=1)
