@@ -18,6 +18,7 @@ from genrpc.limits import (
     MAX_FORCED_EOS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
+    MAX_MATCHING_NGRAM,
     MAX_NO_REPEAT_NGRAM,
     MAX_OCCURRENCE_PENALTY,
     MAX_PRIORITY,
@@ -98,6 +99,7 @@ class RequestedConfig:
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     watermarking_config: dict | None = None  # the fields of WatermarkingConfig that are set
+    max_matching_ngram_size: int | None = None
 
 
 @dataclass
@@ -154,6 +156,7 @@ class ResolvedConfig:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     watermarking_config: dict | None = None  # every field, transformers' defaults filled in
+    max_matching_ngram_size: int | None = None  # None: the model worker's
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -261,6 +264,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         forced_eos_token_id=list(req.forced_eos_token_id),
         exponential_decay_length_penalty=req.exponential_decay_length_penalty,
         sequence_bias=[(list(ids), bias) for ids, bias in req.sequence_bias],
+        max_matching_ngram_size=req.max_matching_ngram_size,
         watermarking_config=(None if req.watermarking_config is None
                              else {**WATERMARK_DEFAULTS, **req.watermarking_config}),
     )
@@ -336,6 +340,9 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
            f"must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] (0 turns it off)")
           for name in ("frequency_penalty", "presence_penalty")),
         *_watermark_checks(req.watermarking_config),
+        ("max_matching_ngram_size", req.max_matching_ngram_size,
+         req.max_matching_ngram_size is None or 1 <= req.max_matching_ngram_size <= MAX_MATCHING_NGRAM,
+         f"must be in [1, {MAX_MATCHING_NGRAM}]"),
         *([("ignore_eos", True, not req.ignore_eos, f"must be false with config.{req.structured_output[0]}: "
             "structured output ends with EOS where the output is complete")] if req.structured_output else []),
     ]

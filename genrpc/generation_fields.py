@@ -82,7 +82,7 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "num_assistant_tokens_schedule": (SERVER, "", _ASSISTED + "; proposals are priced per step"),
     "assistant_confidence_threshold": (SERVER, "", _ASSISTED),
     "prompt_lookup_num_tokens": (SERVED, "prompt_lookup_num_tokens", "0 .. 32; unset: the server's default"),
-    "max_matching_ngram_size": (NOT_YET, "", "prompt lookup matches n-grams of 1 to 3 tokens, not set per request"),
+    "max_matching_ngram_size": (SERVED, "max_matching_ngram_size", "1 .. 8; default the server's 4; speed only"),
     "assistant_early_exit": (SERVER, "", _ASSISTED),
     "assistant_lookbehind": (SERVER, "", _ASSISTED),
     "target_lookbehind": (SERVER, "", _ASSISTED),

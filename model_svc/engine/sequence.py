@@ -50,6 +50,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_lookup_num_tokens: int = 0  # most tokens a step may propose by prompt lookup (speculation.py); 0: off
+    max_matching_ngram_size: int = 0  # the longest n-gram prompt lookup matches; 0: the engine's (speculation.py)
     grammar: str = ""  # structured output: llguidance's grammar text (constraints.py); "": none
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # banned token sequences (generate()'s bad_words_ids)
@@ -85,6 +86,8 @@ class SamplingParams:
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
             ("prompt_lookup_num_tokens", 0 <= self.prompt_lookup_num_tokens <= MAX_PROMPT_LOOKUP,
              f"in [0, {MAX_PROMPT_LOOKUP}]"),
+            ("max_matching_ngram_size", 0 <= self.max_matching_ngram_size <= limits.MAX_MATCHING_NGRAM,
+             f"in [0, {limits.MAX_MATCHING_NGRAM}]"),
         ]
         checks += [
             ("logit_bias", all(math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS for _, b in self.logit_bias),

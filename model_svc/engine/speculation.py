@@ -62,6 +62,11 @@ class NgramIndex:
     tokens: list[int] = field(default_factory=list)
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> index of its last token
     num_indexed: int = 0  # n-grams ending before this index are in last_end
+    max_ngram: int = MAX_NGRAM  # the longest n-gram matched (a request's max_matching_ngram_size)
+
+    @property
+    def min_ngram(self) -> int:
+        return min(MIN_NGRAM, self.max_ngram)
 
     def sync(self, tokens: list[int]) -> None:
         """Brings the index up to a sequence's tokens (its prompt, then its output: only appended to)."""
@@ -69,17 +74,18 @@ class NgramIndex:
 
     def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the list's last n tokens
-        (n from MAX_NGRAM down to MIN_NGRAM); [] when none occurred before."""
+        (n from max_ngram down to MIN_NGRAM, or to max_ngram when it is shorter); [] when none
+        occurred before."""
         tokens = self.tokens
         end = len(tokens) - 1  # the suffix's own n-grams end here: index only those before it
         for i in range(self.num_indexed, end):
-            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
                 if i + 1 >= n:
                     self.last_end[tuple(tokens[i + 1 - n:i + 1])] = i
         self.num_indexed = max(self.num_indexed, end)
         if k <= 0:
             return []
-        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(tokens) < n:
                 continue
             found = self.last_end.get(tuple(tokens[-n:]))
@@ -138,7 +144,7 @@ def propose(scheduler: Scheduler, out: SchedulerOutput) -> None:
         if most <= 0:
             continue
         if seq.speculator is None:
-            seq.speculator = Speculator()
+            seq.speculator = Speculator(NgramIndex(max_ngram=params.max_matching_ngram_size or MAX_NGRAM))
         speculator = seq.speculator
         price = cost.marginal(1, seq.num_tokens) + (draft.seconds_per_token if draft else 0.0)
         num = speculator.budget(price / seconds_per_token, most)

@@ -194,3 +194,25 @@ def test_several_new_tokens_decode_as_successive_steps(hf_tokenizer):
 
 
 # -- the engine with the real model --------------------------------------------------------
+
+
+def test_max_matching_ngram_size_bounds_the_match():
+    tokens = [1, 2, 3, 4, 9, 7, 3, 4, 5, 6, 2, 3, 4]
+    # "2 3 4" occurred at 1..3 (then 9 7), "3 4" most recently at 6..7 (then 5 6): the longest match wins
+    assert proposals(tokens, 2) == [9, 7]
+    short = NgramIndex(max_ngram=2)  # only 2-grams: "3 4" at 6..7
+    short.sync(tokens)
+    assert short.propose(2) == [5, 6]
+    single = NgramIndex(max_ngram=1)  # "4" most recently at 7
+    single.sync(tokens)
+    assert single.propose(2) == [5, 6] and NgramIndex(max_ngram=1).min_ngram == 1
+
+
+def test_a_requests_max_matching_ngram_size_reaches_its_proposer():
+    s = make_scheduler()
+    prompt = [10, 11, 12, 13, 14, 15, 16, 10, 11]
+    seq = Sequence("a", prompt, SamplingParams(max_new_tokens=50, prompt_lookup_num_tokens=4, max_matching_ngram_size=2))
+    s.add(seq)
+    s.update(s.schedule(), {"a": 12})
+    s.schedule()
+    assert seq.speculator.index.max_ngram == 2

@@ -102,6 +102,8 @@ def test_sampling_fields_have_one_definition():
     (dict(watermarking_config={"bias": -1.0}), "config.watermarking_config.bias=", "-1.0"),
     (dict(watermarking_config={"hashing_key": 0}), "config.watermarking_config.hashing_key=", "0"),
     (dict(watermarking_config={"seeding_scheme": "x"}), "config.watermarking_config.seeding_scheme=", "'x'"),
+    (dict(max_matching_ngram_size=9), "config.max_matching_ngram_size=", "9"),
+    (dict(max_matching_ngram_size=0), "config.max_matching_ngram_size=", "0"),
 ])
 def test_generate_processors_are_checked(config, names, value):
     with pytest.raises(InvalidArgument) as info:
