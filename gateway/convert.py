@@ -32,6 +32,8 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
             if which is not None:
                 value = getattr(config, which)
                 values[name] = (which, list(value.options) if which == "choice" else value)
+        elif name == "early_stopping":  # an enum, not optional: 0 is unset
+            values[name] = config.early_stopping
         elif config.HasField(name):
             values[name] = getattr(config, name)
     return RequestedConfig(**values)

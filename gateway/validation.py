@@ -100,6 +100,12 @@ class RequestedConfig:
     presence_penalty: float | None = None
     watermarking_config: dict | None = None  # the fields of WatermarkingConfig that are set
     max_matching_ngram_size: int | None = None
+    # beam search's (not served yet: refused when they ask for it)
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: int = 0  # EarlyStopping; 0: unset
+    num_beam_groups: int | None = None
+    diversity_penalty: float | None = None
 
 
 @dataclass
@@ -178,6 +184,16 @@ def _decay_checks(decay: tuple[int, float] | None) -> list:
              f"must be in [0, {MAX_DECAY_START}]"),
             ("exponential_decay_length_penalty.decay_factor", factor,
              _finite_in(factor, 0.0, MAX_DECAY_FACTOR, True), f"must be in (0, {MAX_DECAY_FACTOR:g}]")]
+
+
+def _beam_checks(req: RequestedConfig) -> list:
+    """Beam search is not served yet: a request that asks for it is refused, naming the field."""
+    why = "beam search is not served yet"
+    return [("num_beams", req.num_beams, req.num_beams in (None, 1), f"must be 1 (the default): {why}"),
+            ("num_beam_groups", req.num_beam_groups, req.num_beam_groups in (None, 1), f"must be 1: {why}"),
+            ("length_penalty", req.length_penalty, req.length_penalty is None, f"must be unset: {why}"),
+            ("early_stopping", req.early_stopping, not req.early_stopping, f"must be unset: {why}"),
+            ("diversity_penalty", req.diversity_penalty, req.diversity_penalty is None, f"must be unset: {why}")]
 
 
 def _watermark_checks(given: dict | None) -> list:
@@ -340,6 +356,7 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
            f"must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] (0 turns it off)")
           for name in ("frequency_penalty", "presence_penalty")),
         *_watermark_checks(req.watermarking_config),
+        *_beam_checks(req),
         ("max_matching_ngram_size", req.max_matching_ngram_size,
          req.max_matching_ngram_size is None or 1 <= req.max_matching_ngram_size <= MAX_MATCHING_NGRAM,
          f"must be in [1, {MAX_MATCHING_NGRAM}]"),

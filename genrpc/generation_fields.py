@@ -14,7 +14,7 @@ SERVER = "server-side"
 NOT_APPLICABLE = "not applicable"
 NOT_YET = "not served yet"
 
-_BEAMS = "beam search is not served yet: one sequence per sample"
+_BEAMS = "beam search is not served yet: INVALID_ARGUMENT when a request asks for it"
 _ASSISTED = "speculative decoding is the server's: prompt lookup, or --draft-model"
 _CACHE = "the engine's paged KV cache (docs/engine.md)"
 
@@ -26,10 +26,10 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "min_length": (NOT_APPLICABLE, "", "prompt + new tokens; say min_new_tokens"),
     "max_time": (SERVED, "time_limit_ms", "1 .. 3,600,000 ms; the call's deadline applies too"),
     "stop_strings": (SERVED, "stop", "up to 32 strings, matched across token boundaries"),
-    "early_stopping": (NOT_YET, "", _BEAMS),
+    "early_stopping": (NOT_YET, "early_stopping", _BEAMS),
     "do_sample": (SERVED, "do_sample", ""),
-    "num_beams": (NOT_YET, "", _BEAMS),
-    "num_beam_groups": (NOT_YET, "", _BEAMS),
+    "num_beams": (NOT_YET, "num_beams", _BEAMS),
+    "num_beam_groups": (NOT_YET, "num_beam_groups", _BEAMS),
     "penalty_alpha": (NOT_YET, "", "contrastive search is not served"),
     "dola_layers": (NOT_YET, "", "DoLa decoding is not served"),
     "use_cache": (SERVER, "", _CACHE),
@@ -46,10 +46,10 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "typical_p": (SERVED, "typical_p", "(0, 1]"),
     "epsilon_cutoff": (SERVED, "epsilon_cutoff", "[0, 1); 0 off"),
     "eta_cutoff": (SERVED, "eta_cutoff", "[0, 1); 0 off"),
-    "diversity_penalty": (NOT_YET, "", _BEAMS),
+    "diversity_penalty": (NOT_YET, "diversity_penalty", _BEAMS),
     "repetition_penalty": (SERVED, "repetition_penalty", "(0, 100]; 1 off"),
     "encoder_repetition_penalty": (NOT_APPLICABLE, "", "encoder-decoder models only; genrpc serves decoder-only ones"),
-    "length_penalty": (NOT_YET, "", _BEAMS),
+    "length_penalty": (NOT_YET, "length_penalty", _BEAMS),
     "no_repeat_ngram_size": (SERVED, "no_repeat_ngram_size", "0 .. 64; 0 off"),
     "bad_words_ids": (SERVED, "bad_words", "strings, tokenized by the gateway as generate()'s bad_words_ids are made"),
     "renormalize_logits": (SERVED, "renormalize_logits", ""),
@@ -106,7 +106,8 @@ def markdown() -> str:
             "that table to the installed transformers' field list. *served*: set it in `GenerationConfig`",
             "under the name in the second column (ranges in `protos/genrpc/v1/generation.proto`);",
             "*server-side*: the server decides, not a request; *not applicable*: it has no meaning for a",
-            "server; *not served yet*: a request cannot ask for it.", "",
+            "server; *not served yet*: a request cannot ask for it (where the genrpc field exists, asking",
+            "for it is `INVALID_ARGUMENT` naming the field).", "",
             "| transformers field | status | genrpc field | notes |", "|---|---|---|---|"]
     for name, (status, ours, note) in FIELDS.items():
         rows.append(f"| `{name}` | {status} | {f'`{ours}`' if ours else ''} | {note} |")

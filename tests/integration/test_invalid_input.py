@@ -52,6 +52,12 @@ BAD_CONFIGS = [
     (dict(watermarking_config=pb.WatermarkingConfig(greenlist_ratio=1.0)), "watermarking_config.greenlist_ratio"),
     (dict(watermarking_config=pb.WatermarkingConfig(seeding_scheme="minhash")), "watermarking_config.seeding_scheme"),
     (dict(watermarking_config=pb.WatermarkingConfig(context_width=0)), "watermarking_config.context_width"),
+    (dict(max_matching_ngram_size=0), "max_matching_ngram_size"),
+    (dict(num_beams=4), "num_beams"),
+    (dict(length_penalty=1.0), "length_penalty"),
+    (dict(early_stopping=pb.EARLY_STOPPING_NEVER), "early_stopping"),
+    (dict(num_beam_groups=2), "num_beam_groups"),
+    (dict(diversity_penalty=0.5), "diversity_penalty"),
 ]
 
 

@@ -104,6 +104,9 @@ def test_sampling_fields_have_one_definition():
     (dict(watermarking_config={"seeding_scheme": "x"}), "config.watermarking_config.seeding_scheme=", "'x'"),
     (dict(max_matching_ngram_size=9), "config.max_matching_ngram_size=", "9"),
     (dict(max_matching_ngram_size=0), "config.max_matching_ngram_size=", "0"),
+    (dict(num_beams=4), "config.num_beams=", "beam search is not served yet"),
+    (dict(length_penalty=0.0), "config.length_penalty=", "must be unset"),
+    (dict(early_stopping=3), "config.early_stopping=", "must be unset"),
 ])
 def test_generate_processors_are_checked(config, names, value):
     with pytest.raises(InvalidArgument) as info:
