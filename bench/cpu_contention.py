@@ -136,7 +136,8 @@ def summarize(report: dict) -> dict:
     out = {}
     for policy in report["rounds"]:
         out[policy] = {
-            "busy_over_idle_latency16": round(med(policy, "busy", "latency16_ms") / med(policy, "idle", "latency16_ms"), 2),
+            "busy_over_idle_latency16": round(med(policy, "busy", "latency16_ms")
+                                              / med(policy, "idle", "latency16_ms"), 2),
             "busy_over_idle_streams8": round(
                 med(policy, "busy", "streams8_tokens_per_s") / med(policy, "idle", "streams8_tokens_per_s"), 2),
         }

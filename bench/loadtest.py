@@ -74,7 +74,8 @@ def report(results: list[tuple[float, str]], elapsed: float) -> dict:
         histogram = [{"mark_s": round(low + i * width, 4), "count": c} for i, c in enumerate(buckets)]
     return {
         "count": len(results), "total_s": round(elapsed, 3), "rps": round(len(results) / elapsed, 2),
-        "slowest_s": round(latencies[-1], 4) if latencies else 0, "fastest_s": round(latencies[0], 4) if latencies else 0,
+        "slowest_s": round(latencies[-1], 4) if latencies else 0,
+        "fastest_s": round(latencies[0], 4) if latencies else 0,
         "average_s": round(sum(latencies) / len(latencies), 4) if latencies else 0,
         "histogram": histogram,
         "latency_distribution": {f"p{q}": round(pct(q), 4) for q in (10, 25, 50, 75, 90, 95, 99)},

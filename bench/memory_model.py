@@ -198,7 +198,8 @@ def markdown(report: dict) -> str:
     for kind in ("sequential", "burst"):
         s = shared[kind]
         rows.append(f"| ~950-token system prompt + 16 questions, {kind} | TTFT p50 cached "
-                    f"{statistics.median(s['cached_ttft_ms']):.0f} ms vs cold {statistics.median(s['cold_ttft_ms']):.0f} ms: "
+                    f"{statistics.median(s['cached_ttft_ms']):.0f} ms vs cold "
+                    f"{statistics.median(s['cold_ttft_ms']):.0f} ms: "
                     f"{s['cached_over_cold_p50']:.2f}x | <= 0.15x |")
     c = shared["chat_turn4"]
     rows.append(f"| 4-turn chat, turn 4 | {statistics.median(c['cached_ttft_ms']):.0f} ms vs cold "

@@ -127,7 +127,8 @@ async def flood(address: str, model_metrics_port: int | None = None) -> dict:
             await asyncio.sleep(max(0.0, 1 - b_results[-1][1]))
         a_rate = None
         if model_metrics_port:
-            a_tokens = metric(model_metrics_port, "genrpc_model_generated_tokens_total") - generated - 4 * len(b_results)
+            a_tokens = (metric(model_metrics_port, "genrpc_model_generated_tokens_total") - generated
+                        - 4 * len(b_results))
             a_rate = round(a_tokens / (time.perf_counter() - started), 1)
         a_codes = []
         for call, task in zip(a_calls, a_tasks):

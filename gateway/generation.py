@@ -133,7 +133,8 @@ class Generator:
         values = {name: value for name, value in values.items() if value is not None}  # unset: the worker's
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
                       seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids],
-                      sequence_bias=[gen_pb2.SequenceBias(token_ids=ids, bias=bias) for ids, bias in config.sequence_bias])
+                      sequence_bias=[gen_pb2.SequenceBias(token_ids=ids, bias=bias)
+                                     for ids, bias in config.sequence_bias])
         if config.watermarking_config is not None:
             values["watermarking_config"] = gen_pb2.WatermarkingConfig(**config.watermarking_config)
         if config.exponential_decay_length_penalty is not None:

@@ -314,7 +314,8 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
         ("truncate_input_tokens", req.truncate_input_tokens,
          req.truncate_input_tokens is None or 1 <= req.truncate_input_tokens <= ctx - 1, f"must be in [1, {ctx - 1}]"),
         ("time_limit_ms", req.time_limit_ms,
-         req.time_limit_ms is None or 1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS, f"must be in [1, {MAX_TIME_LIMIT_MS}]"),
+         req.time_limit_ms is None or 1 <= req.time_limit_ms <= MAX_TIME_LIMIT_MS,
+         f"must be in [1, {MAX_TIME_LIMIT_MS}]"),
         ("top_logprobs", v["top_logprobs"], 0 <= v["top_logprobs"] <= MAX_TOP_LOGPROBS,
          f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ("priority", v["priority"], -MAX_PRIORITY <= v["priority"] <= MAX_PRIORITY,
@@ -328,7 +329,8 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
             (f"logit_bias[{token_id}]", bias, _finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, False),
              f"a bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"))),
         *_string_checks("bad_words", req.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_LENGTH, "banned string"),
-        ("num_return_sequences", samples, 1 <= samples <= MAX_RETURN_SEQUENCES, f"must be in [1, {MAX_RETURN_SEQUENCES}]"),
+        ("num_return_sequences", samples, 1 <= samples <= MAX_RETURN_SEQUENCES,
+         f"must be in [1, {MAX_RETURN_SEQUENCES}]"),
         ("num_return_sequences", samples, samples == 1 or v["do_sample"],
          "more than 1 needs do_sample=true (greedy samples would all be the same)"),
         ("prompt_logprobs", req.prompt_logprobs,
@@ -387,7 +389,8 @@ def validate_prompts(prompts: list[str], chats: list[list[tuple[str, str]]], sin
         total = 0
         for j, (role, content) in enumerate(chat):
             if role not in CHAT_ROLES:
-                raise InvalidArgument.field(f"{name}.messages[{j}].role", role, f"must be one of {', '.join(CHAT_ROLES)}")
+                raise InvalidArgument.field(f"{name}.messages[{j}].role", role,
+                                            f"must be one of {', '.join(CHAT_ROLES)}")
             total += len(content)
         if total > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"{name} has {total} characters of content: at most {MAX_PROMPT_CHARS}")

@@ -62,7 +62,8 @@ def ranged(kind, low, high, low_open: bool = False):
 
 # (flag, GenerationConfig field, argparse type, help)
 GENERATION_FLAGS = [
-    ("--max-new-tokens", "max_new_tokens", ranged(int, 1, INT32_MAX), "tokens to generate at most (model default, else 20)"),
+    ("--max-new-tokens", "max_new_tokens", ranged(int, 1, INT32_MAX),
+     "tokens to generate at most (model default, else 20)"),
     ("--min-new-tokens", "min_new_tokens", ranged(int, 0, INT32_MAX), "tokens before EOS may end it (0)"),
     ("--temperature", "temperature", ranged(float, 0.0, 100.0, low_open=True), "sampling temperature (1.0)"),
     ("--top-k", "top_k", ranged(int, 0, INT32_MAX), "keep the k most likely tokens, 0: off (model default, else 50)"),
@@ -148,7 +149,8 @@ def _logprob_lines(logprobs) -> list[str]:
     lines = []
     for item in logprobs:
         alternatives = "  ".join(f"{a.token!r} {a.logprob:.3f}" for a in item.top)
-        lines.append(f"{item.token_id}\t{item.token!r}\t{item.logprob:.4f}" + (f"\t{alternatives}" if alternatives else ""))
+        lines.append(f"{item.token_id}\t{item.token!r}\t{item.logprob:.4f}"
+                     + (f"\t{alternatives}" if alternatives else ""))
     return lines
 
 
@@ -260,7 +262,8 @@ def parser() -> Parser:
     p = Parser(prog="genrpc", description="Call a genrpc gateway.",
                formatter_class=Help)
     p.add_argument("--addr", default="127.0.0.1:50051", help="gateway address")
-    p.add_argument("--timeout", type=ranged(float, 0.0, 86400.0, low_open=True), default=300.0, help="seconds the call may take")
+    p.add_argument("--timeout", type=ranged(float, 0.0, 86400.0, low_open=True), default=300.0,
+                   help="seconds the call may take")
     p.add_argument("--tls-ca", default="", help="PEM CA of the gateway's certificate: connect over TLS")
     p.add_argument("--tls-cert", default="", help="PEM client certificate, for a gateway that asks for one")
     p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")

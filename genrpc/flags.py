@@ -45,6 +45,7 @@ def server_parser(description: str, default_port: int, default_metrics_port: int
     parser.add_argument("--log-level", default="INFO", help="logging level")
     parser.add_argument("--trace-exporter", default="none",
                         help="OpenTelemetry spans: none, console, jsonl:PATH or otlp")
-    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or one JSON object a line")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text, or one JSON object a line")
     add_server_flags(parser)
     return parser

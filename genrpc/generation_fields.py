@@ -22,7 +22,8 @@ _CACHE = "the engine's paged KV cache (docs/engine.md)"
 FIELDS: dict[str, tuple[str, str, str]] = {
     "max_new_tokens": (SERVED, "max_new_tokens", "1 .. context - 1; unset: the model's default, shrunk to fit"),
     "min_new_tokens": (SERVED, "min_new_tokens", "0 .. max_new_tokens"),
-    "max_length": (NOT_APPLICABLE, "", "prompt + new tokens; say max_new_tokens (the prompt's length is the tokenizer's)"),
+    "max_length": (NOT_APPLICABLE, "", "prompt + new tokens; say max_new_tokens "
+                                       "(the prompt's length is the tokenizer's)"),
     "min_length": (NOT_APPLICABLE, "", "prompt + new tokens; say min_new_tokens"),
     "max_time": (SERVED, "time_limit_ms", "1 .. 3,600,000 ms; the call's deadline applies too"),
     "stop_strings": (SERVED, "stop", "up to 32 strings, matched across token boundaries"),

@@ -239,7 +239,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def add_server_flags(parser) -> None:
     parser.add_argument("--tls-cert", default="", help="PEM certificate: serve TLS")
     parser.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
-    parser.add_argument("--tls-client-ca", default="", help="PEM CA: require client certificates it signed (mutual TLS)")
+    parser.add_argument("--tls-client-ca", default="",
+                        help="PEM CA: require client certificates it signed (mutual TLS)")
     parser.add_argument("--auth-tokens", default="",
                         help="accepted bearer tokens, comma-separated (visible in `ps`: prefer --auth-tokens-file)")
     parser.add_argument("--auth-tokens-file", default="",

@@ -89,10 +89,10 @@ def parse_args(argv=None):
                              "through the long-prompt kernel; sdpa: through the call generate() makes "
                              "(generate()'s very numbers for a prompt, no prefix caching)")
     parser.add_argument("--matmul", default="native", choices=list(MATMUL),
-                        help="native (default): bfloat16 models' matrix products on the CPU through a C kernel using "
-                             "AVX-512 BF16 (4-bit layers give bitsandbytes' own bits; the output embedding, with native "
-                             "attention, rounds in its own order); falls back to library where it cannot build or "
-                             "run; library: bitsandbytes' and PyTorch's kernels")
+                        help="native (default): bfloat16 models' matrix products on the CPU through a C kernel "
+                             "(AVX-512 BF16, or AVX2; 4-bit layers give bitsandbytes' own bits; the output "
+                             "embedding, with native attention, rounds in its own order); falls back to library "
+                             "where it cannot build or run; library: bitsandbytes' and PyTorch's kernels")
     parser.add_argument("--output-layer", default="none", choices=list(OUTPUT_LAYERS),
                         help="none (default): the output embedding in --dtype, as transformers loads a 4-bit model; "
                              "nf4: quantized like the 4-bit layers (a quarter of its bytes, read every step; "
@@ -115,7 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--draft-model", default=None,
                         help="a smaller model with the same vocabulary whose greedy guesses are proposed instead of "
                              "prompt lookup's (loaded unquantized in --dtype); verified exactly like them")
-    parser.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-waiting", type=int, default=256,
+                        help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
 
 

@@ -73,7 +73,8 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
         raise ValueError(f"sequence {pb.sequence_id}: token id {bad} in its sampling parameters is not below the "
                          f"vocabulary size {vocab_size}")
     if not -limits.MAX_PRIORITY <= pb.priority <= limits.MAX_PRIORITY:
-        raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in [-{limits.MAX_PRIORITY}, {limits.MAX_PRIORITY}]")
+        raise ValueError(f"sequence {pb.sequence_id}: priority {pb.priority} is not in "
+                         f"[-{limits.MAX_PRIORITY}, {limits.MAX_PRIORITY}]")
     deadline = time.monotonic() + pb.timeout_ms / 1000 if pb.timeout_ms else None
     params = sampling_params(pb.params, default_prompt_lookup)
     if len(pb.cache_salt) > MAX_CACHE_SALT:

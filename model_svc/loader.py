@@ -89,7 +89,8 @@ def quantize_output_layer(model: torch.nn.Module) -> None:
     head = model.get_output_embeddings()
     body = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
     if body is None or not isinstance(head, torch.nn.Linear) or isinstance(head, bnb.nn.Linear4bit):
-        raise ValueError("--output-layer nf4 needs a model quantized with --quantize 4bit and an nn.Linear output layer")
+        raise ValueError("--output-layer nf4 needs a model quantized with --quantize 4bit and an nn.Linear "
+                         "output layer")
     state = body.weight.quant_state
     device = head.weight.device
     layer = bnb.nn.Linear4bit(head.in_features, head.out_features, bias=head.bias is not None,

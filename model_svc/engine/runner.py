@@ -116,7 +116,8 @@ class ModelRunner:
         """direct_rows: up to how many rows the native kernel reads weights directly (None: measured on
         this CPU, kernel_choice.py); the bits are the same either way."""
         if decode_attention_impl not in DECODE_ATTENTION:
-            raise ValueError(f"decode attention {decode_attention_impl!r}: expected one of {', '.join(DECODE_ATTENTION)}")
+            raise ValueError(f"decode attention {decode_attention_impl!r}: "
+                             f"expected one of {', '.join(DECODE_ATTENTION)}")
         if prefill_attention_impl not in PREFILL_ATTENTION:
             raise ValueError(
                 f"prefill attention {prefill_attention_impl!r}: expected one of {', '.join(PREFILL_ATTENTION)}")
@@ -158,7 +159,8 @@ class ModelRunner:
         self.fused = fused.load() if self.native_prefill else None
         # Native matrix products (gemm.py): 4-bit layers with the library's bits, wherever they run; the
         # bfloat16 output embedding in the kernel's own order, with native numerics only.
-        kernel = gemm.load() if matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu" else None
+        native = matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu"
+        kernel = gemm.load() if native else None
         self.linear = Linears(kernel, dense=self.fused is not None)
         self.kernel_choice = None
         if kernel is not None:

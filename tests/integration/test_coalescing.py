@@ -85,7 +85,8 @@ def test_concurrent_submits_merge_and_each_sequence_runs_as_alone(stack):
 
 
 def test_a_merged_submit_refused_for_room_fails_only_the_requests_that_do_not_fit(stack):
-    model = start_service("model_svc", "--model", MODEL, "--max-num-seqs", "1", "--max-waiting", "2", *stack.credentials.server_flags())
+    model = start_service("model_svc", "--model", MODEL, "--max-num-seqs", "1", "--max-waiting", "2",
+                          *stack.credentials.server_flags())
 
     async def scenario():
         security = stack.internal_security()

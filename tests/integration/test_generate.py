@@ -74,7 +74,8 @@ def test_concurrent_requests_equal_each_alone(stub):
 def test_a_cached_prefix_gives_the_same_numbers_as_computing_it(stack, stub):
     """The first request computes its prompt; the same prompt again, and another with the same
     leading text, start from its cached blocks (after it finished) and get the very same numbers."""
-    system = f"[{uuid.uuid4().hex}] You are a careful assistant. Answer in one short sentence, and never make things up. "
+    system = (f"[{uuid.uuid4().hex}] You are a careful assistant. Answer in one short sentence, and never make "
+              "things up. ")
     port = stack.model.metrics_port
     hits = lambda: metric(port, "genrpc_model_prefix_cache_hit_tokens")  # noqa: E731
     before = hits()

@@ -83,8 +83,10 @@ def test_one_trace_across_gateway_tokenizer_and_model(traced):
     by_name = {s["name"]: s for s in spans() if s["name"] != "grpc.health.v1.Health/Check"}
     root = by_name["genrpc.v1.Generation/Generate"]
     encode_client, submit_client = by_name["tokenizer.Encode"], by_name["model.Submit"]
-    encode_server, submit_server = by_name["genrpc.internal.v1.Tokenizer/Encode"], by_name["genrpc.internal.v1.ModelWorker/Submit"]
-    assert {s["trace_id"] for s in (root, encode_client, submit_client, encode_server, submit_server)} == {root["trace_id"]}
+    encode_server = by_name["genrpc.internal.v1.Tokenizer/Encode"]
+    submit_server = by_name["genrpc.internal.v1.ModelWorker/Submit"]
+    spans = (root, encode_client, submit_client, encode_server, submit_server)
+    assert {s["trace_id"] for s in spans} == {root["trace_id"]}
     assert root["service"] == "genrpc-gateway" and root["kind"] == "SERVER" and root["parent_id"] is None
     assert encode_client["parent_id"] == root["span_id"] and submit_client["parent_id"] == root["span_id"]
     assert encode_server["parent_id"] == encode_client["span_id"] and encode_server["service"] == "genrpc-tokenizer"
@@ -121,7 +123,8 @@ def two_workers(stack):
     """A gateway in front of the stack's model worker and a second one."""
     second = start_service("model_svc", "--model", MODEL, *stack.credentials.server_flags())
     gateway = start_service("gateway", "--tokenizer-addrs", stack.tokenizer.address,
-                            "--model-addrs", f"{stack.model.address},{second.address}", *stack.credentials.client_flags())
+                            "--model-addrs", f"{stack.model.address},{second.address}",
+                            *stack.credentials.client_flags())
     try:
         wait_serving(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:

@@ -170,7 +170,8 @@ def test_worker_killed_mid_stream_then_recovery(stack):
                 stub.Generate(pb.GenerateRequest(prompts=["Hi"]), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             # The worker comes back on its port: the gateway reconnects.
-            workers[1] = start_service("model_svc", "--model", MODEL, "--port", str(port), *stack.credentials.server_flags())
+            workers[1] = start_service("model_svc", "--model", MODEL, "--port", str(port),
+                                       *stack.credentials.server_flags())
             wait_serving(gateway.address, timeout=30)
             reply = stub.Generate(pb.GenerateRequest(prompts=["Hi"], config=pb.GenerationConfig(max_new_tokens=2)),
                                   timeout=30)

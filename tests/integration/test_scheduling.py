@@ -149,7 +149,8 @@ def test_fair_steps_cap_a_flooding_client_beside_a_light_one(stack):
         stub = generation_pb2_grpc.GenerationStub(channel)
         idle(stack)
         flood = stub.Generate.future(pb.GenerateRequest(prompts=[f"Story {i}:" for i in range(48)],
-                                                        config=pb.GenerationConfig(max_new_tokens=300, ignore_eos=True)),
+                                                        config=pb.GenerationConfig(max_new_tokens=300,
+                                                                                   ignore_eos=True)),
                                      timeout=120, metadata=as_client("A"))
         try:
             port = stack.model.metrics_port

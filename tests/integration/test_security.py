@@ -33,7 +33,8 @@ def _token(stack) -> str:
 
 def _internal_calls(channel):
     return [
-        lambda **kw: model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10, **kw),
+        lambda **kw: model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10,
+                                                                        **kw),
         lambda **kw: tokenizer_pb2_grpc.TokenizerStub(channel).Encode(
             tokenizer_pb2.EncodeRequest(texts=["hi"]), timeout=10, **kw),
     ]

@@ -132,7 +132,8 @@ def test_cli_refuses_bad_values_in_one_line(stack, args, names):
 
 
 def test_cli_generation_flags_and_info(stack, stub):
-    ids = list(stub.Tokenize(pb.TokenizeRequest(prompts=["one two three four five six"]), timeout=30).prompts[0].token_ids)
+    tokenized = stub.Tokenize(pb.TokenizeRequest(prompts=["one two three four five six"]), timeout=30)
+    ids = list(tokenized.prompts[0].token_ids)
     out = run_cli(stack, "generate", "one two three four five six", "--truncate-input-tokens", "2",
                   "--max-new-tokens", "3", "--logprobs", "--top-logprobs", "2", "--seed", "1", "-v")
     assert out.returncode == 0, out.stderr
@@ -242,7 +243,8 @@ def test_ghz_configurations_parse_against_the_proto():
             config = json.load(f)
         method = config["call"].rsplit(".", 1)[1]
         request_type = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateStreamRequest}[method]
-        data = json.loads(json.dumps(config["data"]).replace('"{{.RequestNumber}}"', "1").replace("{{.RequestNumber}}", "1"))
+        text = json.dumps(config["data"]).replace('"{{.RequestNumber}}"', "1").replace("{{.RequestNumber}}", "1")
+        data = json.loads(text)
         json_format.ParseDict(data, request_type())
         if "proto" in config:
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path), config["proto"])))
@@ -276,7 +278,8 @@ def _worker_policy(stack) -> str:
     from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 
     with stack.channel(stack.model) as channel:  # with the gateway's credentials
-        return model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10).thread_policy
+        info = model_pb2_grpc.ModelWorkerStub(channel).WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10)
+        return info.thread_policy
 
 
 def test_contradictory_model_flags_stop_start_up_with_a_message():

@@ -49,15 +49,18 @@ def test_seeded_samples_validate_and_reproduce(stub):
 
 
 def test_choice_regex_and_json_object(stub):
-    choice = stub.Generate(pb.GenerateRequest(chats=[chat("Is the sky green? Answer yes or no.")], config=pb.GenerationConfig(
-        max_new_tokens=10, choice=pb.Choices(options=["yes", "no", "maybe"]))), timeout=60).completions[0]
+    choice = stub.Generate(pb.GenerateRequest(
+        chats=[chat("Is the sky green? Answer yes or no.")],
+        config=pb.GenerationConfig(max_new_tokens=10, choice=pb.Choices(options=["yes", "no", "maybe"]))),
+        timeout=60).completions[0]
     assert choice.text in ("yes", "no", "maybe")
     pattern = r"[0-9]{1,3} (apples|pears)"
     regex = stub.Generate(pb.GenerateRequest(chats=[chat("How many apples?")], config=pb.GenerationConfig(
         max_new_tokens=20, regex=pattern)), timeout=60).completions[0]
     assert re.fullmatch(pattern, regex.text), regex.text
-    anything = stub.Generate(pb.GenerateRequest(chats=[chat("A JSON object about a cat, please.")], config=pb.GenerationConfig(
-        max_new_tokens=200, json_object=True)), timeout=120).completions[0]
+    anything = stub.Generate(pb.GenerateRequest(
+        chats=[chat("A JSON object about a cat, please.")],
+        config=pb.GenerationConfig(max_new_tokens=200, json_object=True)), timeout=120).completions[0]
     if anything.finish_reason == pb.FINISH_REASON_LENGTH:  # an unbounded object may outrun max_new_tokens ...
         assert anything.text.startswith("{")  # ... as a valid prefix
     else:
@@ -126,7 +129,8 @@ def test_several_samples_per_prompt(stub):
                                                   config=pb.GenerationConfig(max_new_tokens=12, do_sample=True,
                                                                              seed=c.seed)), timeout=60).completions[0]
         assert list(single.token_ids) == list(c.token_ids)
-    messages = list(stub.GenerateStream(pb.GenerateStreamRequest(prompt="Once upon a time", config=config), timeout=120))
+    request = pb.GenerateStreamRequest(prompt="Once upon a time", config=config)
+    messages = list(stub.GenerateStream(request, timeout=120))
     streamed = {i: [t for m in messages if m.sample_index == i for t in m.token_ids] for i in range(3)}
     assert [streamed[i] for i in range(3)] == [list(c.token_ids) for c in response.completions[:3]]
     assert sum(1 for m in messages if m.finish_reason) == 3

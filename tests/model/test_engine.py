@@ -72,7 +72,8 @@ def test_match_generate_is_bit_identical_with_4bit(reference_model, hf_tokenizer
     expected = reference(reference_model, hf_tokenizer, prompt, 24)
     assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24))])[0] == expected
     # ... and stays so beside other sequences.
-    crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
+    crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24))
+             for i, p in enumerate(PROMPTS)]
     assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24)), *crowd])[0] == expected
 
 
@@ -183,7 +184,8 @@ def test_joining_mid_batch_does_not_change_tokens(reference_model, hf_tokenizer)
 def test_chunked_prefill_gives_the_same_greedy_tokens(reference_model, hf_tokenizer):
     ids = hf_tokenizer(PROMPTS[1] * 3).input_ids
     whole = run(make_engine(reference_model), [Sequence(0, ids, SamplingParams(max_new_tokens=12))])[0]
-    chunked = run(make_engine(reference_model, max_batch_tokens=16), [Sequence(0, ids, SamplingParams(max_new_tokens=12))])[0]
+    chunked = run(make_engine(reference_model, max_batch_tokens=16),
+                  [Sequence(0, ids, SamplingParams(max_new_tokens=12))])[0]
     assert chunked == whole
 
 
@@ -582,7 +584,8 @@ def test_without_the_long_prompt_kernel_long_prompts_attend_through_sdpa(referen
     monkeypatch.setattr(prefill_attention, "load", lambda: None)
     engine = make_engine(reference_model, prefix_caching=True)
     assert engine.runner.native_prefill and engine.runner.long_prefill is None
-    assert not engine.scheduler.config.cache_long_prompts and not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
+    assert not engine.scheduler.config.cache_long_prompts
+    assert not engine.scheduler.cacheable(Sequence("x", ids, SamplingParams()))
     ours, theirs = prompt_logits(engine, ids), prompt_logits(with_kernel, ids)
     assert float((ours - theirs).pow(2).mean().sqrt()) < 0.2 and int(ours.argmax()) == int(theirs.argmax())
 

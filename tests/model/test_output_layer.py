@@ -49,7 +49,8 @@ def test_greedy_follows_generate_on_the_same_model_and_is_batch_invariant(nf4_he
     assert_greedy_matches(nf4_head_model, hf_tokenizer, prompt, got, margin=NATIVE_PREFILL_MARGIN)
     if gemm.load() is not None:
         assert engine.runner.linear.uses_native(nf4_head_model.model.lm_head)
-    crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24)) for i, p in enumerate(PROMPTS)]
+    crowd = [Sequence(i + 1, hf_tokenizer(p).input_ids, SamplingParams(max_new_tokens=24))
+             for i, p in enumerate(PROMPTS)]
     assert run(engine, [Sequence(0, ids, SamplingParams(max_new_tokens=24)), *crowd])[0] == got
 
 

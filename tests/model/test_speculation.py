@@ -216,7 +216,8 @@ def test_a_draft_that_costs_more_than_it_saves_stops_being_asked(reference_model
     engine.scheduler.cost = StepCost((2e-6, 1e-7, 1e-12))
     params = dict(max_new_tokens=60, prompt_lookup_num_tokens=8)
     got, proposed, accepted = run(engine, [(0, prompts[0], params)])
-    plain, _, _ = run(engine_for(reference_model, parse_args([])), [(0, prompts[0], dict(params, prompt_lookup_num_tokens=0))])
+    plain, _, _ = run(engine_for(reference_model, parse_args([])),
+                      [(0, prompts[0], dict(params, prompt_lookup_num_tokens=0))])
     assert got == plain
     assert 0 < proposed <= 8 and accepted > 0  # its first guesses were proposed (and kept), then no more
     assert engine.scheduler.draft.seconds_per_token > 0

@@ -8,7 +8,8 @@ from genrpc.v1 import generation_pb2 as pb
 
 
 def transformers_fields() -> set[str]:
-    return {name for name in GenerationConfig().to_dict() if not name.startswith("_") and name != "transformers_version"}
+    return {name for name in GenerationConfig().to_dict()
+            if not name.startswith("_") and name != "transformers_version"}
 
 
 def test_every_transformers_field_is_placed():

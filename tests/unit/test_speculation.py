@@ -211,7 +211,8 @@ def test_max_matching_ngram_size_bounds_the_match():
 def test_a_requests_max_matching_ngram_size_reaches_its_proposer():
     s = make_scheduler()
     prompt = [10, 11, 12, 13, 14, 15, 16, 10, 11]
-    seq = Sequence("a", prompt, SamplingParams(max_new_tokens=50, prompt_lookup_num_tokens=4, max_matching_ngram_size=2))
+    params = SamplingParams(max_new_tokens=50, prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
+    seq = Sequence("a", prompt, params)
     s.add(seq)
     s.update(s.schedule(), {"a": 12})
     s.schedule()

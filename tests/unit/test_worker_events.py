@@ -28,7 +28,8 @@ def test_a_logprob_of_exactly_zero_is_kept_and_tokens_carry_their_text():
             # A certain token: its logprob is 0.0, which proto3 without presence would have dropped.
             model_pb2.TokenEvent(sequence_id=1, has_token=True, token_id=5, logprob=0.0),
             model_pb2.TokenEvent(sequence_id=2, has_token=True, token_id=6, logprob=-0.5, top_logprobs=[
-                generation_pb2.TokenLogprob(token_id=6, logprob=-0.5), generation_pb2.TokenLogprob(token_id=9, logprob=-1.0)]),
+                generation_pb2.TokenLogprob(token_id=6, logprob=-0.5),
+                generation_pb2.TokenLogprob(token_id=9, logprob=-1.0)]),
             model_pb2.TokenEvent(sequence_id=3, has_token=True, token_id=7),  # logprobs not asked
         ])
         await client._on_step(step)
