@@ -299,6 +299,16 @@ def cache_salt(config: ResolvedConfig, rights: Rights, client: str) -> str:
     return "client:" + client
 
 
+async def detect_watermark(generator: "Generator", ids: list[int], settings: dict, z_threshold: float,
+                           ignore_repeated_ngrams: bool, timeout: float | None) -> gen_pb2.DetectWatermarkResponse:
+    """A model worker's WatermarkDetector verdict on `ids` (any healthy worker: no state involved)."""
+    worker = generator.models.pick()
+    config = gen_pb2.WatermarkingConfig(**settings)
+    request = model_pb2.DetectWatermarkRequest(token_ids=ids, watermarking_config=config,
+                                               z_threshold=z_threshold, ignore_repeated_ngrams=ignore_repeated_ngrams)
+    return (await worker.stub.DetectWatermark(request, timeout=timeout, metadata=_metadata())).result
+
+
 def _metadata() -> list[tuple[str, str]]:
     """What a backend call carries: the trace context and the request id."""
     return tracing.outgoing_metadata([(REQUEST_ID_HEADER, request_id.get())] if request_id.get() else [])

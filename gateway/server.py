@@ -7,9 +7,16 @@ import time
 import uuid
 
 from gateway import convert
-from gateway.generation import Generator, Prompts
+from gateway.generation import Generator, Prompts, detect_watermark
 from gateway.quotas import apply_rights
-from gateway.validation import check_answer_size, check_tokenize_size, check_truncate, resolve_config, validate_prompts
+from gateway.validation import (
+    check_answer_size,
+    check_detect_watermark,
+    check_tokenize_size,
+    check_truncate,
+    resolve_config,
+    validate_prompts,
+)
 from genrpc.errors import grpc_errors
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.security import ANONYMOUS, caller, caller_rights
@@ -124,6 +131,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             pb.TokenizedPrompt(token_ids=row.input_ids, tokens=row.tokens, num_tokens=row.num_tokens)
             for row in encoded.rows
         ])
+
+    @grpc_errors
+    async def DetectWatermark(self, request, context):
+        await _begin(context)
+        limits = convert.model_limits(self.generator.models.info())
+        given = None
+        if request.HasField("watermarking_config"):
+            w = request.watermarking_config
+            given = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if w.HasField(f.name)}
+        z = request.z_threshold if request.HasField("z_threshold") else None
+        settings, z = check_detect_watermark(request.text, list(request.token_ids), given, z, limits.vocab_size)
+        ids = list(request.token_ids)
+        if request.text:
+            encoded = await self.generator.encode(Prompts([request.text], []), None, False, False,
+                                                  context.time_remaining(), caller_rights.get())
+            ids = list(encoded.rows[0].input_ids)
+        return await detect_watermark(self.generator, ids, settings, z, request.ignore_repeated_ngrams,
+                                      context.time_remaining())
 
     @grpc_errors
     async def ModelInfo(self, request, context):

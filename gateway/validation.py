@@ -396,6 +396,31 @@ def validate_prompts(prompts: list[str], chats: list[list[tuple[str, str]]], sin
             raise InvalidArgument(f"{name} has {total} characters of content: at most {MAX_PROMPT_CHARS}")
 
 
+MAX_WATERMARK_IDS = 65_536  # token ids a DetectWatermark request may score
+
+
+def check_detect_watermark(text: str, token_ids: list[int], watermarking_config: dict | None,
+                           z_threshold: float | None, vocab_size: int) -> tuple[dict, float]:
+    """A DetectWatermark request's checks: its settings with transformers' defaults filled in, and
+    its z threshold."""
+    if bool(text) == bool(token_ids):
+        raise InvalidArgument("exactly one of text and token_ids must be set")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"text has {len(text)} characters: at most {MAX_PROMPT_CHARS}")
+    if len(token_ids) > MAX_WATERMARK_IDS:
+        raise InvalidArgument(f"token_ids has {len(token_ids)} ids: at most {MAX_WATERMARK_IDS}")
+    for i, t in enumerate(token_ids):
+        if not 0 <= t < vocab_size:
+            raise InvalidArgument.field(f"token_ids[{i}]", t, f"must be in [0, {vocab_size - 1}]")
+    for name, value, ok, allowed in _watermark_checks(watermarking_config or {}):
+        if not ok:
+            raise InvalidArgument.field(name, value, allowed)
+    z = 3.0 if z_threshold is None else z_threshold
+    if not _finite_in(z, 0.0, 100.0, True):
+        raise InvalidArgument.field("z_threshold", z, "must be in (0, 100]; default 3.0")
+    return {**WATERMARK_DEFAULTS, **(watermarking_config or {})}, z
+
+
 def check_tokenize_size(prompts: list[str], chats: list[list[tuple[str, str]]]) -> None:
     """A Tokenize answer carries every token's string: bound the input before any is tokenized."""
     total = sum(map(len, prompts)) + sum(len(content) for chat in chats for _, content in chat)

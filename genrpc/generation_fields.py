@@ -66,7 +66,7 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "token_healing": (NOT_YET, "", "token healing is not served"),
     "guidance_scale": (NOT_YET, "", "classifier-free guidance is not served"),
     "watermarking_config": (SERVED, "watermarking_config", "transformers' WatermarkingConfig fields and defaults; "
-                                                           "detect with transformers' WatermarkDetector"),
+                                                           "the DetectWatermark RPC scores a text for it"),
     "num_return_sequences": (SERVED, "num_return_sequences", "1 .. 16, with do_sample"),
     "output_attentions": (NOT_APPLICABLE, "", "no tensors leave the server"),
     "output_hidden_states": (NOT_APPLICABLE, "", "no tensors leave the server"),

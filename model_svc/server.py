@@ -13,6 +13,7 @@ import logging
 from collections import Counter, defaultdict
 
 import prometheus_client
+import torch
 
 from genrpc import faults
 from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, grpc_errors
@@ -185,6 +186,37 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             num_threads=self.thread_policy.threads, matmul=self.engine_loop.engine.runner.matmul_detail,
             cpu=self.cpu, output_layer=m.output_layer, speculation=self.engine_loop.engine.describe_speculation(),
         )
+
+
+    @grpc_errors
+    async def DetectWatermark(self, request, context):
+        ids = list(request.token_ids)
+        bad = next((i for i in ids if i >= self.loaded.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} is not below the vocabulary size {self.loaded.vocab_size}")
+        return await asyncio.to_thread(detect_watermark, self.loaded.model.config, ids, request)
+
+
+def detect_watermark(model_config, ids: list[int], request: model_pb2.DetectWatermarkRequest):
+    """transformers' WatermarkDetector's verdict on `ids` (InvalidArgument when too few to score)."""
+    from transformers import WatermarkDetector
+
+    w = request.watermarking_config
+    settings = dict(greenlist_ratio=w.greenlist_ratio, bias=w.bias, hashing_key=w.hashing_key,
+                    seeding_scheme=w.seeding_scheme, context_width=w.context_width)
+    detector = WatermarkDetector(model_config.get_text_config(), "cpu", settings,
+                                 ignore_repeated_ngrams=request.ignore_repeated_ngrams)
+    try:
+        if not ids:
+            raise ValueError("no tokens to score")
+        out = detector(torch.tensor([ids], dtype=torch.long), z_threshold=request.z_threshold, return_dict=True)
+    except ValueError as exc:  # too few tokens for the seeding scheme's context
+        raise InvalidArgument(f"cannot score {len(ids)} tokens: {exc}") from None
+    return model_pb2.DetectWatermarkResponse(result=generation_pb2.DetectWatermarkResponse(
+        num_tokens=len(ids), num_tokens_scored=int(out.num_tokens_scored[0]),
+        num_green_tokens=int(out.num_green_tokens[0]), green_fraction=float(out.green_fraction[0]),
+        z_score=float(out.z_score[0]), p_value=float(out.p_value[0]), prediction=bool(out.prediction[0]),
+        confidence=float(out.confidence[0])))
 
 
 def _shown(client_id: str) -> str:

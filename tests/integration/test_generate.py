@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import uuid
 
+import grpc
 import pytest
 
 from genrpc.v1 import generation_pb2 as pb
@@ -289,3 +290,23 @@ def test_a_watermarked_output_is_detected_by_transformers_detector(stub, hf_toke
                                  {**settings, "seeding_scheme": "lefthash", "context_width": 1})
     found = [detector(torch.tensor([list(c.token_ids)]), z_threshold=4.0, return_dict=True) for c in (marked, plain)]
     assert found[0].prediction[0] and not found[1].prediction[0], (found[0].z_score, found[1].z_score)
+    # The gateway's DetectWatermark: the detector's very figures for the ids, its verdict for the texts.
+    config = pb.WatermarkingConfig(**settings)
+    for completion, verdict in zip((marked, plain), found):
+        request = pb.DetectWatermarkRequest(token_ids=list(completion.token_ids), watermarking_config=config,
+                                            z_threshold=4.0)
+        by_ids = stub.DetectWatermark(request, timeout=30)
+        assert (by_ids.num_tokens_scored, by_ids.num_green_tokens) == (verdict.num_tokens_scored[0],
+                                                                       verdict.num_green_tokens[0])
+        assert by_ids.z_score == pytest.approx(verdict.z_score[0], rel=1e-6)
+        assert by_ids.prediction == verdict.prediction[0]
+    by_text = [stub.DetectWatermark(pb.DetectWatermarkRequest(text=c.text, watermarking_config=config,
+                                                              z_threshold=4.0), timeout=30) for c in (marked, plain)]
+    assert by_text[0].prediction and not by_text[1].prediction and by_text[0].num_tokens > 32
+    with pytest.raises(grpc.RpcError) as info:  # the settings are checked as GenerationConfig's are
+        stub.DetectWatermark(pb.DetectWatermarkRequest(text="x", watermarking_config=pb.WatermarkingConfig(
+            seeding_scheme="minhash")), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "seeding_scheme" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DetectWatermark(pb.DetectWatermarkRequest(text="x", token_ids=[1, 2]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in info.value.details()

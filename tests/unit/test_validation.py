@@ -124,3 +124,17 @@ def test_generate_processors_resolve():
     assert c.watermarking_config is None
     w = resolve_config(RequestedConfig(watermarking_config={"bias": 3.0}), LIMITS).watermarking_config
     assert w == dict(greenlist_ratio=0.25, bias=3.0, hashing_key=15485863, seeding_scheme="lefthash", context_width=1)
+
+
+def test_detect_watermark_requests_are_checked():
+    from gateway.validation import check_detect_watermark
+
+    settings, z = check_detect_watermark("some text", [], {"bias": 3.0}, None, 1000)
+    assert settings["bias"] == 3.0 and settings["seeding_scheme"] == "lefthash" and z == 3.0
+    for args, message in [(("", [], None, None), "exactly one"), (("a", [1], None, None), "exactly one"),
+                          (("", [1, 1000], None, None), "token_ids[1]=1000"),
+                          (("a", [], {"context_width": 0}, None), "watermarking_config.context_width=0"),
+                          (("a", [], None, 0.0), "z_threshold=0.0")]:
+        with pytest.raises(InvalidArgument) as info:
+            check_detect_watermark(*args, 1000)
+        assert message in str(info.value)
