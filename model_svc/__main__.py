@@ -305,7 +305,7 @@ def grammars_for(model: str) -> Grammars:
     return Grammars(tokenizer)
 
 
-def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
+def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor, model_name: str = "") -> None:
     scheduler = engine_loop.engine.scheduler
     Gauge("genrpc_model_compute_threads", "threads the engine computes with now (see --threads)").set_function(
         lambda: monitor.policy.threads)
@@ -329,6 +329,26 @@ def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor) -> None:
         lambda: blocks.num_hit_tokens)
     Gauge("genrpc_model_preemptions", "sequences preempted (freed, to be recomputed) since start").set_function(
         lambda: scheduler.num_preemptions)
+    register_router_metrics(engine_loop, model_name)
+
+
+def register_router_metrics(engine_loop: EngineLoop, model_name: str) -> None:
+    """The load a router scores workers by, under vLLM's names (what llm-d's endpoint picker and
+    the Gateway API Inference Extension's model-server protocol read): waiting and running
+    requests, the KV cache's used fraction, and the cache's block size and blocks as labels."""
+    scheduler = engine_loop.engine.scheduler
+    blocks = scheduler.blocks
+    labels = {"model_name": model_name}
+    Gauge("vllm:num_requests_waiting", "requests waiting (genrpc_model_waiting_sequences)",
+          list(labels)).labels(**labels).set_function(lambda: engine_loop.num_waiting)
+    Gauge("vllm:num_requests_running", "requests running (genrpc_model_running_sequences)",
+          list(labels)).labels(**labels).set_function(lambda: scheduler.num_running)
+    Gauge("vllm:kv_cache_usage_perc", "KV-cache blocks held by running sequences, a fraction of all (0 .. 1)",
+          list(labels)).labels(**labels).set_function(lambda: blocks.num_used_blocks / blocks.num_blocks)
+    info = {"block_size": str(blocks.block_size), "num_gpu_blocks": str(blocks.num_blocks),
+            "enable_prefix_caching": str(blocks.enable_prefix_caching)}
+    Gauge("vllm:cache_config_info", "the KV cache's configuration, as labels (vLLM's name: blocks on any device)",
+          list(info)).labels(**info).set(1)
 
 
 async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,
@@ -375,7 +395,7 @@ def main(argv=None) -> None:
     security = server_security(args, internal=True)  # on the main thread: it may install a SIGHUP handler
     loaded, engine, monitor = build_engine(args)
     engine_loop = EngineLoop(engine, between_steps=monitor.tick)
-    register_metrics(engine_loop, monitor)
+    register_metrics(engine_loop, monitor, loaded.name)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     ready = threading.Event()

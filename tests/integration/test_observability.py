@@ -66,6 +66,25 @@ def test_metrics_cover_latency_tokens_queue_and_batches(stack, stub):
     assert metric(stack.tokenizer.metrics_port, "genrpc_requests_total", {"method": "Encode"}) >= 1
 
 
+def test_the_model_service_reports_its_load_under_vllms_names(stack, stub):
+    """What llm-d's endpoint picker scrapes: vLLM's metric names, each the genrpc figure it mirrors."""
+    m = stack.model.metrics_port
+    labels = {"model_name": "SmolLM2-135M-Instruct"}
+    assert metric(m, "vllm:cache_config_info", {"block_size": "16"}) == 1
+    stream = stub.GenerateStream(pb.GenerateStreamRequest(
+        prompt="Count to a thousand:", config=pb.GenerationConfig(max_new_tokens=400, ignore_eos=True)), timeout=120)
+    next(stream)  # running now
+    try:
+        assert metric(m, "vllm:num_requests_running", labels) == metric(m, "genrpc_model_running_sequences") >= 1
+        usage = metric(m, "vllm:kv_cache_usage_perc", labels)
+        used, free = metric(m, "genrpc_model_kv_blocks_used"), metric(m, "genrpc_model_kv_blocks_free")
+        assert 0 < usage <= 1 and usage == pytest.approx(used / (used + free), rel=0.5)
+        assert metric(m, "vllm:num_requests_waiting", labels) == 0
+    finally:
+        stream.cancel()
+    wait_for(lambda: metric(m, "vllm:num_requests_running", labels) == 0)
+
+
 def test_one_trace_across_gateway_tokenizer_and_model(traced):
     gateway, spans_file = traced
     with grpc.insecure_channel(gateway.address) as channel:
