@@ -3,6 +3,8 @@ bitsandbytes 4-bit (nf4) or 8-bit quantization, as `load_in_4bit` does in the tu
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -104,6 +106,22 @@ def quantize_output_layer(model: torch.nn.Module) -> None:
     model.set_output_embeddings(layer.eval())
 
 
+def release_checkpoint(model) -> None:
+    """After quantizing at load, the checkpoint stays memory-mapped (the layers left unquantized,
+    embeddings and norms, still point into it) with every page quantization read resident, and
+    the loader's freed heap stays with the allocator: on a 1B Llama, RSS 4.2 GB after loading for
+    0.66 GB of weights. Copying those few tensors into the process's own memory lets the map go,
+    and glibc's malloc_trim returns the free heap (1.1 GB left; see docs/operations.md)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the heap stays as its allocator keeps it
+
+
 def load_model(model: str, dtype: str = "bfloat16", quantize: str = "4bit", device: str = "auto",
                output_layer: str = "none") -> LoadedModel:
     """output_layer "nf4" quantizes the output embedding too (quantize_output_layer)."""
@@ -131,6 +149,8 @@ def load_model(model: str, dtype: str = "bfloat16", quantize: str = "4bit", devi
     hf_model.eval()
     if output_layer == "nf4":
         quantize_output_layer(hf_model)
+    if quantization in ("4bit-nf4", "8bit") and device == "cpu":
+        release_checkpoint(hf_model)
     config = hf_model.config
     gen_config = hf_model.generation_config
     eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else config.eos_token_id
