@@ -20,9 +20,7 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
         elif name == "sequence_bias":
             values[name] = [(list(b.token_ids), b.bias) for b in config.sequence_bias]
         elif name == "watermarking_config":
-            if config.HasField(name):
-                w = config.watermarking_config
-                values[name] = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if w.HasField(f.name)}
+            values[name] = watermark_settings(config)
         elif name == "exponential_decay_length_penalty":
             if config.HasField(name):
                 decay = config.exponential_decay_length_penalty
@@ -37,6 +35,15 @@ def requested_config(config: pb.GenerationConfig) -> RequestedConfig:
         elif config.HasField(name):
             values[name] = getattr(config, name)
     return RequestedConfig(**values)
+
+
+def watermark_settings(message) -> dict | None:
+    """The WatermarkingConfig fields a message (a GenerationConfig or a DetectWatermarkRequest) sets;
+    None when it sets none of it."""
+    if not message.HasField("watermarking_config"):
+        return None
+    w = message.watermarking_config
+    return {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if w.HasField(f.name)}
 
 
 def model_limits(info: model_pb2.WorkerInfoResponse) -> ModelLimits:

@@ -136,12 +136,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def DetectWatermark(self, request, context):
         await _begin(context)
         limits = convert.model_limits(self.generator.models.info())
-        given = None
-        if request.HasField("watermarking_config"):
-            w = request.watermarking_config
-            given = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if w.HasField(f.name)}
         z = request.z_threshold if request.HasField("z_threshold") else None
-        settings, z = check_detect_watermark(request.text, list(request.token_ids), given, z, limits.vocab_size)
+        settings, z = check_detect_watermark(request.text, list(request.token_ids), convert.watermark_settings(request),
+                                             z, limits.vocab_size)
         ids = list(request.token_ids)
         if request.text:
             encoded = await self.generator.encode(Prompts([request.text], []), None, False, False,

@@ -88,11 +88,11 @@ def build_processors(params: SamplingParams, prompt_length: int = 0, eos_token_i
         processors.append(OccurrencePenalty(prompt_length, params.frequency_penalty, params.presence_penalty))
     if params.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
     if params.forced_eos_token_id:
         processors.append(ForcedEOSTokenLogitsProcessor(prompt_length + params.max_new_tokens,
                                                         list(params.forced_eos_token_id)))
     if params.exponential_decay_length_penalty is not None:
+        eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
         processors.append(ExponentialDecayLengthPenalty(params.exponential_decay_length_penalty, eos, prompt_length))
     if params.suppress_tokens:
         processors.append(SuppressTokensLogitsProcessor(list(params.suppress_tokens)))
