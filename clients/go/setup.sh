@@ -19,5 +19,7 @@ if [ "$(id -u)" != 0 ]; then
   SUDO="sudo -n"
 fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null 2>&1 || {
-  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null; }
+# a stalled mirror fails a fetch in 30 s and is retried, instead of waiting on the socket
+APT="-o Acquire::http::Timeout=30 -o Acquire::Retries=3"
+$SUDO apt-get $APT install -y -qq --no-install-recommends $PACKAGES >/dev/null 2>&1 || {
+  $SUDO apt-get $APT update -qq >/dev/null && $SUDO apt-get $APT install -y -qq --no-install-recommends $PACKAGES >/dev/null; }

@@ -13,6 +13,7 @@ import pytest
 
 from genrpc.v1 import generation_pb2 as pb
 from tests.helpers import ROOT
+from tests.polyglot.npm import ATTEMPT_TIMEOUT_S, ATTEMPTS, npm_ci
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "node")
 
@@ -20,12 +21,11 @@ CLIENT_DIR = os.path.join(ROOT, "clients", "node")
 @pytest.fixture(scope="module")
 def node_client():
     assert shutil.which("node") and shutil.which("npm"), "Node.js and npm are needed for the polyglot test"
-    if not os.path.isdir(os.path.join(CLIENT_DIR, "node_modules", "@grpc", "grpc-js")):
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=CLIENT_DIR, check=True, timeout=600,
-                       capture_output=True)
+    npm_ci(CLIENT_DIR, os.path.join("@grpc", "grpc-js"))
     return CLIENT_DIR
 
 
+@pytest.mark.timeout(ATTEMPTS * ATTEMPT_TIMEOUT_S + 300)
 def test_node_client_generate_and_stream(stack, stub, node_client):
     out = subprocess.run(["node", "client.js", stack.gateway.address, "The capital of France is"],
                          cwd=node_client, capture_output=True, text=True, timeout=120)
