@@ -25,4 +25,6 @@ WATERMARK_SCHEMES = ("lefthash", "selfhash")
 MAX_WATERMARK_BIAS = 100.0
 MAX_WATERMARK_KEY = 2**31 - 1
 MAX_WATERMARK_CONTEXT = 16
+MAX_BEAMS = 16  # num_beams (beam search)
+MAX_STOP_STRINGS = 16  # stop strings a request may name
 MAX_MATCHING_NGRAM = 8  # max_matching_ngram_size: the longest n-gram prompt lookup matches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -279,8 +280,9 @@ def engine_for(loaded, args) -> Engine:
     ops = runner.fused or (fused.load() if runner.device.type == "cpu" else None)
     sampler = Sampler(loaded.eos_token_ids, argmax=ops.argmax if ops else None,
                       vocab_size=loaded.model.config.get_text_config().vocab_size)
-    return Engine(runner, scheduler, sampler, kv_cache, default_prompt_lookup=lookup,
-                  grammars=grammars_for(args.model))
+    tokenizer = tokenizer_for(args.model)
+    return Engine(runner, scheduler, sampler, kv_cache, default_prompt_lookup=lookup, grammars=Grammars(tokenizer),
+                  tokenizer=tokenizer)
 
 
 def load_draft(path: str, loaded) -> DraftProposer:
@@ -295,14 +297,16 @@ def load_draft(path: str, loaded) -> DraftProposer:
     return DraftProposer(draft.model)
 
 
-def grammars_for(model: str) -> Grammars:
-    """Structured output's compiler, with the served model's tokenizer (loaded when first needed)."""
+def tokenizer_for(model: str):
+    """() -> the served model's tokenizer, loaded on the first call (structured output's grammars and
+    beam search's stop strings need it; most servers never do)."""
+    @functools.cache
     def tokenizer():
         from transformers import AutoTokenizer
 
         source = ModelSource.parse(model)
         return AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
-    return Grammars(tokenizer)
+    return tokenizer
 
 
 def register_metrics(engine_loop: EngineLoop, monitor: LoadMonitor, model_name: str = "") -> None:
@@ -362,7 +366,7 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
 
     def register(server):
         model_pb2_grpc.add_ModelWorkerServicer_to_server(
-            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, grammars_for(args.model)), server)
+            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, engine_loop.engine.grammars), server)
         return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
 
     handle = await start_server("model", register, args.host, args.port, args.metrics_port, security)

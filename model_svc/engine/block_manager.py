@@ -144,6 +144,15 @@ class BlockManager:
         table.block_ids.extend(self._take() for _ in range(missing))
         return True
 
+    def share(self, block_ids: list[int]) -> list[int]:
+        """Takes held blocks by reference once more (a beam continued twice shares its full blocks)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count < 1:
+                raise RuntimeError(f"block {block_id} is shared but held by no one")  # a bug
+            block.ref_count += 1
+        return list(block_ids)
+
     def trim(self, table: BlockTable, num_tokens: int) -> None:
         """Gives back the table's blocks past those holding `num_tokens` tokens (rejected proposals'
         room); they were never hashed, since only computed tokens' full blocks are."""

@@ -11,6 +11,7 @@ from typing import Hashable
 import torch
 
 from genrpc import faults
+from model_svc.engine import beam as beams
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, Sampler, SampleRow
@@ -34,6 +35,7 @@ class TokenOutput:
     error: str = ""
     retryable: bool = False  # the error refused the sequence (capacity, deadline): it may be retried later
     prompt_logprobs: list | None = None  # on the first token, when asked: Sequence.prompt_logprobs
+    score: float | None = None  # a beam search's returned sequence's score, on its last token
 
 
 @dataclass
@@ -64,12 +66,16 @@ class RunningStep:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache,
-                 default_prompt_lookup: int = 0, grammars=None):
+                 default_prompt_lookup: int = 0, grammars=None, tokenizer=None):
         """default_prompt_lookup: the prompt_lookup_num_tokens of a request that does not say.
         grammars: compiles a sequence's grammar when it comes without its constraint (constraints.py;
-        the server compiles them before, off the engine thread)."""
+        the server compiles them before, off the engine thread). tokenizer: () -> the served model's
+        tokenizer (beam search's stop strings are found in token ids through it)."""
         self.default_prompt_lookup = default_prompt_lookup
         self.grammars = grammars
+        self.tokenizer = tokenizer
+        self.groups: dict[Hashable, beams.BeamGroup] = {}  # beam searches by their leader's id
+        self.member_of: dict[Hashable, beams.BeamGroup] = {}  # and by their members' ids
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
@@ -108,16 +114,73 @@ class Engine:
             self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
+        """Queues a sequence; a beam search's members come after their leader (beam.py)."""
+        if seq.beam_of is not None:
+            self._add_member(seq)
+            return
         if seq.params.grammar and seq.constraint is None:
             if self.grammars is None:
                 raise ValueError("structured output is not available here")
             seq.constraint = self.grammars.constraint(seq.params.grammar)
         self.sampler.prepare(seq)
+        if seq.params.num_beams > 1:
+            seq.group = beams.BeamGroup(seq, stopping=self._stopping(seq))
         self.scheduler.add(seq)
+        if seq.group is not None:
+            self.groups[seq.seq_id] = seq.group
 
-    def abort(self, seq_id: Hashable) -> TokenOutput | None:
+    def _add_member(self, seq: Sequence) -> None:
+        group = self.groups.get(seq.beam_of)
+        if group is None or group.started:
+            raise ValueError(f"sequence {seq.seq_id[-1]} is a beam search's returned sequence, but its leader "
+                             f"{seq.beam_of[-1]} is not a beam search waiting to start")
+        if not 1 <= seq.beam_rank < group.params.num_return_sequences or seq.beam_rank in group.members:
+            raise ValueError(f"sequence {seq.seq_id[-1]}: beam_rank {seq.beam_rank} is not a free rank in "
+                             f"[1, {group.params.num_return_sequences})")
+        group.members[seq.beam_rank] = seq
+        self.member_of[seq.seq_id] = group
+
+    def _stopping(self, seq: Sequence):
+        """generate()'s stopping criteria for a beam search: its length, its EOS ids, its stop strings."""
+        from transformers.generation.stopping_criteria import (
+            EosTokenCriteria,
+            MaxLengthCriteria,
+            StoppingCriteriaList,
+            StopStringCriteria,
+        )
+
+        params = seq.params
+        criteria = StoppingCriteriaList([MaxLengthCriteria(seq.num_prompt_tokens + params.max_new_tokens)])
+        eos = self._beam_eos(params)
+        if eos:
+            criteria.append(EosTokenCriteria(eos))
+        if params.stop_strings:
+            if self.tokenizer is None:
+                raise ValueError("stop strings with num_beams > 1 need the model's tokenizer, not available here")
+            criteria.append(StopStringCriteria(self.tokenizer(), list(params.stop_strings)))
+        return lambda candidates: criteria(candidates, None)
+
+    def _beam_eos(self, params) -> list[int]:
+        return [] if params.ignore_eos else sorted({*self.scheduler.eos_token_ids, *params.stop_token_ids})
+
+    def abort(self, seq_id: Hashable) -> list[TokenOutput]:
+        """Ends a sequence between steps; a beam search's leader ends its members too."""
+        group = self.member_of.pop(seq_id, None)
+        if group is not None:  # it will not be returned
+            group.members.pop(next(r for r, m in group.members.items() if m.seq_id == seq_id))
+            return [TokenOutput(seq_id, None, FinishReason.CANCELLED)]
         seq = self.scheduler.abort(seq_id)
-        return None if seq is None else TokenOutput(seq_id, None, FinishReason.CANCELLED)
+        return [] if seq is None else self._ended(seq, FinishReason.CANCELLED)
+
+    def _ended(self, seq: Sequence, reason: FinishReason, error: str = "") -> list[TokenOutput]:
+        """The outputs of a sequence that ended without a token: a beam search's members end with it."""
+        ended = [seq]
+        group = self.groups.pop(seq.seq_id, None)
+        if group is not None:
+            ended += list(group.members.values())
+            for member in group.members.values():
+                self.member_of.pop(member.seq_id, None)
+        return [TokenOutput(s.seq_id, None, reason, error=error) for s in ended]
 
     def step(self) -> list[TokenOutput]:
         """Runs one step (schedule -> copy -> execute -> sample -> accept -> update -> outputs);
@@ -138,6 +201,7 @@ class Engine:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self._execute(out)
+            beam_rows = self._beam_rows(out, logits)
             rows, counts, logits = self._sample_rows(out, logits)
             faults.check("sampler.sample")
             tokens = self.sampler.sample(logits, rows)
@@ -155,10 +219,16 @@ class Engine:
             faults.check("scheduler.update")
             self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
         except Exception as exc:  # those it finished before failing end ERROR too: their last token is lost
-            seqs = [item.seq for item in out.scheduled]
+            seqs = list(dict.fromkeys(item.seq.group.leader if item.seq.group else item.seq for item in out.scheduled))
             self.scheduler.fail(seqs)
             return self._failed(seqs, exc, "recording the step")
-        return self._outputs(out, emitted, lengths)
+        outputs = self._outputs(out, emitted, lengths)
+        for group, scores in beam_rows.items():
+            try:
+                outputs += self._advance_search(group, scores)
+            except Exception as exc:  # that search fails, the others go on
+                outputs += self._failed(self.scheduler.fail([group.leader]), exc, "a beam search step")
+        return outputs
 
     def _execute(self, out: SchedulerOutput) -> torch.Tensor:
         """The step's logits (runner.execute), with what `interrupt_for` needs published meanwhile."""
@@ -177,14 +247,88 @@ class Engine:
         finally:
             self._running = None
 
+    def _beam_rows(self, out: SchedulerOutput, logits: torch.Tensor) -> dict[beams.BeamGroup, torch.Tensor]:
+        """Each beam search's processed log-probabilities this step ([num_beams, vocab]: its beams' in
+        order, or its prompt's last row repeated at the first step), as generate() scores them: the
+        log-softmax of the logits, then the row's bias, banned words, min_new_tokens and processors."""
+        found: dict[beams.BeamGroup, list[int]] = {}
+        position = 0
+        for item in out.scheduled:
+            group = item.seq.group
+            if item.prompt_rows:
+                position += item.num_new_tokens
+            elif item.proposals or item.completes_prompt:
+                if group is not None:
+                    found.setdefault(group, []).append(position)
+                position += len(item.proposals) + 1
+        scored = {}
+        for group, positions in found.items():
+            seqs = group.beams or [group.leader]
+            log_probs = torch.log_softmax(logits[positions].float(), dim=-1)
+            log_probs = self.sampler.adjusted(log_probs, [SampleRow(seq) for seq in seqs])
+            for i, seq in enumerate(seqs):
+                if seq.num_output_tokens < seq.params.min_new_tokens:  # generate()'s MinNewTokensLength
+                    log_probs[i, [t for t in self._beam_eos(seq.params) if t < log_probs.shape[-1]]] = -float("inf")
+                if seq.processors is not None:
+                    ids = torch.tensor([seq.token_ids()], dtype=torch.long)
+                    log_probs[i:i + 1] = seq.processors(ids, log_probs[i:i + 1])
+            scored[group] = log_probs.expand(group.params.num_beams, -1) if not group.beams else log_probs
+        return scored
+
+    def _advance_search(self, group: beams.BeamGroup, log_probs: torch.Tensor) -> list[TokenOutput]:
+        """One step of a beam search (its leader's prompt done, or its beams computed): the next beams
+        and their block tables; when the search is over, its returned sequences as outputs."""
+        leader = group.leader
+        if leader.is_finished or leader.group is not group:  # aborted or restarted meanwhile
+            return []
+        if group.search is None:
+            group.search = beams.BeamSearch(leader.params, leader.prompt_ids, len(self._beam_eos(leader.params)),
+                                            group.stopping)
+        parents, tokens = group.search.step(log_probs)
+        if not group.beams:
+            parents = [0] * len(parents)  # the B rows were one: the prompt's
+        if group.search.done:
+            return self._finish_search(group)
+        for copy in self.scheduler.fork_beams(group, parents, tokens):
+            self.kv_cache.copy(copy.src_slots, copy.dst_slots)
+        return []
+
+    def _finish_search(self, group: beams.BeamGroup) -> list[TokenOutput]:
+        """A finished search's returned sequences, each as its tokens' outputs under its member's id
+        (rank 0: the leader's), the last with its finish reason and score."""
+        params, eos = group.params, set(self._beam_eos(group.params))
+        members = {0: group.leader, **group.members}
+        outputs = []
+        for rank, result in enumerate(group.search.results(params.num_return_sequences)):
+            seq = members.get(rank)
+            if seq is None:  # aborted on its own
+                continue
+            tokens = result.token_ids
+            reason = FinishReason.EOS_TOKEN if tokens and tokens[-1] in eos else FinishReason.LENGTH
+            if not tokens:
+                outputs.append(TokenOutput(seq.seq_id, None, reason, score=result.score))
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                outputs.append(TokenOutput(seq.seq_id, token, reason if last else None,
+                                           score=result.score if last else None))
+        for member in group.members.values():
+            self.member_of.pop(member.seq_id, None)
+        self.groups.pop(group.leader.seq_id, None)
+        self.scheduler.finish(group.leader, FinishReason.LENGTH)
+        return outputs
+
     def _sample_rows(self, out: SchedulerOutput, logits: torch.Tensor
                      ) -> tuple[list[SampleRow], list[int], torch.Tensor]:
         """What to sample: a row per sampled position (a completed prompt's last token, a decode's
         token and one per proposal), each item's count of them, and their logits. Records the
-        prompt chunks' logprobs on the way (their rows are computed only when asked)."""
+        prompt chunks' logprobs on the way (their rows are computed only when asked). A beam
+        search's rows are not sampled (`_beam_rows`)."""
         rows, sampled_rows, counts, position = [], [], [], 0
         for item in out.scheduled:
-            if item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
+            if item.seq.group is not None and not item.prompt_rows and (item.proposals or item.completes_prompt):
+                counts.append(0)
+                position += 1
+            elif item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
                 self._prompt_logprobs(item, logits[position:position + item.num_new_tokens])
                 position += item.num_new_tokens
                 counts.append(int(item.completes_prompt))
@@ -247,7 +391,7 @@ class Engine:
         self.last_step = StepStats()  # nothing computed to learn step costs from
         log.error("%s failed; failing its %d sequences", where, len(seqs), exc_info=exc)
         message = f"{where} failed ({type(exc).__name__})"
-        return [TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=message) for seq in seqs]
+        return [out for seq in seqs for out in self._ended(seq, FinishReason.ERROR, message)]
 
     @staticmethod
     def _prompt_logprobs(item, logits: torch.Tensor) -> None:

@@ -114,9 +114,7 @@ class EngineLoop:
                                                    error=f"adding the sequence failed ({type(exc).__name__})"))
             else:
                 for seq_id in payload:
-                    out = self.engine.abort(seq_id)
-                    if out is not None:
-                        outputs.append(out)
+                    outputs.extend(self.engine.abort(seq_id))
 
     def run(self) -> None:
         """Steps the engine on the calling thread until `stop()`. Whatever fails, every sequence it

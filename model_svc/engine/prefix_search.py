@@ -34,6 +34,8 @@ class Prefixes:
         logprobs (cached blocks hold keys and values, not logits: its prompt is computed in full)."""
         if seq.params.prompt_logprobs is not None:
             return False
+        if seq.group is not None and (seq is not seq.group.leader or seq.group.started):
+            return False  # a beam, or a leader whose prompt blocks its beams hold now
         config = self.scheduler.config
         return seq.num_prompt_tokens <= config.max_cached_prompt or config.cache_long_prompts
 

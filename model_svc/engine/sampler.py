@@ -172,7 +172,7 @@ class Sampler:
         """min_new_tokens holds EOS back (not under a grammar: it decides when the output may end)."""
         return row.seq.constraint is None and row.seq.num_output_tokens + row.offset < row.seq.params.min_new_tokens
 
-    def _adjusted(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    def adjusted(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The scores token selection uses: `logits` with each row's bias, banned words and grammar
         mask applied (a copy, when any row has one; `logits` itself otherwise)."""
         touched = [i for i, row in enumerate(rows) if row.seq.params.logit_bias or row.seq.params.bad_words_ids
@@ -214,7 +214,7 @@ class Sampler:
         """logits: float32 [N, vocab], row i for rows[i] (a Sequence: its next position). Returns one
         token per row; spends no random number (the caller spends those of the positions it keeps)."""
         rows = [row if isinstance(row, SampleRow) else SampleRow(row) for row in rows]
-        scores = self._adjusted(logits, rows)
+        scores = self.adjusted(logits, rows)
         tokens: list[SampledToken | None] = [None] * len(rows)
         plain = [i for i, row in enumerate(rows) if not self._needs_row_work(row)]
         if plain:

@@ -84,11 +84,14 @@ class Scheduler:
             raise ValueError(f"sequence id {seq.seq_id!r} is already in use")
         most = min(seq.num_prompt_tokens + seq.params.max_new_tokens, self.max_context)
         blocks = self.blocks
-        if (blocks.blocks_for(most) > blocks.num_blocks
+        # beams share the prompt's full blocks; each may hold every generated token and a partial block
+        beam_blocks = (seq.params.num_beams - 1) * (blocks.blocks_for(most - seq.num_prompt_tokens) + 1)
+        if (blocks.blocks_for(most) + beam_blocks > blocks.num_blocks
                 or blocks.blocks_for(seq.num_prompt_tokens) + blocks.watermark_blocks > blocks.num_blocks):
             raise ValueError(  # it could never finish, even alone
-                f"the sequence may need {most} KV-cache tokens (prompt + max_new_tokens) but this worker "
-                f"holds {self.capacity_tokens}"
+                f"the sequence may need {most} KV-cache tokens (prompt + max_new_tokens)"
+                + (f" and {beam_blocks * blocks.block_size} more for its {seq.params.num_beams} beams"
+                   if beam_blocks else "") + f" but this worker holds {self.capacity_tokens}"
             )
         seq.arrival = next(self._arrivals)
         if seq.deadline is not None:
@@ -141,14 +144,18 @@ class Scheduler:
 
         # 1. Every decoding sequence advances one token, oldest first (when fair steps cap a tenant, its
         # most urgent first, then the least recently stepped).
+        # A beam search's beams advance together, as one sequence of its tenant's.
         decodes = [] if floor is not None else [
-            seq for seq in self.running if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1]
+            seq for seq in self.running if seq.status is SequenceStatus.RUNNING
+            and (seq.num_uncomputed_tokens == 1 or (seq.group is not None and seq.group.started))]
         if cap is not None:
             decodes.sort(key=lambda seq: (-seq.priority, seq.last_step))
         for seq in decodes:
             if seq.status is SequenceStatus.RUNNING and not capped(seq):
-                if self.room(out) > 0 and self._grow(seq, seq.num_computed_tokens + 1, out):
-                    out.add(seq, 1)
+                beams = seq.group.beams if seq.group is not None and seq.group.started else [seq]
+                if self.room(out) >= len(beams) and self._grow_beams(seq, beams, out):
+                    for beam in beams:
+                        out.add(beam, 1)
                     rows[seq.tenant] += 1
         if self.config.speculation and out.scheduled:
             propose(self, out)
@@ -260,8 +267,76 @@ class Scheduler:
                 return False
         return True
 
+    def _grow_beams(self, seq: Sequence, beams: list[Sequence], out: SchedulerOutput) -> bool:
+        """`_grow` for each of a sequence's beams (the sequence itself when it has none); False when
+        `seq` was preempted."""
+        for beam in beams:
+            while not self.blocks.ensure(beam.block_table, beam.num_computed_tokens + 1):
+                victim = self.policy.victim()
+                self._preempt_scheduled(victim, out)
+                if victim is seq:
+                    return False
+        return True
+
+    def fork_beams(self, group, parents: list[int], tokens: list[int]) -> list[PrefixCopy]:
+        """Moves a beam search to its next beams: beam i continues beam parents[i] (the leader's
+        prompt at the first step) with tokens[i]. A parent's first child takes its block table, the
+        others share its full blocks and get a copy of its partial one (the returned slot copies, to
+        do before the next step); a parent no child continues gives its blocks back first, so a
+        step needs no more blocks than the last held. Beams are never cached (their blocks die
+        with the search); the leader keeps an empty table while they run."""
+        bs, blocks = self.blocks.block_size, self.blocks
+        old = group.beams or [group.leader]
+        tables = [beam.block_table for beam in old]
+        computed = old[0].num_computed_tokens
+        full, partial = divmod(computed, bs)
+        for j, table in enumerate(tables):
+            if j not in parents:
+                blocks.free(table)
+        taken, copies, children = set(), [], []
+        for i, (p, token) in enumerate(zip(parents, tokens)):
+            if p in taken:
+                table = BlockTable(blocks.share(tables[p].block_ids[:full]), root=tables[p].root)
+                if partial:
+                    if not blocks.ensure(table, computed):  # cannot be: the unchosen gave back as many
+                        raise RuntimeError("no block left to copy a beam's partial block into")
+                    copies.append(PrefixCopy(tables[p].slots(full * bs, computed, bs),
+                                             table.slots(full * bs, computed, bs)))
+            else:
+                taken.add(p)
+                table = tables[p]
+            children.append((old[p].tokens + [token], table))
+        if not group.beams:  # the first step: the beams are made, the leader hands its table over
+            group.leader.block_table = BlockTable(root=tables[0].root)
+            group.beams = [self._beam(group, i) for i in range(len(parents))]
+        for beam, (beam_tokens, table) in zip(group.beams, children):
+            beam.tokens, beam.block_table, beam.num_computed_tokens = beam_tokens, table, computed
+        return copies
+
+    @staticmethod
+    def _beam(group, index: int) -> Sequence:
+        leader = group.leader
+        beam = Sequence((leader.seq_id, "beam", index), leader.prompt_ids,
+                        replace(leader.params, prompt_lookup_num_tokens=0), status=SequenceStatus.RUNNING,
+                        tenant=leader.tenant, priority=leader.priority, arrival=leader.arrival,
+                        cache_salt=leader.cache_salt, group=group)
+        beam.processors = leader.processors
+        return beam
+
+    def _free_beams(self, seq: Sequence) -> None:
+        """Gives back a beam search's beams' blocks: it ended, or starts over from its prompt."""
+        if seq.group is not None:
+            for beam in seq.group.beams:
+                if beam.block_table is not None:
+                    self.blocks.free(beam.block_table)
+                    beam.block_table = None
+            seq.group.restart()
+
     def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput) -> None:
-        """Preempts `victim`, taking it out of this step if it was scheduled already."""
+        """Preempts `victim`, taking it out of this step if it was scheduled already (its beams too)."""
+        if victim.group is not None:
+            for beam in victim.group.beams:
+                out.remove(beam)
         out.remove(victim)
         self.preempt(victim)
         out.num_preempted += 1
@@ -283,6 +358,7 @@ class Scheduler:
     def _requeue(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._untrack(seq)
+        self._free_beams(seq)  # a beam search starts over from its prompt
         self.blocks.free(seq.block_table)
         seq.block_table = None
         seq.num_computed_tokens = 0
@@ -356,7 +432,7 @@ class Scheduler:
     def fail(self, seqs: Iterable[Sequence]) -> list[Sequence]:
         """Ends `seqs` with ERROR and frees their blocks; returns those that were not over yet."""
         failed = []
-        for seq in seqs:
+        for seq in dict.fromkeys(s.group.leader if s.group is not None else s for s in seqs):  # a beam: its search
             if not seq.is_finished:
                 if seq.status is SequenceStatus.WAITING:
                     self.waiting.remove(seq)
@@ -375,6 +451,10 @@ class Scheduler:
             self._release(seq, FinishReason.ERROR)
         return seqs
 
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends a running sequence between steps (a beam search that found its sequences)."""
+        self._finish(seq, reason)
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq in self.running:
             self.running.remove(seq)
@@ -385,6 +465,7 @@ class Scheduler:
         """Ends a sequence out of the queues: its reason, its blocks back, its draft state dropped."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._free_beams(seq)
         if seq.block_table is not None:
             self.blocks.free(seq.block_table)
             seq.block_table = None

@@ -69,6 +69,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     # (greenlist_ratio, bias, hashing_key, seeding_scheme, context_width): transformers' watermark
     watermarking_config: tuple[float, float, int, str, int] | None = None
+    # Beam search (beam.py): generate()'s names; early_stopping is False, True or "never"
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1  # of the beams, how many come back (the group's members)
+    stop_strings: tuple[str, ...] = ()  # end a beam inside the search (the gateway cuts the text as ever)
 
     def __post_init__(self) -> None:
         checks = [
@@ -123,7 +129,21 @@ class SamplingParams:
                 and 1 <= self.watermarking_config[4] <= limits.MAX_WATERMARK_CONTEXT),
              "greenlist_ratio in (0, 1), bias in [0, 100], hashing_key in [1, 2^31), seeding_scheme lefthash or "
              "selfhash, context_width in [1, 16]"),
+            ("num_beams", 1 <= self.num_beams <= limits.MAX_BEAMS, f"in [1, {limits.MAX_BEAMS}]"),
+            ("length_penalty", math.isfinite(self.length_penalty), "finite"),
+            ("early_stopping", self.early_stopping in (False, True, "never"), 'False, True or "never"'),
+            ("num_return_sequences", 1 <= self.num_return_sequences <= self.num_beams, "in [1, num_beams]"),
+            ("stop_strings", len(self.stop_strings) <= limits.MAX_STOP_STRINGS and all(self.stop_strings),
+             f"at most {limits.MAX_STOP_STRINGS} non-empty strings"),
         ]
+        if self.num_beams > 1:  # what beam search does not combine with, as generate() or as served here
+            checks += [
+                ("do_sample", not self.do_sample, "False with num_beams > 1 (beam sampling is not served)"),
+                ("grammar", not self.grammar, "empty with num_beams > 1 (no structured output in beam search)"),
+                ("prompt_logprobs", self.prompt_logprobs is None, "unset with num_beams > 1"),
+                ("logprobs", not (self.logprobs or self.top_logprobs),
+                 "off with num_beams > 1 (each sequence's score comes back instead)"),
+            ]
         for name, ok, allowed in checks:  # (NaN fails every comparison above: refused)
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
@@ -170,6 +190,11 @@ class Sequence:
     deadline: float | None = None
     last_step: int = 0  # the scheduler's step that last computed it (fair steps run the least recent first)
     cache_salt: bytes | None = None  # its prefix-cache namespace (block_manager.salted_root); None: shared
+    # Beam search (beam.py): the group a leader (num_beams > 1) searches for, or a beam computes for;
+    # a member is a returned sequence's placeholder: `beam_of` its leader's id, `beam_rank` its place.
+    group: object | None = None
+    beam_of: Hashable | None = None
+    beam_rank: int = 0
 
     num_prompt_tokens: int = field(init=False)
 

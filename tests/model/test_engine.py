@@ -482,7 +482,7 @@ def test_abort_between_steps_frees_the_cache(reference_model, hf_tokenizer):
     engine.add(Sequence("a", hf_tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=50)))
     engine.step()
     assert engine.scheduler.blocks.num_used_blocks > 0
-    out = engine.abort("a")
+    [out] = engine.abort("a")
     assert out.finish_reason is FinishReason.CANCELLED
     assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.scheduler.has_work
     assert engine.step() == []
