@@ -93,6 +93,8 @@ def stream_response(delta: Delta) -> pb.GenerateStreamResponse:
         response.prompt_tokens = delta.prompt_tokens
         response.generated_tokens = delta.generated_tokens
         response.stop_sequence = delta.stop_sequence
+        if delta.sequence_score is not None:
+            response.sequence_score = delta.sequence_score
     return response
 
 
@@ -108,5 +110,6 @@ def completions(deltas_by_index: list[list[Delta]], samples: int = 1) -> pb.Gene
             generated_tokens=last.generated_tokens, seed=last.seed, stop_sequence=last.stop_sequence,
             logprobs=logprobs([lp for d in deltas for lp in d.logprobs]),
             index=i // samples, sample_index=i % samples, prompt_logprobs=_prompt_logprobs(deltas),
+            sequence_score=last.sequence_score,
         ))
     return pb.GenerateResponse(completions=out)

@@ -65,6 +65,7 @@ class Delta:
     stop_sequence: str = ""
     sample_index: int = 0  # with num_return_sequences: which sample of its prompt
     prompt_logprobs: list | None = None  # on a sample's first delta, when asked (as logprobs' items)
+    sequence_score: float | None = None  # a beam search's returned sequence's score (on each of its deltas)
 
 
 @dataclass
@@ -132,7 +133,8 @@ class Generator:
         values = {name: getattr(config, name) for name in SAMPLING_FIELDS if name != "bad_words_ids"}
         values = {name: value for name, value in values.items() if value is not None}  # unset: the worker's
         values.update(max_new_tokens=max_new_tokens, min_new_tokens=min(config.min_new_tokens, max_new_tokens),
-                      seed=seed, bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids],
+                      num_return_sequences=config.num_return_sequences if config.num_beams > 1 else 1, seed=seed,
+                      bad_words_ids=[model_pb2.BannedTokens(ids=ids) for ids in bad_words_ids],
                       sequence_bias=[gen_pb2.SequenceBias(token_ids=ids, bias=bias)
                                      for ids, bias in config.sequence_bias])
         if config.watermarking_config is not None:
@@ -204,6 +206,9 @@ class Generator:
         field_name = "prompts" if prompts.texts else "chats"
         rows, params, runs = [], [], {}
         samples = config.num_return_sequences
+        # With beams, a prompt's first sequence leads the search and the others are its returned
+        # sequences 1 ..: the worker sends each its tokens when the search ends.
+        beam_ranks = [sample for _ in encoded.rows for sample in range(samples)] if config.num_beams > 1 else None
         for prompt_index, row in enumerate(encoded.rows):
             max_new = fit_to_context(row.num_tokens, config, context_limit, f"{field_name}[{prompt_index}]")
             first_seed = config.seed if config.seed is not None else random.getrandbits(63)
@@ -226,7 +231,7 @@ class Generator:
                                                                   "genrpc.num_sequences": len(rows)}):
             handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline),
                                           metadata=_metadata(), tenant=client, priority=config.priority,
-                                          cache_salt=salt)
+                                          cache_salt=salt, beam_ranks=beam_ranks)
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
         num_unfinished = len(handles)
@@ -285,6 +290,7 @@ class Generator:
         else:
             delta = run.delta(match.text, token_ids, logprobs)
         delta.prompt_logprobs = event.prompt_logprobs
+        delta.sequence_score = event.score
         return delta
 
 

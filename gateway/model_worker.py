@@ -46,6 +46,7 @@ class SequenceEvent:
     error_code: int = 0  # a grpc status code for `error` (0: a failure); RESOURCE_EXHAUSTED: retry later
     # On the first token, when asked: (id, logprob, text, [(id, logprob, text)]) of prompt tokens 1 ..
     prompt_logprobs: list | None = None
+    score: float | None = None  # a beam search's returned sequence's score
 
 
 @dataclass
@@ -204,6 +205,8 @@ class ModelWorkerClient:
                     handle.sequence_id, event.token_id if event.has_token else None, text, event.finish_reason,
                     logprob, event.error, event.error_code,
                 )
+                if event.HasField("sequence_score"):
+                    piece.score = event.sequence_score
                 if event.prompt_logprobs:
                     piece.prompt_logprobs = [
                         (p.token_id, p.logprob, texts.get(p.token_id, ""),
@@ -228,23 +231,28 @@ class ModelWorkerClient:
     async def submit(
         self, rows: list[tuple[list[int], list[int]]], params: list[model_pb2.SamplingParams],
         skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None, metadata=None,
-        tenant: str = "", priority: int = 0, cache_salt: str = "",
+        tenant: str = "", priority: int = 0, cache_salt: str = "", beam_ranks: list[int] | None = None,
     ) -> list[SequenceHandle]:
         """Submits (input_ids, attention_mask) rows; returns their handles, in order. Their
         events all go to `queue`. The worker schedules them for `tenant` at `priority`, and refuses
         them at once when they could not start within `timeout`; they share cached prompts only with
-        sequences of the same `cache_salt`."""
+        sequences of the same `cache_salt`. beam_ranks: with beam search, each row's returned rank
+        (0: it leads a search; r > 0: the r-th sequence of the last leader before it)."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         handles, inputs = [], []
         max_buffered = self.max_stream_buffer * len(rows)  # the request's sequences share the queue
-        for (ids, mask), p in zip(rows, params):
+        leader = 0
+        for n, ((ids, mask), p) in enumerate(zip(rows, params)):
             tail = [i for i, m in zip(ids, mask) if m][-PROMPT_TAIL_TOKENS:]
             handle = SequenceHandle(next(self._ids), DetokState(tail, len(tail), skip_special_tokens), queue,
                                     max_buffered)
             handles.append(handle)
+            rank = beam_ranks[n] if beam_ranks else 0
+            leader = handle.sequence_id if rank == 0 else leader
             inputs.append(model_pb2.SequenceInput(
                 sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p, tenant=tenant,
-                priority=priority, timeout_ms=timeout_ms, cache_salt=cache_salt))
+                priority=priority, timeout_ms=timeout_ms, cache_salt=cache_salt,
+                beam_of=leader if rank else 0, beam_rank=rank))
         for handle in handles:
             self.sequences[handle.sequence_id] = handle
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from gateway.structured import grammar_for
 from genrpc.errors import InvalidArgument
 from genrpc.limits import (
+    MAX_BEAMS,
     MAX_CACHE_SALT,
     MAX_DECAY_FACTOR,
     MAX_DECAY_START,
@@ -100,7 +101,7 @@ class RequestedConfig:
     presence_penalty: float | None = None
     watermarking_config: dict | None = None  # the fields of WatermarkingConfig that are set
     max_matching_ngram_size: int | None = None
-    # beam search's (not served yet: refused when they ask for it)
+    # beam search's
     num_beams: int | None = None
     length_penalty: float | None = None
     early_stopping: int = 0  # EarlyStopping; 0: unset
@@ -163,6 +164,14 @@ class ResolvedConfig:
     presence_penalty: float = 0.0
     watermarking_config: dict | None = None  # every field, transformers' defaults filled in
     max_matching_ngram_size: int | None = None  # None: the model worker's
+    num_beams: int = 1  # beam search (generate()'s names); 1: off
+    length_penalty: float = 1.0
+    early_stopping: int = 0  # genrpc.v1.EarlyStopping; 0 (unset): false
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """What the model worker ends beams on inside a beam search (its text is cut here as ever)."""
+        return list(self.stop) if self.num_beams > 1 else []
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -186,14 +195,29 @@ def _decay_checks(decay: tuple[int, float] | None) -> list:
              _finite_in(factor, 0.0, MAX_DECAY_FACTOR, True), f"must be in (0, {MAX_DECAY_FACTOR:g}]")]
 
 
-def _beam_checks(req: RequestedConfig) -> list:
-    """Beam search is not served yet: a request that asks for it is refused, naming the field."""
-    why = "beam search is not served yet"
-    return [("num_beams", req.num_beams, req.num_beams in (None, 1), f"must be 1 (the default): {why}"),
-            ("num_beam_groups", req.num_beam_groups, req.num_beam_groups in (None, 1), f"must be 1: {why}"),
-            ("length_penalty", req.length_penalty, req.length_penalty is None, f"must be unset: {why}"),
-            ("early_stopping", req.early_stopping, not req.early_stopping, f"must be unset: {why}"),
-            ("diversity_penalty", req.diversity_penalty, req.diversity_penalty is None, f"must be unset: {why}")]
+def _beam_checks(req: RequestedConfig, v: dict) -> list:
+    """Beam search's fields, and what it does not combine with (generate() samples beams with
+    do_sample; not served here)."""
+    beams, samples = v["num_beams"], v["num_return_sequences"]
+    groups = "group beam search is not served (transformers 5 moved it out of generate())"
+    checks = [("num_beams", beams, 1 <= beams <= MAX_BEAMS, f"must be in [1, {MAX_BEAMS}] (1: no beam search)"),
+              ("length_penalty", v["length_penalty"], math.isfinite(v["length_penalty"]), "must be a finite number"),
+              ("early_stopping", req.early_stopping, req.early_stopping in (0, 1, 2, 3),
+               "must be EARLY_STOPPING_TRUE, _FALSE or _NEVER"),
+              ("num_beam_groups", req.num_beam_groups, req.num_beam_groups in (None, 1), f"must be 1: {groups}"),
+              ("diversity_penalty", req.diversity_penalty, not req.diversity_penalty,
+               f"must be unset or 0: {groups}")]
+    if beams > 1:
+        why = "with num_beams > 1"
+        checks += [
+            ("do_sample", True, not v["do_sample"], f"must be false {why}: beam sampling is not served"),
+            ("num_return_sequences", samples, samples <= beams, f"must be at most num_beams={beams}"),
+            ("logprobs", True, not (req.logprobs or req.top_logprobs),
+             f"must be off {why}: each sequence's sequence_score comes back instead"),
+            ("prompt_logprobs", req.prompt_logprobs, req.prompt_logprobs is None, f"must be unset {why}"),
+            (str(req.structured_output and req.structured_output[0]), "set", req.structured_output is None,
+             f"structured output is not served {why}")]
+    return checks
 
 
 def _watermark_checks(given: dict | None) -> list:
@@ -252,7 +276,8 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         num_return_sequences=_given(req.num_return_sequences, 1),
         no_repeat_ngram_size=_given(req.no_repeat_ngram_size, 0), epsilon_cutoff=_given(req.epsilon_cutoff, 0.0),
         eta_cutoff=_given(req.eta_cutoff, 0.0), renormalize_logits=bool(req.renormalize_logits),
-        frequency_penalty=_given(req.frequency_penalty, 0.0), presence_penalty=_given(req.presence_penalty, 0.0))
+        frequency_penalty=_given(req.frequency_penalty, 0.0), presence_penalty=_given(req.presence_penalty, 0.0),
+        num_beams=_given(req.num_beams, 1), length_penalty=_given(req.length_penalty, 1.0))
     for name, value, ok, allowed in _checks(req, limits, values):
         _check(ok, name, value, allowed)
     grammar = grammar_for(*req.structured_output) if req.structured_output is not None else ""
@@ -281,6 +306,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         exponential_decay_length_penalty=req.exponential_decay_length_penalty,
         sequence_bias=[(list(ids), bias) for ids, bias in req.sequence_bias],
         max_matching_ngram_size=req.max_matching_ngram_size,
+        early_stopping=req.early_stopping,
         watermarking_config=(None if req.watermarking_config is None
                              else {**WATERMARK_DEFAULTS, **req.watermarking_config}),
     )
@@ -331,8 +357,8 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
         *_string_checks("bad_words", req.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_LENGTH, "banned string"),
         ("num_return_sequences", samples, 1 <= samples <= MAX_RETURN_SEQUENCES,
          f"must be in [1, {MAX_RETURN_SEQUENCES}]"),
-        ("num_return_sequences", samples, samples == 1 or v["do_sample"],
-         "more than 1 needs do_sample=true (greedy samples would all be the same)"),
+        ("num_return_sequences", samples, samples == 1 or v["do_sample"] or v["num_beams"] > 1,
+         "more than 1 needs do_sample=true or num_beams > 1 (greedy samples would all be the same)"),
         ("prompt_logprobs", req.prompt_logprobs,
          req.prompt_logprobs is None or 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS,
          f"must be in [0, {MAX_TOP_LOGPROBS}] (the alternatives returned at each prompt position)"),
@@ -358,7 +384,7 @@ def _checks(req: RequestedConfig, limits: ModelLimits, v: dict) -> list[tuple[st
            f"must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] (0 turns it off)")
           for name in ("frequency_penalty", "presence_penalty")),
         *_watermark_checks(req.watermarking_config),
-        *_beam_checks(req),
+        *_beam_checks(req, v),
         ("max_matching_ngram_size", req.max_matching_ngram_size,
          req.max_matching_ngram_size is None or 1 <= req.max_matching_ngram_size <= MAX_MATCHING_NGRAM,
          f"must be in [1, {MAX_MATCHING_NGRAM}]"),

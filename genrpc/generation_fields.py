@@ -14,7 +14,8 @@ SERVER = "server-side"
 NOT_APPLICABLE = "not applicable"
 NOT_YET = "not served yet"
 
-_BEAMS = "beam search is not served yet: INVALID_ARGUMENT when a request asks for it"
+_GROUPS = ("group beam search is not served (transformers 5 moved it out of generate() to the Hub): "
+           "INVALID_ARGUMENT above 1 / 0")
 _ASSISTED = "speculative decoding is the server's: prompt lookup, or --draft-model"
 _CACHE = "the engine's paged KV cache (docs/engine.md)"
 
@@ -27,10 +28,12 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "min_length": (NOT_APPLICABLE, "", "prompt + new tokens; say min_new_tokens"),
     "max_time": (SERVED, "time_limit_ms", "1 .. 3,600,000 ms; the call's deadline applies too"),
     "stop_strings": (SERVED, "stop", "up to 32 strings, matched across token boundaries"),
-    "early_stopping": (NOT_YET, "early_stopping", _BEAMS),
+    "early_stopping": (SERVED, "early_stopping", "TRUE, FALSE (default) or NEVER, as generate()'s True, False, "
+                                                 "\"never\"; with num_beams > 1"),
     "do_sample": (SERVED, "do_sample", ""),
-    "num_beams": (NOT_YET, "num_beams", _BEAMS),
-    "num_beam_groups": (NOT_YET, "num_beam_groups", _BEAMS),
+    "num_beams": (SERVED, "num_beams", "1 .. 16; generate()'s beam search, greedy (no do_sample, logprobs or "
+                                       "structured output with it); each sequence's score in sequence_score"),
+    "num_beam_groups": (NOT_YET, "num_beam_groups", _GROUPS),
     "penalty_alpha": (NOT_YET, "", "contrastive search is not served"),
     "dola_layers": (NOT_YET, "", "DoLa decoding is not served"),
     "use_cache": (SERVER, "", _CACHE),
@@ -47,10 +50,10 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "typical_p": (SERVED, "typical_p", "(0, 1]"),
     "epsilon_cutoff": (SERVED, "epsilon_cutoff", "[0, 1); 0 off"),
     "eta_cutoff": (SERVED, "eta_cutoff", "[0, 1); 0 off"),
-    "diversity_penalty": (NOT_YET, "diversity_penalty", _BEAMS),
+    "diversity_penalty": (NOT_YET, "diversity_penalty", _GROUPS),
     "repetition_penalty": (SERVED, "repetition_penalty", "(0, 100]; 1 off"),
     "encoder_repetition_penalty": (NOT_APPLICABLE, "", "encoder-decoder models only; genrpc serves decoder-only ones"),
-    "length_penalty": (NOT_YET, "length_penalty", _BEAMS),
+    "length_penalty": (SERVED, "length_penalty", "finite; default 1.0; with num_beams > 1"),
     "no_repeat_ngram_size": (SERVED, "no_repeat_ngram_size", "0 .. 64; 0 off"),
     "bad_words_ids": (SERVED, "bad_words", "strings, tokenized by the gateway as generate()'s bad_words_ids are made"),
     "renormalize_logits": (SERVED, "renormalize_logits", ""),
@@ -67,7 +70,8 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "guidance_scale": (NOT_YET, "", "classifier-free guidance is not served"),
     "watermarking_config": (SERVED, "watermarking_config", "transformers' WatermarkingConfig fields and defaults; "
                                                            "the DetectWatermark RPC scores a text for it"),
-    "num_return_sequences": (SERVED, "num_return_sequences", "1 .. 16, with do_sample"),
+    "num_return_sequences": (SERVED, "num_return_sequences", "1 .. 16, with do_sample; with num_beams, "
+                                                             "at most num_beams (the best, best first)"),
     "output_attentions": (NOT_APPLICABLE, "", "no tensors leave the server"),
     "output_hidden_states": (NOT_APPLICABLE, "", "no tensors leave the server"),
     "output_scores": (SERVED, "logprobs", "log-probabilities of the chosen tokens (top_logprobs: alternatives)"),
@@ -93,8 +97,8 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "compile_config": (SERVER, "", "the engine's kernels are chosen at start (docs/engine.md)"),
     "disable_compile": (SERVER, "", "the engine's kernels are chosen at start (docs/engine.md)"),
     "low_memory": (NOT_APPLICABLE, "", "a beam/contrastive-search option of generate()"),
-    "constraints": (NOT_YET, "", _BEAMS),
-    "force_words_ids": (NOT_YET, "", _BEAMS),
+    "constraints": (NOT_YET, "", "constrained beam search is not served (moved out of generate() too)"),
+    "force_words_ids": (NOT_YET, "", "constrained beam search is not served (moved out of generate() too)"),
 }
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "generation-config.md")

@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import grpc
+import numpy
 
 from genrpc import limits
 from genrpc.internal.v1 import model_pb2
@@ -25,6 +26,8 @@ FINISH_REASONS = {
 }
 
 
+EARLY_STOPPING = {generation_pb2.EARLY_STOPPING_UNSPECIFIED: False, generation_pb2.EARLY_STOPPING_FALSE: False,
+                  generation_pb2.EARLY_STOPPING_TRUE: True, generation_pb2.EARLY_STOPPING_NEVER: "never"}
 SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]  # the .proto message has the same names
 
 
@@ -44,9 +47,20 @@ def sampling_params(pb: model_pb2.SamplingParams, default_prompt_lookup: int = 0
     if pb.HasField("watermarking_config"):
         w = pb.watermarking_config
         values["watermarking_config"] = (w.greenlist_ratio, w.bias, w.hashing_key, w.seeding_scheme, w.context_width)
+    values["num_beams"] = pb.num_beams or 1
+    values["length_penalty"] = as_written(pb.length_penalty) if pb.HasField("length_penalty") else 1.0
+    values["early_stopping"] = EARLY_STOPPING[pb.early_stopping]
+    values["num_return_sequences"] = pb.num_return_sequences or 1
+    values["stop_strings"] = tuple(pb.stop_strings)
     if not pb.HasField("prompt_lookup_num_tokens"):
         values["prompt_lookup_num_tokens"] = default_prompt_lookup
     return SamplingParams(**values)
+
+
+def as_written(value: float) -> float:
+    """A float32 off the wire as the decimal its sender most likely wrote (0.8, not 0.800000011920929):
+    a beam's score is divided by its length to this power, and generate() is given the decimal."""
+    return float(numpy.format_float_positional(numpy.float32(value), unique=True))
 
 
 def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
@@ -81,7 +95,8 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
         raise ValueError(f"sequence {pb.sequence_id}: cache_salt has {len(pb.cache_salt)} characters, at most "
                          f"{MAX_CACHE_SALT}")
     return Sequence((client_id, pb.sequence_id), ids, params, tenant=pb.tenant[:256],
-                    priority=pb.priority, deadline=deadline, cache_salt=pb.cache_salt.encode() or None)
+                    priority=pb.priority, deadline=deadline, cache_salt=pb.cache_salt.encode() or None,
+                    beam_of=(client_id, pb.beam_of) if pb.beam_of else None, beam_rank=pb.beam_rank)
 
 
 def token_event(out: TokenOutput) -> model_pb2.TokenEvent:
@@ -95,6 +110,8 @@ def token_event(out: TokenOutput) -> model_pb2.TokenEvent:
         event.top_logprobs.extend(
             generation_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.top_logprobs
         )
+    if out.score is not None:
+        event.sequence_score = out.score
     if out.prompt_logprobs is not None:
         event.prompt_logprobs.extend(
             model_pb2.PromptTokenLogprob(token_id=t, logprob=lp, top=[

@@ -295,7 +295,7 @@ class Engine:
 
     def _finish_search(self, group: beams.BeamGroup) -> list[TokenOutput]:
         """A finished search's returned sequences, each as its tokens' outputs under its member's id
-        (rank 0: the leader's), the last with its finish reason and score."""
+        (rank 0: the leader's), each with the sequence's score, the last with its finish reason."""
         params, eos = group.params, set(self._beam_eos(group.params))
         members = {0: group.leader, **group.members}
         outputs = []
@@ -307,10 +307,9 @@ class Engine:
             reason = FinishReason.EOS_TOKEN if tokens and tokens[-1] in eos else FinishReason.LENGTH
             if not tokens:
                 outputs.append(TokenOutput(seq.seq_id, None, reason, score=result.score))
-            for i, token in enumerate(tokens):
-                last = i == len(tokens) - 1
-                outputs.append(TokenOutput(seq.seq_id, token, reason if last else None,
-                                           score=result.score if last else None))
+            for i, token in enumerate(tokens):  # the score on each: the gateway may end it at a stop string
+                outputs.append(TokenOutput(seq.seq_id, token, reason if i == len(tokens) - 1 else None,
+                                           score=result.score))
         for member in group.members.values():
             self.member_of.pop(member.seq_id, None)
         self.groups.pop(group.leader.seq_id, None)

@@ -310,3 +310,66 @@ def test_a_watermarked_output_is_detected_by_transformers_detector(stub, hf_toke
     with pytest.raises(grpc.RpcError) as info:
         stub.DetectWatermark(pb.DetectWatermarkRequest(text="x", token_ids=[1, 2]), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in info.value.details()
+
+
+def test_beam_search_through_the_services(stub, reference_model, hf_tokenizer):
+    """num_beams through three services: the in-process engine's very sequences and scores (whose
+    exactness against generate() is tests/model/test_beam.py's), best first; the same beside other
+    traffic; streamed, the same text at the end with the score on the last message."""
+    from model_svc.__main__ import engine_for, parse_args
+    from tests.model.test_beam import beam_group, drive
+
+    engine = engine_for(reference_model, parse_args([]))  # as the model service builds it by default
+    settings = dict(max_new_tokens=20, num_beams=4, num_return_sequences=3, length_penalty=0.8)
+    got = generate(stub, PROMPTS[:2], **settings)
+    assert [(c.index, c.sample_index) for c in got] == [(i, r) for i in range(2) for r in range(3)]
+    for i, prompt in enumerate(PROMPTS[:2]):
+        ids = hf_tokenizer(prompt).input_ids
+        expected = drive(engine, beam_group(ids, **settings))
+        for rank, completion in enumerate(got[3 * i:3 * i + 3]):
+            tokens, score, _ = expected["L"] if rank == 0 else expected[("L", rank)]
+            assert list(completion.token_ids) == tokens, (prompt, rank)
+            assert completion.sequence_score == pytest.approx(score, abs=0) and completion.HasField("sequence_score")
+            assert completion.text == hf_tokenizer.decode(tokens, skip_special_tokens=True)
+            assert completion.finish_reason in FINISHED and completion.generated_tokens == len(tokens)
+        assert got[3 * i].sequence_score >= got[3 * i + 1].sequence_score >= got[3 * i + 2].sequence_score
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # beside greedy and sampled traffic
+        others = [pool.submit(generate, stub, [p], max_new_tokens=24, do_sample=True, seed=i)
+                  for i, p in enumerate(PROMPTS)]
+        again = pool.submit(generate, stub, PROMPTS[:2], **settings)
+        assert [(list(c.token_ids), c.sequence_score) for c in again.result()] == [
+            (list(c.token_ids), c.sequence_score) for c in got]
+        assert all(f.result() for f in others)
+
+    messages = stream(stub, PROMPTS[0], **settings)
+    for rank in range(3):
+        mine = [m for m in messages if m.sample_index == rank]
+        assert "".join(m.text for m in mine) == got[rank].text
+        assert [t for m in mine for t in m.token_ids] == list(got[rank].token_ids)
+        assert mine[-1].finish_reason in FINISHED and mine[-1].sequence_score == got[rank].sequence_score
+    (plain,) = generate(stub, PROMPTS[:1], max_new_tokens=20)
+    assert not plain.HasField("sequence_score")
+
+
+def test_beam_search_ends_beams_at_stop_strings(stub, reference_model, hf_tokenizer):
+    """A stop string ends a beam inside the search (generate(stop_strings=...)'s way); each returned
+    text is cut at it as any completion's is."""
+    from model_svc.__main__ import engine_for, parse_args
+    from tests.model.test_beam import beam_group, drive
+
+    settings = dict(max_new_tokens=24, num_beams=3, num_return_sequences=2)
+    engine = engine_for(reference_model, parse_args([]))
+    ids = hf_tokenizer(PROMPTS[1]).input_ids
+    expected = drive(engine, beam_group(ids, stop_strings=("\n",), **settings))
+    got = generate(stub, PROMPTS[1:2], stop=["\n"], **settings)
+    for rank, completion in enumerate(got):
+        tokens, score, _ = expected["L"] if rank == 0 else expected[("L", rank)]
+        text = hf_tokenizer.decode(tokens, skip_special_tokens=True)
+        assert completion.sequence_score == score
+        if "\n" in text:
+            assert completion.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE and completion.stop_sequence == "\n"
+            assert completion.text == text[:text.index("\n")]
+        else:
+            assert completion.text == text and completion.finish_reason in FINISHED
+    assert any(c.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE for c in got)

@@ -79,7 +79,8 @@ def test_sampling_fields_have_one_definition():
     wire = {f.name for f in model_pb2.SamplingParams.DESCRIPTOR.fields}
     assert wire == {f.name for f in dataclasses.fields(SamplingParams)}
     # bad_words_ids are made per request from config.bad_words by the tokenizer service.
-    assert wire - {"bad_words_ids"} <= {f.name for f in dataclasses.fields(ResolvedConfig)}
+    derived = {name for name, value in vars(ResolvedConfig).items() if isinstance(value, property)}  # stop_strings
+    assert wire - {"bad_words_ids"} <= {f.name for f in dataclasses.fields(ResolvedConfig)} | derived
     assert "bad_words" in {f.name for f in dataclasses.fields(ResolvedConfig)}
 
 
@@ -104,14 +105,32 @@ def test_sampling_fields_have_one_definition():
     (dict(watermarking_config={"seeding_scheme": "x"}), "config.watermarking_config.seeding_scheme=", "'x'"),
     (dict(max_matching_ngram_size=9), "config.max_matching_ngram_size=", "9"),
     (dict(max_matching_ngram_size=0), "config.max_matching_ngram_size=", "0"),
-    (dict(num_beams=4), "config.num_beams=", "beam search is not served yet"),
-    (dict(length_penalty=0.0), "config.length_penalty=", "must be unset"),
-    (dict(early_stopping=3), "config.early_stopping=", "must be unset"),
+    (dict(num_beams=17), "config.num_beams=", "[1, 16]"),
+    (dict(num_beams=0), "config.num_beams=", "[1, 16]"),
+    (dict(length_penalty=float("nan")), "config.length_penalty=", "finite"),
+    (dict(early_stopping=7), "config.early_stopping=", "EARLY_STOPPING_TRUE"),
+    (dict(num_beam_groups=2), "config.num_beam_groups=", "group beam search is not served"),
+    (dict(diversity_penalty=0.5), "config.diversity_penalty=", "group beam search is not served"),
+    (dict(num_beams=4, do_sample=True), "config.do_sample=", "beam sampling is not served"),
+    (dict(num_beams=4, num_return_sequences=5), "config.num_return_sequences=", "at most num_beams=4"),
+    (dict(num_beams=4, top_logprobs=2), "config.logprobs=", "sequence_score"),
+    (dict(num_beams=4, prompt_logprobs=0), "config.prompt_logprobs=", "num_beams > 1"),
+    (dict(num_beams=2, structured_output=("regex", "a+")), "config.regex=", "structured output"),
+    (dict(num_return_sequences=2), "config.num_return_sequences=", "num_beams > 1"),
 ])
 def test_generate_processors_are_checked(config, names, value):
     with pytest.raises(InvalidArgument) as info:
         resolve_config(RequestedConfig(**config), LIMITS)
     assert names in str(info.value) and value in str(info.value)
+
+
+def test_beam_search_resolves():
+    c = resolve_config(RequestedConfig(num_beams=4, num_return_sequences=2, length_penalty=0.5, early_stopping=3,
+                                       stop=["\n"]), LIMITS)
+    assert (c.num_beams, c.num_return_sequences, c.length_penalty, c.early_stopping) == (4, 2, 0.5, 3)
+    assert c.stop_strings == ["\n"]  # the worker ends beams on them inside the search
+    plain = resolve_config(RequestedConfig(stop=["\n"], length_penalty=2.0), LIMITS)  # ignored without beams
+    assert plain.num_beams == 1 and plain.stop_strings == [] and plain.stop == ["\n"]
 
 
 def test_generate_processors_resolve():
