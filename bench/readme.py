@@ -25,7 +25,8 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 
 | command | what |
 |---|---|
-| `make bench` | the service against in-process `generate()`, then the next six sections (~15 min) |
+| `make bench` | the service against in-process `generate()`, then the next seven sections (~20 min) |
+| `python -m bench.beams` | beam search against a loop of `generate(num_beams=4)`, and beside other streams |
 | `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~4 min; vLLM installs once) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.output_layer` | a 4-bit output layer: accuracy against float32, and speed |
@@ -152,6 +153,14 @@ bench/tenant_cache.py (in `make bench`; alone `python -m bench.tenant_cache`): t
 B's time to first token against the same prompt cold, in the same minutes (the four kinds in
 rotated order, medians). Isolated (the default), B must learn nothing from its first token.""",
             "tenant_cache.json", None, _part("tenant_cache"), _stamp("when")),
+    Section("Beam search", """\
+bench/beams.py (in `make bench`; alone `python -m bench.beams`): 8 requests with `num_beams=4`
+(at most 64 new tokens, short poems) sent at once, against a loop of in-process
+`generate(num_beams=4)` over the same prompts one by one (same model, dtype and quantization),
+alternating which side goes first, best of 2 rounds; then 4 greedy streams (96 tokens, EOS
+ignored) alone and beside those 8 beam requests ([Beam search](../docs/beam-search.md)).""",
+            "beams.json", None,
+            _image("results/beams.png", "beam search against generate()", _part("beams")), _stamp("when")),
     Section("Peers: vLLM's CPU build in the same minutes", """\
 `make bench-peers` (bench/peers.py) puts genrpc beside vLLM's CPU build (in its own virtualenv
 `.venv-peers`, bfloat16, its OpenAI server, its OpenMP threads bound to this machine's CPUs).

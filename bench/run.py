@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from bench import cpu_contention, memory_model, mixed_tenants, roofline, speculative, structured, tenant_cache
+from bench import beams, cpu_contention, memory_model, mixed_tenants, roofline, speculative, structured, tenant_cache
 from bench.clients import run_streams
 from genrpc.launch import ROOT, describe_cpu, start_stack
 
@@ -322,6 +322,7 @@ def main() -> None:
     print(tenant_cache.markdown(report["tenant_cache"]))
     print(speculative.markdown(report["speculative"]))
     print(structured.markdown(report["structured"]))
+    beams.main()  # its own file: bench/results/beams.json
 
 
 if __name__ == "__main__":

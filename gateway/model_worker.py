@@ -191,8 +191,20 @@ class ModelWorkerClient:
             self._abort_in_background([handle.sequence_id for handle, _ in groups.values()])
             return
         texts = dict(zip(piece_ids, response.pieces))
+        # What each request's queue held unread before this step: a step may bring a sequence many
+        # pieces at once (a beam search's whole output), but a reader that stopped is one that left
+        # earlier steps' pieces waiting.
+        backlog: dict[int, int] = {}
+        for handle, _ in groups.values():
+            backlog.setdefault(id(handle.queue), handle.queue.qsize())
         for (handle, events), result in zip(groups.values(), response.results):
             handle.detok.advance(result)
+            if backlog[id(handle.queue)] >= handle.max_buffered:
+                self._end(handle, SequenceEvent(handle.sequence_id, None, "", 0, error=(
+                    f"{handle.max_buffered} pieces of the stream waited unread; "
+                    "a stream's reader must keep up (--max-stream-buffer)"), error_code=RESOURCE_EXHAUSTED))
+                self._abort_in_background([handle.sequence_id])
+                continue
             token_texts = iter(result.texts if len(result.texts) > 1 else [result.text])
             any_token = any(event.has_token for event in events)
             for event in events:
@@ -214,12 +226,6 @@ class ModelWorkerClient:
                         for p in event.prompt_logprobs]
                 if event.finish_reason != 0:
                     self._end(handle, piece)
-                    break
-                if handle.queue.qsize() >= handle.max_buffered:
-                    self._end(handle, SequenceEvent(handle.sequence_id, None, "", 0, error=(
-                        f"{handle.max_buffered} pieces of the stream waited unread; "
-                        "a stream's reader must keep up (--max-stream-buffer)"), error_code=RESOURCE_EXHAUSTED))
-                    self._abort_in_background([handle.sequence_id])
                     break
                 handle.queue.put_nowait(piece)
 

@@ -181,6 +181,13 @@ def test_a_client_that_stops_reading_is_bounded(armed):
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-stream-buffer" in error.details()
         assert generated < 32 * 200  # stopped near the bound, not at max_new_tokens
         wait_for(lambda: metric(gateway.metrics_port, "genrpc_gateway_inflight_sequences") == 0, timeout=5)
+        # A reader that keeps up is not one that stopped: a beam search's 48 tokens arrive in one step,
+        # more than the 32 pieces the bound allows to wait, and the whole answer comes back.
+        with grpc.insecure_channel(gateway.address) as channel:
+            answer = generation_pb2_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+                prompts=["Story:"], config=pb.GenerationConfig(max_new_tokens=48, num_beams=2, ignore_eos=True)),
+                timeout=120)
+        assert answer.completions[0].generated_tokens == 48
     finally:
         gateway.stop()
 
