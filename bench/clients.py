@@ -23,14 +23,14 @@ class StreamResult:
     code: str = "OK"
 
 
-async def one_stream(stub, prompt: str, max_new_tokens: int, delay: float = 0.0) -> StreamResult:
+async def one_stream(stub, prompt: str, max_new_tokens: int, delay: float = 0.0, metadata=None) -> StreamResult:
     await asyncio.sleep(delay)
     result = StreamResult(start=time.perf_counter())
     request = pb.GenerateStreamRequest(prompt=prompt, config=pb.GenerationConfig(
         max_new_tokens=max_new_tokens, ignore_eos=True))
     last = result.start
     try:
-        async for message in stub.GenerateStream(request, timeout=600):
+        async for message in stub.GenerateStream(request, timeout=600, metadata=metadata):
             now = time.perf_counter()
             n = len(message.token_ids)
             if n == 0:

@@ -113,6 +113,10 @@ class Policy:
         s = self.scheduler
         rows: dict[str, list[tuple[int, int]]] = {}
         for seq in itertools.chain(s.running, s.waiting):
+            if seq.group is not None and seq.group.started:  # a beam search: a decode row a beam
+                rows.setdefault(seq.tenant, []).extend((1, chunk_pairs(b.num_computed_tokens, 1))
+                                                       for b in seq.group.beams)
+                continue
             num = min(seq.num_uncomputed_tokens, s.config.prefill_tokens)
             if num > 0:
                 rows.setdefault(seq.tenant, []).append((num, chunk_pairs(seq.num_computed_tokens, num)))

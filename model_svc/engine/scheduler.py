@@ -136,8 +136,10 @@ class Scheduler:
         cap = self.policy.tenant_cap() if floor is None else None
         rows: Counter[str] = Counter()  # sequences of each tenant in the step
 
-        def capped(seq: Sequence) -> bool:
-            if cap is None or rows[seq.tenant] < cap:
+        def capped(seq: Sequence, width: int = 1) -> bool:
+            """Over its tenant's share with `width` more rows (a beam search's beams go together: its
+            tenant's first rows of a step, whatever the cap)."""
+            if cap is None or rows[seq.tenant] + width <= cap or not rows[seq.tenant]:
                 return False
             out.num_capped += 1
             return True
@@ -151,12 +153,12 @@ class Scheduler:
         if cap is not None:
             decodes.sort(key=lambda seq: (-seq.priority, seq.last_step))
         for seq in decodes:
-            if seq.status is SequenceStatus.RUNNING and not capped(seq):
-                beams = seq.group.beams if seq.group is not None and seq.group.started else [seq]
+            beams = seq.group.beams if seq.group is not None and seq.group.started else [seq]
+            if seq.status is SequenceStatus.RUNNING and not capped(seq, len(beams)):
                 if self.room(out) >= len(beams) and self._grow_beams(seq, beams, out):
                     for beam in beams:
                         out.add(beam, 1)
-                    rows[seq.tenant] += 1
+                    rows[seq.tenant] += len(beams)
         if self.config.speculation and out.scheduled:
             propose(self, out)
         decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0

@@ -160,3 +160,27 @@ def test_a_member_needs_its_leader(reference_model, hf_tokenizer):
 def test_what_beam_search_refuses(settings, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{"num_beams": 2, **settings})
+
+
+def test_a_failing_search_fails_alone(reference_model, hf_tokenizer, monkeypatch):
+    """A search whose step raises ends ERROR with its members and gives its blocks back; a sequence
+    beside it goes on to its end."""
+    from model_svc.engine import beam
+
+    engine = make_engine(reference_model)
+    ids = hf_tokenizer(PROMPTS[0]).input_ids
+    calls = []
+    real = beam.BeamSearch.step
+
+    def failing(self, log_probs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(self, log_probs)
+
+    monkeypatch.setattr(beam.BeamSearch, "step", failing)
+    got = drive(engine, [Sequence("g", ids, SamplingParams(max_new_tokens=12))]
+                + beam_group(ids, max_new_tokens=12, num_beams=2, num_return_sequences=2))
+    assert got["L"][2] is FinishReason.ERROR and got[("L", 1)][2] is FinishReason.ERROR
+    assert got["L"][0] == [] and got["g"][2] is FinishReason.LENGTH and len(got["g"][0]) == 12
+    assert engine.scheduler.blocks.num_used_blocks == 0 and not engine.groups and not engine.member_of

@@ -561,3 +561,56 @@ def test_failures_end_sequences_wherever_they_are():
     assert sorted(x.seq_id for x in failed) == ["a", "c", "waiting"]
     assert all(x.finish_reason is FinishReason.ERROR for x in failed)
     assert not s.has_work and not s.by_id and s.blocks.num_used_blocks == 0
+
+
+def start_search(s, leader_id="L", tenant="", n_prompt=6, beams=4):
+    """A beam search's leader through its prompt, then its beams (as the engine's first search step)."""
+    from model_svc.engine.beam import BeamGroup
+
+    leader = Sequence(leader_id, list(range(10, 10 + n_prompt)), SamplingParams(max_new_tokens=20, num_beams=beams),
+                      tenant=tenant)
+    leader.group = BeamGroup(leader)
+    s.add(leader)
+    out = s.schedule()
+    s.update(out, {})  # the engine samples no token for it: the search does
+    copies = s.fork_beams(leader.group, [0] * beams, list(range(100, 100 + beams)))
+    return leader, copies
+
+
+def test_beams_share_full_blocks_and_copy_partial_ones():
+    s = make(block_size=4, max_batch_tokens=64)
+    leader, copies = start_search(s, n_prompt=6)  # a full block and a half
+    beams = leader.group.beams
+    assert [b.tokens[-1] for b in beams] == [100, 101, 102, 103] and all(b.num_computed_tokens == 6 for b in beams)
+    full = beams[0].block_table.block_ids[0]
+    assert all(b.block_table.block_ids[0] == full for b in beams) and s.blocks.blocks[full].ref_count == 4
+    partials = {b.block_table.block_ids[1] for b in beams}
+    assert len(partials) == 4 and len(copies) == 3  # the first beam took the leader's; three copies
+    assert all(c.src_slots == beams[0].block_table.slots(4, 6, 4) for c in copies)
+    assert leader.block_table.block_ids == [] and s.blocks.num_used_blocks == 5
+    out = s.schedule()  # the beams advance together
+    assert sorted(i.seq.seq_id for i in out.scheduled) == [("L", "beam", i) for i in range(4)]
+    s.update(out, {})
+    # Beam 0 continued twice, beam 2 once: beams 1 and 3 give their blocks back first.
+    copies = s.fork_beams(leader.group, [0, 0, 2, 0], [5, 6, 7, 8])
+    assert [b.tokens[6:] for b in beams] == [[100, 5], [100, 6], [102, 7], [100, 8]]
+    assert len(copies) == 2 and s.blocks.num_used_blocks == 5
+    s.finish(leader, FinishReason.LENGTH)
+    assert s.blocks.num_used_blocks == 0 and not s.has_work
+
+
+def test_a_beam_search_counts_its_beams_for_fair_steps_and_goes_whole():
+    s = make(block_size=4, max_batch_tokens=64, max_num_seqs=8)
+    leader, _ = start_search(s, tenant="beams", beams=4)
+    s.add(Sequence("x", [10, 11, 12], SamplingParams(max_new_tokens=9), tenant="other"))
+    assert len(s.policy.tenant_rows()["beams"]) == 4
+    for _ in range(4):
+        out = s.schedule()
+        ids = [i.seq.seq_id for i in out.scheduled]
+        beams = [i for i in ids if isinstance(i, tuple)]
+        assert len(beams) in (0, 4)  # all of a search's beams or none
+        s.update(out, {item.seq.seq_id: 7 for item in out.scheduled if item.seq.group is None
+                       and item.completes_prompt})
+        if beams:
+            s.fork_beams(leader.group, [0, 1, 2, 3], [7, 7, 7, 7])
+    assert s.running_by_tenant == {"beams": 1, "other": 1}  # the search is one request
