@@ -47,7 +47,8 @@ def watermark_settings(message) -> dict | None:
 
 
 def model_limits(info: model_pb2.WorkerInfoResponse) -> ModelLimits:
-    return ModelLimits(info.max_context_tokens, info.vocab_size, requested_config(info.default_config))
+    return ModelLimits(info.max_context_tokens, info.vocab_size, requested_config(info.default_config),
+                       tuple(a.name for a in info.adapters))
 
 
 def chats(chat_list) -> list[list[tuple[str, str]]]:

@@ -231,7 +231,7 @@ class Generator:
                                                                   "genrpc.num_sequences": len(rows)}):
             handles = await worker.submit(rows, params, config.skip_special_tokens, queue, _remaining(deadline),
                                           metadata=_metadata(), tenant=client, priority=config.priority,
-                                          cache_salt=salt, beam_ranks=beam_ranks)
+                                          cache_salt=salt, beam_ranks=beam_ranks, adapter=config.adapter)
         by_id = {h.sequence_id: runs[i] for i, h in enumerate(handles)}
         time_limit_at = started + config.time_limit_ms / 1000 if config.time_limit_ms else None
         num_unfinished = len(handles)

@@ -238,12 +238,14 @@ class ModelWorkerClient:
         self, rows: list[tuple[list[int], list[int]]], params: list[model_pb2.SamplingParams],
         skip_special_tokens: bool, queue: asyncio.Queue, timeout: float | None, metadata=None,
         tenant: str = "", priority: int = 0, cache_salt: str = "", beam_ranks: list[int] | None = None,
+        adapter: str = "",
     ) -> list[SequenceHandle]:
         """Submits (input_ids, attention_mask) rows; returns their handles, in order. Their
         events all go to `queue`. The worker schedules them for `tenant` at `priority`, and refuses
         them at once when they could not start within `timeout`; they share cached prompts only with
         sequences of the same `cache_salt`. beam_ranks: with beam search, each row's returned rank
-        (0: it leads a search; r > 0: the r-th sequence of the last leader before it)."""
+        (0: it leads a search; r > 0: the r-th sequence of the last leader before it). adapter: the
+        LoRA adapter they run through ("": the base model)."""
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else 0
         handles, inputs = [], []
         max_buffered = self.max_stream_buffer * len(rows)  # the request's sequences share the queue
@@ -258,7 +260,7 @@ class ModelWorkerClient:
             inputs.append(model_pb2.SequenceInput(
                 sequence_id=handle.sequence_id, input_ids=ids, attention_mask=mask, params=p, tenant=tenant,
                 priority=priority, timeout_ms=timeout_ms, cache_salt=cache_salt,
-                beam_of=leader if rank else 0, beam_rank=rank))
+                beam_of=leader if rank else 0, beam_rank=rank, adapter=adapter))
         for handle in handles:
             self.sequences[handle.sequence_id] = handle
         try:

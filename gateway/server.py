@@ -159,5 +159,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             kv_cache_tokens=info.kv_cache_tokens, kv_block_size=info.kv_block_size,
             prefix_caching=info.prefix_caching, decode_attention=info.decode_attention,
             prefill_attention=info.prefill_attention, matmul=info.matmul, cpu=info.cpu,
-            output_layer=info.output_layer, speculation=info.speculation,
+            output_layer=info.output_layer, speculation=info.speculation, adapters=info.adapters,
         )

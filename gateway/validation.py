@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from gateway.structured import grammar_for
-from genrpc.errors import InvalidArgument
+from genrpc.errors import InvalidArgument, NotFound
 from genrpc.limits import (
     MAX_BEAMS,
     MAX_CACHE_SALT,
@@ -107,6 +107,7 @@ class RequestedConfig:
     early_stopping: int = 0  # EarlyStopping; 0: unset
     num_beam_groups: int | None = None
     diversity_penalty: float | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ModelLimits:
     max_context: int
     vocab_size: int
     defaults: RequestedConfig  # every sampling field set
+    adapters: tuple[str, ...] = ()  # the LoRA adapters requests may name
 
 
 @dataclass
@@ -167,6 +169,7 @@ class ResolvedConfig:
     num_beams: int = 1  # beam search (generate()'s names); 1: off
     length_penalty: float = 1.0
     early_stopping: int = 0  # genrpc.v1.EarlyStopping; 0 (unset): false
+    adapter: str = ""  # a LoRA adapter; "": the base model
 
     @property
     def stop_strings(self) -> list[str]:
@@ -280,6 +283,9 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         num_beams=_given(req.num_beams, 1), length_penalty=_given(req.length_penalty, 1.0))
     for name, value, ok, allowed in _checks(req, limits, values):
         _check(ok, name, value, allowed)
+    if req.adapter and req.adapter not in limits.adapters:
+        served = ", ".join(limits.adapters) or "none"
+        raise NotFound(f"config.adapter={req.adapter!r}: no such LoRA adapter (served: {served}; ModelInfo.adapters)")
     grammar = grammar_for(*req.structured_output) if req.structured_output is not None else ""
     return ResolvedConfig(
         **{k: v for k, v in values.items() if k != "top_logprobs"},
@@ -307,6 +313,7 @@ def resolve_config(req: RequestedConfig, limits: ModelLimits) -> ResolvedConfig:
         sequence_bias=[(list(ids), bias) for ids, bias in req.sequence_bias],
         max_matching_ngram_size=req.max_matching_ngram_size,
         early_stopping=req.early_stopping,
+        adapter=req.adapter or "",
         watermarking_config=(None if req.watermarking_config is None
                              else {**WATERMARK_DEFAULTS, **req.watermarking_config}),
     )

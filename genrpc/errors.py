@@ -44,6 +44,12 @@ class InvalidArgument(GenrpcError, ValueError):
         return cls(f"{name}={shown} is invalid: {allowed}")
 
 
+class NotFound(GenrpcError):
+    """A named thing the request asks for does not exist here (an adapter)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class ResourceExhausted(GenrpcError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

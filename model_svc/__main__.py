@@ -22,7 +22,7 @@ from genrpc.model_path import DEFAULT_MODEL, ModelSource
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.tracing import setup_tracing
-from model_svc.engine import fused, kernel_choice
+from model_svc.engine import fused, kernel_choice, lora
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
@@ -116,6 +116,11 @@ def parse_args(argv=None):
     parser.add_argument("--draft-model", default=None,
                         help="a smaller model with the same vocabulary whose greedy guesses are proposed instead of "
                              "prompt lookup's (loaded unquantized in --dtype); verified exactly like them")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="a LoRA adapter in PEFT's format that requests may name (GenerationConfig.adapter); "
+                             "repeatable")
+    parser.add_argument("--max-lora-rank", type=int, default=lora.DEFAULT_MAX_RANK,
+                        help="the largest adapter rank accepted (1 .. 256)")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
@@ -130,6 +135,33 @@ def scheduler_config(args) -> SchedulerConfig:
             idle_step_seconds=args.idle_step_ms / 1000, tenant_slowdown=args.tenant_slowdown)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+
+def check_adapters(args) -> list[tuple[str, str]]:
+    """--lora's (name, path) pairs, checked before the weights load: well formed, names distinct."""
+    if not 1 <= args.max_lora_rank <= 256:
+        raise SystemExit(f"--max-lora-rank={args.max_lora_rank} is invalid: must be in [1, 256]")
+    try:
+        pairs = [lora.parse_flag(value) for value in args.lora]
+    except lora.AdapterError as exc:
+        raise SystemExit(str(exc)) from None
+    names = [name for name, _ in pairs]
+    repeated = next((n for n in names if names.count(n) > 1), None)
+    if repeated:
+        raise SystemExit(f"--lora: the name {repeated!r} is given twice")
+    return pairs
+
+
+def load_adapters(args, loaded) -> list:
+    """The --lora adapters, read and checked against the loaded model (a bad one stops start-up)."""
+    adapters = []
+    for name, path in check_adapters(args):
+        try:
+            adapters.append(lora.load(name, path, loaded.model.config, args.max_lora_rank))
+        except lora.AdapterError as exc:
+            raise SystemExit(f"--lora: {exc}") from None
+        log.info("LoRA adapter %s from %s", adapters[-1].describe(), path)
+    return adapters
 
 
 def check_kv_cache(args) -> None:
@@ -231,6 +263,7 @@ def build_engine(args) -> tuple:
     direct_rows(args)
     check_kv_cache(args)
     check_output_layer(args)
+    check_adapters(args)
     scheduler_config(args)
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
@@ -248,6 +281,7 @@ def engine_for(loaded, args) -> Engine:
     log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
              runner.prefill_attention, runner.matmul_detail)
     log.info("cpu: %s", kernel_choice.cpu_info().describe())
+    runner.set_adapters(load_adapters(args, loaded))
     check_kv_cache(args)
     per_token = runner.kv_spec.bytes_per_token
     tokens, why = arena_tokens(per_token, args.block_size, args.kv_cache_tokens, args.kv_cache_memory,

@@ -96,7 +96,8 @@ def sequence(client_id: str, pb: model_pb2.SequenceInput, vocab_size: int,
                          f"{MAX_CACHE_SALT}")
     return Sequence((client_id, pb.sequence_id), ids, params, tenant=pb.tenant[:256],
                     priority=pb.priority, deadline=deadline, cache_salt=pb.cache_salt.encode() or None,
-                    beam_of=(client_id, pb.beam_of) if pb.beam_of else None, beam_rank=pb.beam_rank)
+                    beam_of=(client_id, pb.beam_of) if pb.beam_of else None, beam_rank=pb.beam_rank,
+                    adapter=pb.adapter)
 
 
 def token_event(out: TokenOutput) -> model_pb2.TokenEvent:

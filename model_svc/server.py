@@ -185,6 +185,8 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             prefill_attention=self.engine_loop.engine.runner.prefill_attention,
             num_threads=self.thread_policy.threads, matmul=self.engine_loop.engine.runner.matmul_detail,
             cpu=self.cpu, output_layer=m.output_layer, speculation=self.engine_loop.engine.describe_speculation(),
+            adapters=[generation_pb2.AdapterInfo(name=a.name, rank=a.rank, modules=a.modules)
+                      for a in self.engine_loop.engine.runner.adapters.by_name.values()],
         )
 
 

@@ -118,6 +118,8 @@ class Engine:
         if seq.beam_of is not None:
             self._add_member(seq)
             return
+        if seq.adapter and seq.adapter not in self.runner.adapters.by_name:
+            raise ValueError(f"adapter {seq.adapter!r} is not loaded on this model worker")
         if seq.params.grammar and seq.constraint is None:
             if self.grammars is None:
                 raise ValueError("structured output is not available here")

@@ -46,7 +46,10 @@ class Prefixes:
     def root(self, seq: Sequence) -> bytes | None:
         """The prefix-cache namespace of the sequence's numbers (block_manager.py) within its cache
         salt's: sequences of different salts never share a block."""
-        return salted_root(LONG_PROMPTS if self.is_long(seq) else None, seq.cache_salt)
+        salt = seq.cache_salt
+        if seq.adapter:  # an adapter's keys and values are its own
+            salt = (salt or b"") + b"\x00adapter:" + seq.adapter.encode()
+        return salted_root(LONG_PROMPTS if self.is_long(seq) else None, salt)
 
     def shareable(self, seq: Sequence) -> int:
         """How many of a sequence's leading tokens others may share once computed: all of them, or a

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import decode_attention, fused, gemm, kernel_choice, prefill_attention
+from model_svc.engine import decode_attention, fused, gemm, kernel_choice, lora, prefill_attention
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.schedule_types import ScheduledSequence
@@ -162,9 +162,15 @@ class ModelRunner:
         native = matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu"
         kernel = gemm.load() if native else None
         self.linear = Linears(kernel, dense=self.fused is not None)
+        self.adapters = lora.Adapters([])  # set_adapters
+        self._lora: lora.StepRows | None = None  # the step's rows by adapter
         self.kernel_choice = None
         if kernel is not None:
             self.kernel_choice = kernel_choice.choose(kernel, *self._product_shapes(), forced=direct_rows)
+
+    def set_adapters(self, adapters: list[lora.Adapter]) -> None:
+        """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""
+        self.adapters = lora.Adapters(adapters, self.linear.gemm if self.linear.dense else None)
 
     def _product_shapes(self) -> tuple[list, list]:
         """The model's 4-bit layer shapes and its bfloat16 output layer's (if the native kernel takes it),
@@ -292,6 +298,8 @@ class ModelRunner:
         tokens count as not computed: what it wrote to their cache slots is written again, with
         the same values, by the step that computes them."""
         batch = self.pack(scheduled, kv)
+        self._lora = (self.adapters.rows([item.seq.adapter for item in scheduled], batch.starts, batch.lengths)
+                      if self.adapters else None)
         if self.fused is not None:
             return self._execute_fused(batch, kv, interrupt)
         hidden = self.base.embed_tokens(batch.input_ids[None])  # [1, T, H]
@@ -305,7 +313,7 @@ class ModelRunner:
             hidden = self._attention(layer.self_attn, layer_idx, hidden, cos, sin, batch, kv)
             hidden = residual + hidden
             residual = hidden
-            hidden = self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+            hidden = self._mlp(layer.mlp, layer_idx, layer.post_attention_layernorm(hidden))
             hidden = residual + hidden
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
         last = self.base.norm(hidden[0, rows])  # [N, H]
@@ -324,17 +332,24 @@ class ModelRunner:
             normed = fused.add_rmsnorm(hidden, delta, layer.input_layernorm)
             attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv)
             normed = fused.add_rmsnorm(hidden, attended[0], layer.post_attention_layernorm)
-            delta = self._mlp(layer.mlp, normed)
+            delta = self._mlp(layer.mlp, layer_idx, normed)
         rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
         last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+    def _projections(self, modules: tuple, names: tuple[str, ...], layer_idx: int, x: torch.Tensor) -> list:
+        """The modules' products of x (one native call where they share it), each adapter's update
+        added to its rows (lora.py)."""
+        outs = self.linear.many(modules, x) if len(modules) > 1 else [self.linear(modules[0], x)]
+        if self._lora is not None:
+            self.adapters.apply(self._lora, layer_idx, names, x, outs)
+        return outs
+
+    def _mlp(self, mlp, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""
-        gate, up = self.linear.many((mlp.gate_proj, mlp.up_proj), x)
-        if self.fused is not None:  # the same values, without two intermediate tensors
-            return self.linear(mlp.down_proj, F.silu(gate, inplace=True).mul_(up))
-        return self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        gate, up = self._projections((mlp.gate_proj, mlp.up_proj), ("gate_proj", "up_proj"), layer_idx, x)
+        product = F.silu(gate, inplace=True).mul_(up) if self.fused is not None else mlp.act_fn(gate) * up
+        return self._projections((mlp.down_proj,), ("down_proj",), layer_idx, product)[0]
 
     def _prompt_mask(self, kv_length: int, length: int) -> torch.Tensor:
         """[t, kv_length]: which keys each of a prompt's last `length` tokens sees: those up to its own
@@ -350,7 +365,8 @@ class ModelRunner:
     def _attention(self, attn, layer_idx, hidden, cos, sin, batch: PackedBatch, kv: KVCache):
         num_tokens = hidden.shape[1]
         # Token-major layouts, [T, heads, D], so that one decoded token's heads are one contiguous block.
-        query, key, value = self.linear.many((attn.q_proj, attn.k_proj, attn.v_proj), hidden)
+        query, key, value = self._projections((attn.q_proj, attn.k_proj, attn.v_proj), ("q_proj", "k_proj", "v_proj"),
+                                              layer_idx, hidden)
         query = query.view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
         key = key.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         value = value.view(num_tokens, -1, self.head_dim)
@@ -403,4 +419,4 @@ class ModelRunner:
             out[start:start + length] = attended[0].transpose(0, 1)  # [t, Hq, D]
         if num_tokens > sum(batch.lengths):  # the dummy row: any finite values do
             out[-1] = out[0]
-        return self.linear(attn.o_proj, out.view(1, num_tokens, -1))  # [1, T, H]
+        return self._projections((attn.o_proj,), ("o_proj",), layer_idx, out.view(1, num_tokens, -1))[0]  # [1, T, H]

@@ -321,7 +321,7 @@ class Scheduler:
         beam = Sequence((leader.seq_id, "beam", index), leader.prompt_ids,
                         replace(leader.params, prompt_lookup_num_tokens=0), status=SequenceStatus.RUNNING,
                         tenant=leader.tenant, priority=leader.priority, arrival=leader.arrival,
-                        cache_salt=leader.cache_salt, group=group)
+                        cache_salt=leader.cache_salt, group=group, adapter=leader.adapter)
         beam.processors = leader.processors
         return beam
 

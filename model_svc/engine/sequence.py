@@ -195,6 +195,7 @@ class Sequence:
     group: object | None = None
     beam_of: Hashable | None = None
     beam_rank: int = 0
+    adapter: str = ""  # the LoRA adapter its rows go through (lora.py); "": the base model
 
     num_prompt_tokens: int = field(init=False)
 

@@ -19,7 +19,7 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea and the wind
 
 
 def make_engine(loaded, max_batch_tokens=512, match_generate=False, prefix_caching=False, prefill="native",
-                kv_cache_tokens=20000, max_num_seqs=16):
+                kv_cache_tokens=20000, max_num_seqs=16, extra=()):
     """The engine as the model service builds it from these flags (native prefill attention by
     default, or prefill="sdpa": generate()'s own prompt numbers, where a test compares with
     generate() to the last bit); prompts are prefilled up to max_batch_tokens a step."""
@@ -31,7 +31,7 @@ def make_engine(loaded, max_batch_tokens=512, match_generate=False, prefix_cachi
         flags += ["--prefill-attention", "sdpa"] * (prefill == "sdpa")  # native: the default, where it can run
         native = loaded.dtype == "bfloat16" and loaded.device == "cpu"  # else attention is SDPA, uncached anyway
         flags += ["--no-prefix-caching"] * (not prefix_caching and prefill == "native" and native)
-    return engine_for(loaded, parse_args(flags))
+    return engine_for(loaded, parse_args(flags + list(extra)))
 
 
 def run(engine, seqs):

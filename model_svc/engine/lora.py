@@ -1,0 +1,212 @@
+"""LoRA adapters in PEFT's format, chosen per sequence and applied inside one batched step.
+
+An adapter is a folder as `peft` saves it: adapter_config.json and adapter_model.safetensors (or
+.bin), low-rank pairs A [r, in] and B [out, r] for some of the decoder's projections (q, k, v, o,
+gate, up, down). A layer's output for a row of a sequence with adapter X is the base product plus
+scaling x (row @ A.T) @ B.T with X's pair: the base product is shared by every row of the step, each
+adapter's update touches its own rows only.
+
+Two numerics, as the rest of the engine:
+- native (with the native kernels, the default): each adapter's rows in one product of the native
+  bfloat16 kernel per matrix (A padded to 32 rows): a row's update depends on that row alone, so a
+  sequence's numbers are the same alone, beside other adapters' rows and whatever its prompt's
+  chunking (prefix caching stays exact; cached blocks are keyed by the adapter too);
+- `--match-generate` (and wherever the native kernel cannot run): PEFT's own arithmetic, sequence
+  by sequence, with the shapes `generate()` on a `PeftModel` uses: float32 A and B, the update cast
+  to the layer's dtype and added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MAX_RANK = 64
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+PAD = 32  # the native kernel's column block: A is padded to a multiple of it
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served, with what is wrong."""
+
+
+@dataclass
+class Pair:
+    a: torch.Tensor  # [r, in] float32
+    b: torch.Tensor  # [out, r] float32
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # native: A padded, B padded, packed bfloat16
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    scaling: float
+    modules: tuple[str, ...]  # the projections it changes
+    pairs: dict[tuple[int, str], Pair] = field(default_factory=dict)  # (layer, projection) -> its pair
+
+    def describe(self) -> str:
+        return f"{self.name} (rank {self.rank}, {', '.join(self.modules)})"
+
+
+def parse_flag(value: str) -> tuple[str, str]:
+    """`--lora NAME=PATH` -> (NAME, PATH)."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise AdapterError(f"--lora {value!r}: expected NAME=PATH (a folder saved by peft)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise AdapterError(f"--lora {value!r}: a name has 1 to 64 letters, digits, '.', '_' or '-'")
+    return name, path
+
+
+def load(name: str, path: str, model_config, max_rank: int = DEFAULT_MAX_RANK) -> Adapter:
+    """Reads and checks a PEFT LoRA adapter for a model with `model_config`; AdapterError names what
+    does not fit (its kind, rank, targets, shapes or options)."""
+    config_path = os.path.join(path, "adapter_config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"adapter {name}: cannot read {config_path}: {exc}") from None
+    where = f"adapter {name} ({path})"
+    checks = [
+        ("peft_type", config.get("peft_type", "LORA") == "LORA", "LORA"),
+        ("use_dora", not config.get("use_dora"), "false (DoRA is not served)"),
+        ("bias", config.get("bias", "none") == "none", '"none"'),
+        ("modules_to_save", not config.get("modules_to_save"), "empty (only low-rank pairs are served)"),
+        ("fan_in_fan_out", not config.get("fan_in_fan_out"), "false"),
+        ("layer_replication", not config.get("layer_replication"), "unset"),
+        ("rank_pattern", not config.get("rank_pattern"), "empty (one rank for every module)"),
+        ("alpha_pattern", not config.get("alpha_pattern"), "empty (one alpha for every module)"),
+        ("r", isinstance(config.get("r"), int) and 1 <= config["r"] <= max_rank,
+         f"in [1, {max_rank}] (--max-lora-rank)"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise AdapterError(f"{where}: {key}={config.get(key)!r} is not served: must be {allowed}")
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    tensors = _read_weights(path, where)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.search(key)
+        if match is None:
+            raise AdapterError(f"{where}: weight {key!r} is not a LoRA pair of a decoder projection")
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if module not in TARGETS:
+            raise AdapterError(f"{where}: target module {module!r} is not served: targets must be among "
+                               f"{', '.join(TARGETS)}")
+        pairs.setdefault((layer, module), {})[which] = tensor.detach().to(torch.float32).contiguous()
+    if not pairs:
+        raise AdapterError(f"{where}: no LoRA weights found")
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    shapes = _shapes(text)
+    adapter = Adapter(name, path, rank, alpha, scaling, tuple(sorted({m for _, m in pairs}, key=TARGETS.index)))
+    for (layer, module), pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{where}: layer {layer} {module} has lora_{''.join(pair)} without its pair")
+        out_features, in_features = shapes[module]
+        if not 0 <= layer < text.num_hidden_layers:
+            raise AdapterError(f"{where}: layer {layer} is not among the model's {text.num_hidden_layers}")
+        if pair["A"].shape != (rank, in_features) or pair["B"].shape != (out_features, rank):
+            raise AdapterError(f"{where}: layer {layer} {module}: A {tuple(pair['A'].shape)} and B "
+                               f"{tuple(pair['B'].shape)} do not fit the model ([{rank}, {in_features}] and "
+                               f"[{out_features}, {rank}] expected): an adapter of another model?")
+        adapter.pairs[(layer, module)] = Pair(pair["A"], pair["B"])
+    return adapter
+
+
+def _read_weights(path: str, where: str) -> dict[str, torch.Tensor]:
+    safetensors = os.path.join(path, "adapter_model.safetensors")
+    if os.path.exists(safetensors):
+        from safetensors.torch import load_file
+
+        return load_file(safetensors)
+    pickled = os.path.join(path, "adapter_model.bin")
+    if os.path.exists(pickled):
+        return torch.load(pickled, map_location="cpu", weights_only=True)
+    raise AdapterError(f"{where}: neither adapter_model.safetensors nor adapter_model.bin is there")
+
+
+def _shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each target projection."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+@dataclass
+class StepRows:
+    """Which rows of a step's packed batch belong to which adapter: (start, length) runs per adapter."""
+
+    runs: dict[str, list[tuple[int, int]]]
+    index: dict[str, torch.Tensor]  # the same, as row indices
+
+
+class Adapters:
+    """The adapters a model service holds, and their updates applied to a step's products."""
+
+    def __init__(self, adapters: list[Adapter], gemm=None):
+        """gemm: the native kernel (native numerics), or None (PEFT's arithmetic)."""
+        self.by_name = {a.name: a for a in adapters}
+        self.gemm = gemm
+        if gemm is not None:
+            for adapter in adapters:
+                self._pack(adapter)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_name)
+
+    def _pack(self, adapter: Adapter) -> None:
+        for pair in adapter.pairs.values():
+            rank = pair.a.shape[0]
+            padded = -(-rank // PAD) * PAD
+            a = torch.zeros((padded, pair.a.shape[1]), dtype=torch.bfloat16)
+            a[:rank] = pair.a
+            b = torch.zeros((pair.b.shape[0], padded), dtype=torch.bfloat16)
+            b[:, :rank] = pair.b
+            pair.packed = (self.gemm.pack(a), self.gemm.pack(b))
+
+    def rows(self, adapters: list[str], starts: list[int], lengths: list[int]) -> StepRows | None:
+        """The step's rows by adapter, from each scheduled sequence's adapter and rows; None when no row
+        has one."""
+        runs: dict[str, list[tuple[int, int]]] = {}
+        for name, start, length in zip(adapters, starts, lengths):
+            if name:
+                runs.setdefault(name, []).append((start, length))
+        if not runs:
+            return None
+        index = {name: torch.cat([torch.arange(s, s + n) for s, n in r]) for name, r in runs.items()}
+        return StepRows(runs, index)
+
+    def apply(self, step: StepRows, layer: int, modules: tuple[str, ...], x: torch.Tensor,
+              outs: list[torch.Tensor]) -> None:
+        """Adds each adapter's update to its rows of `outs` (the base products of `modules` of `x`)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        for name, index in step.index.items():
+            adapter = self.by_name[name]
+            for module, out in zip(modules, outs):
+                pair = adapter.pairs.get((layer, module))
+                if pair is None:
+                    continue
+                out2 = out.view(-1, out.shape[-1])
+                if pair.packed is not None:  # one native product per matrix for all of the adapter's rows
+                    rows = x2.index_select(0, index)
+                    update = self.gemm.dense(self.gemm.dense(rows, pair.packed[0]), pair.packed[1])
+                    update *= adapter.scaling
+                    out2.index_add_(0, index, update)
+                else:  # PEFT's arithmetic, a sequence at a time (its shapes in generate())
+                    for start, length in step.runs[name]:
+                        rows = x2[start:start + length].to(torch.float32)
+                        update = F.linear(F.linear(rows, pair.a), pair.b) * adapter.scaling
+                        out2[start:start + length] = out2[start:start + length] + update.to(out2.dtype)

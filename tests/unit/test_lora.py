@@ -1,0 +1,78 @@
+"""Reading PEFT LoRA adapters: what is served, and what is refused with a message naming it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from model_svc.__main__ import check_adapters, parse_args
+from model_svc.engine import lora
+from tests.helpers import MODEL
+
+CONFIG = AutoConfig.from_pretrained(MODEL)  # hidden 576, 9 heads of 64, 3 KV heads, MLP 1536, 30 layers
+
+
+def write(folder, config=None, tensors=None, rank=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                "bias": "none", **(config or {})}
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    prefix = "base_model.model.model.layers.0.self_attn"
+    weights = tensors if tensors is not None else {
+        f"{prefix}.q_proj.lora_A.weight": torch.randn(rank, 576),
+        f"{prefix}.q_proj.lora_B.weight": torch.randn(576, rank),
+        f"{prefix}.v_proj.lora_A.weight": torch.randn(rank, 576),
+        f"{prefix}.v_proj.lora_B.weight": torch.randn(192, rank)}
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+def test_an_adapter_is_read_with_its_rank_scaling_and_modules(tmp_path):
+    adapter = lora.load("x", write(tmp_path / "x"), CONFIG)
+    assert (adapter.rank, adapter.scaling, adapter.modules) == (4, 2.0, ("q_proj", "v_proj"))
+    assert set(adapter.pairs) == {(0, "q_proj"), (0, "v_proj")}
+    assert adapter.pairs[(0, "v_proj")].b.shape == (192, 4) and adapter.pairs[(0, "v_proj")].b.dtype == torch.float32
+    rs = lora.load("y", write(tmp_path / "y", {"use_rslora": True}), CONFIG)
+    assert rs.scaling == 8 / 2  # alpha / sqrt(r)
+
+
+@pytest.mark.parametrize("config,tensors,message", [
+    ({"use_dora": True}, None, "use_dora=True is not served"),
+    ({"bias": "all"}, None, "bias='all'"),
+    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    ({"r": 128}, None, "r=128 is not served: must be in [1, 64]"),
+    ({"peft_type": "IA3"}, None, "peft_type='IA3'"),
+    ({}, {"base_model.model.lm_head.lora_A.weight": torch.randn(4, 576)}, "not a LoRA pair of a decoder projection"),
+    ({}, {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": torch.randn(4, 576)},
+     "target module 'rotary' is not served"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 576)}, "without its pair"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 1024),
+          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(1024, 4)},
+     "an adapter of another model"),
+    ({}, {"base_model.model.model.layers.40.self_attn.q_proj.lora_A.weight": torch.randn(4, 576),
+          "base_model.model.model.layers.40.self_attn.q_proj.lora_B.weight": torch.randn(576, 4)},
+     "layer 40 is not among the model's 30"),
+])
+def test_what_is_refused(tmp_path, config, tensors, message):
+    with pytest.raises(lora.AdapterError) as info:
+        lora.load("bad", write(tmp_path / "bad", config, tensors), CONFIG)
+    assert message in str(info.value) and "adapter bad" in str(info.value)
+
+
+def test_a_missing_folder_is_refused(tmp_path):
+    with pytest.raises(lora.AdapterError, match="cannot read"):
+        lora.load("gone", str(tmp_path / "nowhere"), CONFIG)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora", "nameonly"], "expected NAME=PATH"),
+    (["--lora", "bad name=/x"], "a name has 1 to 64"),
+    (["--lora", "a=/x", "--lora", "a=/y"], "the name 'a' is given twice"),
+    (["--max-lora-rank", "0"], "--max-lora-rank=0 is invalid"),
+])
+def test_lora_flags_are_checked_before_the_weights_load(argv, message):
+    with pytest.raises(SystemExit) as info:
+        check_adapters(parse_args(argv))
+    assert message in str(info.value)
