@@ -27,6 +27,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 |---|---|
 | `make bench` | the service against in-process `generate()`, then the next seven sections (~20 min) |
 | `python -m bench.beams` | beam search against a loop of `generate(num_beams=4)`, and beside other streams |
+| `python -m bench.lora` | streams through LoRA adapters against the base model's |
 | `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~4 min; vLLM installs once) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.output_layer` | a 4-bit output layer: accuracy against float32, and speed |
@@ -161,6 +162,12 @@ alternating which side goes first, best of 2 rounds; then 4 greedy streams (96 t
 ignored) alone and beside those 8 beam requests ([Beam search](../docs/beam-search.md)).""",
             "beams.json", None,
             _image("results/beams.png", "beam search against generate()", _part("beams")), _stamp("when")),
+    Section("LoRA adapters", """\
+`python -m bench.lora`: a model service started with 8 rank-16 adapters on all seven projections;
+8 streams each with its own adapter, and 32 streams over 4 adapters, against as many streams of
+the base model (128 greedy tokens, EOS ignored, no speculation), alternating, best of 2 rounds;
+and one adapter's load time ([LoRA adapters](../docs/lora.md)).""",
+            "lora.json", None, _part("lora"), _stamp("when")),
     Section("Peers: vLLM's CPU build in the same minutes", """\
 `make bench-peers` (bench/peers.py) puts genrpc beside vLLM's CPU build (in its own virtualenv
 `.venv-peers`, bfloat16, its OpenAI server, its OpenMP threads bound to this machine's CPUs).

@@ -19,7 +19,14 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from genrpc.errors import ConfigError
-from genrpc.limits import MAX_PRIORITY, MAX_PROMPT_LOOKUP, MAX_RETURN_SEQUENCES, MAX_TIME_LIMIT_MS, MAX_TOP_LOGPROBS
+from genrpc.limits import (
+    MAX_BEAMS,
+    MAX_PRIORITY,
+    MAX_PROMPT_LOOKUP,
+    MAX_RETURN_SEQUENCES,
+    MAX_TIME_LIMIT_MS,
+    MAX_TOP_LOGPROBS,
+)
 from genrpc.v1 import generation_pb2 as pb
 from genrpc.v1 import generation_pb2_grpc
 
@@ -81,7 +88,12 @@ GENERATION_FLAGS = [
     ("--priority", "priority", ranged(int, -MAX_PRIORITY, MAX_PRIORITY),
      f"{-MAX_PRIORITY} .. {MAX_PRIORITY}, higher is more urgent (0)"),
     ("--num-return-sequences", "num_return_sequences", ranged(int, 1, MAX_RETURN_SEQUENCES),
-     f"samples of the prompt, 1 .. {MAX_RETURN_SEQUENCES} (needs --do-sample; sample i uses seed + i)"),
+     f"samples of the prompt, 1 .. {MAX_RETURN_SEQUENCES} (with --do-sample, sample i uses seed + i; "
+     "with --num-beams, the best beams)"),
+    ("--num-beams", "num_beams", ranged(int, 1, MAX_BEAMS), f"beam search with N beams, 1 .. {MAX_BEAMS} (1: off)"),
+    ("--length-penalty", "length_penalty", ranged(float, -100.0, 100.0),
+     "beam search: a sequence's score is its log-probability over its length to this power (1.0)"),
+    ("--adapter", "adapter", str, "a LoRA adapter the server holds (genrpc info lists them)"),
     ("--prompt-logprobs", "prompt_logprobs", ranged(int, 0, MAX_TOP_LOGPROBS),
      f"also print each prompt token's logprob and N alternatives, 0 .. {MAX_TOP_LOGPROBS}"),
     ("--prompt-lookup-num-tokens", "prompt_lookup_num_tokens", ranged(int, 0, MAX_PROMPT_LOOKUP),
@@ -103,6 +115,8 @@ def _config(args) -> pb.GenerationConfig:
             setattr(config, flag, True)
     if args.keep_special_tokens:
         config.skip_special_tokens = False
+    if args.early_stopping:
+        config.early_stopping = pb.EarlyStopping.Value("EARLY_STOPPING_" + args.early_stopping.upper())
     if args.json_schema is not None:
         config.json_schema = args.json_schema
     elif args.grammar is not None:
@@ -213,7 +227,9 @@ def cmd_generate(stub, args) -> None:
     if completions[0].prompt_logprobs:
         print("prompt:\n" + "\n".join(_logprob_lines(completions[0].prompt_logprobs)), file=sys.stderr)
     for completion in completions:
-        if len(completions) > 1:
+        if completion.HasField("sequence_score"):
+            print(f"--- sequence {completion.sample_index} (score {completion.sequence_score:.4f})")
+        elif len(completions) > 1:
             print(f"--- sample {completion.sample_index} (seed {completion.seed})")
         print(completion.text)
         if completion.logprobs:
@@ -248,6 +264,7 @@ def cmd_info(stub, args) -> None:
                      f"{'on' if info.prefix_caching else 'off'}"),
         ("attention", f"decoded tokens {info.decode_attention}, prompts {info.prefill_attention}"),
         ("speculation", info.speculation),
+        ("adapters", ", ".join(f"{a.name} (rank {a.rank}: {', '.join(a.modules)})" for a in info.adapters) or "none"),
         ("matmul", info.matmul),
         ("cpu", info.cpu),
         ("threads", info.thread_policy),
@@ -281,6 +298,8 @@ def parser() -> Parser:
         names = (flag, "-n") if name == "num_return_sequences" else (flag,)
         g.add_argument(*names, dest=name, type=kind, help=help_text)
     g.add_argument("--do-sample", action="store_true", help="sample (greedy without it)")
+    g.add_argument("--early-stopping", choices=["true", "false", "never"],
+                   help="beam search: when it may stop before --max-new-tokens (generate()'s; false)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--include-stop-sequence", action="store_true", help="keep the stop string in the text")
     g.add_argument("--stop-token-id", type=ranged(int, 0, INT32_MAX), action="append",

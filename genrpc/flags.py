@@ -1,7 +1,8 @@
 """Command-line flags that can also be set from the environment.
 
 Every flag `--some-flag` reads `GENRPC_SOME_FLAG` when it is not given on the
-command line, so a container can be configured with environment variables alone.
+command line, so a container can be configured with environment variables alone; a repeatable flag
+reads comma-separated values (`GENRPC_LORA=a=/x,b=/y`), and the command line's add to them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class EnvArgumentParser(argparse.ArgumentParser):
             if kwargs.get("action") == "store_true":
                 if raw is not None:
                     kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
+            elif kwargs.get("action") == "append":  # a repeatable flag: comma-separated values
+                if raw is not None:
+                    kind = kwargs.get("type") or str
+                    kwargs["default"] = [kind(v) for v in raw.split(",") if v]
             elif raw is not None:
                 kind = kwargs.get("type")
                 kwargs["default"] = kind(raw) if kind else raw

@@ -373,3 +373,16 @@ def test_beam_search_ends_beams_at_stop_strings(stub, reference_model, hf_tokeni
         else:
             assert completion.text == text and completion.finish_reason in FINISHED
     assert any(c.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE for c in got)
+
+
+def test_the_cli_runs_a_beam_search(stack, stub):
+    """`genrpc generate --num-beams`: each returned sequence under its score, as the API gives it."""
+    from tests.integration.test_services import run_cli
+
+    out = run_cli(stack, "generate", PROMPTS[0], "--max-new-tokens", "12", "--num-beams", "3", "-n", "2",
+                  "--length-penalty", "0.5", "--early-stopping", "never")
+    assert out.returncode == 0, out.stderr
+    got = generate(stub, PROMPTS[:1], max_new_tokens=12, num_beams=3, num_return_sequences=2, length_penalty=0.5,
+                   early_stopping=pb.EARLY_STOPPING_NEVER)
+    expected = "".join(f"--- sequence {c.sample_index} (score {c.sequence_score:.4f})\n{c.text}\n" for c in got)
+    assert out.stdout == expected

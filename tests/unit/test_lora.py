@@ -76,3 +76,9 @@ def test_lora_flags_are_checked_before_the_weights_load(argv, message):
     with pytest.raises(SystemExit) as info:
         check_adapters(parse_args(argv))
     assert message in str(info.value)
+
+
+def test_lora_reads_comma_separated_adapters_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GENRPC_LORA", "a=/x,b=/y")
+    assert check_adapters(parse_args([])) == [("a", "/x"), ("b", "/y")]
+    assert check_adapters(parse_args(["--lora", "c=/z"])) == [("a", "/x"), ("b", "/y"), ("c", "/z")]
