@@ -49,12 +49,13 @@ def load_seconds(path: str) -> float:
     """Reading, checking and packing one adapter (what --lora does per adapter at start)."""
     from transformers import AutoConfig
 
-    from model_svc.engine import gemm, lora
+    from model_svc.engine import lora
 
     config = AutoConfig.from_pretrained(MODEL)
+    kernel = lora.load_kernel()
     started = time.perf_counter()
     adapter = lora.load("x", path, config)
-    lora.Adapters([adapter], gemm.load())
+    lora.Adapters([adapter], kernel)
     return time.perf_counter() - started
 
 

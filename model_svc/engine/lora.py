@@ -7,10 +7,11 @@ scaling x (row @ A.T) @ B.T with X's pair: the base product is shared by every r
 adapter's update touches its own rows only.
 
 Two numerics, as the rest of the engine:
-- native (with the native kernels, the default): two products of the native bfloat16 kernel per
-  projection for all of a step's adapter rows (`Adapters`): a row's update depends on that row
-  alone, so a sequence's numbers are the same alone, beside other adapters' rows and whatever its
-  prompt's chunking (prefix caching stays exact; cached blocks are keyed by the adapter too);
+- native (with the native kernels, the default): kernels/lora.c, one call a projection for all of a
+  step's adapter rows, each row's update in float32 in a fixed order (`Adapters`): a row's update
+  depends on that row alone, so a sequence's numbers are the same alone, beside other adapters'
+  rows and whatever its prompt's chunking (prefix caching stays exact; cached blocks are keyed by
+  the adapter too);
 - `--match-generate` (and wherever the native kernel cannot run): PEFT's own arithmetic, sequence
   by sequence, with the shapes `generate()` on a `PeftModel` uses: float32 A and B, the update cast
   to the layer's dtype and added.
@@ -18,18 +19,24 @@ Two numerics, as the rest of the engine:
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from model_svc.engine import kernels
+
+log = logging.getLogger(__name__)
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MAX_RANK = 64
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-PAD = 32  # the native kernel's column block: A is padded to a multiple of it
 
 
 class AdapterError(ValueError):
@@ -149,53 +156,75 @@ class StepRows:
     """Which rows of a step's packed batch belong to which adapter."""
 
     runs: dict[str, list[tuple[int, int]]]  # (start, length) runs per adapter
-    index: torch.Tensor | None = None  # native: the rows that have an adapter
-    mask: torch.Tensor | None = None  # native: [rows, columns] 1 in each row's adapter's columns, else 0
-    scale: torch.Tensor | None = None  # native: [rows, 1] float32, each row's adapter's scaling
+    native: tuple | None = None  # for the kernel: rows, their columns, ranks and scalings (int64/float32)
+
+
+class Kernel:
+    """kernels/lora.c: each row's update in float32 with fused multiply-adds in a fixed order."""
+
+    def __init__(self, library: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._rows = library.lora_rows_bf16
+        self._rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+        self._rows.restype = ctypes.c_int
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, rows: tuple, at: torch.Tensor, bt: torch.Tensor) -> None:
+        """x [T, k] and out [T, n] bfloat16 with unit stride along a row; out changed in place."""
+        index, cols, ranks, scales = rows
+        if not (x.dtype == out.dtype == torch.bfloat16 and x.stride(1) == 1 and out.stride(1) == 1):
+            raise ValueError("lora: unexpected dtype or layout")
+        if self._rows(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), len(index), index.data_ptr(),
+                      cols.data_ptr(), ranks.data_ptr(), scales.data_ptr(), at.data_ptr(), bt.data_ptr(),
+                      at.shape[1], at.shape[0], bt.shape[1]):
+            raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}")
+
+
+MAX_KERNEL_RANK = 256
+SOURCE = Path(__file__).parent / "kernels" / "lora.c"
+
+
+def load_kernel() -> Kernel | None:
+    """The compiled kernel, or None (logged) where it cannot be built here."""
+    library = kernels.open_library(SOURCE, log, "LoRA kernel unavailable, using PEFT's arithmetic")
+    return Kernel(library) if library is not None else None
 
 
 class Adapters:
     """The adapters a model service holds, and their updates applied to a step's products.
 
-    Native numerics: every adapter's A of a projection stacked in one matrix (each padded to 32
-    rows, a zero block where it does not target that projection) and its B side by side, so that a
-    step makes two products per projection whatever the number of adapters in it: x @ A_all.T for
-    the rows that have an adapter, each row's other adapters' columns zeroed, then @ B_all.T (a zero
-    adds nothing to a sum, so a row's update is exactly its own adapter's), scaled by the row's
-    scaling. Per adapter instead, a step with 8 adapters made 1,680 small products and ran at a third
-    of the base model's speed (bench/lora.py)."""
+    Native numerics (kernels/lora.c): every adapter's A of a projection stacked, transposed and in
+    float32 ([k, all ranks], a zero block where an adapter does not target it), B likewise
+    ([all ranks, n]); one call a projection does every row that has an adapter with that row's
+    columns. As products of the native bfloat16 kernel instead (two a projection, ~60-250 us each at
+    a few rows), 8 adapters ran at 0.46x the base model's speed (bench/lora.py)."""
 
-    def __init__(self, adapters: list[Adapter], gemm=None):
-        """gemm: the native kernel (native numerics), or None (PEFT's arithmetic)."""
+    def __init__(self, adapters: list[Adapter], kernel: Kernel | None = None):
+        """kernel: native numerics (kernels/lora.c), or None (PEFT's arithmetic)."""
         self.by_name = {a.name: a for a in adapters}
-        self.gemm = gemm
-        self.columns: dict[str, tuple[int, int]] = {}  # native: each adapter's columns (start, width)
-        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # packed A_all, B_all
-        if gemm is not None and adapters:
+        self.kernel = kernel
+        self.columns: dict[str, int] = {}  # native: each adapter's first column in the stacked matrices
+        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A.T, B.T) float32
+        if kernel is not None and adapters:
             self._stack(adapters)
 
     def __bool__(self) -> bool:
         return bool(self.by_name)
 
     def _stack(self, adapters: list[Adapter]) -> None:
-        start = 0
+        total = 0
         for adapter in adapters:
-            width = -(-adapter.rank // PAD) * PAD
-            self.columns[adapter.name] = (start, width)
-            start += width
-        total = start
-        targets = sorted({key for adapter in adapters for key in adapter.pairs})
-        for key in targets:
+            self.columns[adapter.name] = total
+            total += adapter.rank
+        for key in sorted({key for adapter in adapters for key in adapter.pairs}):
             pairs = {a.name: a.pairs[key] for a in adapters if key in a.pairs}
             first = next(iter(pairs.values()))
-            a_all = torch.zeros((total, first.a.shape[1]), dtype=torch.bfloat16)
-            b_all = torch.zeros((first.b.shape[0], total), dtype=torch.bfloat16)
+            at = torch.zeros((first.a.shape[1], total), dtype=torch.float32)
+            bt = torch.zeros((total, first.b.shape[0]), dtype=torch.float32)
             for name, pair in pairs.items():
-                col, _ = self.columns[name]
-                rank = pair.a.shape[0]
-                a_all[col:col + rank] = pair.a
-                b_all[:, col:col + rank] = pair.b
-            self.stacked[key] = (self.gemm.pack(a_all), self.gemm.pack(b_all))
+                col, rank = self.columns[name], pair.a.shape[0]
+                at[:, col:col + rank] = pair.a.T
+                bt[col:col + rank] = pair.b.T
+            self.stacked[key] = (at.contiguous(), bt.contiguous())
 
     def rows(self, adapters: list[str], starts: list[int], lengths: list[int]) -> StepRows | None:
         """The step's rows by adapter, from each scheduled sequence's adapter and rows; None when no row
@@ -207,33 +236,23 @@ class Adapters:
         if not runs:
             return None
         step = StepRows(runs)
-        if self.stacked:
+        if self.kernel is not None:
             rows = [(name, r) for name, spans in runs.items() for s, n in spans for r in range(s, s + n)]
-            step.index = torch.tensor([r for _, r in rows], dtype=torch.long)
-            total = sum(width for _, width in self.columns.values())
-            step.mask = torch.zeros((len(rows), total), dtype=torch.bfloat16)
-            step.scale = torch.empty((len(rows), 1), dtype=torch.float32)
-            for i, (name, _) in enumerate(rows):
-                col, width = self.columns[name]
-                step.mask[i, col:col + width] = 1
-                step.scale[i] = self.by_name[name].scaling
+            step.native = (torch.tensor([r for _, r in rows], dtype=torch.int64),
+                           torch.tensor([self.columns[name] for name, _ in rows], dtype=torch.int64),
+                           torch.tensor([self.by_name[name].rank for name, _ in rows], dtype=torch.int64),
+                           torch.tensor([self.by_name[name].scaling for name, _ in rows], dtype=torch.float32))
         return step
 
     def apply(self, step: StepRows, layer: int, modules: tuple[str, ...], x: torch.Tensor,
               outs: list[torch.Tensor]) -> None:
         """Adds each adapter's update to its rows of `outs` (the base products of `modules` of `x`)."""
         x2 = x.reshape(-1, x.shape[-1])
-        if step.index is not None:  # native: two products a projection for every adapter's rows
-            rows = None
+        if step.native is not None:
             for module, out in zip(modules, outs):
                 stacked = self.stacked.get((layer, module))
-                if stacked is None:
-                    continue
-                if rows is None:
-                    rows = x2.index_select(0, step.index)
-                low = self.gemm.dense(rows, stacked[0]).mul_(step.mask)
-                update = (self.gemm.dense(low, stacked[1]).float() * step.scale).to(out.dtype)
-                out.view(-1, out.shape[-1]).index_add_(0, step.index, update)
+                if stacked is not None:
+                    self.kernel.apply(x2, out.view(-1, out.shape[-1]), step.native, *stacked)
             return
         for name, spans in step.runs.items():  # PEFT's arithmetic, a sequence at a time (its shapes in generate())
             adapter = self.by_name[name]

@@ -170,7 +170,7 @@ class ModelRunner:
 
     def set_adapters(self, adapters: list[lora.Adapter]) -> None:
         """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""
-        self.adapters = lora.Adapters(adapters, self.linear.gemm if self.linear.dense else None)
+        self.adapters = lora.Adapters(adapters, lora.load_kernel() if self.linear.dense and adapters else None)
 
     def _product_shapes(self) -> tuple[list, list]:
         """The model's 4-bit layer shapes and its bfloat16 output layer's (if the native kernel takes it),
