@@ -8,7 +8,8 @@ adapter's update touches its own rows only.
 
 Two numerics, as the rest of the engine:
 - native (with the native kernels, the default): kernels/lora.c, one call a projection for all of a
-  step's adapter rows, each row's update in float32 in a fixed order (`Adapters`): a row's update
+  step's adapter rows, each row's update summed in float32 (bfloat16 A and B) in a fixed order
+  (`Adapters`): a row's update
   depends on that row alone, so a sequence's numbers are the same alone, beside other adapters'
   rows and whatever its prompt's chunking (prefix caching stays exact; cached blocks are keyed by
   the adapter too);
@@ -193,17 +194,19 @@ class Adapters:
     """The adapters a model service holds, and their updates applied to a step's products.
 
     Native numerics (kernels/lora.c): every adapter's A of a projection stacked, transposed and in
-    float32 ([k, all ranks], a zero block where an adapter does not target it), B likewise
+    bfloat16 ([k, all ranks], a zero block where an adapter does not target it), B likewise
     ([all ranks, n]); one call a projection does every row that has an adapter with that row's
-    columns. As products of the native bfloat16 kernel instead (two a projection, ~60-250 us each at
-    a few rows), 8 adapters ran at 0.46x the base model's speed (bench/lora.py)."""
+    columns. A step reads each of its adapters' pairs: a rank-16 adapter on all seven projections
+    of this model is ~10 MB in bfloat16 (20 in float32, which made 8 adapters cost more bytes a step
+    than the 4-bit model). As products of the native bfloat16 GEMM instead (two a projection,
+    ~60-250 us each at a few rows), 8 adapters ran at 0.46x the base model's speed (bench/lora.py)."""
 
     def __init__(self, adapters: list[Adapter], kernel: Kernel | None = None):
         """kernel: native numerics (kernels/lora.c), or None (PEFT's arithmetic)."""
         self.by_name = {a.name: a for a in adapters}
         self.kernel = kernel
         self.columns: dict[str, int] = {}  # native: each adapter's first column in the stacked matrices
-        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A.T, B.T) float32
+        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A.T, B.T) bfloat16
         if kernel is not None and adapters:
             self._stack(adapters)
 
@@ -218,8 +221,8 @@ class Adapters:
         for key in sorted({key for adapter in adapters for key in adapter.pairs}):
             pairs = {a.name: a.pairs[key] for a in adapters if key in a.pairs}
             first = next(iter(pairs.values()))
-            at = torch.zeros((first.a.shape[1], total), dtype=torch.float32)
-            bt = torch.zeros((total, first.b.shape[0]), dtype=torch.float32)
+            at = torch.zeros((first.a.shape[1], total), dtype=torch.bfloat16)
+            bt = torch.zeros((total, first.b.shape[0]), dtype=torch.bfloat16)
             for name, pair in pairs.items():
                 col, rank = self.columns[name], pair.a.shape[0]
                 at[:, col:col + rank] = pair.a.T

@@ -82,3 +82,33 @@ def test_lora_reads_comma_separated_adapters_from_the_environment(monkeypatch):
     monkeypatch.setenv("GENRPC_LORA", "a=/x,b=/y")
     assert check_adapters(parse_args([])) == [("a", "/x"), ("b", "/y")]
     assert check_adapters(parse_args(["--lora", "c=/z"])) == [("a", "/x"), ("b", "/y"), ("c", "/z")]
+
+
+def test_the_native_kernel_is_row_independent_and_accurate():
+    """kernels/lora.c: a row's update depends on that row alone (any batch, any order), and it is the
+    float64 update rounded as documented (out + bf16(scale * B A x), within one bfloat16 step)."""
+    kernel = lora.load_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: the LoRA kernel cannot be built (PEFT's arithmetic runs instead)")
+    generator = torch.Generator().manual_seed(0)
+    at = torch.randn(576, 40, generator=generator).to(torch.bfloat16)  # two adapters: columns 0-15 and 16-39
+    bt = (torch.randn(40, 192, generator=generator) * 0.05).to(torch.bfloat16)
+    x = torch.randn(12, 576, generator=generator).to(torch.bfloat16)
+    base = torch.randn(12, 192, generator=generator).to(torch.bfloat16)
+
+    def rows(index, adapter):
+        index = torch.tensor(index, dtype=torch.int64)
+        col, rank, scale = (0, 16, 2.0) if adapter == 0 else (16, 24, 0.5)
+        return (index, torch.full_like(index, col), torch.full_like(index, rank),
+                torch.full((len(index),), scale, dtype=torch.float32))
+
+    alone = base.clone()
+    kernel.apply(x, alone, rows([3], 0), at, bt)
+    batched = base.clone()
+    kernel.apply(x, batched, rows([11, 3, 0, 7], 0), at, bt)
+    kernel.apply(x, batched, rows([1, 2], 1), at, bt)
+    assert torch.equal(alone[3], batched[3]) and torch.equal(batched[5], base[5])  # untouched rows stay
+    update = (x[3].double() @ at[:, :16].double()) @ bt[:16].double() * 2.0
+    expected = (base[3].double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
+    step = torch.finfo(torch.bfloat16).eps * expected.double().abs().clamp(min=1.0)
+    assert ((alone[3].double() - expected.double()).abs() <= step).all()
