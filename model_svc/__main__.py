@@ -7,10 +7,12 @@ import functools
 import logging
 import signal
 import threading
+import time
 from dataclasses import replace
 
 import torch
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.core import GaugeMetricFamily
 
 from genrpc.errors import exits_on_config_error
 from genrpc.flags import server_parser
@@ -387,6 +389,30 @@ def register_router_metrics(engine_loop: EngineLoop, model_name: str) -> None:
             "enable_prefix_caching": str(blocks.enable_prefix_caching)}
     Gauge("vllm:cache_config_info", "the KV cache's configuration, as labels (vLLM's name: blocks on any device)",
           list(info)).labels(**info).set(1)
+    if engine_loop.engine.runner.adapters:
+        REGISTRY.register(LoraRequestsInfo(engine_loop))
+
+
+class LoraRequestsInfo:
+    """vLLM's `vllm:lora_requests_info`, which llm-d's endpoint picker reads for LoRA affinity: the
+    adapters of running and of waiting requests as comma-separated labels beside the most adapters
+    one step serves (here: every adapter loaded), valued the scrape's time."""
+
+    def __init__(self, engine_loop: EngineLoop):
+        self.engine_loop = engine_loop
+
+    def describe(self):
+        return []  # collected at scrape time only (the labels change)
+
+    def collect(self):
+        scheduler = self.engine_loop.engine.scheduler
+        adapters = self.engine_loop.engine.runner.adapters.by_name
+        running = sorted({s.adapter for s in list(scheduler.running) if s.adapter})
+        waiting = sorted({s.adapter for s in list(scheduler.waiting) if s.adapter})
+        family = GaugeMetricFamily("vllm:lora_requests_info", "running and waiting LoRA adapters (labels)",
+                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        family.add_metric([str(len(adapters)), ",".join(running), ",".join(waiting)], time.time())
+        yield family
 
 
 async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,

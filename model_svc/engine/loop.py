@@ -51,6 +51,8 @@ SPEC_ACCEPT_RATE = Histogram("genrpc_model_spec_acceptance_rate",
 SEQUENCE_STEP_TOKENS = Histogram("genrpc_model_sequence_step_tokens",
                                  "tokens one sequence got from one step (1 without speculation)",
                                  buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 33))
+ADAPTER_SEQUENCES = Counter("genrpc_model_adapter_sequences", "sequences admitted to the engine, by LoRA adapter",
+                            ["adapter"])
 BATCH_TOKENS = Histogram("genrpc_model_batch_tokens", "tokens computed in one step (prefill and decode)",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
 
@@ -105,6 +107,8 @@ class EngineLoop:
                 for seq in payload:
                     try:
                         self.engine.add(seq)
+                        if seq.adapter and seq.beam_of is None:
+                            ADAPTER_SEQUENCES.labels(seq.adapter).inc()
                     except (ValueError, SchedulerFull) as exc:
                         outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=str(exc),
                                                    retryable=isinstance(exc, SchedulerFull)))
