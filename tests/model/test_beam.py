@@ -53,12 +53,11 @@ def matching(reference_model):
     return make_engine(reference_model, match_generate=True)
 
 
-CASES = [  # (prompt, returned, settings)
-    (0, 4, dict()),
-    (1, 1, dict(length_penalty=0.5, early_stopping=True)),
-    (2, 4, dict(length_penalty=2.0, early_stopping="never")),
-    (0, 2, dict(length_penalty=0.0, early_stopping=False, stop_strings=(" capital",))),
-    (1, 2, dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=5, bad_words_ids=((13,),))),
+CASES = [  # (prompt, returned, settings): each length_penalty / early_stopping kind, a stop string, processors
+    (0, 4, dict(length_penalty=0.0, stop_strings=(" capital",))),
+    (1, 1, dict(length_penalty=0.5, early_stopping=True, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                min_new_tokens=5, bad_words_ids=((13,),))),
+    (2, 2, dict(length_penalty=2.0, early_stopping="never")),
 ]
 
 
