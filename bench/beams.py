@@ -181,12 +181,10 @@ def plot(report: dict, path: str) -> None:
 
 def main() -> dict:
     result = run()
-    with open(os.path.join(RESULTS, "beams.json"), "w") as f:
-        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}, f, indent=1)
     plot(result, os.path.join(RESULTS, "beams.png"))
     from bench import readme  # here: it imports this module for its markdown
 
-    readme.write()
+    readme.save("beams", result)
     print(json.dumps(result, indent=2))
     print(markdown(result))
     return result

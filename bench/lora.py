@@ -112,11 +112,9 @@ def markdown(report: dict) -> str:
 
 def main() -> dict:
     result = run()
-    with open(os.path.join(RESULTS, "lora.json"), "w") as f:
-        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}, f, indent=1)
     from bench import readme  # here: it imports this module for its markdown
 
-    readme.write()
+    readme.save("lora", result)
     print(json.dumps(result, indent=2))
     print(markdown(result))
     return result

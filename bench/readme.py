@@ -216,5 +216,14 @@ def write() -> None:
         f.write(render())
 
 
+def save(name: str, result: dict) -> None:
+    """A bench run on its own: its results in bench/results/<name>.json, stamped, then the README."""
+    import time
+
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}, f, indent=1)
+    write()
+
+
 if __name__ == "__main__":
     write()

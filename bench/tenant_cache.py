@@ -100,10 +100,8 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     result = run()
-    with open(os.path.join(ROOT, "bench", "results", "tenant_cache.json"), "w") as f:
-        json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}, f, indent=1)
     from bench import readme  # here: it imports this module for its markdown
 
-    readme.write()
+    readme.save("tenant_cache", result)
     print(json.dumps(result, indent=2))
     print(markdown(result))

@@ -35,7 +35,7 @@ class TokenOutput:
     error: str = ""
     retryable: bool = False  # the error refused the sequence (capacity, deadline): it may be retried later
     prompt_logprobs: list | None = None  # on the first token, when asked: Sequence.prompt_logprobs
-    score: float | None = None  # a beam search's returned sequence's score, on its last token
+    score: float | None = None  # a beam search's returned sequence's score (on each of its tokens)
 
 
 @dataclass
@@ -203,10 +203,10 @@ class Engine:
             for copy in out.copies:
                 self.kv_cache.copy(copy.src_slots, copy.dst_slots)
             logits = self._execute(out)
-            beam_rows = self._beam_rows(out, logits)
-            rows, counts, logits = self._sample_rows(out, logits)
+            rows, counts, sampled, beam_positions = self._sample_rows(out, logits)
+            beam_rows = self._beam_scores(beam_positions, logits)
             faults.check("sampler.sample")
-            tokens = self.sampler.sample(logits, rows)
+            tokens = self.sampler.sample(sampled, rows)
         except StepInterrupted:  # nothing was computed: the next schedule takes them up again
             self.scheduler.rewind(out)
             self.num_interrupted += 1
@@ -221,7 +221,8 @@ class Engine:
             faults.check("scheduler.update")
             self.scheduler.update(out, {seq_id: [t.token_id for t in ts] for seq_id, ts in emitted.items()})
         except Exception as exc:  # those it finished before failing end ERROR too: their last token is lost
-            seqs = list(dict.fromkeys(item.seq.group.leader if item.seq.group else item.seq for item in out.scheduled))
+            seqs = list(dict.fromkeys(item.seq.group.leader if item.seq.group else item.seq
+                                      for item in out.scheduled))  # a beam stands for its search
             self.scheduler.fail(seqs)
             return self._failed(seqs, exc, "recording the step")
         outputs = self._outputs(out, emitted, lengths)
@@ -249,20 +250,12 @@ class Engine:
         finally:
             self._running = None
 
-    def _beam_rows(self, out: SchedulerOutput, logits: torch.Tensor) -> dict[beams.BeamGroup, torch.Tensor]:
+    def _beam_scores(self, found: dict[beams.BeamGroup, list[int]],
+                     logits: torch.Tensor) -> dict[beams.BeamGroup, torch.Tensor]:
         """Each beam search's processed log-probabilities this step ([num_beams, vocab]: its beams' in
         order, or its prompt's last row repeated at the first step), as generate() scores them: the
-        log-softmax of the logits, then the row's bias, banned words, min_new_tokens and processors."""
-        found: dict[beams.BeamGroup, list[int]] = {}
-        position = 0
-        for item in out.scheduled:
-            group = item.seq.group
-            if item.prompt_rows:
-                position += item.num_new_tokens
-            elif item.proposals or item.completes_prompt:
-                if group is not None:
-                    found.setdefault(group, []).append(position)
-                position += len(item.proposals) + 1
+        log-softmax of the logits, then the row's bias, banned words, min_new_tokens and processors.
+        found: each search's rows of `logits` (`_sample_rows`)."""
         scored = {}
         for group, positions in found.items():
             seqs = group.beams or [group.leader]
@@ -319,14 +312,16 @@ class Engine:
         return outputs
 
     def _sample_rows(self, out: SchedulerOutput, logits: torch.Tensor
-                     ) -> tuple[list[SampleRow], list[int], torch.Tensor]:
+                     ) -> tuple[list[SampleRow], list[int], torch.Tensor, dict[beams.BeamGroup, list[int]]]:
         """What to sample: a row per sampled position (a completed prompt's last token, a decode's
         token and one per proposal), each item's count of them, and their logits. Records the
         prompt chunks' logprobs on the way (their rows are computed only when asked). A beam
-        search's rows are not sampled (`_beam_rows`)."""
+        search's rows are not sampled: they come back apart, by search (`_beam_scores`)."""
         rows, sampled_rows, counts, position = [], [], [], 0
+        searches: dict[beams.BeamGroup, list[int]] = {}
         for item in out.scheduled:
-            if item.seq.group is not None and not item.prompt_rows and (item.proposals or item.completes_prompt):
+            if item.seq.group is not None and not item.prompt_rows and item.completes_prompt:
+                searches.setdefault(item.seq.group, []).append(position)  # (a beam never speculates)
                 counts.append(0)
                 position += 1
             elif item.prompt_rows:  # the chunk's rows: its prompt logprobs, the last maybe sampled
@@ -344,7 +339,7 @@ class Engine:
                 counts.append(0)
         if len(sampled_rows) != len(logits):
             logits = logits[sampled_rows]
-        return rows, counts, logits
+        return rows, counts, logits, searches
 
     @staticmethod
     def _accept(out: SchedulerOutput, counts: list[int],
