@@ -155,7 +155,8 @@ class Scheduler:
         for seq in decodes:
             beams = seq.group.beams if seq.group is not None and seq.group.started else [seq]
             if seq.status is SequenceStatus.RUNNING and not capped(seq, len(beams)):
-                if self.room(out) >= len(beams) and self._grow_beams(seq, beams, out):
+                if self.room(out) >= len(beams) and all(
+                        self._grow(beam, beam.num_computed_tokens + 1, out, owner=seq) for beam in beams):
                     for beam in beams:
                         out.add(beam, 1)
                     rows[seq.tenant] += len(beams)
@@ -259,25 +260,14 @@ class Scheduler:
         self.running_by_tenant[seq.tenant] += 1
         out.add(seq, num_new, kind)
 
-    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Gives a running sequence blocks for `num_tokens`, preempting victims while none are free;
-        False when it was preempted itself."""
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput, owner: Sequence | None = None) -> bool:
+        """Gives a running sequence (or one of `owner`'s beams) blocks for `num_tokens`, preempting
+        victims while none are free; False when it (or its owner) was preempted itself."""
         while not self.blocks.ensure(seq.block_table, num_tokens):
             victim = self.policy.victim()
             self._preempt_scheduled(victim, out)
-            if victim is seq:
+            if victim is (owner or seq):
                 return False
-        return True
-
-    def _grow_beams(self, seq: Sequence, beams: list[Sequence], out: SchedulerOutput) -> bool:
-        """`_grow` for each of a sequence's beams (the sequence itself when it has none); False when
-        `seq` was preempted."""
-        for beam in beams:
-            while not self.blocks.ensure(beam.block_table, beam.num_computed_tokens + 1):
-                victim = self.policy.victim()
-                self._preempt_scheduled(victim, out)
-                if victim is seq:
-                    return False
         return True
 
     def fork_beams(self, group, parents: list[int], tokens: list[int]) -> list[PrefixCopy]:
