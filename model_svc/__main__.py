@@ -64,10 +64,10 @@ def parse_args(argv=None):
                              "(>= 1; higher: faster long prompts, jerkier streams)")
     parser.add_argument("--tenant-slowdown", type=float, default=2.0,
                         help="fair steps: while clients of unequal loads share the worker, a step may take up "
-                             "to this many times what it would if no client ran more sequences than the "
-                             "lightest one does; a flooding client's other sequences skip it, so a light client's "
-                             "tokens come at most about this much slower than alone (>= 1; 0: off, every step "
-                             "carries every sequence: throughput first)")
+                             "to this many times what the lightest client's rows would alone (by measured step "
+                             "times); a flooding client's other sequences skip it (never below the lightest "
+                             "one's count), so a light client's tokens come at most about this much slower than "
+                             "alone (>= 1; 0: off, every step carries every sequence: throughput first)")
     parser.add_argument("--idle-step-ms", type=float, default=250.0,
                         help="with nothing else running, a long prompt's chunk fills a step of about this long: "
                              "longer prefills faster, but a request arriving meanwhile waits for the step")

@@ -11,10 +11,12 @@ own. A sequence whose deadline its place in the queue cannot meet is refused whe
 
 Fair steps (`tenant_cap`): a slot is not enough when one tenant runs 64 sequences beside another's
 one, since the light tenant's every token waits for the heavy tenant's whole step. While tenants of
-unequal loads share the engine, a step may take up to `tenant_slowdown` times what it would if no
-tenant ran more sequences than the lightest does; the heavier tenants' other sequences skip the
-step (a tenant's most urgent run first, then the least recently stepped, so that all its streams
-advance). Tenants of equal loads are never capped, and a lone tenant has every step to itself.
+unequal loads share the engine, a step may take up to `tenant_slowdown` times what the lightest
+tenant's own rows would take alone (its latency, which is what it notices), and never caps a tenant
+below the lightest one's count (equal shares: the heavy tenant always advances); the heavier
+tenants' other sequences skip the step (a tenant's most urgent run first, then the least recently
+stepped, so that all its streams advance). Tenants of equal loads are never capped, and a lone
+tenant has every step to itself.
 
 Chunks (`chunk`): a long prompt's chunk may make the step up to `prefill_slowdown` times as long as
 the rest of it by the step-time model (step_cost.py), or fill `idle_step_seconds` when nothing else
@@ -125,10 +127,11 @@ class Policy:
         return rows
 
     def tenant_cap(self) -> int | None:
-        """Fair steps: the most sequences any one tenant computes this step, or None for no cap. The
-        step may take `tenant_slowdown` times what it would if every tenant ran at most as many as
-        the lightest one could (the cost model's estimate); the cap is the most that keeps it so.
-        None when fair steps are off, one tenant has work, or the loads are equal."""
+        """Fair steps: the most rows any one tenant computes this step, or None for no cap. The step
+        may take `tenant_slowdown` times what the lightest tenant's rows would alone (of equally
+        light tenants, the costliest), both by StepCost.measured; the cap is the most that keeps
+        it so, and never below the lightest tenant's count. None when fair steps are off, one tenant
+        has work, or the loads are equal."""
         s = self.scheduler
         slowdown = s.config.tenant_slowdown
         if not slowdown or len(set(s.running_by_tenant).union(w.tenant for w in s.waiting)) < 2:
@@ -149,10 +152,12 @@ class Policy:
                 t, p = acc[min(cap, len(acc) - 1)]
                 tokens += t
                 pairs += p
-            return s.cost.seconds(tokens, pairs)
+            return s.cost.measured(tokens, pairs)
 
-        budget = slowdown * seconds(lightest) * (1 + 1e-9)  # rounding: 2 x 14 ms fits 28 ms
-        low, high = lightest, heaviest  # seconds(low) <= budget; find the largest such cap
+        alone = max(s.cost.measured(sum(t for t, _ in r), sum(p for _, p in r))
+                    for r in rows.values() if len(r) == lightest)
+        budget = slowdown * alone * (1 + 1e-9)  # rounding: 2 x 14 ms fits 28 ms
+        low, high = lightest, heaviest  # the largest cap within budget, at least `lightest`
         while low < high:
             mid = (low + high + 1) // 2
             if seconds(mid) <= budget:
@@ -163,8 +168,8 @@ class Policy:
 
     def caps(self, seqs: Iterable[Sequence], step_rows: Counter, step_seconds: float) -> bool:
         """Whether a running step (`step_rows` sequences of each tenant, `step_seconds` long by the cost
-        model) is longer than fair steps allow beside new sequences `seqs` of a tenant not in it: then
-        stopping it (Engine.interrupt_for) gets the newcomer's first token sooner."""
+        model) is longer than fair steps allow (`tenant_cap`) beside new sequences `seqs` of a tenant
+        not in it: then stopping it (Engine.interrupt_for) gets the newcomer's first token sooner."""
         s = self.scheduler
         if not s.config.tenant_slowdown or not step_rows:
             return False
@@ -174,10 +179,11 @@ class Policy:
                 tokens.setdefault(seq.tenant, []).append(min(seq.num_prompt_tokens, s.config.prefill_tokens))
         if not tokens:
             return False
-        lightest = min(min(step_rows.values()), min(map(len, tokens.values())))
-        reference = sum(min(n, lightest) for n in step_rows.values())  # a decode row each
-        reference += sum(sum(sorted(t)[:lightest]) for t in tokens.values())
-        return step_seconds > s.config.tenant_slowdown * s.cost.seconds(reference, 0)
+        # Each tenant's (rows, tokens): the step's a decode row each, the newcomers' their prompts.
+        loads = [(n, n) for n in step_rows.values()] + [(len(t), sum(t)) for t in tokens.values()]
+        lightest = min(n for n, _ in loads)
+        reference = max(t for n, t in loads if n == lightest)  # the lightest tenant's rows alone
+        return step_seconds > s.config.tenant_slowdown * s.cost.measured(reference, 0)
 
     def chunk(self, out: SchedulerOutput, start: int, most: int, decode_seconds: float) -> int:
         """Tokens of a long prompt (`start` computed) this step may compute: what keeps the step within

@@ -9,6 +9,12 @@ least squares of relative errors over the recent steps (a 10 ms decode step coun
 real cost, and a chunk beside it made its inter-token latency 2.5x idle instead of 2x), pulled
 gently towards a prior, so the model follows the machine (a GPU, a busier CPU) without a
 calibration run and stays sane before it has seen varied steps.
+
+Fair steps compare small steps (what a light tenant's rows take alone, what they take beside some
+of a heavy tenant's): `measured` reads those from the recent steps of their size where there are
+any, not from the line. A CPU's step cost is concave in its rows (an AMD EPYC 7002: 1 or 2 rows
+19 ms, 4 rows 26, 16 rows 67, 32 rows 100), so a line fitted on big steps put 4 rows at 38 ms, and
+fair steps sized by it let a light tenant's step run 2.6x its own.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import numpy as np
 # The development machine's costs for the default model (a fixed part, per token, per attention
 # pair; README, "Measured costs behind the design"). Only a starting point: the fit replaces it.
 PRIOR = (0.011, 0.001, 6e-7)
+MEASURED_TOKENS = 256  # steps of up to this many tokens are kept by size (`measured`)
+MEASURED_STEPS = 2000  # for this many steps after they were last seen
 
 
 def chunk_pairs(start: int, num_tokens: int) -> int:
@@ -39,12 +47,19 @@ class StepCost:
         self.prior_weight = prior_weight
         self.coef = self.prior.copy()
         self.num_steps = 0
+        # Measured steps by their token count: (seconds less the model's attention part, step number).
+        self.by_tokens: dict[int, tuple[float, int]] = {}
 
     def observe(self, tokens: int, pairs: int, seconds: float) -> None:
         if tokens <= 0 or not (seconds > 0):
             return
         # Relative errors: a 10 ms decode step counts as much as a 250 ms prefill step, so that both
         # the fixed part (what a decoding stream's step costs) and the marginal cost of a chunk are right.
+        if tokens <= MEASURED_TOKENS:
+            linear = seconds - self.coef[2] * pairs
+            last = self.by_tokens.get(tokens)
+            recent = last is not None and self.num_steps - last[1] < MEASURED_STEPS
+            self.by_tokens[tokens] = (linear if not recent else last[0] + 0.2 * (linear - last[0]), self.num_steps)
         weight = 1.0 / (max(seconds, 1e-3) / self.prior[0]) ** 2
         x = np.array([1.0, tokens, pairs], dtype=np.float64) / self.scale
         self.xtx = self.forget * self.xtx + weight * np.outer(x, x)
@@ -64,6 +79,20 @@ class StepCost:
         """Predicted duration of a step computing `tokens` tokens over `pairs` attention pairs."""
         fixed, per_token, per_pair = self.coef
         return fixed + per_token * tokens + per_pair * pairs
+
+    def measured(self, tokens: int, pairs: int) -> float:
+        """What a step of this work takes by the recent measured steps of as many tokens (or
+        between the nearest sizes measured below and above it), the model's attention part added;
+        the model where there are none."""
+        seen = tuple(self.by_tokens.items())  # one copy under the GIL: fair steps ask from any thread
+        fresh = {n: v for n, (v, at) in seen if self.num_steps - at < MEASURED_STEPS}
+        below = max((n for n in fresh if n <= tokens), default=None)
+        above = min((n for n in fresh if n >= tokens), default=None)
+        if below is None or above is None:
+            return self.seconds(tokens, pairs)
+        linear = fresh[below] if below == above else (
+            fresh[below] + (fresh[above] - fresh[below]) * (tokens - below) / (above - below))
+        return linear + self.coef[2] * pairs
 
     def marginal(self, tokens: int, pairs: int) -> float:
         """What adding this work to a step costs (the fixed part is already paid)."""

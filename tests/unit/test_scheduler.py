@@ -336,8 +336,8 @@ def flooded(tenant_slowdown=2.0, num_a=32):
 
 def test_fair_steps_cap_a_flooding_tenant_while_a_light_one_runs():
     """A alone has every step; beside B's one sequence, A's rows are capped so that the step takes at
-    most tenant_slowdown (2x) what it would if A ran as few as B does (cost model: 10 ms + 1 ms a
-    token): B's prompt step 2 x (10 + 3 + 1) ms -> 15 of A's; its decode steps 2 x 12 ms -> 13."""
+    most tenant_slowdown (2x) what B's row would alone (cost model: 10 ms + 1 ms a token): B's
+    prompt step 2 x (10 + 3) ms -> 13 of A's; its decode steps 2 x 11 ms -> 11."""
     s = flooded()
     out, _ = step(s)
     assert len(out.scheduled) == 32 and out.num_capped == 0  # a lone tenant is never capped
@@ -349,13 +349,53 @@ def test_fair_steps_cap_a_flooding_tenant_while_a_light_one_runs():
         tenants = [item.seq.tenant for item in out.scheduled]
         sizes.append((tenants.count("A"), tenants.count("B"), out.num_capped))
         assert s.cost.seconds(out.num_batched_tokens, out.num_pairs) <= 2 * s.cost.seconds(
-            1 + (3 if len(sizes) == 1 else 1), 0) + 1e-9
-    assert sizes == [(15, 1, 17), (13, 1, 19), (13, 1, 19), (13, 1, 19)]
+            3 if len(sizes) == 1 else 1, 0) + 1e-9
+    assert sizes == [(13, 1, 19), (11, 1, 21), (11, 1, 21), (11, 1, 21)]
     # The least recently stepped go first: A's streams advanced by 1 or 2 tokens in those 4 steps, none 0.
     advanced = [len(seq.output_ids) - counts_before[seq.seq_id] for seq in s.running]
-    assert sorted(set(advanced)) == [1, 2] and sum(advanced) == 15 + 13 * 3
+    assert sorted(set(advanced)) == [1, 2] and sum(advanced) == 13 + 11 * 3
     out, _ = step(s)
     assert len(out.scheduled) == 32 and out.num_capped == 0  # B is gone: all of A again
+
+
+CONCAVE = {1: 0.019, 2: 0.019, 4: 0.026, 8: 0.040, 16: 0.067, 32: 0.100, 33: 0.101}  # an EPYC 7002's rows
+
+
+def test_fair_steps_size_small_steps_by_measured_steps_not_the_line():
+    """On a CPU whose step cost is concave in its rows, the line fitted on the flood's big steps
+    puts B's lone row far above its measured 19 ms; fair steps read the measured sizes: B's row
+    alone 19 ms, so A gets the rows that keep the step within 38 ms (interpolated: 1 + 6 tokens)."""
+    s = flooded()
+    for _ in range(20):
+        for tokens, seconds in CONCAVE.items():
+            s.cost.observe(tokens, 0, seconds)
+    for _ in range(150):  # then the flood alone, its sequences ending and new ones coming
+        for tokens in (16, 32):
+            s.cost.observe(tokens, 0, CONCAVE[tokens])
+    assert s.cost.seconds(1, 0) > 1.3 * CONCAVE[1] and s.cost.measured(1, 0) == pytest.approx(CONCAVE[1])
+    s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
+    step(s)  # B's prompt
+    assert s.policy.tenant_cap() == 6
+    out, _ = step(s)
+    assert [item.seq.tenant for item in out.scheduled].count("A") == 6
+
+
+def test_step_cost_measured_reads_recent_steps_by_size():
+    """measured: the recent steps of a size, interpolated between sizes, the line beyond them or
+    once they are MEASURED_STEPS old; the model's attention part added for pairs."""
+    from model_svc.engine.step_cost import MEASURED_STEPS
+    cost = StepCost()
+    for _ in range(5):
+        for tokens, seconds in CONCAVE.items():
+            cost.observe(tokens, 0, seconds)
+    assert cost.measured(16, 0) == pytest.approx(0.067)
+    assert cost.measured(24, 0) == pytest.approx((0.067 + 0.100) / 2)
+    assert cost.measured(64, 0) == cost.seconds(64, 0)  # nothing measured above it
+    assert cost.measured(4, 1000) == pytest.approx(0.026 + cost.coef[2] * 1000)
+    for _ in range(MEASURED_STEPS):
+        cost.observe(32, 0, 0.100)
+    assert cost.measured(4, 0) == cost.seconds(4, 0)  # the small sizes are stale: the line
+    assert cost.measured(32, 0) == pytest.approx(0.100)
 
 
 def test_fair_steps_skip_a_tenants_least_urgent_sequences_first():
@@ -385,13 +425,14 @@ def test_fair_steps_off_and_equal_tenants_are_never_capped():
 
 def test_a_new_tenant_stops_a_step_longer_than_fair_steps_allow():
     """Policy.caps, asked by Engine.interrupt_for while a step runs: a 32-sequence step of A (42 ms
-    by the cost model) for B's 3-token prompt (reference: one of A's rows and B's prompt, 14 ms)."""
+    by the cost model) for B's 3-token prompt (reference: B's prompt alone, 13 ms)."""
     from collections import Counter
     s = make()
     b = Sequence("b", [10, 11, 12], SamplingParams(), tenant="B")
     a = Sequence("a", [10, 11, 12], SamplingParams(), tenant="A")
     assert s.policy.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
-    assert not s.policy.caps([b], Counter({"A": 8}), s.cost.seconds(8, 0))  # 18 ms <= 2 x 14 ms
+    assert not s.policy.caps([b], Counter({"A": 8}), s.cost.seconds(8, 0))  # 18 ms <= 2 x 13 ms
+    assert s.policy.caps([b], Counter({"A": 17}), s.cost.seconds(17, 0))  # 27 ms > 2 x 13 ms
     assert not s.policy.caps([a], Counter({"A": 32}), s.cost.seconds(32, 0))  # A's own: no
     assert not s.policy.caps([b], Counter({"A": 32, "B": 1}), s.cost.seconds(33, 0))  # B is in the step already
     assert not make(tenant_slowdown=0).policy.caps([b], Counter({"A": 32}), s.cost.seconds(32, 0))
