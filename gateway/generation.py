@@ -225,7 +225,7 @@ class Generator:
         # other's load (submit registers the sequences before its first await).
         first_ids, first_mask = rows[0]
         salt = cache_salt(config, rights, client)
-        worker = self.models.pick([i for i, m in zip(first_ids, first_mask) if m], salt)
+        worker = self.models.pick([i for i, m in zip(first_ids, first_mask) if m], salt, config.adapter)
         with tracing.tracer().start_as_current_span(
                 "model.Submit", kind=SpanKind.CLIENT, attributes={"genrpc.worker": worker.address,
                                                                   "genrpc.num_sequences": len(rows)}):

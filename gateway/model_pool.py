@@ -87,23 +87,36 @@ class ModelPool:
     def healthy_workers(self) -> list[ModelWorkerClient]:
         return [w for w in self.workers if w.healthy]
 
-    def pick(self, token_ids: list[int] | None = None, cache_salt: str = "") -> ModelWorkerClient:
+    def pick(self, token_ids: list[int] | None = None, cache_salt: str = "", adapter: str = "") -> ModelWorkerClient:
         """The worker for a prompt with these ids (its first one, for a batch) in the prefix-cache
-        namespace `cache_salt` (a worker holds a prompt for that salt only)."""
+        namespace `cache_salt` (a worker holds a prompt for that salt only), through LoRA `adapter`
+        (only workers serving it; that adapter's last worker first, routing.py)."""
         healthy = self.healthy_workers
         if not healthy:
             raise Unavailable(
                 "no healthy model worker (" + ", ".join(w.address for w in self.workers) + "); retry later")
+        if adapter:
+            serving = [w for w in healthy if w.info is not None and any(a.name == adapter for a in w.info.adapters)]
+            healthy = serving or healthy  # none: the worker's NOT_FOUND names it
         if len(healthy) == 1 or token_ids is None:
             return min(healthy, key=lambda w: w.load)
         block_size = (healthy[0].info.kv_block_size if healthy[0].info else 0) or DEFAULT_BLOCK_SIZE
-        hashes = block_hashes(token_ids, block_size, cache_salt)
-        worker = self.router.choose(healthy, [w.load for w in healthy], [w.address for w in healthy], hashes)
-        self.router.record(worker.address, hashes)
+        hashes = block_hashes(token_ids, block_size, cache_salt + ("\0adapter:" + adapter if adapter else ""))
+        worker = self.router.choose(healthy, [w.load for w in healthy], [w.address for w in healthy], hashes,
+                                    adapter)
+        self.router.record(worker.address, hashes, adapter)
         return worker
 
     def info(self) -> model_pb2.WorkerInfoResponse:
-        for worker in self.healthy_workers or self.workers:
-            if worker.info is not None:
-                return worker.info
-        raise Unavailable("no model worker has answered yet; retry later")
+        """The model's facts (from a healthy worker), with the adapters any healthy worker serves."""
+        infos = [w.info for w in (self.healthy_workers or self.workers) if w.info is not None]
+        if not infos:
+            raise Unavailable("no model worker has answered yet; retry later")
+        names = {a.name for a in infos[0].adapters}
+        more = [a for info in infos[1:] for a in info.adapters if a.name not in names and not names.add(a.name)]
+        if not more:
+            return infos[0]
+        merged = model_pb2.WorkerInfoResponse()
+        merged.CopyFrom(infos[0])
+        merged.adapters.extend(more)
+        return merged

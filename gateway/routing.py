@@ -8,6 +8,11 @@ least-recently-used set, and sends a prompt to the worker that matches the most 
 blocks, as SGLang's cache-aware router does with its radix trees. A worker whose load passes
 `2 x the least load + SLACK` loses its claim, so affinity never piles work onto one worker. The
 hashes only steer: a stale or colliding entry costs a cache miss, never a wrong answer.
+
+A request through a LoRA adapter goes, when no worker holds its prefix, to the worker its adapter's
+last request went to, within the same load bound: a worker holds at most --max-loras adapters in
+memory and reads the others from disk when asked, so an adapter's traffic kept together keeps it
+in memory there (the LoRA affinity vLLM's routers and llm-d's endpoint picker give).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Sequence, TypeVar
 
 MAX_BLOCKS = 64  # leading blocks of a prompt remembered (1,024 tokens at 16 a block)
 CAPACITY = 100_000  # block hashes remembered per worker
+HOMES = 10_000  # adapters whose last worker is remembered
 SLACK = 4  # sequences a cache-holding worker may run beyond twice the least-loaded one's
 
 W = TypeVar("W")
@@ -37,9 +43,12 @@ class PrefixRouter:
     def __init__(self, capacity: int = CAPACITY):
         self.capacity = capacity
         self.seen: dict[object, OrderedDict[int, None]] = {}  # worker key -> block hashes, least recent first
+        self.homes: OrderedDict[str, object] = OrderedDict()  # adapter -> the worker key it last went to
 
-    def choose(self, workers: list[W], loads: list[int], keys: list[object], hashes: list[int]) -> W:
-        """The worker to send a prompt with these block hashes to (workers non-empty)."""
+    def choose(self, workers: list[W], loads: list[int], keys: list[object], hashes: list[int],
+               adapter: str = "") -> W:
+        """The worker to send a prompt with these block hashes (through this LoRA adapter) to
+        (workers non-empty)."""
         least = min(loads)
         best, best_match = None, 0
         for worker, load, key in zip(workers, loads, keys):
@@ -54,12 +63,21 @@ class PrefixRouter:
                     match += 1
             if match > best_match:
                 best, best_match = worker, match
+        if best is None and adapter and self.homes.get(adapter) in keys:
+            i = keys.index(self.homes[adapter])
+            if loads[i] <= 2 * least + SLACK:
+                return workers[i]
         if best is None:
             return workers[loads.index(least)]
         return best
 
-    def record(self, key: object, hashes: list[int]) -> None:
-        """Remembers that a prompt with these block hashes went to the worker `key`."""
+    def record(self, key: object, hashes: list[int], adapter: str = "") -> None:
+        """Remembers that a prompt with these block hashes (through this adapter) went to the worker `key`."""
+        if adapter:
+            self.homes[adapter] = key
+            self.homes.move_to_end(adapter)
+            if len(self.homes) > HOMES:
+                self.homes.popitem(last=False)
         seen = self.seen.setdefault(key, OrderedDict())
         for h in hashes:
             seen[h] = None
@@ -70,3 +88,5 @@ class PrefixRouter:
     def forget(self, key: object) -> None:
         """A worker that left or restarted (its cache is gone)."""
         self.seen.pop(key, None)
+        for adapter in [a for a, k in self.homes.items() if k == key]:
+            del self.homes[adapter]

@@ -33,3 +33,40 @@ def test_memory_is_bounded_and_a_restarted_worker_is_forgotten():
     assert len(router.seen["w0"]) == 3
     router.forget("w0")
     assert router.choose(["w0", "w1"], [1, 0], ["w0", "w1"], block_hashes(SYSTEM, 16)) == "w1"
+
+
+def test_an_adapters_requests_go_where_its_last_one_went_within_the_load_bound():
+    router = PrefixRouter()
+    workers = keys = ["w0", "w1"]
+    new_prompt = block_hashes(list(range(700, 764)), 16, "\0adapter:x")
+    router.record("w1", block_hashes(SYSTEM, 16, "\0adapter:x"), "x")
+    assert router.choose(workers, [0, SLACK], keys, new_prompt, "x") == "w1"  # x is in memory there
+    assert router.choose(workers, [0, SLACK], keys, new_prompt, "y") == "w0"  # y was never sent: least loaded
+    assert router.choose(workers, [0, SLACK], keys, new_prompt) == "w0"
+    assert router.choose(workers, [0, SLACK + 1], keys, new_prompt, "x") == "w0"  # much busier
+    router.forget("w1")
+    assert router.choose(workers, [0, SLACK], keys, new_prompt, "x") == "w0"
+
+
+def test_the_pool_routes_an_adapter_to_workers_serving_it_and_lists_every_adapter():
+    """ModelPool over stand-in workers (pure logic): a worker that does not serve the adapter gets
+    none of its requests, and ModelInfo's adapters are every healthy worker's."""
+    from types import SimpleNamespace
+
+    from gateway.model_pool import ModelPool
+    from genrpc.internal.v1 import model_pb2
+    from genrpc.v1 import generation_pb2
+
+    def worker(address, load, *adapters):
+        info = model_pb2.WorkerInfoResponse(model_name="m", kv_block_size=16, adapters=[
+            generation_pb2.AdapterInfo(name=a, rank=8) for a in adapters])
+        return SimpleNamespace(address=address, load=load, healthy=True, info=info)
+
+    pool = ModelPool(["unused"], tokenizers=None, on_health_change=lambda healthy: None)
+    pool.workers = [worker("w0", 0, "a"), worker("w1", 5, "a", "b")]
+    assert pool.pick(SYSTEM, "", "b").address == "w1"  # the only one serving b, busier as it is
+    assert pool.pick(SYSTEM, "", "a").address == "w0"
+    assert pool.pick(SYSTEM, "").address == "w0"
+    assert [a.name for a in pool.info().adapters] == ["a", "b"] and pool.info().model_name == "m"
+    pool.workers[1].healthy = False
+    assert [a.name for a in pool.info().adapters] == ["a"]
