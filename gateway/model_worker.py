@@ -104,6 +104,10 @@ class ModelWorkerClient:
         self.submitter = Coalescer("Submit", self._submit_batch, max_in_flight=SUBMITS_IN_FLIGHT,
                                    on_orphan=self._abort_orphan)
 
+    async def refresh_info(self) -> None:
+        """Asks the worker's facts again (its adapters changed)."""
+        self.info = await self.stub.WorkerInfo(model_pb2.WorkerInfoRequest(), timeout=10)
+
     @property
     def load(self) -> int:
         return len(self.sequences)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 import uuid
 
+import grpc
+
 from gateway import convert
 from gateway.generation import Generator, Prompts, detect_watermark
-from gateway.quotas import apply_rights
+from gateway.quotas import apply_rights, refuse
 from gateway.validation import (
     check_answer_size,
     check_detect_watermark,
@@ -17,7 +21,16 @@ from gateway.validation import (
     resolve_config,
     validate_prompts,
 )
-from genrpc.errors import grpc_errors
+from genrpc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    GenrpcError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    grpc_errors,
+)
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.security import ANONYMOUS, caller, caller_rights
 from genrpc.v1 import generation_pb2 as pb
@@ -161,3 +174,66 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             prefill_attention=info.prefill_attention, matmul=info.matmul, cpu=info.cpu,
             output_layer=info.output_layer, speculation=info.speculation, adapters=info.adapters,
         )
+
+    @grpc_errors
+    async def LoadAdapter(self, request, context):
+        """On every model worker or none (a worker that fails undoes the others)."""
+        await _begin(context)
+        workers = self._adapter_workers("LoadAdapter", request.name)
+        if not request.path:
+            raise InvalidArgument("path is empty: the adapter's folder on the model workers' disk (PEFT's format)")
+        results = await asyncio.gather(*(w.stub.LoadAdapter(request, timeout=context.time_remaining() or 120)
+                                         for w in workers), return_exceptions=True)
+        failed = next(((w, r) for w, r in zip(workers, results) if isinstance(r, BaseException)), None)
+        if failed is not None:
+            undo = pb.UnloadAdapterRequest(name=request.name)
+            await asyncio.gather(*(w.stub.UnloadAdapter(undo, timeout=60) for w, r in zip(workers, results)
+                                   if not isinstance(r, BaseException)), return_exceptions=True)
+            raise _worker_error(*failed)
+        await asyncio.gather(*(w.refresh_info() for w in workers), return_exceptions=True)
+        log.info("LoRA adapter %s loaded on %d model workers", request.name, len(workers))
+        return pb.LoadAdapterResponse(adapter=results[0], num_model_workers=len(workers))
+
+    @grpc_errors
+    async def UnloadAdapter(self, request, context):
+        """From every model worker that has it; NOT_FOUND when none has."""
+        await _begin(context)
+        workers = self._adapter_workers("UnloadAdapter", request.name)
+        results = await asyncio.gather(*(w.stub.UnloadAdapter(request, timeout=context.time_remaining() or 120)
+                                         for w in workers), return_exceptions=True)
+        await asyncio.gather(*(w.refresh_info() for w in workers), return_exceptions=True)
+        done = sum(not isinstance(r, BaseException) for r in results)
+        failed = [(w, r) for w, r in zip(workers, results) if isinstance(r, BaseException)
+                  and not (isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.NOT_FOUND)]
+        if failed:
+            raise _worker_error(*failed[0])
+        if not done:
+            raise NotFound(f"name={request.name!r}: no such LoRA adapter (ModelInfo.adapters)")
+        log.info("LoRA adapter %s unloaded from %d model workers", request.name, done)
+        return pb.UnloadAdapterResponse(num_model_workers=done)
+
+    def _adapter_workers(self, method: str, name: str) -> list:
+        """The healthy model workers, once the caller's right and the name are checked."""
+        rights = caller_rights.get()
+        if not rights.manage_adapters:
+            raise refuse(rights, "manage_adapters", PermissionDenied(
+                f"{method} needs a bearer token with manage_adapters=yes (the gateway's --auth-tokens-file)"))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise InvalidArgument(f"name={name[:80]!r} is invalid: 1 to 64 letters, digits, '.', '_' or '-' "
+                                  "(not starting with '.', '_' or '-')")
+        workers = self.generator.models.healthy_workers
+        if not workers:
+            raise Unavailable("no model worker is reachable; retry later")
+        return workers
+
+
+_PASSED_ON = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+              grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition}
+
+
+def _worker_error(worker, exc: BaseException) -> BaseException:
+    """A model worker's refusal as the caller's status, naming the worker; any other failure as is."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _PASSED_ON:
+        return _PASSED_ON[exc.code()](f"model worker {worker.address}: {exc.details()}")
+    return exc if isinstance(exc, (GenrpcError, grpc.aio.AioRpcError)) else Unavailable(
+        f"model worker {worker.address}: {type(exc).__name__}")

@@ -275,6 +275,18 @@ def cmd_info(stub, args) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_adapter_load(stub, args) -> None:
+    done = stub.LoadAdapter(pb.LoadAdapterRequest(name=args.name, path=args.path), timeout=args.timeout,
+                            metadata=args.metadata)
+    print(f"loaded {done.adapter.name} (rank {done.adapter.rank}: {', '.join(done.adapter.modules)}) "
+          f"on {done.num_model_workers} model workers")
+
+
+def cmd_adapter_unload(stub, args) -> None:
+    done = stub.UnloadAdapter(pb.UnloadAdapterRequest(name=args.name), timeout=args.timeout, metadata=args.metadata)
+    print(f"unloaded {args.name} from {done.num_model_workers} model workers")
+
+
 def parser() -> Parser:
     p = Parser(prog="genrpc", description="Call a genrpc gateway.",
                formatter_class=Help)
@@ -326,6 +338,16 @@ def parser() -> Parser:
     i = sub.add_parser("info", help="describe the served model")
     i.add_argument("--json", action="store_true", help="the ModelInfo response as JSON, for scripts")
     i.set_defaults(func=cmd_info)
+    a = sub.add_parser("adapters", help="load or unload a LoRA adapter on every model worker (a token with "
+                                        "manage_adapters=yes)")
+    actions = a.add_subparsers(dest="action", required=True, parser_class=Parser)
+    load = actions.add_parser("load", help="serve the PEFT adapter in PATH (on the workers' disk) as NAME")
+    load.add_argument("name")
+    load.add_argument("path")
+    load.set_defaults(func=cmd_adapter_load)
+    unload = actions.add_parser("unload", help="stop serving adapter NAME")
+    unload.add_argument("name")
+    unload.set_defaults(func=cmd_adapter_unload)
     return p
 
 

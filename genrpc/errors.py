@@ -58,6 +58,10 @@ class Unavailable(GenrpcError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AlreadyExists(GenrpcError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(GenrpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 

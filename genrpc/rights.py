@@ -3,6 +3,7 @@
     # token     settings (all optional)
     s3cret-a    name=team-a max_priority=10 max_new_tokens=512 max_samples=4 max_inflight=32
     s3cret-b    name=batch requests_per_s=2 tokens_per_s=200 raw_markup=no cache_salt=team-b
+    s3cret-ops  name=ops manage_adapters=yes
 
 A token alone on its line keeps the gateway's own limits: no rate, `--parse-special-tokens`, and a
 prefix-cache namespace of its own. The gateway enforces them (gateway/quotas.py): PERMISSION_DENIED
@@ -29,6 +30,7 @@ class Rights:
     tokens_per_s: float | None = None  # a token bucket of generated tokens, one second's worth deep
     raw_markup: bool | None = None  # special-token markup in its text becomes special tokens (None: the flag)
     cache_salt: str = ""  # a salt its requests share the prefix cache under ("": its own namespace)
+    manage_adapters: bool | None = None  # may call LoadAdapter / UnloadAdapter (None: no)
 
     @property
     def label(self) -> str:

@@ -25,6 +25,7 @@ from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.tracing import setup_tracing
 from model_svc.engine import fused, kernel_choice, lora
+from model_svc.engine.adapter_store import DEFAULT_MAX_LORAS, AdapterStore
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
 from model_svc.engine.draft import DraftProposer
@@ -123,6 +124,10 @@ def parse_args(argv=None):
                              "repeatable")
     parser.add_argument("--max-lora-rank", type=int, default=lora.DEFAULT_MAX_RANK,
                         help="the largest adapter rank accepted (1 .. 256)")
+    parser.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS,
+                        help="LoRA adapters held in memory at once (>= 1); past it the least recently used one "
+                             "not in use goes back to disk, and a request for an adapter on disk waits while it "
+                             "is read"),
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
@@ -143,6 +148,8 @@ def check_adapters(args) -> list[tuple[str, str]]:
     """--lora's (name, path) pairs, checked before the weights load: well formed, names distinct."""
     if not 1 <= args.max_lora_rank <= 256:
         raise SystemExit(f"--max-lora-rank={args.max_lora_rank} is invalid: must be in [1, 256]")
+    if args.max_loras < 1:
+        raise SystemExit(f"--max-loras={args.max_loras} is invalid: must be >= 1")
     try:
         pairs = [lora.parse_flag(value) for value in args.lora]
     except lora.AdapterError as exc:
@@ -283,7 +290,9 @@ def engine_for(loaded, args) -> Engine:
     log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
              runner.prefill_attention, runner.matmul_detail)
     log.info("cpu: %s", kernel_choice.cpu_info().describe())
-    runner.set_adapters(load_adapters(args, loaded))
+    adapters = AdapterStore(runner, loaded.model.config, args.max_loras, args.max_lora_rank)
+    for adapter in load_adapters(args, loaded):
+        adapters.register(adapter)
     check_kv_cache(args)
     per_token = runner.kv_spec.bytes_per_token
     tokens, why = arena_tokens(per_token, args.block_size, args.kv_cache_tokens, args.kv_cache_memory,
@@ -318,7 +327,7 @@ def engine_for(loaded, args) -> Engine:
                       vocab_size=loaded.model.config.get_text_config().vocab_size)
     tokenizer = tokenizer_for(args.model)
     return Engine(runner, scheduler, sampler, kv_cache, default_prompt_lookup=lookup, grammars=Grammars(tokenizer),
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, adapters=adapters)
 
 
 def load_draft(path: str, loaded) -> DraftProposer:
@@ -389,14 +398,14 @@ def register_router_metrics(engine_loop: EngineLoop, model_name: str) -> None:
             "enable_prefix_caching": str(blocks.enable_prefix_caching)}
     Gauge("vllm:cache_config_info", "the KV cache's configuration, as labels (vLLM's name: blocks on any device)",
           list(info)).labels(**info).set(1)
-    if engine_loop.engine.runner.adapters:
-        REGISTRY.register(LoraRequestsInfo(engine_loop))
+    REGISTRY.register(LoraRequestsInfo(engine_loop))  # adapters may be loaded at run time
 
 
 class LoraRequestsInfo:
     """vLLM's `vllm:lora_requests_info`, which llm-d's endpoint picker reads for LoRA affinity: the
-    adapters of running and of waiting requests as comma-separated labels beside the most adapters
-    one step serves (here: every adapter loaded), valued the scrape's time."""
+    adapters of running and of waiting requests (those waiting for their adapter to be read
+    included) as comma-separated labels beside the most adapters held at once (--max-loras),
+    valued the scrape's time."""
 
     def __init__(self, engine_loop: EngineLoop):
         self.engine_loop = engine_loop
@@ -406,12 +415,12 @@ class LoraRequestsInfo:
 
     def collect(self):
         scheduler = self.engine_loop.engine.scheduler
-        adapters = self.engine_loop.engine.runner.adapters.by_name
+        store = self.engine_loop.engine.adapters
         running = sorted({s.adapter for s in list(scheduler.running) if s.adapter})
-        waiting = sorted({s.adapter for s in list(scheduler.waiting) if s.adapter})
+        waiting = sorted({s.adapter for s in list(scheduler.waiting) if s.adapter} | store.waiting_names())
         family = GaugeMetricFamily("vllm:lora_requests_info", "running and waiting LoRA adapters (labels)",
                                    labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        family.add_metric([str(len(adapters)), ",".join(running), ",".join(waiting)], time.time())
+        family.add_metric([str(store.max_loras), ",".join(running), ",".join(waiting)], time.time())
         yield family
 
 
@@ -426,7 +435,8 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
 
     def register(server):
         model_pb2_grpc.add_ModelWorkerServicer_to_server(
-            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, engine_loop.engine.grammars), server)
+            ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, engine_loop.engine.grammars,
+                                args.max_lora_rank), server)
         return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
 
     handle = await start_server("model", register, args.host, args.port, args.metrics_port, security)

@@ -16,12 +16,20 @@ import prometheus_client
 import torch
 
 from genrpc import faults
-from genrpc.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, grpc_errors
+from genrpc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    grpc_errors,
+)
 from genrpc.internal.v1 import model_pb2, model_pb2_grpc
 from genrpc.security import caller
 from genrpc.v1 import generation_pb2
 from model_svc import convert
-from model_svc.engine import kernel_choice
+from model_svc.engine import kernel_choice, lora
 from model_svc.engine.constraints import Grammars
 from model_svc.engine.engine import TokenOutput
 from model_svc.engine.loop import EngineLoop
@@ -81,10 +89,16 @@ class Subscriptions:
                 queue.put_nowait(model_pb2.EventsResponse(events=events))
 
 
+def adapter_info(adapter: lora.Adapter) -> generation_pb2.AdapterInfo:
+    return generation_pb2.AdapterInfo(name=adapter.name, rank=adapter.rank, modules=adapter.modules)
+
+
 class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
     def __init__(self, loaded: LoadedModel, engine_loop: EngineLoop, subscriptions: Subscriptions,
-                 thread_policy: ThreadPolicy, grammars: Grammars):
+                 thread_policy: ThreadPolicy, grammars: Grammars, max_lora_rank: int = lora.DEFAULT_MAX_RANK):
         self.grammars = grammars
+        self.max_lora_rank = max_lora_rank
+        self.adapters_lock = asyncio.Lock()  # one load or unload at a time: each builds on the last
         self.loaded = loaded
         self.engine_loop = engine_loop
         self.subs = subscriptions
@@ -185,9 +199,45 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             prefill_attention=self.engine_loop.engine.runner.prefill_attention,
             num_threads=self.thread_policy.threads, matmul=self.engine_loop.engine.runner.matmul_detail,
             cpu=self.cpu, output_layer=m.output_layer, speculation=self.engine_loop.engine.describe_speculation(),
-            adapters=[generation_pb2.AdapterInfo(name=a.name, rank=a.rank, modules=a.modules)
-                      for a in self.engine_loop.engine.runner.adapters.by_name.values()],
+            adapters=[adapter_info(a) for a in self.engine_loop.engine.adapters.infos()],
         )
+
+    @grpc_errors
+    async def LoadAdapter(self, request, context):
+        store = self.engine_loop.engine.adapters
+        try:
+            name, path = lora.parse_flag(f"{request.name}={request.path}")
+        except lora.AdapterError as exc:
+            raise InvalidArgument(str(exc).replace("--lora", "LoadAdapter", 1)) from None
+        async with self.adapters_lock:
+            if name in store.registered:
+                raise AlreadyExists(f"adapter {name!r} is already loaded (UnloadAdapter it first)")
+            try:  # read and checked off the engine thread; registered (and stacked) between two steps
+                adapter = await asyncio.to_thread(lora.load, name, path, self.loaded.model.config, self.max_lora_rank)
+            except lora.AdapterError as exc:
+                raise InvalidArgument(str(exc)) from None
+            await asyncio.wrap_future(self.engine_loop.call(lambda: store.register(adapter)))
+        log.info("LoRA adapter %s loaded from %s", adapter.describe(), path)
+        return adapter_info(adapter)
+
+    @grpc_errors
+    async def UnloadAdapter(self, request, context):
+        engine = self.engine_loop.engine
+        async with self.adapters_lock:
+            if request.name not in engine.adapters.registered:
+                raise NotFound(f"adapter {request.name!r} is not loaded")
+
+            def unregister() -> int:  # on the engine thread: no sequence can start through it meanwhile
+                scheduler = engine.scheduler
+                users = sum(s.adapter == request.name for s in (*scheduler.running, *scheduler.waiting))
+                return engine.adapters.unregister(request.name, users)
+
+            users = await asyncio.wrap_future(self.engine_loop.call(unregister))
+        if users:
+            raise FailedPrecondition(f"adapter {request.name!r} has {users} running or waiting sequences; "
+                                     "unload it when they end")
+        log.info("LoRA adapter %s unloaded", request.name)
+        return generation_pb2.UnloadAdapterResponse(num_model_workers=1)
 
 
     @grpc_errors

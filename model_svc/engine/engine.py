@@ -12,10 +12,11 @@ import torch
 
 from genrpc import faults
 from model_svc.engine import beam as beams
+from model_svc.engine.adapter_store import AdapterStore
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
 from model_svc.engine.sampler import SampledToken, Sampler, SampleRow
-from model_svc.engine.schedule_types import ItemKind, SchedulerOutput
+from model_svc.engine.schedule_types import ItemKind, SchedulerFull, SchedulerOutput
 from model_svc.engine.scheduler import Scheduler
 from model_svc.engine.sequence import FinishReason, Sequence
 from model_svc.engine.speculation import accepted_count
@@ -66,17 +67,19 @@ class RunningStep:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, sampler: Sampler, kv_cache: KVCache,
-                 default_prompt_lookup: int = 0, grammars=None, tokenizer=None):
+                 default_prompt_lookup: int = 0, grammars=None, tokenizer=None, adapters: AdapterStore | None = None):
         """default_prompt_lookup: the prompt_lookup_num_tokens of a request that does not say.
         grammars: compiles a sequence's grammar when it comes without its constraint (constraints.py;
         the server compiles them before, off the engine thread). tokenizer: () -> the served model's
-        tokenizer (beam search's stop strings are found in token ids through it)."""
+        tokenizer (beam search's stop strings are found in token ids through it). adapters: the LoRA
+        adapters served (adapter_store.py; None: none)."""
         self.default_prompt_lookup = default_prompt_lookup
         self.grammars = grammars
         self.tokenizer = tokenizer
         self.groups: dict[Hashable, beams.BeamGroup] = {}  # beam searches by their leader's id
         self.member_of: dict[Hashable, beams.BeamGroup] = {}  # and by their members' ids
         self.runner = runner
+        self.adapters = adapters or AdapterStore(None)
         self.scheduler = scheduler
         self.sampler = sampler
         self.kv_cache = kv_cache
@@ -114,12 +117,16 @@ class Engine:
             self.interrupt.set()
 
     def add(self, seq: Sequence) -> None:
-        """Queues a sequence; a beam search's members come after their leader (beam.py)."""
+        """Queues a sequence; a beam search's members come after their leader (beam.py). One whose
+        LoRA adapter is on disk waits for it, parked (adapter_store.py)."""
+        if self.adapters.parks(seq):
+            if self.adapters.defer is None:  # read inline (no engine loop): it may start now
+                for ready in self.adapters.install(self._adapters_in_use()):
+                    self.add(ready)
+            return
         if seq.beam_of is not None:
             self._add_member(seq)
             return
-        if seq.adapter and seq.adapter not in self.runner.adapters.by_name:
-            raise ValueError(f"adapter {seq.adapter!r} is not loaded on this model worker")
         if seq.params.grammar and seq.constraint is None:
             if self.grammars is None:
                 raise ValueError("structured output is not available here")
@@ -167,6 +174,9 @@ class Engine:
 
     def abort(self, seq_id: Hashable) -> list[TokenOutput]:
         """Ends a sequence between steps; a beam search's leader ends its members too."""
+        parked = self.adapters.abort(seq_id)
+        if parked:
+            return [TokenOutput(seq.seq_id, None, FinishReason.CANCELLED) for seq in parked]
         group = self.member_of.pop(seq_id, None)
         if group is not None:  # it will not be returned
             group.members.pop(next(r for r, m in group.members.items() if m.seq_id == seq_id))
@@ -185,6 +195,33 @@ class Engine:
         return [TokenOutput(s.seq_id, None, reason, error=error) for s in ended]
 
     def step(self) -> list[TokenOutput]:
+        """`_step`, with the sequences parked for their adapter admitted before and after it (an
+        adapter read meanwhile, or a resident one no longer in use)."""
+        outputs = self._admit_parked()
+        outputs += self._step()
+        if self.adapters.parked:
+            outputs += self._admit_parked()
+        return outputs
+
+    def _adapters_in_use(self) -> set[str]:
+        return {seq.adapter for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter}
+
+    def _admit_parked(self) -> list[TokenOutput]:
+        """Adds the parked sequences whose adapter is now resident; ends those whose adapter could not
+        be read."""
+        failed, self.adapters.failed = self.adapters.failed, []
+        outputs = [TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=error) for seq, error in failed]
+        if not self.adapters.parked and not self.adapters.pending:
+            return outputs
+        for seq in self.adapters.install(self._adapters_in_use()):
+            try:
+                self.add(seq)
+            except (ValueError, SchedulerFull) as exc:
+                outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=str(exc),
+                                           retryable=isinstance(exc, SchedulerFull)))
+        return outputs
+
+    def _step(self) -> list[TokenOutput]:
         """Runs one step (schedule -> copy -> execute -> sample -> accept -> update -> outputs);
         returns one output per sequence that got a token or finished. A failure fails the sequences
         it touched and is returned as their outputs, never raised: the step's sequences when
@@ -379,7 +416,9 @@ class Engine:
 
     def fail_all(self, exc: BaseException) -> list[TokenOutput]:
         """Fails every sequence the engine holds (a failure outside `step`'s own guards)."""
-        return self._failed(self.scheduler.fail_all(), exc, "the engine loop")
+        error = f"the engine loop failed ({type(exc).__name__})"
+        parked = [TokenOutput(seq.seq_id, None, FinishReason.ERROR, error=error) for seq in self.adapters.take_all()]
+        return self._failed(self.scheduler.fail_all(), exc, "the engine loop") + parked
 
     def _failed(self, seqs: list[Sequence], exc: BaseException, where: str) -> list[TokenOutput]:
         """The outputs of sequences failed by `exc`: the traceback goes to the log, the type to them."""

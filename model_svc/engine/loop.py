@@ -12,6 +12,7 @@ server uses to hand them back to the asyncio loop.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -67,6 +68,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._stopped = False
         self._num_pending_adds = 0
+        engine.adapters.defer = self.call  # adapters are read on threads of their own, installed between steps
 
     def stop(self) -> None:
         """Makes `run()` return after the current step; callable from any thread."""
@@ -94,6 +96,15 @@ class EngineLoop:
             self._commands.append(("abort", list(seq_ids)))
             self._wake.notify()
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Runs `fn` on the engine thread between two steps (after the commands queued before it);
+        its result or exception comes back through the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._commands.append(("call", (fn, future)))
+            self._wake.notify()
+        return future
+
     def _apply_commands(self, outputs: list[TokenOutput]) -> None:
         """Applies the queued adds and aborts, appending their outputs (a refusal, an abort's end)."""
         while True:
@@ -116,6 +127,13 @@ class EngineLoop:
                         log.error("adding a sequence failed", exc_info=exc)
                         outputs.append(TokenOutput(seq.seq_id, None, FinishReason.ERROR,
                                                    error=f"adding the sequence failed ({type(exc).__name__})"))
+            elif kind == "call":
+                fn, future = payload
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # the caller's to report; the engine goes on
+                        future.set_exception(exc)
             else:
                 for seq_id in payload:
                     outputs.extend(self.engine.abort(seq_id))

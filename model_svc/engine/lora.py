@@ -21,6 +21,7 @@ Two numerics, as the rest of the engine:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,12 @@ class Adapter:
     scaling: float
     modules: tuple[str, ...]  # the projections it changes
     pairs: dict[tuple[int, str], Pair] = field(default_factory=dict)  # (layer, projection) -> its pair
+    digest: str = ""  # of its files (config and weights): the same name loaded again may be other weights
+
+    @property
+    def key(self) -> str:
+        """Its prefix-cache namespace: the name and the files' digest."""
+        return f"{self.name}:{self.digest}"
 
     def describe(self) -> str:
         return f"{self.name} (rank {self.rank}, {', '.join(self.modules)})"
@@ -101,7 +108,7 @@ def load(name: str, path: str, model_config, max_rank: int = DEFAULT_MAX_RANK) -
             raise AdapterError(f"{where}: {key}={config.get(key)!r} is not served: must be {allowed}")
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-    tensors = _read_weights(path, where)
+    tensors, digest = _read_weights(path, where)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.search(key)
@@ -116,7 +123,8 @@ def load(name: str, path: str, model_config, max_rank: int = DEFAULT_MAX_RANK) -
         raise AdapterError(f"{where}: no LoRA weights found")
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     shapes = _shapes(text)
-    adapter = Adapter(name, path, rank, alpha, scaling, tuple(sorted({m for _, m in pairs}, key=TARGETS.index)))
+    adapter = Adapter(name, path, rank, alpha, scaling, tuple(sorted({m for _, m in pairs}, key=TARGETS.index)),
+                      digest=digest)
     for (layer, module), pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{where}: layer {layer} {module} has lora_{''.join(pair)} without its pair")
@@ -131,16 +139,26 @@ def load(name: str, path: str, model_config, max_rank: int = DEFAULT_MAX_RANK) -
     return adapter
 
 
-def _read_weights(path: str, where: str) -> dict[str, torch.Tensor]:
-    safetensors = os.path.join(path, "adapter_model.safetensors")
-    if os.path.exists(safetensors):
-        from safetensors.torch import load_file
+def _read_weights(path: str, where: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter's tensors, and a digest of its config and weights files."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        weights = os.path.join(path, name)
+        if os.path.exists(weights):
+            break
+    else:
+        raise AdapterError(f"{where}: neither adapter_model.safetensors nor adapter_model.bin is there")
+    digest = hashlib.sha256()
+    try:
+        for file in (os.path.join(path, "adapter_config.json"), weights):
+            with open(file, "rb") as f:
+                digest.update(f.read())
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(safetensors)
-    pickled = os.path.join(path, "adapter_model.bin")
-    if os.path.exists(pickled):
-        return torch.load(pickled, map_location="cpu", weights_only=True)
-    raise AdapterError(f"{where}: neither adapter_model.safetensors nor adapter_model.bin is there")
+            return load_file(weights), digest.hexdigest()[:16]
+        return torch.load(weights, map_location="cpu", weights_only=True), digest.hexdigest()[:16]
+    except Exception as exc:  # a truncated or foreign file: the caller hears what, the server goes on
+        raise AdapterError(f"{where}: cannot read {name}: {type(exc).__name__}: {exc}") from None
 
 
 def _shapes(config) -> dict[str, tuple[int, int]]:

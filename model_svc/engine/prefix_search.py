@@ -47,8 +47,8 @@ class Prefixes:
         """The prefix-cache namespace of the sequence's numbers (block_manager.py) within its cache
         salt's: sequences of different salts never share a block."""
         salt = seq.cache_salt
-        if seq.adapter:  # an adapter's keys and values are its own
-            salt = (salt or b"") + b"\x00adapter:" + seq.adapter.encode()
+        if seq.adapter:  # an adapter's keys and values are its own (a name loaded again: other weights)
+            salt = (salt or b"") + b"\x00adapter:" + (seq.adapter_key or seq.adapter).encode()
         return salted_root(LONG_PROMPTS if self.is_long(seq) else None, salt)
 
     def shareable(self, seq: Sequence) -> int:

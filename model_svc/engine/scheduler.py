@@ -311,7 +311,8 @@ class Scheduler:
         beam = Sequence((leader.seq_id, "beam", index), leader.prompt_ids,
                         replace(leader.params, prompt_lookup_num_tokens=0), status=SequenceStatus.RUNNING,
                         tenant=leader.tenant, priority=leader.priority, arrival=leader.arrival,
-                        cache_salt=leader.cache_salt, group=group, adapter=leader.adapter)
+                        cache_salt=leader.cache_salt, group=group, adapter=leader.adapter,
+                        adapter_key=leader.adapter_key)
         beam.processors = leader.processors
         return beam
 

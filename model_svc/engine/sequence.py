@@ -196,6 +196,7 @@ class Sequence:
     beam_of: Hashable | None = None
     beam_rank: int = 0
     adapter: str = ""  # the LoRA adapter its rows go through (lora.py); "": the base model
+    adapter_key: str = ""  # that adapter's name and weights' digest (Engine.add): its prefix-cache namespace
 
     num_prompt_tokens: int = field(init=False)
 

@@ -27,7 +27,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_stack(adapters):
     flags = tuple(arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}"))
-    stack = start_stack(MODEL, model_args=flags)
+    stack = start_stack(MODEL, model_args=(*flags, "--max-loras", "2"))  # a third adapter is read from disk
     yield stack
     stack.stop()
 
@@ -104,3 +104,126 @@ def test_an_unknown_adapter_is_not_found(lora_stub):
         generate(lora_stub, PROMPTS[0], adapter="nope")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "config.adapter='nope'" in info.value.details() and "served: a, b" in info.value.details()
+
+
+ADMIN = [("authorization", "Bearer ops-secret")]
+PLAIN = [("authorization", "Bearer team-secret")]
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(lora_stack, tmp_path_factory):
+    """A second gateway in front of the same workers, with bearer tokens: one may manage adapters."""
+    from genrpc.launch import start_service
+
+    folder = tmp_path_factory.mktemp("adapter-rights")
+    (folder / "tokens").write_text("ops-secret name=ops manage_adapters=yes\nteam-secret name=team\n")
+    gateway = start_service("gateway", "--tokenizer-addrs", lora_stack.tokenizer.address, "--model-addrs",
+                            lora_stack.model.address, "--auth-tokens-file", str(folder / "tokens"),
+                            *lora_stack.credentials.client_flags())
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+
+        def serves() -> bool:
+            try:
+                return bool(stub.ModelInfo(pb.ModelInfoRequest(), timeout=5, metadata=PLAIN).adapters)
+            except grpc.RpcError:
+                return False
+        wait_for(serves, timeout=60)
+        yield stub
+    gateway.stop()
+
+
+def in_process(reference_model, hf_tokenizer, name, path, prompt) -> list[int]:
+    """The greedy tokens of the engine the model service builds with --lora NAME=PATH."""
+    from model_svc.__main__ import engine_for, parse_args
+    from model_svc.engine.sequence import SamplingParams, Sequence
+
+    engine = engine_for(reference_model, parse_args(["--lora", f"{name}={path}"]))
+    engine.add(Sequence("p", hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=16), adapter=name))
+    tokens = []
+    while engine.scheduler.has_work:
+        tokens += [out.token_id for out in engine.step() if out.token_id is not None]
+    return tokens
+
+
+def test_adapters_load_and_unload_at_run_time(admin_gateway, lora_stack, reference_model, hf_tokenizer, adapters,
+                                              tmp_path):
+    """LoadAdapter / UnloadAdapter: a right of the token; the loaded adapter (a third one past
+    --max-loras 2: read from disk again when asked for, in place of one not in use) serves the
+    in-process engine's tokens, and so do the two it displaced; refusals name what is wrong; in use
+    it stays; loaded again under the same name with other weights, it gives the new weights' tokens
+    (its prefix-cache blocks are not reused)."""
+    first = make_adapter(str(tmp_path / "c1"), seed=3, alpha=64)  # strong: other tokens than the base model
+    second = make_adapter(str(tmp_path / "c2"), seed=4, rank=4, alpha=64)
+    load = pb.LoadAdapterRequest(name="c", path=first)
+    with pytest.raises(grpc.RpcError) as denied:
+        admin_gateway.LoadAdapter(load, timeout=60, metadata=PLAIN)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "manage_adapters=yes" in denied.value.details()
+
+    loaded = admin_gateway.LoadAdapter(load, timeout=60, metadata=ADMIN)
+    assert (loaded.adapter.name, loaded.adapter.rank, loaded.num_model_workers) == ("c", 8, 1)
+    assert "c" in [a.name for a in admin_gateway.ModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=PLAIN).adapters]
+    long_prompt = " ".join(PROMPTS * 3)  # full KV blocks: the prefix cache keeps them
+    got = generate_as(admin_gateway, long_prompt, "c")
+    assert got == in_process(reference_model, hf_tokenizer, "c", first, long_prompt)
+    assert got != generate_as(admin_gateway, long_prompt, "")
+    reads = metric(lora_stack.model.metrics_port, "genrpc_model_adapter_reads_total")
+    for name, path in (*adapters.items(), ("c", first)):  # two resident at most: each read again in turn
+        assert generate_as(admin_gateway, PROMPTS[0], name) == in_process(reference_model, hf_tokenizer, name, path,
+                                                                          PROMPTS[0]), name
+    assert metric(lora_stack.model.metrics_port, "genrpc_model_adapter_reads_total") >= reads + 2
+
+    refusals = [(pb.LoadAdapterRequest(name="c", path=second), grpc.StatusCode.ALREADY_EXISTS, "already loaded"),
+                (pb.LoadAdapterRequest(name="d", path=str(tmp_path / "nowhere")), grpc.StatusCode.INVALID_ARGUMENT,
+                 "adapter_config.json"),
+                (pb.LoadAdapterRequest(name="bad name", path=first), grpc.StatusCode.INVALID_ARGUMENT,
+                 "name='bad name'"),
+                (pb.LoadAdapterRequest(name="d", path=make_adapter(str(tmp_path / "big"), seed=5, rank=128)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "r=128")]
+    for request, code, words in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            admin_gateway.LoadAdapter(request, timeout=60, metadata=ADMIN)
+        assert refused.value.code() == code and words in refused.value.details(), refused.value.details()
+
+    stream = admin_gateway.GenerateStream(pb.GenerateStreamRequest(prompt=PROMPTS[1], config=pb.GenerationConfig(
+        max_new_tokens=2000, ignore_eos=True, adapter="c")), timeout=300, metadata=PLAIN)
+    next(stream)  # it runs through "c" now
+    with pytest.raises(grpc.RpcError) as busy:
+        admin_gateway.UnloadAdapter(pb.UnloadAdapterRequest(name="c"), timeout=60, metadata=ADMIN)
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "running or waiting" in busy.value.details()
+    stream.cancel()
+
+    def unloaded() -> bool:
+        try:
+            return admin_gateway.UnloadAdapter(pb.UnloadAdapterRequest(name="c"), timeout=60,
+                                               metadata=ADMIN).num_model_workers == 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()  # until the abort lands
+            return False
+    wait_for(unloaded, timeout=30)
+    for call in (lambda: generate_as(admin_gateway, PROMPTS[0], "c"),
+                 lambda: admin_gateway.UnloadAdapter(pb.UnloadAdapterRequest(name="c"), timeout=60, metadata=ADMIN)):
+        with pytest.raises(grpc.RpcError) as gone:
+            call()
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+    admin_gateway.LoadAdapter(pb.LoadAdapterRequest(name="c", path=second), timeout=60, metadata=ADMIN)
+    again = generate_as(admin_gateway, long_prompt, "c")
+    assert again == in_process(reference_model, hf_tokenizer, "c", second, long_prompt) and again != got
+    admin_gateway.UnloadAdapter(pb.UnloadAdapterRequest(name="c"), timeout=60, metadata=ADMIN)
+
+
+def generate_as(stub, prompt, adapter) -> list[int]:
+    request = pb.GenerateRequest(prompts=[prompt], config=pb.GenerationConfig(max_new_tokens=16, adapter=adapter))
+    return list(stub.Generate(request, timeout=120, metadata=PLAIN).completions[0].token_ids)
+
+
+def test_the_cli_manages_adapters_only_with_the_right(lora_stack, adapters, capsys):
+    """`genrpc adapters load/unload`: the gateway's answer, named; without a token: PERMISSION_DENIED
+    (the CLI sends a bearer token over TLS only; the right itself is tested above)."""
+    from genrpc import cli
+
+    assert cli.main(["--addr", lora_stack.gateway.address, "adapters", "load", "e", adapters["a"]]) == 1
+    assert "PERMISSION_DENIED: LoadAdapter needs a bearer token with manage_adapters=yes" in capsys.readouterr().err
+    assert cli.main(["--addr", lora_stack.gateway.address, "adapters", "unload", "a"]) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err

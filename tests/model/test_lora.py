@@ -112,3 +112,43 @@ def test_beam_search_and_speculation_with_an_adapter(reference_model, hf_tokeniz
     with_adapter = drive(engine, group)
     without = drive(engine, beam_group(ids, max_new_tokens=8, num_beams=2))
     assert with_adapter["L"][0] != without["L"][0]
+
+
+def test_max_loras_reads_an_adapter_from_disk_when_one_is_free(reference_model, hf_tokenizer, adapters):
+    """--max-loras 1: b's sequence waits (parked) while a's runs, then b takes a's place in memory;
+    each gets the tokens and logprobs it gets with both resident; a parked beam search waits whole;
+    an aborted parked sequence ends CANCELLED; a is read again for the next request of it."""
+    from tests.model.test_beam import beam_group, drive
+
+    ids = [hf_tokenizer(p).input_ids for p in PROMPTS[:2]]
+    params = SamplingParams(max_new_tokens=10, logprobs=True)
+    both = run(make_engine(reference_model, extra=flags(adapters)),
+               [Sequence("a", ids[0], params, adapter="a"), Sequence("b", ids[1], params, adapter="b")])
+    engine = make_engine(reference_model, extra=[*flags(adapters), "--max-loras", "1"])
+    store = engine.adapters
+    assert list(store.resident) == ["a"] and sorted(store.registered) == ["a", "b"]
+    engine.add(Sequence("a", ids[0], params, adapter="a"))
+    engine.add(Sequence("b", ids[1], params, adapter="b"))
+    engine.add(Sequence("gone", ids[1], params, adapter="b"))
+    assert [s.seq_id for s in store.parked] == ["b", "gone"] and list(store.pending) == ["b"]
+    assert [(o.seq_id, o.finish_reason) for o in engine.abort("gone")] == [("gone", FinishReason.CANCELLED)]
+    got = {"a": ([], []), "b": ([], [])}
+    order = []
+    while engine.scheduler.has_work:
+        for out in engine.step():
+            if out.token_id is not None:
+                got[out.seq_id][0].append(out.token_id)
+                got[out.seq_id][1].append(out.logprob)
+                order.append(out.seq_id)
+    assert order.index("b") > len(order) - order[::-1].index("a") - 1  # b only once a had ended
+    assert list(store.resident) == ["b"] and store.num_loads == 1
+    for name in ("a", "b"):
+        assert got[name] == tuple(both[name][:2]), name
+    group = beam_group(ids[0], max_new_tokens=6, num_beams=2, num_return_sequences=2)
+    for s in group:
+        s.adapter = "a"
+    parked_search = drive(engine, group)
+    resident_search = drive(make_engine(reference_model, extra=flags(adapters)), [
+        Sequence(s.seq_id, s.prompt_ids, s.params, adapter="a", beam_of=s.beam_of, beam_rank=s.beam_rank)
+        for s in group])
+    assert parked_search == resident_search and list(store.resident) == ["a"] and store.num_loads == 2
