@@ -61,7 +61,7 @@ class RunningStep:
     priorities: tuple[int, ...]  # of its sequences
     only_long: bool  # it computes long prompts' chunks and nothing else
     rows: Counter  # its sequences per tenant
-    seconds: float  # its duration by the cost model (StepCost.measured, as fair steps size it)
+    seconds: float  # its duration as fair steps estimate it (Policy.step_at_most)
     after_stop: bool  # the step before it was stopped
 
 
@@ -278,7 +278,7 @@ class Engine:
             tuple({item.seq.priority for item in out.scheduled}),
             all(item.kind is ItemKind.LONG for item in out.scheduled),
             Counter(item.seq.tenant for item in out.scheduled),
-            self.scheduler.cost.measured(out.num_batched_tokens, out.num_pairs), self._after_stop)
+            self.scheduler.policy.step_at_most(out.num_batched_tokens, out.num_pairs), self._after_stop)
         try:
             faults.check("runner.execute")
             logits = self.runner.execute(out.scheduled, self.kv_cache, interrupt)

@@ -160,8 +160,9 @@ class Scheduler:
                     for beam in beams:
                         out.add(beam, 1)
                     rows[seq.tenant] += len(beams)
-        if self.config.speculation and out.scheduled:
-            propose(self, out)
+        if self.config.speculation and out.scheduled:  # the rows of a tenant over the cap do not speculate
+            propose(self, out, set() if cap is None else {
+                tenant for tenant, work in self.policy.tenant_rows().items() if len(work) > cap})
         decode_seconds = self.cost.seconds(out.num_batched_tokens, out.num_pairs) if out.scheduled else 0.0
         # 2. Waiting sequences, in policy order: short prompts whole, long ones a chunk; they come before
         # the chunks of long prompts already running, so that a long prefill never holds the door.

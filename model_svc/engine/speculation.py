@@ -129,15 +129,19 @@ class Speculator:
             self.trials = DECAY * self.trials + 1
 
 
-def propose(scheduler: Scheduler, out: SchedulerOutput) -> None:
+def propose(scheduler: Scheduler, out: SchedulerOutput, capped: set[str] = frozenset()) -> None:
     """Gives a step's decodes proposals where they pay: a proposal's row (and the draft model's pass,
     with one) must be worth its marginal time at the rate the step earns tokens now. Proposals take
-    free blocks only (never preempt) and room the step has left. Called by Scheduler.schedule."""
+    free blocks only (never preempt) and room the step has left. capped: tenants with more work than
+    fair steps let into this step, whose sequences propose nothing (their proposals would lengthen
+    the step past what fair steps allow). Called by Scheduler.schedule."""
     decodes = list(out.scheduled)
     cost, draft = scheduler.cost, scheduler.draft
     seconds_per_token = cost.seconds(out.num_batched_tokens, out.num_pairs) / len(decodes)
     for item in decodes:
         seq = item.seq
+        if seq.tenant in capped:
+            continue
         params = seq.params
         most = min(params.prompt_lookup_num_tokens, params.max_new_tokens - seq.num_output_tokens - 1,
                    scheduler.max_context - seq.num_tokens - 1, scheduler.room(out))

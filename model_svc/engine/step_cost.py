@@ -26,6 +26,7 @@ import numpy as np
 PRIOR = (0.011, 0.001, 6e-7)
 MEASURED_TOKENS = 256  # steps of up to this many tokens are kept by size (`measured`)
 MEASURED_STEPS = 2000  # for this many steps after they were last seen
+MEASURED_KEPT = 5  # the last steps of a size kept; their lower median is its duration
 
 
 def chunk_pairs(start: int, num_tokens: int) -> int:
@@ -47,8 +48,10 @@ class StepCost:
         self.prior_weight = prior_weight
         self.coef = self.prior.copy()
         self.num_steps = 0
-        # Measured steps by their token count: (seconds less the model's attention part, step number).
-        self.by_tokens: dict[int, tuple[float, int]] = {}
+        # Measured steps by their token count: (their last durations less the model's attention part,
+        # oldest first; the step number of the last). Read as the lower median: one slow step (the
+        # first one's warm-up: 329 ms for a 19 ms step) does not count.
+        self.by_tokens: dict[int, tuple[tuple[float, ...], int]] = {}
 
     def observe(self, tokens: int, pairs: int, seconds: float) -> None:
         if tokens <= 0 or not (seconds > 0):
@@ -58,8 +61,8 @@ class StepCost:
         if tokens <= MEASURED_TOKENS:
             linear = seconds - self.coef[2] * pairs
             last = self.by_tokens.get(tokens)
-            recent = last is not None and self.num_steps - last[1] < MEASURED_STEPS
-            self.by_tokens[tokens] = (linear if not recent else last[0] + 0.2 * (linear - last[0]), self.num_steps)
+            kept = last[0] if last is not None and self.num_steps - last[1] < MEASURED_STEPS else ()
+            self.by_tokens[tokens] = ((*kept, linear)[-MEASURED_KEPT:], self.num_steps)
         weight = 1.0 / (max(seconds, 1e-3) / self.prior[0]) ** 2
         x = np.array([1.0, tokens, pairs], dtype=np.float64) / self.scale
         self.xtx = self.forget * self.xtx + weight * np.outer(x, x)
@@ -80,19 +83,24 @@ class StepCost:
         fixed, per_token, per_pair = self.coef
         return fixed + per_token * tokens + per_pair * pairs
 
-    def measured(self, tokens: int, pairs: int) -> float:
-        """What a step of this work takes by the recent measured steps of as many tokens (or
-        between the nearest sizes measured below and above it), the model's attention part added;
-        the model where there are none."""
+    def measured(self, tokens: int, pairs: int, side: str = "") -> float:
+        """What a step of this work takes by the recent measured steps of as many tokens, the
+        model's attention part added. Where that size was not measured: the line, or with `side`
+        ("high" or "low") the larger or smaller of the line and the chord between the nearest sizes
+        measured below and above (on a concave cost the line overestimates small steps and the chord
+        underestimates: fair steps take the side that protects the light tenant)."""
         seen = tuple(self.by_tokens.items())  # one copy under the GIL: fair steps ask from any thread
-        fresh = {n: v for n, (v, at) in seen if self.num_steps - at < MEASURED_STEPS}
-        below = max((n for n in fresh if n <= tokens), default=None)
-        above = min((n for n in fresh if n >= tokens), default=None)
-        if below is None or above is None:
-            return self.seconds(tokens, pairs)
-        linear = fresh[below] if below == above else (
-            fresh[below] + (fresh[above] - fresh[below]) * (tokens - below) / (above - below))
-        return linear + self.coef[2] * pairs
+        fresh = {n: sorted(v)[(len(v) - 1) // 2] for n, (v, at) in seen if self.num_steps - at < MEASURED_STEPS}
+        if tokens in fresh:
+            return fresh[tokens] + self.coef[2] * pairs
+        line = self.seconds(tokens, pairs)
+        below = max((n for n in fresh if n < tokens), default=None)
+        above = min((n for n in fresh if n > tokens), default=None)
+        if not side or below is None or above is None:
+            return line
+        chord = fresh[below] + (fresh[above] - fresh[below]) * (tokens - below) / (above - below)
+        chord += self.coef[2] * pairs
+        return max(line, chord) if side == "high" else min(line, chord)
 
     def marginal(self, tokens: int, pairs: int) -> float:
         """What adding this work to a step costs (the fixed part is already paid)."""

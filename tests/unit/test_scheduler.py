@@ -364,7 +364,9 @@ CONCAVE = {1: 0.019, 2: 0.019, 4: 0.026, 8: 0.040, 16: 0.067, 32: 0.100, 33: 0.1
 def test_fair_steps_size_small_steps_by_measured_steps_not_the_line():
     """On a CPU whose step cost is concave in its rows, the line fitted on the flood's big steps
     puts B's lone row far above its measured 19 ms; fair steps read the measured sizes: B's row
-    alone 19 ms, so A gets the rows that keep the step within 38 ms (interpolated: 1 + 6 tokens)."""
+    alone 19 ms, so A gets the rows that keep the step within 38 ms: 1 + 3 tokens, measured at
+    26 ms (5 to 7 tokens were not measured: read on the light tenant's safe side, the line's
+    44-48 ms, not the chord's 29-37; the line alone would allow none beyond the floor of 1)."""
     s = flooded()
     for _ in range(20):
         for tokens, seconds in CONCAVE.items():
@@ -375,23 +377,33 @@ def test_fair_steps_size_small_steps_by_measured_steps_not_the_line():
     assert s.cost.seconds(1, 0) > 1.3 * CONCAVE[1] and s.cost.measured(1, 0) == pytest.approx(CONCAVE[1])
     s.add(Sequence("b", [10, 11, 12], SamplingParams(max_new_tokens=4), tenant="B"))
     step(s)  # B's prompt
-    assert s.policy.tenant_cap() == 6
+    assert s.policy.tenant_cap() == 3
     out, _ = step(s)
-    assert [item.seq.tenant for item in out.scheduled].count("A") == 6
+    assert [item.seq.tenant for item in out.scheduled].count("A") == 3
 
 
 def test_step_cost_measured_reads_recent_steps_by_size():
-    """measured: the recent steps of a size, interpolated between sizes, the line beyond them or
-    once they are MEASURED_STEPS old; the model's attention part added for pairs."""
+    """measured: the recent steps of a size, their lower median (the model's attention part added
+    for pairs); a size
+    not measured: the line, or the larger / smaller of the line and the chord between measured
+    sizes; the line beyond them or once they are MEASURED_STEPS old."""
     from model_svc.engine.step_cost import MEASURED_STEPS
     cost = StepCost()
     for _ in range(5):
         for tokens, seconds in CONCAVE.items():
             cost.observe(tokens, 0, seconds)
     assert cost.measured(16, 0) == pytest.approx(0.067)
-    assert cost.measured(24, 0) == pytest.approx((0.067 + 0.100) / 2)
-    assert cost.measured(64, 0) == cost.seconds(64, 0)  # nothing measured above it
+    chord, line = (0.067 + 0.100) / 2, cost.seconds(24, 0)
+    assert cost.measured(24, 0) == line and chord != pytest.approx(line)
+    assert cost.measured(24, 0, "high") == pytest.approx(max(chord, line))
+    assert cost.measured(24, 0, "low") == pytest.approx(min(chord, line))
+    assert cost.measured(64, 0, "low") == cost.seconds(64, 0)  # nothing measured above it
     assert cost.measured(4, 1000) == pytest.approx(0.026 + cost.coef[2] * 1000)
+    cost.observe(3, 0, 0.329)  # a first step's warm-up, then the size's real cost: the slow one does not count
+    cost.observe(3, 0, 0.020)
+    assert cost.measured(3, 0) == pytest.approx(0.020)
+    cost.observe(3, 0, 0.021)
+    assert cost.measured(3, 0) == pytest.approx(0.021)
     for _ in range(MEASURED_STEPS):
         cost.observe(32, 0, 0.100)
     assert cost.measured(4, 0) == cost.seconds(4, 0)  # the small sizes are stale: the line

@@ -217,3 +217,25 @@ def test_a_requests_max_matching_ngram_size_reaches_its_proposer():
     s.update(s.schedule(), {"a": 12})
     s.schedule()
     assert seq.speculator.index.max_ngram == 2
+
+
+def test_a_tenant_capped_by_fair_steps_does_not_speculate_in_that_step():
+    """Three of A's sequences beside B's one: fair steps cap A, and A's decoding row proposes nothing
+    (its proposals would lengthen the step past what fair steps allow); B's row still proposes.
+    Without B, A's row proposes."""
+    s = make_scheduler()
+    s.config = replace(s.config, tenant_slowdown=1.0)
+    prompt = [10, 11, 12, 13, 14, 15, 16, 10, 11]  # "10 11" occurred before: proposals follow
+    for i in range(3):
+        s.add(Sequence(f"a{i}", prompt, SamplingParams(max_new_tokens=50, prompt_lookup_num_tokens=4), tenant="A"))
+    s.add(Sequence("b", prompt, SamplingParams(max_new_tokens=50, prompt_lookup_num_tokens=4), tenant="B"))
+    s.update(s.schedule(), {f"a{i}": 12 for i in range(3)} | {"b": 12})  # the prompts
+    out = s.schedule()
+    assert out.num_capped > 0
+    by_tenant = {item.seq.tenant: item for item in out.scheduled}
+    assert by_tenant["B"].proposals and all(not i.proposals for i in out.scheduled if i.seq.tenant == "A")
+    s.abort("b")
+    s.update(out, {i.seq.seq_id: 13 for i in out.scheduled if i.seq.seq_id != "b"})  # a0: ... 10 11 12 13
+    out = s.schedule()  # A alone: a0 decodes with proposals again (a1 and a2 start their prompts)
+    (a0,) = [i for i in out.scheduled if i.seq.seq_id == "a0"]
+    assert out.num_capped == 0 and a0.proposals[:2] == [14, 15]
