@@ -176,6 +176,7 @@ class StepRows:
 
     runs: dict[str, list[tuple[int, int]]]  # (start, length) runs per adapter
     native: tuple | None = None  # for the kernel: rows, their columns, ranks and scalings (int64/float32)
+    native_args: tuple = ()  # the kernel's arguments for them: (count, and the four tensors' addresses)
 
 
 class Kernel:
@@ -183,16 +184,16 @@ class Kernel:
 
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._rows = library.lora_rows_bf16
-        self._rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
-        self._rows.restype = ctypes.c_int
+        self.rows = library.lora_rows_bf16  # Adapters.apply calls it directly (addresses precomputed)
+        self.rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
+        self.rows.restype = ctypes.c_int
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, rows: tuple, at: torch.Tensor, bt: torch.Tensor) -> None:
         """x [T, k] and out [T, n] bfloat16 with unit stride along a row; out changed in place."""
         index, cols, ranks, scales = rows
         if not (x.dtype == out.dtype == torch.bfloat16 and x.stride(1) == 1 and out.stride(1) == 1):
             raise ValueError("lora: unexpected dtype or layout")
-        if self._rows(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), len(index), index.data_ptr(),
+        if self.rows(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), len(index), index.data_ptr(),
                       cols.data_ptr(), ranks.data_ptr(), scales.data_ptr(), at.data_ptr(), bt.data_ptr(),
                       at.shape[1], at.shape[0], bt.shape[1]):
             raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}")
@@ -225,6 +226,9 @@ class Adapters:
         self.kernel = kernel
         self.columns: dict[str, int] = {}  # native: each adapter's first column in the stacked matrices
         self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A.T, B.T) bfloat16
+        # The kernel's arguments for each (A.T, B.T): their addresses and sizes (a call a projection a
+        # layer: ~210 a step, whose Python work was ~5 us each)
+        self.arguments: dict[tuple[int, str], tuple[int, int, int, int, int]] = {}
         if kernel is not None and adapters:
             self._stack(adapters)
 
@@ -246,6 +250,8 @@ class Adapters:
                 at[:, col:col + rank] = pair.a.T
                 bt[col:col + rank] = pair.b.T
             self.stacked[key] = (at.contiguous(), bt.contiguous())
+            at, bt = self.stacked[key]
+            self.arguments[key] = (at.data_ptr(), bt.data_ptr(), total, at.shape[0], bt.shape[1])
 
     def rows(self, adapters: list[str], starts: list[int], lengths: list[int]) -> StepRows | None:
         """The step's rows by adapter, from each scheduled sequence's adapter and rows; None when no row
@@ -263,6 +269,7 @@ class Adapters:
                            torch.tensor([self.columns[name] for name, _ in rows], dtype=torch.int64),
                            torch.tensor([self.by_name[name].rank for name, _ in rows], dtype=torch.int64),
                            torch.tensor([self.by_name[name].scaling for name, _ in rows], dtype=torch.float32))
+            step.native_args = (len(rows), *(t.data_ptr() for t in step.native))
         return step
 
     def apply(self, step: StepRows, layer: int, modules: tuple[str, ...], x: torch.Tensor,
@@ -270,10 +277,18 @@ class Adapters:
         """Adds each adapter's update to its rows of `outs` (the base products of `modules` of `x`)."""
         x2 = x.reshape(-1, x.shape[-1])
         if step.native is not None:
+            if not (x2.dtype == torch.bfloat16 and x2.stride(1) == 1):
+                raise ValueError("lora: unexpected dtype or layout")
+            x_ptr, x_stride, rows = x2.data_ptr(), x2.stride(0), self.kernel.rows
             for module, out in zip(modules, outs):
-                stacked = self.stacked.get((layer, module))
-                if stacked is not None:
-                    self.kernel.apply(x2, out.view(-1, out.shape[-1]), step.native, *stacked)
+                arguments = self.arguments.get((layer, module))
+                if arguments is None:
+                    continue
+                out2 = out.view(-1, out.shape[-1])
+                if not (out2.dtype == torch.bfloat16 and out2.stride(1) == 1):
+                    raise ValueError("lora: unexpected dtype or layout")
+                if rows(x_ptr, x_stride, out2.data_ptr(), out2.stride(0), *step.native_args, *arguments):
+                    raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}")
             return
         for name, spans in step.runs.items():  # PEFT's arithmetic, a sequence at a time (its shapes in generate())
             adapter = self.by_name[name]
