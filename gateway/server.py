@@ -31,6 +31,7 @@ from genrpc.errors import (
     Unavailable,
     grpc_errors,
 )
+from genrpc.limits import ADAPTER_NAME
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.security import ANONYMOUS, caller, caller_rights
 from genrpc.v1 import generation_pb2 as pb
@@ -218,7 +219,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if not rights.manage_adapters:
             raise refuse(rights, "manage_adapters", PermissionDenied(
                 f"{method} needs a bearer token with manage_adapters=yes (the gateway's --auth-tokens-file)"))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        if not re.fullmatch(ADAPTER_NAME, name):
             raise InvalidArgument(f"name={name[:80]!r} is invalid: 1 to 64 letters, digits, '.', '_' or '-' "
                                   "(not starting with '.', '_' or '-')")
         workers = self.generator.models.healthy_workers

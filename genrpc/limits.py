@@ -28,3 +28,6 @@ MAX_WATERMARK_CONTEXT = 16
 MAX_BEAMS = 16  # num_beams (beam search)
 MAX_STOP_STRINGS = 16  # stop strings a request may name
 MAX_MATCHING_NGRAM = 8  # max_matching_ngram_size: the longest n-gram prompt lookup matches
+# A LoRA adapter's name (--lora NAME=PATH, LoadAdapter): 1-64 letters, digits, '.', '_' or '-',
+# starting with a letter or digit
+ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"

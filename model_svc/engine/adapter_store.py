@@ -64,14 +64,12 @@ class AdapterStore:
 
     # -- registry (engine thread, or before the engine runs) --
 
-    def register(self, adapter: lora.Adapter, resident: bool = True) -> Entry:
+    def register(self, adapter: lora.Adapter) -> None:
         """Serves `adapter` under its name; resident when there is room (else read again when needed)."""
-        entry = Entry(adapter.name, adapter.path, adapter.rank, adapter.modules, adapter.key)
-        self.registered[adapter.name] = entry
-        if resident and len(self.resident) < self.max_loras:
+        self.registered[adapter.name] = Entry(adapter.name, adapter.path, adapter.rank, adapter.modules, adapter.key)
+        if len(self.resident) < self.max_loras:
             self.resident[adapter.name] = adapter
             self._rebuild()
-        return entry
 
     def unregister(self, name: str, in_use: int) -> int:
         """Stops serving `name` unless sequences use it: returns how many do (then nothing changed)."""
@@ -140,14 +138,16 @@ class AdapterStore:
             changed = True
         if changed:
             self._rebuild()
-        ready = [seq for seq in self.parked if (self.resident_for(seq))]
+        ready = [seq for seq in self.parked if self._adapter_of(seq) in self.resident]
         self.parked = [seq for seq in self.parked if seq not in ready]
         self._load_next()
         return ready
 
-    def resident_for(self, seq: Sequence) -> bool:
-        leader = next((p for p in self.parked if p.seq_id == seq.beam_of), None) if seq.beam_of is not None else seq
-        return leader is not None and leader.adapter in self.resident
+    def _adapter_of(self, seq: Sequence) -> str:
+        """A parked sequence's adapter: its own, or a returned sequence's leader's."""
+        if seq.beam_of is None:
+            return seq.adapter
+        return next((p.adapter for p in self.parked if p.seq_id == seq.beam_of), "")
 
     def _load_next(self) -> None:
         """Reads the first parked sequence's adapter, if none is being read or waits for a slot."""
@@ -182,9 +182,7 @@ class AdapterStore:
                 self.pending[entry.name] = adapter
                 return
             log.error("LoRA adapter %s could not be read again: %s", entry.name, error)
-            failed = [seq for seq in self.parked if seq.adapter == entry.name or (
-                seq.beam_of is not None and any(p.seq_id == seq.beam_of and p.adapter == entry.name
-                                                for p in self.parked))]
+            failed = [seq for seq in self.parked if self._adapter_of(seq) == entry.name]
             self.parked = [seq for seq in self.parked if seq not in failed]
             self.failed += [(seq, error) for seq in failed]
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from genrpc.limits import ADAPTER_NAME
 from model_svc.engine import kernels
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def parse_flag(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
         raise AdapterError(f"--lora {value!r}: expected NAME=PATH (a folder saved by peft)")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+    if not re.fullmatch(ADAPTER_NAME, name):
         raise AdapterError(f"--lora {value!r}: a name has 1 to 64 letters, digits, '.', '_' or '-'")
     return name, path
 

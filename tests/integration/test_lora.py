@@ -133,17 +133,20 @@ def admin_gateway(lora_stack, tmp_path_factory):
     gateway.stop()
 
 
-def in_process(reference_model, hf_tokenizer, name, path, prompt) -> list[int]:
-    """The greedy tokens of the engine the model service builds with --lora NAME=PATH."""
+def in_process(reference_model, hf_tokenizer, paths: dict, requests: list) -> list[list[int]]:
+    """The greedy tokens of the engine the model service builds with --lora NAME=PATH for each
+    NAME in `paths`, for each (adapter, prompt) of `requests`, one at a time."""
     from model_svc.__main__ import engine_for, parse_args
     from model_svc.engine.sequence import SamplingParams, Sequence
 
-    engine = engine_for(reference_model, parse_args(["--lora", f"{name}={path}"]))
-    engine.add(Sequence("p", hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=16), adapter=name))
-    tokens = []
-    while engine.scheduler.has_work:
-        tokens += [out.token_id for out in engine.step() if out.token_id is not None]
-    return tokens
+    engine = engine_for(reference_model, parse_args([a for n, p in paths.items() for a in ("--lora", f"{n}={p}")]))
+    answers = []
+    for name, prompt in requests:
+        engine.add(Sequence("p", hf_tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=16), adapter=name))
+        answers.append([])
+        while engine.scheduler.has_work:
+            answers[-1] += [out.token_id for out in engine.step() if out.token_id is not None]
+    return answers
 
 
 def test_adapters_load_and_unload_at_run_time(admin_gateway, lora_stack, reference_model, hf_tokenizer, adapters,
@@ -165,12 +168,13 @@ def test_adapters_load_and_unload_at_run_time(admin_gateway, lora_stack, referen
     assert "c" in [a.name for a in admin_gateway.ModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=PLAIN).adapters]
     long_prompt = " ".join(PROMPTS * 3)  # full KV blocks: the prefix cache keeps them
     got = generate_as(admin_gateway, long_prompt, "c")
-    assert got == in_process(reference_model, hf_tokenizer, "c", first, long_prompt)
+    expected = in_process(reference_model, hf_tokenizer, {**adapters, "c": first},
+                          [("c", long_prompt), ("a", PROMPTS[0]), ("b", PROMPTS[0]), ("c", PROMPTS[0])])
+    assert got == expected[0]
     assert got != generate_as(admin_gateway, long_prompt, "")
     reads = metric(lora_stack.model.metrics_port, "genrpc_model_adapter_reads_total")
-    for name, path in (*adapters.items(), ("c", first)):  # two resident at most: each read again in turn
-        assert generate_as(admin_gateway, PROMPTS[0], name) == in_process(reference_model, hf_tokenizer, name, path,
-                                                                          PROMPTS[0]), name
+    for name, tokens in zip("abc", expected[1:]):  # two resident at most: each read again in turn
+        assert generate_as(admin_gateway, PROMPTS[0], name) == tokens, name
     assert metric(lora_stack.model.metrics_port, "genrpc_model_adapter_reads_total") >= reads + 2
 
     refusals = [(pb.LoadAdapterRequest(name="c", path=second), grpc.StatusCode.ALREADY_EXISTS, "already loaded"),
@@ -209,7 +213,7 @@ def test_adapters_load_and_unload_at_run_time(admin_gateway, lora_stack, referen
 
     admin_gateway.LoadAdapter(pb.LoadAdapterRequest(name="c", path=second), timeout=60, metadata=ADMIN)
     again = generate_as(admin_gateway, long_prompt, "c")
-    assert again == in_process(reference_model, hf_tokenizer, "c", second, long_prompt) and again != got
+    assert again == in_process(reference_model, hf_tokenizer, {"c": second}, [("c", long_prompt)])[0] and again != got
     admin_gateway.UnloadAdapter(pb.UnloadAdapterRequest(name="c"), timeout=60, metadata=ADMIN)
 
 
