@@ -31,6 +31,7 @@ from genrpc.errors import (
     Unavailable,
     grpc_errors,
 )
+from genrpc.internal.v1 import model_pb2
 from genrpc.limits import ADAPTER_NAME
 from genrpc.logs import REQUEST_ID_HEADER, request_id
 from genrpc.security import ANONYMOUS, caller, caller_rights
@@ -183,24 +184,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         workers = self._adapter_workers("LoadAdapter", request.name)
         if not request.path:
             raise InvalidArgument("path is empty: the adapter's folder on the model workers' disk (PEFT's format)")
-        results = await asyncio.gather(*(w.stub.LoadAdapter(request, timeout=context.time_remaining() or 120)
+        load = model_pb2.LoadAdapterRequest(name=request.name, path=request.path)
+        results = await asyncio.gather(*(w.stub.LoadAdapter(load, timeout=context.time_remaining() or 120)
                                          for w in workers), return_exceptions=True)
         failed = next(((w, r) for w, r in zip(workers, results) if isinstance(r, BaseException)), None)
         if failed is not None:
-            undo = pb.UnloadAdapterRequest(name=request.name)
+            undo = model_pb2.UnloadAdapterRequest(name=request.name)
             await asyncio.gather(*(w.stub.UnloadAdapter(undo, timeout=60) for w, r in zip(workers, results)
                                    if not isinstance(r, BaseException)), return_exceptions=True)
             raise _worker_error(*failed)
         await asyncio.gather(*(w.refresh_info() for w in workers), return_exceptions=True)
         log.info("LoRA adapter %s loaded on %d model workers", request.name, len(workers))
-        return pb.LoadAdapterResponse(adapter=results[0], num_model_workers=len(workers))
+        return pb.LoadAdapterResponse(adapter=results[0].adapter, num_model_workers=len(workers))
 
     @grpc_errors
     async def UnloadAdapter(self, request, context):
         """From every model worker that has it; NOT_FOUND when none has."""
         await _begin(context)
         workers = self._adapter_workers("UnloadAdapter", request.name)
-        results = await asyncio.gather(*(w.stub.UnloadAdapter(request, timeout=context.time_remaining() or 120)
+        unload = model_pb2.UnloadAdapterRequest(name=request.name)
+        results = await asyncio.gather(*(w.stub.UnloadAdapter(unload, timeout=context.time_remaining() or 120)
                                          for w in workers), return_exceptions=True)
         await asyncio.gather(*(w.refresh_info() for w in workers), return_exceptions=True)
         done = sum(not isinstance(r, BaseException) for r in results)

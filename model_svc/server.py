@@ -218,7 +218,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
                 raise InvalidArgument(str(exc)) from None
             await asyncio.wrap_future(self.engine_loop.call(lambda: store.register(adapter)))
         log.info("LoRA adapter %s loaded from %s", adapter.describe(), path)
-        return adapter_info(adapter)
+        return model_pb2.LoadAdapterResponse(adapter=adapter_info(adapter))
 
     @grpc_errors
     async def UnloadAdapter(self, request, context):
@@ -237,7 +237,7 @@ class ModelWorkerServicer(model_pb2_grpc.ModelWorkerServicer):
             raise FailedPrecondition(f"adapter {request.name!r} has {users} running or waiting sequences; "
                                      "unload it when they end")
         log.info("LoRA adapter %s unloaded", request.name)
-        return generation_pb2.UnloadAdapterResponse(num_model_workers=1)
+        return model_pb2.UnloadAdapterResponse()
 
 
     @grpc_errors
