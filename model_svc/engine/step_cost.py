@@ -49,9 +49,9 @@ class StepCost:
         self.coef = self.prior.copy()
         self.num_steps = 0
         # Measured steps by their token count: (their last durations less the model's attention part,
-        # oldest first; the step number of the last). Read as the lower median: one slow step (the
-        # first one's warm-up: 329 ms for a 19 ms step) does not count.
-        self.by_tokens: dict[int, tuple[tuple[float, ...], int]] = {}
+        # oldest first; their lower median, the size's duration: one slow step, the first one's
+        # warm-up at 329 ms for a 19 ms size, does not count; the step number of the last).
+        self.by_tokens: dict[int, tuple[tuple[float, ...], float, int]] = {}
 
     def observe(self, tokens: int, pairs: int, seconds: float) -> None:
         if tokens <= 0 or not (seconds > 0):
@@ -61,8 +61,9 @@ class StepCost:
         if tokens <= MEASURED_TOKENS:
             linear = seconds - self.coef[2] * pairs
             last = self.by_tokens.get(tokens)
-            kept = last[0] if last is not None and self.num_steps - last[1] < MEASURED_STEPS else ()
-            self.by_tokens[tokens] = ((*kept, linear)[-MEASURED_KEPT:], self.num_steps)
+            kept = last[0] if last is not None and self.num_steps - last[2] < MEASURED_STEPS else ()
+            kept = (*kept, linear)[-MEASURED_KEPT:]
+            self.by_tokens[tokens] = (kept, sorted(kept)[(len(kept) - 1) // 2], self.num_steps)
         weight = 1.0 / (max(seconds, 1e-3) / self.prior[0]) ** 2
         x = np.array([1.0, tokens, pairs], dtype=np.float64) / self.scale
         self.xtx = self.forget * self.xtx + weight * np.outer(x, x)
@@ -90,7 +91,7 @@ class StepCost:
         measured below and above (on a concave cost the line overestimates small steps and the chord
         underestimates: fair steps take the side that protects the light tenant)."""
         seen = tuple(self.by_tokens.items())  # one copy under the GIL: fair steps ask from any thread
-        fresh = {n: sorted(v)[(len(v) - 1) // 2] for n, (v, at) in seen if self.num_steps - at < MEASURED_STEPS}
+        fresh = {n: median for n, (_, median, at) in seen if self.num_steps - at < MEASURED_STEPS}
         if tokens in fresh:
             return fresh[tokens] + self.coef[2] * pairs
         line = self.seconds(tokens, pairs)
