@@ -1,13 +1,15 @@
-"""The 4-bit output layer (`--output-layer nf4`): accuracy against float32, and one stream's speed.
+"""The quantized output layers (`--output-layer int8`, the default where it runs natively, and `nf4`):
+accuracy against float32, and one stream's speed.
 
 Accuracy: on the 64 held-out prompts of tests/data/heldout_prompts.txt (written before any of these
 runs, never tuned on; each in the model's chat template), 24 greedy tokens from
   - float32: generate() on the unquantized weights (the reference),
   - library: generate() on the model as transformers loads it with load_in_4bit (output layer bfloat16),
-  - genrpc bfloat16 / genrpc nf4: the engine in process, output layer unquantized / nf4.
+  - genrpc bfloat16 / int8 / nf4: the engine in process, output layer unquantized / int8 / nf4.
 Agreement of a side with float32: the tokens equal before the first difference (24 if equal up to
 EOS or the end), averaged over the prompts; and how many first tokens equal float32's.
-Speed: one sequence, 64 tokens, the engine with each output layer, alternating A B B A.
+Speed: one sequence, 64 tokens, the engine with each output layer, the sides in turn, forwards then
+backwards (A B C C B A), twice.
 Writes bench/results/output_layer.json.
 
     python -m bench.output_layer
@@ -72,8 +74,8 @@ def markdown(report: dict) -> str:
     for side, a in report["accuracy_against_float32"].items():
         rows.append(f"| {side} | {a['mean_agreement']} | {a['first_token_equal']} of {report['prompts']} |")
     speed = report["one_sequence_tok_s"]
-    rows.append(f"\nOne sequence: output layer bfloat16 {speed['none']} tok/s, nf4 {speed['nf4']} tok/s "
-                f"({report['speed_ratio_nf4']:.2f}x).")
+    rows.append(f"\nOne sequence: output layer bfloat16 {speed['none']} tok/s, int8 {speed['int8']} tok/s "
+                f"({report['speed_ratio_int8']:.2f}x), nf4 {speed['nf4']} tok/s ({report['speed_ratio_nf4']:.2f}x).")
     return "\n".join(rows)
 
 
@@ -88,9 +90,11 @@ def main() -> None:
     reference = generate(load_model(MODEL, "float32", "none", "cpu"), tokenizer, texts)
     bf16 = load_model(MODEL, "bfloat16", "4bit", "cpu")
     nf4 = load_model(MODEL, "bfloat16", "4bit", "cpu", output_layer="nf4")
+    int8 = load_model(MODEL, "bfloat16", "4bit", "cpu", output_layer="int8")
     eos = set(bf16.eos_token_ids)
     sides = {"library generate()": generate(bf16, tokenizer, texts),
              "genrpc, output layer bfloat16": engine_tokens(bf16, tokenizer, texts),
+             "genrpc, output layer int8": engine_tokens(int8, tokenizer, texts),
              "genrpc, output layer nf4": engine_tokens(nf4, tokenizer, texts)}
     accuracy = {}
     for name, tokens in sides.items():
@@ -98,14 +102,17 @@ def main() -> None:
         accuracy[name] = {"mean_agreement": round(sum(agree) / len(agree), 2),
                           "first_token_equal": sum(t[:1] == r[:1] for t, r in zip(tokens, reference))}
         print(f"{name}: {accuracy[name]}", flush=True)
-    speed: dict[str, float] = {"none": 0.0, "nf4": 0.0}
-    for side in ("none", "nf4", "nf4", "none", "none", "nf4", "nf4", "none"):
-        rate, _ = run_side(bf16 if side == "none" else nf4, tokenizer, [], 1, 64)
+    models = {"none": bf16, "int8": int8, "nf4": nf4}
+    speed = {side: 0.0 for side in models}
+    for side in [*models, *reversed(models)] * 2:
+        rate, _ = run_side(models[side], tokenizer, [], 1, 64)
         speed[side] = max(speed[side], rate)
-    print(f"one sequence: output layer bfloat16 {speed['none']:.1f}, nf4 {speed['nf4']:.1f} tok/s", flush=True)
+    print("one sequence: " + ", ".join(f"output layer {side} {rate:.1f}" for side, rate in speed.items()) + " tok/s",
+          flush=True)
     report = {"cpu": describe_cpu(), "when": time.strftime("%Y-%m-%d %H:%M"), "prompts": len(prompts),
               "tokens": TOKENS, "accuracy_against_float32": accuracy,
               "one_sequence_tok_s": {k: round(v, 1) for k, v in speed.items()},
+              "speed_ratio_int8": round(speed["int8"] / speed["none"], 2),
               "speed_ratio_nf4": round(speed["nf4"] / speed["none"], 2)}
     out = os.path.join(ROOT, "bench", "results", "output_layer.json")
     with open(out, "w") as f:

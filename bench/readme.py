@@ -30,7 +30,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `python -m bench.lora` | streams through LoRA adapters against the base model's |
 | `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~4 min; vLLM installs once) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
-| `python -m bench.output_layer` | a 4-bit output layer: accuracy against float32, and speed |
+| `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
 | `make loadtest` | ghz against a running stack (`LOADTEST_ARGS="--call GenerateStream -c 16 -n 256"`) |
 
@@ -187,12 +187,13 @@ point against its roofline (bench/roofline.py's bandwidth and compute probe). Pa
 both sides take the same path, and their difference there is the machine's drift.""",
             "kernels.json", None,
             _image("results/kernels.png", "kernel paths by sequence count", _part("kernels")), _stamp("when")),
-    Section("A 4-bit output layer", """\
+    Section("A quantized output layer", """\
 `python -m bench.output_layer`: 64 held-out prompts (tests/data/heldout_prompts.txt, chat
 template, 24 greedy tokens) against float32 on the unquantized weights, for `generate()` with
-4-bit layers, genrpc with the bfloat16 output layer (the default) and with `--output-layer nf4`;
-then one sequence's speed with each output layer, paired. nf4 stays off by default while its
-first tokens agree less often.""",
+4-bit layers, genrpc with the output layer in bfloat16, in int8 (the default where the kernel's
+int8 product runs) and in nf4 (`--output-layer nf4`); then one sequence's speed with each, the
+sides in turn. int8 is the default because it agrees with float32 as often as `generate()`
+does; nf4 stays a flag while its first tokens agree less often.""",
             "output_layer.json", None, _part("output_layer"), _stamp("when")),
 ]
 

@@ -24,7 +24,7 @@ from genrpc.model_path import DEFAULT_MODEL, ModelSource
 from genrpc.security import ServerSecurity, server_security
 from genrpc.serving import run_until_signal, start_server
 from genrpc.tracing import setup_tracing
-from model_svc.engine import fused, kernel_choice, lora
+from model_svc.engine import fused, gemm, kernel_choice, lora
 from model_svc.engine.adapter_store import DEFAULT_MAX_LORAS, AdapterStore
 from model_svc.engine.block_manager import BLOCK_SIZE, BlockManager
 from model_svc.engine.constraints import Grammars
@@ -97,10 +97,12 @@ def parse_args(argv=None):
                              "(AVX-512 BF16, or AVX2; 4-bit layers give bitsandbytes' own bits; the output "
                              "embedding, with native attention, rounds in its own order); falls back to library "
                              "where it cannot build or run; library: bitsandbytes' and PyTorch's kernels")
-    parser.add_argument("--output-layer", default="none", choices=list(OUTPUT_LAYERS),
-                        help="none (default): the output embedding in --dtype, as transformers loads a 4-bit model; "
-                             "nf4: quantized like the 4-bit layers (a quarter of its bytes, read every step; "
-                             "needs --quantize 4bit; less accurate: see docs/measurements.md)")
+    parser.add_argument("--output-layer", default="auto", choices=["auto", *OUTPUT_LAYERS],
+                        help="the output embedding's weights, read every step: auto (default): int8 where the native "
+                             "kernel has its int8 product (AVX2 builds; 4-bit layers, native numerics), else none; "
+                             "none: in --dtype, as transformers loads a 4-bit model; int8: a scale per column and 64 "
+                             "inputs (half the bytes, as accurate on held-out prompts); nf4: like the 4-bit layers (a "
+                             "quarter of the bytes, less accurate; needs --quantize 4bit). See docs/measurements.md")
     parser.add_argument("--matmul-direct-rows", default="auto",
                         help="auto (default): where the native kernel has the choice (AVX2), time on this CPU up to "
                              "how many rows its products read the weights directly rather than through a decoded "
@@ -187,17 +189,32 @@ def check_kv_cache(args) -> None:
         raise SystemExit(f"--kv-cache-memory={args.kv_cache_memory:g} is invalid: GiB in (0, 1048576]")
 
 
-def check_output_layer(args) -> None:
-    """--output-layer nf4 quantizes like the 4-bit layers: refused without them, and with
-    --match-generate (whose promise is generate()'s tokens on the model as transformers loads it)."""
+def check_output_layer(args) -> str:
+    """The output layer the flags ask for, resolved ("auto": int8 where the kernel's int8 product runs with
+    native numerics, else none). A quantized one is refused with --match-generate (whose promise is
+    generate()'s tokens on the model as transformers loads it), nf4 without 4-bit layers."""
+    if args.output_layer == "auto":
+        return "int8" if _int8_output_layer_runs(args) else "none"
     if args.output_layer == "none":
-        return
-    if args.quantize != "4bit":
+        return "none"
+    if args.output_layer == "nf4" and args.quantize != "4bit":
         raise SystemExit(f"--output-layer {args.output_layer} quantizes like the 4-bit layers: it needs "
                          f"--quantize 4bit, not {args.quantize}")
     if args.match_generate:
         raise SystemExit(f"--output-layer {args.output_layer}: --match-generate promises generate()'s tokens on the "
                          "model as transformers loads it (output layer unquantized); drop one of them")
+    return args.output_layer
+
+
+def _int8_output_layer_runs(args) -> bool:
+    """Whether an int8 output layer would run through the kernel's int8 product: 4-bit layers, bfloat16 on
+    the CPU, native matrix products and attention (native numerics), and a kernel build that has it."""
+    if args.quantize != "4bit" or args.matmul != "native" or args.match_generate or not _native_possible(args):
+        return False
+    if resolve_attention(args, True) != ("native", "native"):
+        return False
+    kernel = gemm.load()
+    return kernel is not None and kernel.has_int8
 
 
 def direct_rows(args) -> int | None:
@@ -271,13 +288,13 @@ def build_engine(args) -> tuple:
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     direct_rows(args)
     check_kv_cache(args)
-    check_output_layer(args)
+    output_layer = check_output_layer(args)
     check_adapters(args)
     scheduler_config(args)
     policy, cpus = machine_policy(args.threads)
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
-    loaded = load_model(args.model, args.dtype, args.quantize, args.device, output_layer=args.output_layer)
+    loaded = load_model(args.model, args.dtype, args.quantize, args.device, output_layer=output_layer)
     return loaded, engine_for(loaded, args), monitor
 
 

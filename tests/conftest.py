@@ -48,7 +48,9 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="session")
 def reference_model():
-    """In-process transformers model, loaded as the model service loads it by default."""
+    """In-process transformers model, loaded as the model service loads it by default (its output layer
+    too: int8 where the native kernel's int8 product runs)."""
+    from model_svc.__main__ import check_output_layer, parse_args
     from model_svc.loader import load_model
 
-    return load_model(MODEL, "bfloat16", "4bit", "cpu")
+    return load_model(MODEL, "bfloat16", "4bit", "cpu", output_layer=check_output_layer(parse_args([])))

@@ -19,6 +19,7 @@ native kernel took 0.11-0.14x its time for a 576 x 1536 layer at 1-32 rows; line
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class Gemm:
         self._pack = library.pack_bf16
         self._pack.argtypes = [ptr, ptr, i64, i64]
         self._pack.restype = None
+        self._int8 = library.gemm_int8_bf16
+        self._int8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64]
+        self._int8.restype = ctypes.c_int
+        self.has_int8 = bool(library.gemm_int8_supported())  # this build has the int8 product
         self._set_direct_rows = library.gemm_set_direct_rows
         self._set_direct_rows.argtypes = [i64, i64]
         self._set_direct_rows.restype = i64
@@ -55,7 +60,7 @@ class Gemm:
         self.kernel_id = Path(getattr(library, "_name", "") or "").name  # the build: source, flags and CPU
 
     def set_direct_rows(self, kind: int, rows: int) -> int:
-        """Products of at most `rows` rows read the weights directly (kind 0: nf4, 1: bfloat16), more
+        """Products of at most `rows` rows read the weights directly (kind 0: nf4, 1: bfloat16, 2: int8), more
         rows through a panel: the same bits either way (kernel_choice.py measures where). Returns -1
         where the build has no such choice (AVX-512 BF16)."""
         return int(self._set_direct_rows(kind, rows))
@@ -103,10 +108,82 @@ class Gemm:
             self._dense(rows.data_ptr(), packed.data_ptr(), out.data_ptr(), rows.shape[0], n, k, rows.stride(0), n)
         return out.view(*x.shape[:-1], n)
 
+    def int8(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x [..., k] @ W.T -> [..., n] for int8 W from `quantize_int8` (codes [n / 32, k, 32], scales
+        [n / 32, k / blocksize, 32] float32)."""
+        blocks, k, _ = codes.shape
+        n, blocksize = blocks * COLUMNS, k // scales.shape[1]
+        rows = self._rows(x, k)
+        out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
+        if rows.shape[0] and self._int8(rows.data_ptr(), codes.data_ptr(), scales.data_ptr(), rows.shape[0], n, k,
+                                        blocksize, rows.stride(0), out.data_ptr(), n):
+            raise MemoryError("gemm: could not allocate an int8 panel")
+        return out.view(*x.shape[:-1], n)
+
     @staticmethod
     def fits(n: int, k: int, blocksize: int = 2) -> bool:  # each part's n, for nf4_parts
         """Whether a weight [n, k] (nf4 blocks of `blocksize` along k) has the shapes the kernel takes."""
         return n % COLUMNS == 0 and blocksize % 2 == 0 and k % blocksize == 0 and k > 0
+
+
+def quantize_int8(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [n, k] as int8 codes [n / 32, k, 32] and float32 scales [n / 32, k / blocksize, 32]: per
+    column and block of `blocksize` inputs, scale = absmax / 127 and code = round(w / scale) (symmetric;
+    an all-zero block has scale 0). The layout `Gemm.int8` reads; `dequantize_int8` undoes it."""
+    n, k = weight.shape
+    if not Gemm.fits(n, k, blocksize):
+        raise ValueError(f"int8: a weight [{n}, {k}] in blocks of {blocksize} does not fit the kernel's layout")
+    w = weight.detach().float().reshape(n, k // blocksize, blocksize)
+    scales = w.abs().amax(dim=2) / 127
+    codes = torch.round(w / torch.where(scales > 0, scales, 1).unsqueeze(2)).clamp(-127, 127).to(torch.int8)
+    codes = codes.reshape(n // COLUMNS, COLUMNS, k).transpose(1, 2).contiguous()
+    scales = scales.reshape(n // COLUMNS, COLUMNS, k // blocksize).transpose(1, 2).contiguous()
+    return codes, scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`quantize_int8`'s codes and scales back to a float32 weight [n, k]."""
+    blocks, k, _ = codes.shape
+    per = k // scales.shape[1]
+    w = codes.float() * scales.repeat_interleave(per, dim=1)
+    return w.transpose(1, 2).reshape(blocks * COLUMNS, k)
+
+
+class Int8Linear(torch.nn.Module):
+    """An output layer in int8 (--output-layer int8): codes and scales from `quantize_int8`. Its call
+    takes bfloat16 rows on the CPU to `Gemm.int8` wherever the kernel has it, so the engine (linear.py
+    binds the same product) and generate() on this model get the same, batch-invariant bits; anywhere
+    else it multiplies by the dequantized weight in float32 (made on first use)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int = 64):
+        super().__init__()
+        codes, scales = quantize_int8(weight, blocksize)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.blocksize = blocksize
+        self._weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = int8_kernel() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+        if kernel is not None:
+            out = kernel.int8(x, self.codes, self.scales)
+            return out if self.bias is None else out + self.bias
+        if self._weight is None:
+            self._weight = dequantize_int8(self.codes, self.scales)
+        out = torch.nn.functional.linear(x.float(), self._weight, None if self.bias is None else self.bias.float())
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 blocks of {self.blocksize}"
+
+
+@functools.cache
+def int8_kernel() -> Gemm | None:
+    """The kernel, where its build has the int8 product (once a process)."""
+    kernel = load()
+    return kernel if kernel is not None and kernel.has_int8 else None
 
 
 def load() -> Gemm | None:

@@ -34,7 +34,7 @@ from genrpc.launch import cpu_model_and_flags
 log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed (a step's decoded rows; more rows take the panel)
-KINDS = ("nf4", "dense")
+KINDS = ("nf4", "dense", "int8")
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -95,6 +95,7 @@ class Choice:
 
     nf4_direct_rows: int
     dense_direct_rows: int
+    int8_direct_rows: int
     source: str  # "measured", "cached", "forced" or "fixed"
     timings: dict | None = None  # per kind and row count: [direct ms, panel ms], where measured
 
@@ -102,7 +103,7 @@ class Choice:
         if self.nf4_direct_rows < 0:
             return "row tiles fixed by the kernel"
         return (f"weights read directly up to {self.nf4_direct_rows} rows (nf4), {self.dense_direct_rows} (bfloat16), "
-                f"through a panel beyond; {self.source}")
+                f"{self.int8_direct_rows} (int8), through a panel beyond; {self.source}")
 
 
 def cache_path() -> Path:
@@ -164,6 +165,9 @@ def _operands(kind: str, shapes: list[tuple[int, int, int, int]], rows: int):
             absmax = torch.rand(k // blocksize, n, generator=gen).to(torch.bfloat16)
             values = torch.linspace(-1, 1, 16).to(torch.bfloat16)
             out.append((x, (codes, absmax, values, n, blocksize), count))
+        elif kind == "int8":
+            codes = torch.randint(-127, 128, (n // 32, k, 32), dtype=torch.int8, generator=gen)
+            out.append((x, (codes, torch.rand(n // 32, k // blocksize, 32, generator=gen)), count))
         else:
             out.append((x, torch.randn(n, k, generator=gen).to(torch.bfloat16), count))
     return out
@@ -185,6 +189,8 @@ def measure(gemm, kind: str, shapes: list[tuple[int, int, int, int]], repeats: i
             if kind == "nf4":
                 codes, absmax, values, n, blocksize = weight
                 gemm.nf4(x[:m], codes, absmax, values, n, blocksize)
+            elif kind == "int8":
+                gemm.int8(x[:m], *weight)
             else:
                 gemm.dense(x[:m], weight)
             total += (time.perf_counter() - start) * count
@@ -207,34 +213,37 @@ def measure(gemm, kind: str, shapes: list[tuple[int, int, int, int]], repeats: i
 
 
 def choose(gemm, nf4_shapes: list[tuple[int, int, int, int]], dense_shapes: list[tuple[int, int, int, int]],
-           forced: int | None = None, path: Path | None = None) -> Choice:
-    """Sets and returns the direct-rows thresholds for this model: `forced` for both kinds, else the
+           int8_shapes: list[tuple[int, int, int, int]] = (), forced: int | None = None,
+           path: Path | None = None) -> Choice:
+    """Sets and returns the direct-rows thresholds for this model: `forced` for every kind, else the
     cached measurement for this CPU, kernel and shapes, else a new measurement (kept on disk).
     Shapes: (n, k, blocksize, how many layers), dense ones with blocksize 0."""
     if gemm.set_direct_rows(0, 2) < 0:
-        return Choice(-1, -1, "fixed")
+        return Choice(-1, -1, -1, "fixed")
     if forced is not None:
-        choice = Choice(forced, forced, "forced")
+        choice = Choice(forced, forced, forced, "forced")
     else:
-        shapes = {"nf4": [list(s) for s in nf4_shapes], "dense": [list(s) for s in dense_shapes]}
+        shapes = {"nf4": [list(s) for s in nf4_shapes], "dense": [list(s) for s in dense_shapes],
+                  "int8": [list(s) for s in int8_shapes]}
         path = path or cache_path()
         key = _key(gemm.kernel_id, shapes, torch.get_num_threads())
         data = _read_cache(path)
         entry = data.get(key)
         if _valid(entry):
-            choice = Choice(entry["nf4_direct_rows"], entry["dense_direct_rows"], "cached", entry.get("timings"))
+            choice = Choice(entry["nf4_direct_rows"], entry["dense_direct_rows"], entry["int8_direct_rows"], "cached",
+                            entry.get("timings"))
         else:
             start = time.perf_counter()
             timings = {}
             thresholds = {}
-            for kind, kind_shapes in (("nf4", nf4_shapes), ("dense", dense_shapes)):
+            for kind, kind_shapes in (("nf4", nf4_shapes), ("dense", dense_shapes), ("int8", int8_shapes)):
                 if not kind_shapes:
                     thresholds[kind] = 2
                     continue
                 timings[kind] = measure(gemm, kind, kind_shapes)
                 t = timings[kind]
                 thresholds[kind] = _threshold({m: v[0] for m, v in t.items()}, {m: v[1] for m, v in t.items()})
-            choice = Choice(thresholds["nf4"], thresholds["dense"], "measured", timings)
+            choice = Choice(thresholds["nf4"], thresholds["dense"], thresholds["int8"], "measured", timings)
             log.info("kernel choice measured in %.1f s", time.perf_counter() - start)
             data = _read_cache(path)  # another process may have written meanwhile
             data[key] = {**asdict(choice), "source": "measured", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -242,4 +251,5 @@ def choose(gemm, nf4_shapes: list[tuple[int, int, int, int]], dense_shapes: list
             _write_cache(path, data)
     gemm.set_direct_rows(0, choice.nf4_direct_rows)
     gemm.set_direct_rows(1, choice.dense_direct_rows)
+    gemm.set_direct_rows(2, choice.int8_direct_rows)
     return choice

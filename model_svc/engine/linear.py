@@ -11,6 +11,7 @@ block, scaled) in the same order, so the bits are the same; a 32-row step's prod
 the time (README, "Measured costs behind the design"). The first call checks, per module, that the
 chosen path gives the module's own bits, and takes the module's call otherwise.
 
+An int8 output layer (gemm.Int8Linear) goes to the kernel's int8 product, as its own call does.
 `dense=True` also sends bfloat16 `nn.Linear` layers (the output embedding) through the native kernel,
 on a copy of the weight packed for it: batch-invariant by construction, but summed in another order
 than PyTorch's matmul, so only where the runner promises native numbers. Likewise for 4-bit layers
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_svc.engine.gemm import Gemm
+from model_svc.engine.gemm import Gemm, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,10 @@ class Linears:
     def _first_call(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The module's own call (it packs its weight), then the fastest path that agrees with it."""
         key = id(module)
-        out = module(x)
         cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+        if isinstance(module, Int8Linear):
+            return self._int8_first_call(module, x, cpu_bf16)
+        out = module(x)
         packed = _packed_params(module) if cpu_bf16 else None
         if packed is None and cpu_bf16 and self.dense:
             packed = _own_packed(module)
@@ -228,6 +231,27 @@ class Linears:
                 out += packed.bias
         self._packed[key] = packed
         return out
+
+    def _int8_first_call(self, module: Int8Linear, x: torch.Tensor, cpu_bf16: bool) -> torch.Tensor:
+        """An int8 output layer: the kernel's int8 product bound directly where it runs (the module's own
+        call makes the same one: the same bits with or without native numerics), else the module's call."""
+        key = id(module)
+        native = (cpu_bf16 and self.gemm is not None and self.gemm.has_int8
+                  and Gemm.fits(module.out_features, module.in_features, module.blocksize))
+        self._native[key] = native
+        self._packed[key] = None
+        if not native:
+            return module(x)
+        gemm, codes, scales, bias = self.gemm, module.codes, module.scales, module.bias
+
+        def call(rows: torch.Tensor) -> torch.Tensor:
+            out = gemm.int8(rows, codes, scales)
+            if bias is not None:
+                out += bias
+            return out
+
+        self._calls[key] = call
+        return call(x)
 
     @staticmethod
     def _with_bias(packed: _Packed, out: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,10 @@ class ModelRunner:
         """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""
         self.adapters = lora.Adapters(adapters, lora.load_kernel() if self.linear.dense and adapters else None)
 
-    def _product_shapes(self) -> tuple[list, list]:
-        """The model's 4-bit layer shapes and its bfloat16 output layer's (if the native kernel takes it),
-        as kernel_choice.choose wants them: (n, k, blocksize, how many layers)."""
+    def _product_shapes(self) -> tuple[list, list, list]:
+        """The model's 4-bit layer shapes and its bfloat16 or int8 output layer's (if the native kernel
+        takes it), as kernel_choice.choose wants them: (n, k, blocksize, how many layers). Called only
+        with the kernel loaded."""
         counts: dict[tuple[int, int, int], int] = {}
         for module in self.model.modules():
             state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -188,7 +189,10 @@ class ModelRunner:
         if (self.linear.dense and type(head) is torch.nn.Linear and head.weight.dtype == torch.bfloat16
                 and gemm.Gemm.fits(head.out_features, head.in_features)):
             dense.append((head.out_features, head.in_features, 0, 1))
-        return [(*shape, count) for shape, count in sorted(counts.items())], dense
+        int8 = []
+        if isinstance(head, gemm.Int8Linear) and self.linear.gemm.has_int8:
+            int8.append((head.out_features, head.in_features, head.blocksize, 1))
+        return [(*shape, count) for shape, count in sorted(counts.items())], dense, int8
 
     @property
     def matmul_detail(self) -> str:

@@ -298,9 +298,10 @@ def test_model_info_reports_the_matrix_products_and_the_cpu(stub):
     from model_svc.engine import gemm, kernel_choice
 
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
-    assert info.output_layer == "none"  # the default: as transformers loads a 4-bit model
-    assert info.speculation == "prompt lookup, up to 8 tokens a step"  # the default with native attention
     kernel = gemm.load()
+    # The default: int8 where the kernel's int8 product runs natively, else as transformers loads a 4-bit model
+    assert info.output_layer == ("int8" if kernel is not None and kernel.has_int8 else "none")
+    assert info.speculation == "prompt lookup, up to 8 tokens a step"  # the default with native attention
     cpu = kernel_choice.cpu_info()
     assert info.cpu == cpu.describe()
     if kernel is None:

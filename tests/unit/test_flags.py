@@ -69,15 +69,34 @@ def test_matmul_direct_rows_refused(flags, message):
     (["--output-layer", "nf4", "--quantize", "8bit"], "needs --quantize 4bit, not 8bit"),
     (["--output-layer", "nf4", "--quantize", "none"], "needs --quantize 4bit, not none"),
     (["--output-layer", "nf4", "--match-generate"], "drop one of them"),
+    (["--output-layer", "int8", "--match-generate"], "drop one of them"),
 ])
-def test_an_nf4_output_layer_is_refused_where_it_cannot_apply(flags, message):
+def test_a_quantized_output_layer_is_refused_where_it_cannot_apply(flags, message):
     with pytest.raises(SystemExit, match=message):
         check_output_layer(parse_args(flags))
 
 
-def test_an_nf4_output_layer_is_accepted_with_4bit_layers():
-    check_output_layer(parse_args(["--output-layer", "nf4"]))
-    check_output_layer(parse_args(["--quantize", "8bit"]))  # the default output layer goes with any
+def test_an_explicit_output_layer_is_kept():
+    assert check_output_layer(parse_args(["--output-layer", "nf4"])) == "nf4"
+    assert check_output_layer(parse_args(["--output-layer", "int8", "--quantize", "8bit"])) == "int8"
+    assert check_output_layer(parse_args(["--output-layer", "none"])) == "none"
+
+
+@pytest.mark.parametrize("flags", [["--match-generate"], ["--quantize", "8bit"], ["--quantize", "none"],
+                                   ["--matmul", "library"], ["--decode-attention", "sdpa"],
+                                   ["--prefill-attention", "sdpa"], ["--dtype", "float32"]])
+def test_the_default_output_layer_stays_unquantized_off_the_native_path(flags):
+    """int8 only where its kernel product runs with native numerics: --match-generate keeps generate()'s
+    model, and the libraries' paths would compute it by dequantizing the whole layer every step."""
+    assert check_output_layer(parse_args(flags)) == "none"
+
+
+def test_the_default_output_layer_is_int8_where_the_kernel_has_it():
+    from model_svc.engine import gemm
+
+    kernel = gemm.load()
+    expected = "int8" if kernel is not None and kernel.has_int8 else "none"
+    assert check_output_layer(parse_args([])) == expected
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -13,6 +13,7 @@ from model_svc.engine import gemm, kernel_choice
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33)
 SHAPES = [(64, 128, 64, 3), (96, 256, 64, 1)]  # (n, k, blocksize, layers)
 DENSE = [(160, 96, 0, 1)]
+INT8 = [(128, 192, 64, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def kernel():
     if kernel is None:
         pytest.skip("no C compiler, or neither AVX-512 BF16 nor AVX2 with FMA here: the native kernel cannot run")
     yield kernel
-    kernel.set_direct_rows(0, 2)
-    kernel.set_direct_rows(1, 2)
+    for kind in range(3):
+        kernel.set_direct_rows(kind, 2)
 
 
 def _has_choice(kernel) -> bool:
@@ -37,19 +38,24 @@ def test_direct_and_panel_give_the_same_bits_at_every_row_count(kernel):
     codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
     absmax = torch.rand(k // blocksize, n, generator=gen).to(torch.bfloat16)
     values = torch.randn(16, generator=gen).to(torch.bfloat16)
-    dense = kernel.pack(torch.randn(n, k, generator=gen).to(torch.bfloat16))
+    weight = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    dense = kernel.pack(weight)
+    int8 = gemm.quantize_int8(weight, blocksize)
     x = torch.randn(max(ROWS), k, generator=gen).to(torch.bfloat16)
     outs = {}
     for rows in (0, 1, 2, 8, 4096):  # always the panel, ..., always direct
-        kernel.set_direct_rows(0, rows)
-        kernel.set_direct_rows(1, rows)
-        outs[rows] = [(kernel.nf4(x[:m], codes, absmax, values, n, blocksize), kernel.dense(x[:m], dense))
-                      for m in ROWS]
+        for kind in range(3):
+            kernel.set_direct_rows(kind, rows)
+        outs[rows] = [(kernel.nf4(x[:m], codes, absmax, values, n, blocksize), kernel.dense(x[:m], dense),
+                       kernel.int8(x[:m], *int8) if kernel.has_int8 else None) for m in ROWS]
     for rows, got in outs.items():
-        for m, (nf4, dense_out), (nf4_ref, dense_ref) in zip(ROWS, got, outs[0]):
+        for m, (nf4, dense_out, int8_out), (nf4_ref, dense_ref, int8_ref) in zip(ROWS, got, outs[0]):
             assert torch.equal(nf4, nf4_ref), f"nf4, {m} rows, direct up to {rows}"
             assert torch.equal(dense_out, dense_ref), f"bfloat16, {m} rows, direct up to {rows}"
             assert torch.equal(nf4, outs[0][-1][0][:m])  # and a row's result is the same in any batch
+            if kernel.has_int8:
+                assert torch.equal(int8_out, int8_ref), f"int8, {m} rows, direct up to {rows}"
+                assert torch.equal(int8_out, outs[0][-1][2][:m])
 
 
 def test_threshold_is_the_last_count_where_direct_wins_throughout():
@@ -71,22 +77,27 @@ def test_choices_are_measured_once_then_cached_per_cpu_kernel_and_shapes(kernel,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernel_choice, "measure", counted)
-    first = kernel_choice.choose(kernel, SHAPES, DENSE, path=path)
-    assert first.source == "measured" and calls == ["nf4", "dense"]
+    int8 = INT8 if kernel.has_int8 else []
+    first = kernel_choice.choose(kernel, SHAPES, DENSE, int8, path=path)
+    assert first.source == "measured" and calls == ["nf4", "dense", "int8"][:3 if int8 else 2]
     timings = first.timings["nf4"]
     assert set(timings) == set(kernel_choice.ROWS) and all(d > 0 and p > 0 for d, p in timings.values())
     expected = kernel_choice._threshold({m: v[0] for m, v in timings.items()}, {m: v[1] for m, v in timings.items()})
     assert first.nf4_direct_rows == expected
 
-    again = kernel_choice.choose(kernel, SHAPES, DENSE, path=path)
-    assert again.source == "cached" and len(calls) == 2
-    assert (again.nf4_direct_rows, again.dense_direct_rows) == (first.nf4_direct_rows, first.dense_direct_rows)
+    if int8:
+        assert first.int8_direct_rows == kernel_choice._threshold(*(
+            {m: v[i] for m, v in first.timings["int8"].items()} for i in (0, 1)))
+    measured = len(calls)
+    again = kernel_choice.choose(kernel, SHAPES, DENSE, int8, path=path)
+    assert again.source == "cached" and len(calls) == measured
+    assert again.describe() == first.describe().replace("measured", "cached")
 
     kernel_choice.choose(kernel, SHAPES[:1], DENSE, path=path)  # other shapes: measured again
-    assert len(calls) == 4
+    assert len(calls) == measured + 2
     real_info = kernel_choice._cpuinfo
     monkeypatch.setattr(kernel_choice, "_cpuinfo", lambda: ("Another CPU", real_info()[1]))
-    assert kernel_choice.choose(kernel, SHAPES, DENSE, path=path).source == "measured"  # a new CPU: measured
+    assert kernel_choice.choose(kernel, SHAPES, DENSE, int8, path=path).source == "measured"  # a new CPU
     assert len(json.loads(path.read_text())) == 3
 
 
@@ -117,7 +128,8 @@ def test_a_forced_choice_is_set_without_measuring(kernel, tmp_path, monkeypatch)
         pytest.skip(f"the {kernel.isa} build has one way through a block: nothing to choose")
     monkeypatch.setattr(kernel_choice, "measure", lambda *a, **k: pytest.fail("measured a forced choice"))
     choice = kernel_choice.choose(kernel, SHAPES, DENSE, forced=5, path=tmp_path / "choices.json")
-    assert (choice.nf4_direct_rows, choice.dense_direct_rows, choice.source) == (5, 5, "forced")
+    assert (choice.nf4_direct_rows, choice.dense_direct_rows, choice.int8_direct_rows, choice.source) == \
+        (5, 5, 5, "forced")
     assert not (tmp_path / "choices.json").exists()
     assert kernel.set_direct_rows(0, 2) == 2  # (the kernel held 5: set_direct_rows returns what it sets)
 

@@ -321,6 +321,12 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
 /* Its tiles are chosen by row count alone (FEW_ROWS): no direct path to set. */
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
 const char *gemm_isa(void) { return "avx512-bf16"; }
+/* No int8 product in this build yet: the output layer stays bfloat16 by default (--output-layer). */
+int gemm_int8_supported(void) { return 0; }
+int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, int64_t m, int64_t n, int64_t k,
+                   int64_t blocksize, int64_t lda, uint16_t *c, int64_t ldc) {
+    return -1;
+}
 
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
                      int64_t lda, int64_t ldc) {
@@ -456,11 +462,11 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
 
 /* Products of at most this many rows read the weights directly, two rows per pass, instead of through
  * a panel: where the crossover lies differs between CPUs, so the runner measures it (kernel_choice.py)
- * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense. */
-static int64_t direct_rows[2] = {DIRECT_ROWS, DIRECT_ROWS};
+ * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense, [2] int8. */
+static int64_t direct_rows[3] = {DIRECT_ROWS, DIRECT_ROWS, DIRECT_ROWS};
 
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) {
-    if (kind < 0 || kind > 1 || rows < 0) return -1;
+    if (kind < 0 || kind > 2 || rows < 0) return -1;
     direct_rows[kind] = rows;
     return rows;
 }
@@ -675,6 +681,110 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
     return failed;
 }
 
+
+/* int8 weights with a float32 scale per block of inputs and column (the output layer, --output-layer
+ * int8): codes [n / 32][k][32], column block after column block, each input's 32 columns side by side;
+ * scales [n / 32][k / blocksize][32]. A code is exact in float32, so is its product with a bfloat16
+ * input: per block of inputs, a float32 partial sum pair after pair, the odd input first (as the
+ * panel's `tile`), then sum += partial * scale. Half the bfloat16 weight's bytes, which one stream's
+ * step reads from memory every token. */
+#define INT8_AHEAD 2048 /* bytes of int8 codes prefetched ahead */
+
+static inline __attribute__((always_inline)) __m256 int8_vector(const int8_t *codes) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)codes)));
+}
+
+/* One int8 column block ([k][32] codes) to its float32 panel ([pair][4 column vectors][odd, even][8]). */
+static void int8_panel(const int8_t *codes, int64_t pairs, float *panel) {
+    for (int64_t p = 0; p < pairs; p++)
+        for (int v = 0; v < VECS; v++) {
+            float *out = panel + (p * VECS + v) * 2 * LANES;
+            _mm256_storeu_ps(out, int8_vector(codes + (2 * p + 1) * COLS + v * LANES));
+            _mm256_storeu_ps(out + LANES, int8_vector(codes + 2 * p * COLS + v * LANES));
+        }
+}
+
+/* One row times one or two int8 column blocks, or two rows times one, straight from the codes: the sums
+ * of `tile` on int8_panel's panel, term for term (so the same bits at any row count). */
+static inline __attribute__((always_inline)) void int8_direct(const float *a, int64_t lda, const int8_t *const *codes,
+                                                              int64_t pairs, int64_t block_pairs,
+                                                              const float *const *scales, uint16_t *const *c,
+                                                              int64_t ldc, const int rows, const int nblocks) {
+    const int groups = rows * nblocks; /* (row, block) pairs: at most two */
+    __m256 acc[2 * VECS], part[2 * VECS];
+    for (int i = 0; i < groups * VECS; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int i = 0; i < groups * VECS; i++) part[i] = _mm256_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            for (int blk = 0; blk < nblocks; blk++) {
+                const int8_t *pair = codes[blk] + 2 * p * COLS;
+                _mm_prefetch((const char *)(pair + INT8_AHEAD), _MM_HINT_T0);
+                __m256 odd_w[VECS], even_w[VECS];
+                for (int v = 0; v < VECS; v++) {
+                    odd_w[v] = int8_vector(pair + COLS + v * LANES);
+                    even_w[v] = int8_vector(pair + v * LANES);
+                }
+                for (int r = 0; r < rows; r++) { /* group blk + r: one of the two is 0 */
+                    __m256 *sums = part + (blk + r) * VECS;
+                    const __m256 odd = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
+                    for (int v = 0; v < VECS; v++) sums[v] = _mm256_fmadd_ps(odd, odd_w[v], sums[v]);
+                    const __m256 even = _mm256_broadcast_ss(a + r * lda + 2 * p);
+                    for (int v = 0; v < VECS; v++) sums[v] = _mm256_fmadd_ps(even, even_w[v], sums[v]);
+                }
+            }
+        }
+        for (int g = 0; g < groups; g++) {
+            const float *s = scales[nblocks == 1 ? 0 : g] + (p0 / block_pairs) * COLS;
+            for (int v = 0; v < VECS; v++)
+                acc[g * VECS + v] = _mm256_fmadd_ps(part[g * VECS + v], _mm256_loadu_ps(s + v * LANES), acc[g * VECS + v]);
+        }
+    }
+    for (int g = 0; g < groups; g++) {
+        uint16_t *dst = nblocks == 1 ? c[0] + g * ldc : c[g];
+        for (int v = 0; v < VECS; v++) store_bf16(dst + v * LANES, acc[g * VECS + v]);
+    }
+}
+
+int gemm_int8_supported(void) { return 1; }
+
+/* c[m, n] = a[m, k] @ W.T for int8 W as above (n % 32 == 0, k % blocksize == 0, blocksize even). Up to
+ * direct_rows[2] rows straight from the codes (one row: two column blocks a pass), more through each
+ * block's panel. Returns nonzero when out of memory. */
+int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, int64_t m, int64_t n, int64_t k,
+                   int64_t blocksize, int64_t lda, uint16_t *c, int64_t ldc) {
+    const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+    const int direct = m <= direct_rows[2];
+    const float *x = float_rows(a, m, k, lda);
+    if (!x) return 1;
+    int failed = 0;
+    const int64_t step = direct && m == 1 ? 2 : 1;
+#pragma omp parallel for schedule(dynamic, 4) reduction(| : failed)
+    for (int64_t b0 = 0; b0 < num_blocks; b0 += step) {
+        const int nblocks = b0 + step <= num_blocks ? (int)step : 1;
+        const int8_t *block[2] = {codes + b0 * k * COLS, codes + (b0 + nblocks - 1) * k * COLS};
+        const float *s[2] = {scales + b0 * blocks * COLS, scales + (b0 + nblocks - 1) * blocks * COLS};
+        if (nblocks == 2) {
+            uint16_t *out[2] = {c + b0 * COLS, c + (b0 + 1) * COLS};
+            int8_direct(x, k, block, pairs, block_pairs, s, out, 0, 1, 2);
+        } else if (direct) {
+            for (int64_t r = 0; r < m; r += 2) {
+                uint16_t *out[1] = {c + r * ldc + b0 * COLS};
+                if (m - r == 1) int8_direct(x + r * k, k, block, pairs, block_pairs, s, out, ldc, 1, 1);
+                else int8_direct(x + r * k, k, block, pairs, block_pairs, s, out, ldc, 2, 1);
+            }
+        } else {
+            float *panel = scratch((size_t)pairs * VECS * 2 * LANES * sizeof(float));
+            if (!panel) {
+                failed = 1;
+                continue;
+            }
+            int8_panel(block[0], pairs, panel);
+            panel_rows(x, m, k, panel, pairs, block_pairs, s[0], c + b0 * COLS, ldc);
+        }
+    }
+    return failed;
+}
+
 #else
 int gemm_supported(void) { return 0; }
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
@@ -686,6 +796,11 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
 }
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
                      int64_t lda, int64_t ldc) {
+    return -1;
+}
+int gemm_int8_supported(void) { return 0; }
+int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, int64_t m, int64_t n, int64_t k,
+                   int64_t blocksize, int64_t lda, uint16_t *c, int64_t ldc) {
     return -1;
 }
 #endif
