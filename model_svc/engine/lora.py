@@ -119,7 +119,9 @@ def load(name: str, path: str, model_config, max_rank: int = DEFAULT_MAX_RANK) -
         if module not in TARGETS:
             raise AdapterError(f"{where}: target module {module!r} is not served: targets must be among "
                                f"{', '.join(TARGETS)}")
-        pairs.setdefault((layer, module), {})[which] = tensor.detach().to(torch.float32).contiguous()
+        # A fresh (64-byte aligned) copy, as PEFT's own parameters are: a tensor read from the file may
+        # start anywhere, and MKL's float32 product then takes another path, with other bits (AVX-512).
+        pairs.setdefault((layer, module), {})[which] = tensor.detach().to(torch.float32, copy=True).contiguous()
     if not pairs:
         raise AdapterError(f"{where}: no LoRA weights found")
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
