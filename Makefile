@@ -8,7 +8,8 @@ MODEL  := $(BUNDLED)
 SERVE  := $(if $(filter command line,$(origin MODEL)),$(MODEL),$(or $(GENRPC_MODEL),$(BUNDLED)))
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/genrpc/v1/*.proto protos/genrpc/internal/v1/*.proto)
-STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py
+STUBS  := genrpc/v1/generation_pb2.py genrpc/internal/v1/tokenizer_pb2.py genrpc/internal/v1/model_pb2.py \
+          genrpc/vllm/vllm_engine_pb2.py
 
 .PHONY: setup stubs model run test lint soak unit model-tests integration polyglot bench bench-peers loadtest clean
 

@@ -130,6 +130,9 @@ def parse_args(argv=None):
                         help="LoRA adapters held in memory at once (>= 1); past it the least recently used one "
                              "not in use goes back to disk, and a request for an adapter on disk waits while it "
                              "is read"),
+    parser.add_argument("--no-vllm-engine", action="store_true",
+                        help="do not serve vLLM's engine protocol (vllm.grpc.engine.VllmEngine, for routers such as "
+                             "SMG) beside genrpc's own on this port")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="sequences allowed to wait; past it RESOURCE_EXHAUSTED")
     return parser.parse_args(argv)
@@ -454,7 +457,15 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
         model_pb2_grpc.add_ModelWorkerServicer_to_server(
             ModelWorkerServicer(loaded, engine_loop, subs, thread_policy, engine_loop.engine.grammars,
                                 args.max_lora_rank), server)
-        return [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
+        names = [model_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name]
+        if not args.no_vllm_engine:
+            from genrpc.vllm import vllm_engine_pb2_grpc
+            from model_svc import vllm_engine
+
+            vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_engine.VllmEngineServicer(
+                loaded, engine_loop, subs, engine_loop.engine.tokenizer, args.max_num_seqs), server)
+            names.append(vllm_engine.SERVICE)
+        return names
 
     handle = await start_server("model", register, args.host, args.port, args.metrics_port, security)
     ready.set()

@@ -70,6 +70,11 @@ class EngineLoop:
         self._num_pending_adds = 0
         engine.adapters.defer = self.call  # adapters are read on threads of their own, installed between steps
 
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop()` was called (the server is going down)."""
+        return self._stopped
+
     def stop(self) -> None:
         """Makes `run()` return after the current step; callable from any thread."""
         with self._wake:
