@@ -99,7 +99,7 @@ def parse_args(argv=None):
                              "where it cannot build or run; library: bitsandbytes' and PyTorch's kernels")
     parser.add_argument("--output-layer", default="auto", choices=["auto", *OUTPUT_LAYERS],
                         help="the output embedding's weights, read every step: auto (default): int8 where the native "
-                             "kernel has its int8 product (AVX2 builds; 4-bit layers, native numerics), else none; "
+                             "kernel runs (AVX-512 BF16 or AVX2; 4-bit layers, native numerics), else none; "
                              "none: in --dtype, as transformers loads a 4-bit model; int8: a scale per column and 64 "
                              "inputs (half the bytes, as accurate on held-out prompts); nf4: like the 4-bit layers (a "
                              "quarter of the bytes, less accurate; needs --quantize 4bit). See docs/measurements.md")

@@ -12,7 +12,9 @@
  *
  * Dense bfloat16 weights (the output embedding) are packed once into the panel layout
  * ([n / 32][k / 2][32][2]) and summed the same way, without blocks: PyTorch's matmul sums in another
- * order, so these bits are our own.
+ * order, so these bits are our own. int8 weights (the output embedding with --output-layer int8: a
+ * float32 scale per column and 64 inputs) run through the nf4 tiles, each code decoded to its exact
+ * bfloat16 value (tests/unit/test_gemm_bits.py writes the sums out in torch).
  *
  * Every output element is summed in an order fixed by k alone: a row's result is the same whatever
  * rows are beside it, however many there are, and whichever thread computes it. Column blocks are
@@ -32,6 +34,8 @@
 #define FEW_ROWS 8 /* nf4 products of more rows: tiles of one half-block (16 columns) and HALF_ROWS rows */
 #define HALF_ROWS 12 /* rows per half-block tile: a running and a block sum each, in registers */
 #define AHEAD 64 /* nf4 pairs prefetched ahead (2 KiB): the step's weights come from memory, not cache */
+#define INT8_FEW_ROWS 4 /* int8 products of more rows: half-block tiles, each half decoded once for all rows (an
+                         * int8 decode costs several nf4 ones: 8 rows 0.8x the time of two tiles a block) */
 
 /* A buffer of at least `bytes`, grown as needed (a step's calls reuse it); NULL when out of memory. */
 static inline void *grown(void **buffer, size_t *size, size_t bytes) {
@@ -79,18 +83,43 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t *byt
     *b1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
 }
 
+/* int8 codes of 16 columns for an input pair (the even input's at `even`, the odd input's COLS bytes on)
+ * as one bfloat16 pair vector: an int8 value is exact in float32 with its low 16 bits zero, so its
+ * bfloat16 is its float32's high half, and a lane (even, odd) is odd's float32 with even's high half in
+ * its low half. */
+static inline __attribute__((always_inline)) __m512bh int8_half_pair(const uint8_t *even) {
+    const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)even))));
+    const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(even + COLS)))));
+    return (__m512bh)_mm512_or_si512(o, _mm512_srli_epi32(e, 16));
+}
+
+/* Bytes of codes per input pair of a 32-column block: nf4 32 (two 4-bit codes a byte), int8 64 (the
+ * even input's 32 columns, then the odd input's). `wide` (a constant after inlining): int8 codes. */
+#define PAIR_BYTES(wide) ((wide) ? 2 * COLS : COLS)
+
+/* A pair's 32 columns decoded to two bfloat16 pair vectors (columns 0-15, 16-31), nf4 or int8. */
+static inline __attribute__((always_inline)) void decode_codes(const uint8_t *pair, __m512i table, __m512bh *b0,
+                                                               __m512bh *b1, const int wide) {
+    if (wide) {
+        *b0 = int8_half_pair(pair);
+        *b1 = int8_half_pair(pair + 16);
+    } else {
+        decode_pair(pair, table, b0, b1);
+    }
+}
+
 /* One tile: `rows` rows of A times `cols` blocks of 32 columns (both constants after inlining),
- * decoding each pair of the nf4 codes as it goes. Per k-block of the quantization: a float32
- * partial sum of x[k] * code_value[k] in pair order (VDPBF16PS), then sum += partial * absmax (one
- * FMA), block after block: the arithmetic of bitsandbytes' own CPU kernel. Several column blocks
- * give a few rows enough independent sums to hide the instruction's latency. codes, scales: of the first block; the next
- * block's are `pairs` * 32 bytes and `scale_stride` floats on; block j's output row r is at
- * c[j] + r * ldc[j]. */
-static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
-                                                           const float *scales,
-                                                           int64_t scale_stride, int64_t pairs, int64_t block_pairs,
-                                                           __m512i table, uint16_t *const *c, const int64_t *ldc,
-                                                           const int rows, const int cols) {
+ * decoding each pair of the codes (nf4, or int8 where `wide`) as it goes. Per k-block of the
+ * quantization: a float32 partial sum of x[k] * code_value[k] in pair order (VDPBF16PS), then
+ * sum += partial * scale (one FMA), block after block: for nf4 the arithmetic of bitsandbytes' own CPU
+ * kernel. Several column blocks give a few rows enough independent sums to hide the instruction's
+ * latency. codes, scales: of the first block; the next block's are `pairs` pairs of codes and
+ * `scale_stride` floats on; block j's output row r is at c[j] + r * ldc[j]. */
+static inline __attribute__((always_inline)) void quant_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
+                                                             const float *scales,
+                                                             int64_t scale_stride, int64_t pairs, int64_t block_pairs,
+                                                             __m512i table, uint16_t *const *c, const int64_t *ldc,
+                                                             const int rows, const int cols, const int wide) {
     __m512 acc[2 * NF4_ROWS], part[2 * NF4_ROWS]; /* [row][block][half] */
     for (int i = 0; i < 2 * rows * cols; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
@@ -98,8 +127,8 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
         for (int64_t p = p0; p < p0 + block_pairs; p++) {
             __m512bh b[2 * NF4_COLS];
             for (int j = 0; j < cols; j++) {
-                _mm_prefetch((const char *)(codes + (j * pairs + p + AHEAD) * COLS), _MM_HINT_T0);
-                decode_pair(codes + (j * pairs + p) * COLS, table, &b[2 * j], &b[2 * j + 1]);
+                _mm_prefetch((const char *)(codes + (j * pairs + p + AHEAD) * PAIR_BYTES(wide)), _MM_HINT_T0);
+                decode_codes(codes + (j * pairs + p) * PAIR_BYTES(wide), table, &b[2 * j], &b[2 * j + 1], wide);
             }
             for (int r = 0; r < rows; r++) {
                 int32_t pair;
@@ -128,15 +157,17 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint16_t *a, in
 
 /* Rows in tiles of at most NF4_ROWS, as even as they go, times one block (up to FEW_ROWS rows, where
  * the column blocks do not fill NF4_COLS). */
-static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
-                     int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c, int64_t ldc) {
+static inline __attribute__((always_inline)) void quant_rows(const uint16_t *a, int64_t m, int64_t lda,
+                                                             const uint8_t *codes, const float *scales, int64_t pairs,
+                                                             int64_t block_pairs, __m512i table, uint16_t *c,
+                                                             int64_t ldc, const int wide) {
     const int64_t tiles = (m + NF4_ROWS - 1) / NF4_ROWS;
     for (int64_t t = 0, r = 0; t < tiles; t++) {
         const int64_t rows = m / tiles + (t < m % tiles);
         uint16_t *const rows_c = c + r * ldc;
         switch (rows) {
 #define TILE(n) \
-    case n: nf4_tile(a + r * lda, lda, codes, scales, 0, pairs, block_pairs, table, &rows_c, &ldc, n, 1); break;
+    case n: quant_tile(a + r * lda, lda, codes, scales, 0, pairs, block_pairs, table, &rows_c, &ldc, n, 1, wide); break;
             TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 #undef TILE
         default: break;
@@ -146,22 +177,28 @@ static void nf4_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *c
 }
 
 /* `rows` rows of A times half a block (16 columns: h = 0 the first, 1 the second), decoding each pair's
- * half as it goes: the same sums as nf4_tile, in registers, for twice its rows. One decode serves
- * up to twelve rows; decoding a block once into a bfloat16 panel for all rows to read back cost more
- * (a step's products at 16 and 32 rows: 0.89-0.90x the panel's time, both prefetching). */
-static inline __attribute__((always_inline)) void nf4_half_tile(const uint16_t *a, int64_t lda, const uint8_t *codes,
-                                                                const float *scales, int64_t pairs, int64_t block_pairs,
-                                                                __m512i table, uint16_t *c, int64_t ldc, const int h,
-                                                                const int rows) {
+ * half as it goes: the same sums as quant_tile, in registers, for twice its rows. One decode serves
+ * up to twelve rows; decoding an nf4 block once into a bfloat16 panel for all rows to read back cost
+ * more (a step's products at 16 and 32 rows: 0.89-0.90x the panel's time, both prefetching). */
+static inline __attribute__((always_inline)) void quant_half_tile(const uint16_t *a, int64_t lda,
+                                                                  const uint8_t *codes, const float *scales,
+                                                                  int64_t pairs, int64_t block_pairs, __m512i table,
+                                                                  uint16_t *c, int64_t ldc, const int h,
+                                                                  const int rows, const int wide) {
     __m512 acc[HALF_ROWS], part[HALF_ROWS];
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
         for (int r = 0; r < rows; r++) part[r] = _mm512_setzero_ps();
         for (int64_t p = p0; p < p0 + block_pairs; p++) {
-            _mm_prefetch((const char *)(codes + (p + AHEAD) * COLS), _MM_HINT_T0);
-            __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + p * COLS)));
-            if (h) words = _mm512_srli_epi16(words, 4); /* see decode_pair */
-            const __m512bh b = (__m512bh)_mm512_permutexvar_epi16(words, table);
+            _mm_prefetch((const char *)(codes + (p + AHEAD) * PAIR_BYTES(wide)), _MM_HINT_T0);
+            __m512bh b;
+            if (wide) {
+                b = int8_half_pair(codes + p * PAIR_BYTES(wide) + 16 * h);
+            } else {
+                __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + p * COLS)));
+                if (h) words = _mm512_srli_epi16(words, 4); /* see decode_pair */
+                b = (__m512bh)_mm512_permutexvar_epi16(words, table);
+            }
             for (int r = 0; r < rows; r++) {
                 int32_t pair;
                 memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
@@ -177,15 +214,18 @@ static inline __attribute__((always_inline)) void nf4_half_tile(const uint16_t *
 
 /* More than FEW_ROWS rows times one block: tiles of at most HALF_ROWS rows, as even as they go (32 rows:
  * 11, 11, 10), each half of the block in turn. */
-static void nf4_many_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
-                          int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *c, int64_t ldc) {
+static inline __attribute__((always_inline)) void quant_many_rows(const uint16_t *a, int64_t m, int64_t lda,
+                                                                  const uint8_t *codes, const float *scales,
+                                                                  int64_t pairs, int64_t block_pairs, __m512i table,
+                                                                  uint16_t *c, int64_t ldc, const int wide) {
     const int64_t tiles = (m + HALF_ROWS - 1) / HALF_ROWS;
     for (int64_t t = 0, r = 0; t < tiles; t++) {
         const int64_t rows = m / tiles + (t < m % tiles);
         for (int h = 0; h < 2; h++) {
             switch (rows) {
 #define TILE(n) \
-    case n: nf4_half_tile(a + r * lda, lda, codes, scales, pairs, block_pairs, table, c + r * ldc, ldc, h, n); break;
+    case n: quant_half_tile(a + r * lda, lda, codes, scales, pairs, block_pairs, table, c + r * ldc, ldc, h, n, wide); \
+        break;
                 TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
 #undef TILE
             default: break;
@@ -198,15 +238,18 @@ static void nf4_many_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8
 /* Up to FEW_ROWS rows times NF4_COLS blocks, decoding as it goes: tiles shaped so that each has at
  * least eight independent sums (or six). Five to eight rows take two tiles a block, the second
  * decoding the same codes again from L1: cheaper than writing them out as a panel of bfloat16 (four
- * times their bytes) and reading it back (8 rows: 10.0-11.3 against 13.2-16.3 ms a step's
+ * times their nf4 bytes) and reading it back (8 rows: 10.0-11.3 against 13.2-16.3 ms a step's
  * products, alternating runs). */
-static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_t *codes, const float *scales,
-                         int64_t scale_stride, int64_t pairs, int64_t block_pairs, __m512i table, uint16_t *const *c,
-                         const int64_t *ldc) {
+static inline __attribute__((always_inline)) void quant_few_rows(const uint16_t *a, int64_t m, int64_t lda,
+                                                                 const uint8_t *codes, const float *scales,
+                                                                 int64_t scale_stride, int64_t pairs,
+                                                                 int64_t block_pairs, __m512i table,
+                                                                 uint16_t *const *c, const int64_t *ldc,
+                                                                 const int wide) {
 /* Rows first .. first + rows - 1 of column blocks j .. j + cols - 1, written through out[0 .. cols - 1]. */
-#define TILE(first, rows, cols, j, out) nf4_tile(a + (first) * lda, lda, codes + (j) * pairs * COLS, \
-                                                 scales + (j) * scale_stride, scale_stride, pairs, block_pairs, \
-                                                 table, out, ldc + (j), rows, cols)
+#define TILE(first, rows, cols, j, out) quant_tile(a + (first) * lda, lda, codes + (j) * pairs * PAIR_BYTES(wide), \
+                                                   scales + (j) * scale_stride, scale_stride, pairs, block_pairs, \
+                                                   table, out, ldc + (j), rows, cols, wide)
 #define FEW(rows, cols, j) TILE(0, rows, cols, j, c + (j))
 #define HALVES(r1, r2) for (int j = 0; j < NF4_COLS; j++) {           \
         uint16_t *const second = c[j] + (r1) * ldc[j];                 \
@@ -227,6 +270,26 @@ static void nf4_few_rows(const uint16_t *a, int64_t m, int64_t lda, const uint8_
 #undef HALVES
 #undef FEW
 #undef TILE
+}
+
+/* One group of column blocks (`cols` of them from `first`; NF4_COLS, or fewer at the end) of a
+ * quantized product: the tiles for m rows. scales [cols][k / blocksize][32]; c[j], ldc[j]: block j's
+ * output. */
+static inline __attribute__((always_inline)) void quant_group(const uint16_t *a, int64_t m, int64_t lda,
+                                                              const uint8_t *codes, const float *scales,
+                                                              int64_t cols, int64_t blocks, int64_t pairs,
+                                                              int64_t block_pairs, __m512i table, uint16_t *const *c,
+                                                              const int64_t *ldc, const int wide) {
+    if (m > FEW_ROWS || (wide && m > INT8_FEW_ROWS))
+        for (int64_t j = 0; j < cols; j++)
+            quant_many_rows(a, m, lda, codes + j * pairs * PAIR_BYTES(wide), scales + j * blocks * COLS, pairs,
+                            block_pairs, table, c[j], ldc[j], wide);
+    else if (cols == NF4_COLS)
+        quant_few_rows(a, m, lda, codes, scales, blocks * COLS, pairs, block_pairs, table, c, ldc, wide);
+    else
+        for (int64_t j = 0; j < cols; j++)
+            quant_rows(a, m, lda, codes + j * pairs * PAIR_BYTES(wide), scales + j * blocks * COLS, pairs,
+                       block_pairs, table, c[j], ldc[j], wide);
 }
 
 /* A block's absmax [k-block][its 32 columns] as float32. */
@@ -304,30 +367,44 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
             block_scales(absmax, n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
             block_output(first + j, parts, part_cols, part_c, &c[j], &ldc[j]);
         }
-        const uint8_t *group_codes = codes + first * pairs * COLS;
-        if (m > FEW_ROWS)
-            nf4_many_rows(a, m, lda, group_codes, scales, pairs, block_pairs, table, c[0], ldc[0]);
-        else if (cols == NF4_COLS)
-            nf4_few_rows(a, m, lda, group_codes, scales, blocks * COLS, pairs, block_pairs, table, c, ldc);
-        else
-            for (int64_t j = 0; j < cols; j++)
-                nf4_rows(a, m, lda, group_codes + j * pairs * COLS, scales + j * blocks * COLS, pairs, block_pairs,
-                         table, c[j], ldc[j]);
+        quant_group(a, m, lda, codes + first * pairs * COLS, scales, cols, blocks, pairs, block_pairs, table, c, ldc,
+                    0);
     }
     return failed;
 }
 
-/* c[m, n] = a[m, k] @ W.T for a bfloat16 W packed by pack_bf16 ([n / 32][k / 2][32][2]). */
 /* Its tiles are chosen by row count alone (FEW_ROWS): no direct path to set. */
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
 const char *gemm_isa(void) { return "avx512-bf16"; }
-/* No int8 product in this build yet: the output layer stays bfloat16 by default (--output-layer). */
-int gemm_int8_supported(void) { return 0; }
+int gemm_int8_supported(void) { return 1; }
+
+/* c[m, n] = a[m, k] @ W.T for int8 W (codes [n / 32][k][32], column block after column block, each
+ * input's 32 columns side by side; float32 scales [n / 32][k / blocksize][32]; n % 32 == 0, k % blocksize
+ * == 0, blocksize even): the nf4 product's tiles, each pair's codes decoded in registers by
+ * int8_half_pair; the AVX2 build's sums, term for term. (Decoding a column block once into a bfloat16
+ * panel for all rows, as the AVX2 build does in float32, measured slower at every row count: 1.3-1.5x
+ * the bfloat16 product's time at 4-64 rows against 1.1-1.2x in registers; the panel is twice the
+ * bfloat16 weight's traffic through L2.) */
 int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, int64_t m, int64_t n, int64_t k,
                    int64_t blocksize, int64_t lda, uint16_t *c, int64_t ldc) {
-    return -1;
+    const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+    const int64_t group = m > FEW_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
+        uint16_t *out[NF4_COLS];
+        int64_t ldcs[NF4_COLS];
+        for (int64_t j = 0; j < cols; j++) {
+            out[j] = c + (first + j) * COLS;
+            ldcs[j] = ldc;
+        }
+        quant_group(a, m, lda, (const uint8_t *)codes + first * k * COLS, scales + first * blocks * COLS, cols,
+                    blocks, pairs, block_pairs, _mm512_setzero_si512(), out, ldcs, 1);
+    }
+    return 0;
 }
 
+/* c[m, n] = a[m, k] @ W.T for a bfloat16 W packed by pack_bf16 ([n / 32][k / 2][32][2]). */
 int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int64_t m, int64_t n, int64_t k,
                      int64_t lda, int64_t ldc) {
 #pragma omp parallel for schedule(dynamic, 8)

@@ -1,0 +1,76 @@
+"""The native int8 product's bits against its arithmetic written out in torch (per block of 64 inputs
+and column, a float32 sum pair after pair, the odd input first; then sum += partial * scale in one
+rounding; bfloat16 to nearest even), at every row count the tiles distinguish, for each build this
+CPU can run: the one the engine loads and, where that is AVX-512 BF16, the AVX2 build too."""
+
+import ctypes
+
+import pytest
+import torch
+
+from model_svc.engine import gemm, kernels
+
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 24, 33)
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`gemm_int8_bf16`'s sums term for term: a bfloat16 input times an int8 code is exact in float32,
+    so `part + x * w` rounds once, as the FMA (or VDPBF16PS's step) does; partial * scale is exact in
+    float64, so the scale's FMA rounds once too (to float64, then float32: the same but for a tie
+    within 2^-29, which these inputs do not hit)."""
+    blocks, k, _ = codes.shape
+    n, blocksize = blocks * gemm.COLUMNS, k // scales.shape[1]
+    weight = codes.permute(1, 0, 2).reshape(k, n).float()
+    scale = scales.permute(1, 0, 2).reshape(k // blocksize, n).double()
+    rows = x.float()
+    acc = torch.zeros(rows.shape[0], n)
+    for kb in range(k // blocksize):
+        part = torch.zeros(rows.shape[0], n)
+        for p in range(kb * blocksize, (kb + 1) * blocksize, 2):
+            part = part + rows[:, p + 1:p + 2] * weight[p + 1]
+            part = part + rows[:, p:p + 1] * weight[p]
+        acc = (part.double() * scale[kb] + acc.double()).float()
+    return acc.to(torch.bfloat16)
+
+
+def builds() -> list[tuple[str, gemm.Gemm]]:
+    kernel = gemm.load()
+    if kernel is None:
+        return []
+    found = [(kernel.isa, kernel)]
+    if kernel.isa == "avx512-bf16":  # the AVX2 section of the same source, built for this CPU without AVX-512
+        path = kernels.build(gemm.SOURCE, extra_flags=("-fopenmp", "-mno-avx512f"))
+        found.append(("avx2", gemm.Gemm(ctypes.CDLL(str(path)))))
+    return found
+
+
+@pytest.fixture(scope="module")
+def operands():
+    gen = torch.Generator().manual_seed(11)
+    n, k = 320, 384
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    weight[:32, :64] = 0  # an all-zero block: scale 0
+    codes, scales = gemm.quantize_int8(weight, 64)
+    x = torch.randn(max(ROWS), k, generator=gen).to(torch.bfloat16)
+    return x, codes, scales, reference(x, codes, scales)
+
+
+def test_every_native_build_here_has_the_int8_product():
+    found = builds()
+    if not found:
+        pytest.skip("no C compiler, or neither AVX-512 BF16 nor AVX2 with FMA here: the native kernel cannot run")
+    assert all(kernel.has_int8 for _, kernel in found), [isa for isa, kernel in found if not kernel.has_int8]
+
+
+@pytest.mark.parametrize("isa", ["avx512-bf16", "avx2"])
+def test_the_int8_product_is_its_written_out_arithmetic_bit_for_bit(isa, operands):
+    kernel = dict(builds()).get(isa)
+    if kernel is None:
+        pytest.skip(f"no {isa} build runs on this CPU")
+    x, codes, scales, expected = operands
+    for direct in ((2, 0, 4096) if kernel.set_direct_rows(2, 2) >= 0 else (None,)):
+        if direct is not None:
+            kernel.set_direct_rows(2, direct)
+        for m in ROWS:
+            assert torch.equal(kernel.int8(x[:m], codes, scales), expected[:m]), (isa, m, direct)
+    kernel.set_direct_rows(2, 2)
