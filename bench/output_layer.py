@@ -10,7 +10,8 @@ Agreement of a side with float32: the tokens equal before the first difference (
 EOS or the end), averaged over the prompts; and how many first tokens equal float32's.
 Speed: one sequence, 64 tokens, the engine with each output layer, the sides in turn, forwards then
 backwards (A B C C B A), twice.
-Writes bench/results/output_layer.json.
+Writes bench/results/output_layer-<build>.json (the native kernel's build: avx2, avx512-bf16), one
+file per kind of CPU.
 
     python -m bench.output_layer
 """
@@ -26,6 +27,7 @@ import torch
 from bench.kernels import run_side
 from genrpc.launch import ROOT, describe_cpu
 from model_svc.__main__ import engine_for, parse_args
+from model_svc.engine import gemm
 from model_svc.engine.sequence import SamplingParams, Sequence
 from model_svc.loader import load_model
 
@@ -114,7 +116,8 @@ def main() -> None:
               "one_sequence_tok_s": {k: round(v, 1) for k, v in speed.items()},
               "speed_ratio_int8": round(speed["int8"] / speed["none"], 2),
               "speed_ratio_nf4": round(speed["nf4"] / speed["none"], 2)}
-    out = os.path.join(ROOT, "bench", "results", "output_layer.json")
+    kernel = gemm.load()
+    out = os.path.join(ROOT, "bench", "results", f"output_layer-{kernel.isa if kernel else 'library'}.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     from bench import readme  # here: it imports this module for its markdown

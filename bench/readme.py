@@ -32,6 +32,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
+| `python -m bench.routers` | time to first token through SMG against genrpc's gateway, same worker |
 | `make loadtest` | ghz against a running stack (`LOADTEST_ARGS="--call GenerateStream -c 16 -n 256"`) |
 
 This machine's speed drifts by up to 2x between minutes, so every comparison is made in the same
@@ -96,6 +97,15 @@ def _image(path: str, alt: str, render: Callable[[dict], str]) -> Callable[[dict
 def _stamp(field: str) -> Callable[[dict], str]:
     return lambda report: str(report.get(field, "time not recorded"))
 
+
+OUTPUT_LAYER_HOW = """\
+`python -m bench.output_layer`, one section per build of the native kernel (the bits of both are
+the same; the speed is not): 64 held-out prompts (tests/data/heldout_prompts.txt, chat
+template, 24 greedy tokens) against float32 on the unquantized weights, for `generate()` with
+4-bit layers, genrpc with the output layer in bfloat16, in int8 (the default where the kernel's
+int8 product runs) and in nf4 (`--output-layer nf4`); then one sequence's speed with each, the
+sides in turn. int8 is the default because it agrees with float32 as often as `generate()`
+does; nf4 stays a flag while its first tokens agree less often."""
 
 SECTIONS = [
     Section("The service against generate()", """\
@@ -187,14 +197,19 @@ point against its roofline (bench/roofline.py's bandwidth and compute probe). Pa
 both sides take the same path, and their difference there is the machine's drift.""",
             "kernels.json", None,
             _image("results/kernels.png", "kernel paths by sequence count", _part("kernels")), _stamp("when")),
-    Section("A quantized output layer", """\
-`python -m bench.output_layer`: 64 held-out prompts (tests/data/heldout_prompts.txt, chat
-template, 24 greedy tokens) against float32 on the unquantized weights, for `generate()` with
-4-bit layers, genrpc with the output layer in bfloat16, in int8 (the default where the kernel's
-int8 product runs) and in nf4 (`--output-layer nf4`); then one sequence's speed with each, the
-sides in turn. int8 is the default because it agrees with float32 as often as `generate()`
-does; nf4 stays a flag while its first tokens agree less often.""",
-            "output_layer.json", None, _part("output_layer"), _stamp("when")),
+    Section("Routers: SMG against genrpc's gateway", """\
+`python -m bench.routers`: one model worker, reached by SMG (`smg launch --backend vllm`; OpenAI
+chat completions over HTTP, tokenized and templated in the router, then vLLM's engine protocol)
+and by genrpc's gateway (`GenerateStream` with the same chat, through the tokenizer service), in
+plaintext on loopback (docs/routers.md); 1, 8 and 32 concurrent streams of 32 greedy tokens, each
+message tagged so that no prompt comes from the prefix cache, the sides alternating A B B A over
+two rounds; each side's median time to first token over every request.""",
+            "routers.json", None,
+            _image("results/routers.png", "time to first token, SMG and the gateway", _part("routers")),
+            _stamp("when")),
+    *[Section(f"A quantized output layer ({name} build)", OUTPUT_LAYER_HOW, f"output_layer-{isa}.json", None,
+              _part("output_layer"), _stamp("when"))
+      for isa, name in (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"))],
 ]
 
 

@@ -17,9 +17,9 @@ def test_each_section_shows_its_latest_results_and_the_cpu_they_ran_on(tmp_path,
               "accuracy_against_float32": {"library generate()": {"mean_agreement": 3.5, "first_token_equal": 3}},
               "one_sequence_tok_s": {"none": 40.0, "int8": 42.0, "nf4": 44.0}, "speed_ratio_int8": 1.05,
               "speed_ratio_nf4": 1.1}
-    (tmp_path / "output_layer.json").write_text(json.dumps(report))
+    (tmp_path / "output_layer-avx2.json").write_text(json.dumps(report))
     text = readme.render()
-    section = text[text.index("## A quantized output layer"):]
+    section = text[text.index("## A quantized output layer (AVX2 build)"):]
     assert "Latest run: 2026-12-03 10:00, on Some CPU (avx2), 2 cores." in section
     assert "| library generate() | 3.5 | 3 of 4 |" in section
     assert "int8 42.0 tok/s (1.05x)" in section and "nf4 44.0 tok/s (1.10x)" in section
