@@ -1,4 +1,5 @@
-"""LoRA adapters (`python -m bench.lora`, writes bench/results/lora.json): one model service started
+"""LoRA adapters (`python -m bench.lora`, writes bench/results/lora-<build>.json, one file per kind
+of CPU as the native kernel is built for it: avx2, avx512-bf16): one model service started
 with 8 rank-16 adapters on every projection (made with peft from random weights, as the tests make
 them), the same streams with and without adapters, alternating, best of 2 rounds:
 
@@ -113,8 +114,10 @@ def markdown(report: dict) -> str:
 def main() -> dict:
     result = run()
     from bench import readme  # here: it imports this module for its markdown
+    from model_svc.engine import gemm
 
-    readme.save("lora", result)
+    kernel = gemm.load()
+    readme.save(f"lora-{kernel.isa if kernel else 'library'}", result)
     print(json.dumps(result, indent=2))
     print(markdown(result))
     return result

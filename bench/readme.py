@@ -98,6 +98,15 @@ def _stamp(field: str) -> Callable[[dict], str]:
     return lambda report: str(report.get(field, "time not recorded"))
 
 
+BUILDS = (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"))  # the native kernel's builds: a section each
+
+LORA_HOW = """\
+`python -m bench.lora`, one section per build of the native kernel: a model service started with 8
+rank-16 adapters on all seven projections; 8 streams each with its own adapter, and 32 streams
+over 4 adapters, against as many streams of the base model (128 greedy tokens, EOS ignored, no
+speculation), alternating, best of 2 rounds; and one adapter's load time
+([LoRA adapters](../docs/lora.md))."""
+
 OUTPUT_LAYER_HOW = """\
 `python -m bench.output_layer`, one section per build of the native kernel (the bits of both are
 the same; the speed is not): 64 held-out prompts (tests/data/heldout_prompts.txt, chat
@@ -172,12 +181,8 @@ alternating which side goes first, best of 2 rounds; then 4 greedy streams (96 t
 ignored) alone and beside those 8 beam requests ([Beam search](../docs/beam-search.md)).""",
             "beams.json", None,
             _image("results/beams.png", "beam search against generate()", _part("beams")), _stamp("when")),
-    Section("LoRA adapters", """\
-`python -m bench.lora`: a model service started with 8 rank-16 adapters on all seven projections;
-8 streams each with its own adapter, and 32 streams over 4 adapters, against as many streams of
-the base model (128 greedy tokens, EOS ignored, no speculation), alternating, best of 2 rounds;
-and one adapter's load time ([LoRA adapters](../docs/lora.md)).""",
-            "lora.json", None, _part("lora"), _stamp("when")),
+    *[Section(f"LoRA adapters ({name} build)", LORA_HOW, f"lora-{isa}.json", None, _part("lora"), _stamp("when"))
+      for isa, name in BUILDS],
     Section("Peers: vLLM's CPU build in the same minutes", """\
 `make bench-peers` (bench/peers.py) puts genrpc beside vLLM's CPU build (in its own virtualenv
 `.venv-peers`, bfloat16, its OpenAI server, its OpenMP threads bound to this machine's CPUs).
@@ -209,7 +214,7 @@ two rounds; each side's median time to first token over every request.""",
             _stamp("when")),
     *[Section(f"A quantized output layer ({name} build)", OUTPUT_LAYER_HOW, f"output_layer-{isa}.json", None,
               _part("output_layer"), _stamp("when"))
-      for isa, name in (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"))],
+      for isa, name in BUILDS],
 ]
 
 

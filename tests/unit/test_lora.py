@@ -112,3 +112,43 @@ def test_the_native_kernel_is_row_independent_and_accurate():
     expected = (base[3].double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
     step = torch.finfo(torch.bfloat16).eps * expected.double().abs().clamp(min=1.0)
     assert ((alone[3].double() - expected.double()).abs() <= step).all()
+
+
+def test_the_kernel_gives_the_same_bits_built_for_this_cpu_and_for_baseline_x86_64():
+    """kernels/lora.c as built here (-march=native: its loops vectorized across independent sums with
+    the CPU's FMA instructions) against a build for baseline x86-64 (no FMA instructions: fmaf one
+    element at a time): the same chains, so the same bits, for ranks and widths that are not
+    multiples of 16, rows of several adapters interleaved, and each row alone."""
+    import ctypes
+
+    from model_svc.engine import kernels
+
+    kernel = lora.load_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: the LoRA kernel cannot be built (PEFT's arithmetic runs instead)")
+    builds = {"native": kernel}
+    try:
+        path = kernels.build(lora.SOURCE, extra_flags=("-fopenmp", "-march=x86-64", "-mtune=generic"))
+        builds["scalar"] = lora.Kernel(ctypes.CDLL(str(path)))
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"no baseline x86-64 build here: {exc}")
+    generator = torch.Generator().manual_seed(4)
+    for k, n, ranks in ((576, 192, (16, 24)), (1536, 576, (16, 64, 7)), (100, 35, (3, 16, 17))):
+        cols = [sum(ranks[:i]) for i in range(len(ranks))]
+        at = torch.randn(k, sum(ranks), generator=generator).to(torch.bfloat16)
+        bt = (torch.randn(sum(ranks), n, generator=generator) * 0.05).to(torch.bfloat16)
+        x = torch.randn(20, k, generator=generator).to(torch.bfloat16)
+        base = torch.randn(20, n, generator=generator).to(torch.bfloat16)
+        which = torch.randint(0, len(ranks), (14,), generator=generator).sort().values  # runs of one adapter
+        index = torch.randperm(20, generator=generator)[:14]
+        rows = (index, torch.tensor([cols[i] for i in which]), torch.tensor([ranks[i] for i in which]),
+                torch.tensor([(0.5, 2.0, 1.0)[i] for i in which], dtype=torch.float32))
+        outs = {}
+        for name, build in builds.items():
+            outs[name] = base.clone()
+            build.apply(x, outs[name], rows, at, bt)
+            alone = base.clone()
+            build.apply(x, alone, tuple(t[6:7] for t in rows), at, bt)
+            assert torch.equal(alone[index[6]], outs[name][index[6]]), (name, k, n)
+        assert torch.equal(outs["native"], outs["scalar"]), (k, n, ranks)
+        assert not torch.equal(outs["native"], base)
