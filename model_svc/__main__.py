@@ -447,7 +447,8 @@ class LoraRequestsInfo:
 async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, ready: threading.Event,
                 security: ServerSecurity, thread_policy: ThreadPolicy) -> None:
     """The gRPC server, on its own thread's asyncio loop."""
-    subs = Subscriptions(asyncio.get_running_loop(), engine_loop)
+    loop = asyncio.get_running_loop()
+    subs = Subscriptions(loop, engine_loop)
     engine_loop.publish = subs.publish_threadsafe
     Gauge("genrpc_model_event_streams", "open Events streams (one per gateway)").set_function(lambda: len(subs.queues))
     Gauge("genrpc_model_owned_sequences", "unfinished sequences the open Events streams' clients own").set_function(
@@ -461,9 +462,16 @@ async def serve(args, loaded, engine_loop: EngineLoop, stop: asyncio.Event, read
         if not args.no_vllm_engine:
             from genrpc.vllm import vllm_engine_pb2_grpc
             from model_svc import vllm_engine
+            from model_svc.kv_events import KvEventPublisher
 
+            blocks = engine_loop.engine.scheduler.blocks
+            kv_events = KvEventPublisher(loop, blocks) if blocks.enable_prefix_caching else None
+            if kv_events is not None:
+                engine_loop.after_step = kv_events.drain
+                Gauge("genrpc_model_kv_event_streams", "open SubscribeKvEvents streams (routers following the "
+                      "prefix cache)").set_function(lambda: len(kv_events.queues))
             vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_engine.VllmEngineServicer(
-                loaded, engine_loop, subs, engine_loop.engine.tokenizer, args.max_num_seqs), server)
+                loaded, engine_loop, subs, engine_loop.engine.tokenizer, args.max_num_seqs, kv_events), server)
             names.append(vllm_engine.SERVICE)
         return names
 

@@ -39,6 +39,7 @@ from genrpc.vllm import vllm_engine_pb2 as pb
 from model_svc import convert
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.schedule_types import SchedulerFull
+from model_svc.kv_events import KvEventPublisher
 from tokenizer_svc.detokenize import decode_incremental
 
 log = logging.getLogger("genrpc.model.vllm")
@@ -55,9 +56,12 @@ FINISH = {generation_pb2.FINISH_REASON_LENGTH: "length", generation_pb2.FINISH_R
 
 
 class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
-    def __init__(self, loaded, engine_loop: EngineLoop, subscriptions, tokenizer, max_num_seqs: int):
+    def __init__(self, loaded, engine_loop: EngineLoop, subscriptions, tokenizer, max_num_seqs: int,
+                 kv_events: KvEventPublisher | None = None):
         """tokenizer: () -> the served model's transformers tokenizer (stop strings, text prompts and
-        GetTokenizer need it; loaded on first use)."""
+        GetTokenizer need it; loaded on first use). kv_events: the prefix cache's events (None: prefix
+        caching is off, SubscribeKvEvents is UNIMPLEMENTED)."""
+        self.kv_events = kv_events
         self.loaded = loaded
         self.engine_loop = engine_loop
         self.subs = subscriptions
@@ -335,8 +339,16 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "profiling is not supported by this worker")
 
     async def SubscribeKvEvents(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "KV-cache events are not published by this worker yet")
-        yield common_pb2.KvEventBatch()  # (never reached: makes this a server-streaming handler)
+        """The prefix cache's stored and removed blocks, a batch per engine step (model_svc/kv_events.py)."""
+        if self.kv_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "prefix caching is off on this worker: no KV-cache "
+                                                               "events (--no-prefix-caching)")
+        batches = self.kv_events.subscribe(request.start_sequence_number)
+        try:
+            async for batch in batches:
+                yield batch
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 class Output:

@@ -98,6 +98,9 @@ class BlockManager:
         self.watermark_blocks = max(1, num_blocks // 100) if watermark_blocks is None else watermark_blocks
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0  # of which found there
+        # What the prefix cache gained and lost, in order, while a publisher drains it (model_svc/kv_events.py;
+        # None: not recorded): ("stored", hash, parent block's hash or None, token ids, root), ("removed", hash).
+        self.kv_events: list[tuple] | None = None
 
     # -- counts --------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class BlockManager:
             block_id, _ = self.cached.popitem(last=False)  # the least recently used prefix goes
             block = self.blocks[block_id]
             del self.by_hash[block.hash]
+            if self.kv_events is not None:
+                self.kv_events.append(("removed", block.hash))
             block.hash, block.token_ids, block.parent = None, (), None
         else:
             raise RuntimeError("no free KV-cache block")  # callers check first: this is a bug
@@ -247,4 +252,6 @@ class BlockManager:
             if h not in self.by_hash and block.hash is None:
                 block.hash, block.token_ids, block.parent = h, ids, parent
                 self.by_hash[h] = block.block_id
+                if self.kv_events is not None:
+                    self.kv_events.append(("stored", h, parent if i else None, ids, table.root))
             table.num_hashed_blocks, table.last_hash = i + 1, h

@@ -64,6 +64,7 @@ class EngineLoop:
         self.engine = engine
         self.publish = publish or (lambda outputs: None)
         self.between_steps = between_steps or (lambda: None)  # on the engine thread (the thread policy)
+        self.after_step: Callable[[], None] = lambda: None  # on the engine thread (KV-cache events)
         self._commands: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
         self._stopped = False
@@ -192,6 +193,10 @@ class EngineLoop:
                 failures += 1
             if outputs:
                 self.publish(outputs)
+            try:
+                self.after_step()
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the engine
+                log.exception("after a step")
 
     @property
     def num_running(self) -> int:

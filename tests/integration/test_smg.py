@@ -187,7 +187,7 @@ def test_invalid_requests_come_back_as_4xx(fleet):
 def test_cache_aware_routing_keeps_a_conversation_on_one_worker(fleet):
     """Turns of one conversation share their leading tokens: SMG's cache-aware policy sends each to the
     worker that ran the turn before, whose prefix cache then serves the shared part. (Alternating workers,
-    a turn would find no cache, or only an older turn's.)"""
+    a turn would find no cache, or only an older turn's.) SMG subscribes to each worker's KV events."""
     def counters() -> list[tuple[float, float]]:  # per worker: (generated, served from the prefix cache)
         return [(metric(w.metrics_port, "genrpc_model_generated_tokens_total"),
                  metric(w.metrics_port, "genrpc_model_cached_prefix_tokens_total")) for w in fleet.workers]
@@ -202,13 +202,17 @@ def test_cache_aware_routing_keeps_a_conversation_on_one_worker(fleet):
                              {"model": MODEL_ID, "messages": messages, "max_tokens": 8, "temperature": 0})
         assert status == 200, reply
         after = counters()
-        (worker,) = [i for i, (a, b) in enumerate(zip(after, before)) if a[0] > b[0]]
+        # the worker that generated this turn's tokens (not one that finished a few of another request's)
+        (worker,) = [i for i, (a, b) in enumerate(zip(after, before))
+                     if a[0] - b[0] >= reply["usage"]["completion_tokens"]]
         turns.append((worker, after[worker][1] - before[worker][1], reply["usage"]["prompt_tokens"]))
         messages += [{"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
                      {"role": "user", "content": f"And another one, number {turn + 2}?"}]
     assert len({worker for worker, _, _ in turns}) == 1, turns
     for (_, _, previous_prompt), (_, cached, _) in zip(turns, turns[1:]):
         assert cached >= previous_prompt - 2 * 16, turns  # the whole previous prompt, to its last blocks
+    # SMG follows each worker's prefix cache through its KV-cache events (SubscribeKvEvents)
+    assert [metric(w.metrics_port, "genrpc_model_kv_event_streams") for w in fleet.workers] == [1.0, 1.0]
 
 
 def test_requests_go_on_through_the_other_worker_when_one_dies(fleet):

@@ -240,15 +240,85 @@ def test_the_tokenizer_comes_as_a_zip_with_its_digest(engine_stub, hf_tokenizer,
         messages, tokenize=False)
 
 
-def test_embed_and_kv_events_say_unimplemented(engine_stub):
-    from genrpc.vllm.common_pb2 import SubscribeKvEventsRequest
-
+def test_embed_says_unimplemented(engine_stub):
     with pytest.raises(grpc.RpcError) as info:
         engine_stub.Embed(pb.EmbedRequest(request_id="e"), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _subscribe(stub, start: int, until, batches: list) -> tuple[grpc.Future, threading.Thread]:
+    """Reads KV-event batches into `batches` on a thread until `until(batches)` holds (then cancels)."""
+    from genrpc.vllm.common_pb2 import SubscribeKvEventsRequest
+
+    call = stub.SubscribeKvEvents(SubscribeKvEventsRequest(start_sequence_number=start), timeout=60)
+
+    def read():
+        try:
+            for batch in call:
+                batches.append(batch)
+                if until(batches):
+                    call.cancel()
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return call, thread
+
+
+def test_kv_events_follow_the_prefix_cache(engine_stub, hf_tokenizer):
+    """A prompt's full blocks come as stored events, in order, each with its token ids and chained to
+    the one before it; batches are numbered one after another; a subscriber resuming from a batch
+    gets that batch again; a start beyond the next batch is refused."""
+    import time
+    import uuid
+
+    from genrpc.vllm.common_pb2 import SubscribeKvEventsRequest
+
+    ids = hf_tokenizer(f"[{uuid.uuid4().hex}] " + PROMPT * 2).input_ids  # new blocks: nothing cached yet
+    full = len(ids) // 16
+    assert full >= 3
+
+    def stored(batches):
+        return [(event.stored, block) for batch in batches for event in batch.events if event.HasField("stored")
+                for block in event.stored.blocks]
+
+    def has_prompt(batches):
+        return sum(list(block.token_ids) == ids[i * 16:(i + 1) * 16] for i in range(full)
+                   for _, block in stored(batches)) >= full
+
+    batches: list = []
+    call, thread = _subscribe(engine_stub, 0, has_prompt, batches)
+    time.sleep(0.5)  # subscribed before the prompt runs (start 0: events from now on)
+    generate(engine_stub, request(ids, max_tokens=1, temperature=0.0))
+    thread.join(60)
+    call.cancel()
+    assert has_prompt(batches), [len(b.events) for b in batches]
+    numbers = [b.sequence_number for b in batches]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] >= 1
+    chain = {}
+    for event, block in stored(batches):
+        for i in range(full):
+            if list(block.token_ids) == ids[i * 16:(i + 1) * 16]:
+                chain[i] = (event, block)
+    for i in range(1, full):
+        event, block = chain[i]
+        previous = chain[i - 1][1].block_hash
+        position = list(event.blocks).index(block)
+        parent = event.blocks[position - 1].block_hash if position else event.parent_block_hash
+        assert parent == previous, i
+        assert block.block_size == 16 and event.medium == "CPU"
+    first = numbers[0]
+    again: list = []
+    call, thread = _subscribe(engine_stub, first, lambda got: len(got) >= 1, again)
+    thread.join(30)
+    assert again and again[0] == batches[0]
     with pytest.raises(grpc.RpcError) as info:
-        list(engine_stub.SubscribeKvEvents(SubscribeKvEventsRequest(), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        next(iter(engine_stub.SubscribeKvEvents(SubscribeKvEventsRequest(start_sequence_number=10 ** 9),
+                                                timeout=10)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_the_service_needs_the_workers_credentials(stack, ids):

@@ -127,3 +127,35 @@ def test_admission_counts_cached_blocks_it_takes_out_of_the_free_pool():
     assert not m.can_admit(28, found, unused)  # two new blocks: only one is left once the five are taken
     again = m.match(tokens, 27)
     assert m.ensure(again, 24) and not m.ensure(again, 28)
+
+
+def test_kv_events_record_stored_and_evicted_blocks_in_order():
+    """What model_svc/kv_events.py publishes: a block stored when it is hashed (its parent's hash, its
+    ids, its root), removed when its cached block is taken for another sequence; nothing while not
+    recorded."""
+    from model_svc.kv_events import hash64, to_batch
+
+    m = BlockManager(3, block_size=2, watermark_blocks=0)
+    a = BlockTable()
+    m.ensure(a, 4)
+    m.register(a, [1, 2, 3, 4], 4)  # not recorded yet
+    assert m.kv_events is None
+    m.free(a)
+    m.kv_events = []
+    b = BlockTable(root=b"salt")
+    m.ensure(b, 5)
+    m.register(b, [5, 6, 7, 8, 9], 5)  # two full blocks under a root; taking them evicted a's
+    h1 = block_hash(b"salt", (5, 6))
+    h2 = block_hash(h1, (7, 8))
+    evicted = [e for e in m.kv_events if e[0] == "removed"]
+    assert [e[0] for e in m.kv_events] == ["removed", "removed", "stored", "stored"]
+    assert {e[1] for e in evicted} == {block_hash(None, (1, 2)), block_hash(block_hash(None, (1, 2)), (3, 4))}
+    assert m.kv_events[2:] == [("stored", h1, None, (5, 6), b"salt"), ("stored", h2, h1, (7, 8), b"salt")]
+    batch = to_batch(7, 1.0, m.kv_events, 2)
+    assert batch.sequence_number == 7 and len(batch.events) == 2  # the removals together, the chain together
+    removed, stored = batch.events[0].removed, batch.events[1].stored
+    assert sorted(removed.block_hashes) == sorted(hash64(e[1]) for e in evicted)
+    assert [list(b.token_ids) for b in stored.blocks] == [[5, 6], [7, 8]]
+    assert [b.block_hash for b in stored.blocks] == [hash64(h1), hash64(h2)]
+    assert not stored.HasField("parent_block_hash") and stored.cache_salt == b"salt".hex()
+    assert len({e.event_id for e in batch.events}) == 2
