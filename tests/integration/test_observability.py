@@ -245,6 +245,49 @@ def test_kubernetes_manifests_are_valid():
             "kubernetes.io/metadata.name": "monitoring"}}}]
 
 
+def test_the_smg_manifests_are_valid_and_only_smg_reaches_the_workers():
+    """deploy/smg/: model workers behind SMG, found by Kubernetes service discovery. Valid against the
+    Kubernetes 1.30 schemas; SMG discovers exactly the worker pods (labels, namespace, port) with a
+    Role that reads pods of its namespace only; the workers serve plaintext (SMG 1.13 can present no
+    credentials to a gRPC worker), so only SMG's pods reach their port."""
+    import kubernetes_validate
+
+    with open(os.path.join(ROOT, "deploy", "smg", "smg.yaml")) as f:
+        documents = [d for d in yaml.safe_load_all(f) if d]
+    for document in documents:
+        kubernetes_validate.validate(document, "1.30", strict=True)
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    namespace = "genrpc-smg"
+    assert all(d["metadata"].get("namespace", namespace) == namespace for d in documents if d["kind"] != "Namespace")
+    model = by_kind[("Deployment", "model")]["spec"]["template"]
+    smg = by_kind[("Deployment", "smg")]["spec"]["template"]
+    worker = model["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["GENRPC_ALLOW_INSECURE"] == "true" and "GENRPC_TLS_CERT" not in env
+    args = smg["spec"]["containers"][0]["args"]
+
+    def values(flag):  # the values after a flag, up to the next flag
+        start = args.index(flag) + 1
+        end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+        return args[start:end]
+
+    assert values("--backend") == ["vllm"] and "--service-discovery" in args
+    assert dict(v.split("=") for v in values("--selector")) == model["metadata"]["labels"]
+    assert values("--service-discovery-namespace") == [namespace]
+    assert values("--service-discovery-port") == [env["GENRPC_PORT"]]
+    assert values("--api-key") == ["$(SMG_API_KEY)"]  # from a Secret, not written in the manifest
+    (rule,) = by_kind[("Role", "smg-discovery")]["rules"]
+    assert rule["resources"] == ["pods"] and set(rule["verbs"]) == {"get", "list", "watch"}
+    binding = by_kind[("RoleBinding", "smg-discovery")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": smg["spec"]["serviceAccountName"],
+                                    "namespace": namespace}]
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    (workers,) = [p for p in policies.values() if p["podSelector"].get("matchLabels") == model["metadata"]["labels"]]
+    rules = {r["ports"][0]["port"]: r["from"] for r in workers["ingress"]}
+    assert rules[int(env["GENRPC_PORT"])] == [{"podSelector": {"matchLabels": smg["metadata"]["labels"]}}]
+    assert set(rules) == {int(env["GENRPC_PORT"]), int(env["GENRPC_METRICS_PORT"])}
+
 def test_cancels_and_deadlines_count_as_cancelled_sequences(stack, stub):
     g = stack.gateway.metrics_port
     before = metric(g, "genrpc_gateway_finished_sequences_total", {"reason": "FINISH_REASON_CANCELLED"})
