@@ -114,10 +114,8 @@ def markdown(report: dict) -> str:
 def main() -> dict:
     result = run()
     from bench import readme  # here: it imports this module for its markdown
-    from model_svc.engine import gemm
 
-    kernel = gemm.load()
-    readme.save(f"lora-{kernel.isa if kernel else 'library'}", result)
+    readme.save(readme.per_build("lora"), result)
     print(json.dumps(result, indent=2))
     print(markdown(result))
     return result

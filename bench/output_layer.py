@@ -27,7 +27,6 @@ import torch
 from bench.kernels import run_side
 from genrpc.launch import ROOT, describe_cpu
 from model_svc.__main__ import engine_for, parse_args
-from model_svc.engine import gemm
 from model_svc.engine.sequence import SamplingParams, Sequence
 from model_svc.loader import load_model
 
@@ -116,12 +115,11 @@ def main() -> None:
               "one_sequence_tok_s": {k: round(v, 1) for k, v in speed.items()},
               "speed_ratio_int8": round(speed["int8"] / speed["none"], 2),
               "speed_ratio_nf4": round(speed["nf4"] / speed["none"], 2)}
-    kernel = gemm.load()
-    out = os.path.join(ROOT, "bench", "results", f"output_layer-{kernel.isa if kernel else 'library'}.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
     from bench import readme  # here: it imports this module for its markdown
 
+    out = os.path.join(ROOT, "bench", "results", f"{readme.per_build('output_layer')}.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
     readme.write()
     print(json.dumps(report, indent=2))
 

@@ -100,6 +100,15 @@ def _stamp(field: str) -> Callable[[dict], str]:
 
 BUILDS = (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"))  # the native kernel's builds: a section each
 
+
+def per_build(name: str) -> str:
+    """A results name for this machine's build of the native kernel (`name-avx2`, ...; `name-library` where
+    it cannot run): the sections of BUILDS read them."""
+    from model_svc.engine import gemm
+
+    kernel = gemm.load()
+    return f"{name}-{kernel.isa if kernel else 'library'}"
+
 LORA_HOW = """\
 `python -m bench.lora`, one section per build of the native kernel: a model service started with 8
 rank-16 adapters on all seven projections; 8 streams each with its own adapter, and 32 streams
