@@ -13,7 +13,7 @@ import time
 from prometheus_client import Counter
 
 from gateway.validation import ResolvedConfig
-from genrpc.errors import PermissionDenied, ResourceExhausted
+from genrpc.errors import PermissionDenied, ResourceExhausted, retry_hint
 from genrpc.rights import Rights
 
 REFUSALS = Counter("genrpc_gateway_token_refusals", "requests refused for a token's rights or rates, by the "
@@ -81,14 +81,14 @@ class Quotas:
     def admit(self, identity: str, rights: Rights) -> None:
         """Takes one request from the token's request bucket; refuses while either bucket is empty."""
         if rights.tokens_per_s is not None:
-            wait = self._bucket(identity, "tokens", rights.tokens_per_s).wait(1e-9)
+            wait = retry_hint(self._bucket(identity, "tokens", rights.tokens_per_s).wait(1e-9))
             if wait:
                 raise refuse(rights, "tokens_per_s", ResourceExhausted(
                     f"this token generated more than its tokens_per_s={rights.tokens_per_s:g} allows; retry in "
                     f"{wait:.1f} s", retry_after=wait))
         if rights.requests_per_s is not None:
             bucket = self._bucket(identity, "requests", rights.requests_per_s)
-            wait = bucket.wait(1.0)
+            wait = retry_hint(bucket.wait(1.0))
             if wait:
                 raise refuse(rights, "requests_per_s", ResourceExhausted(
                     f"this token sent more requests than its requests_per_s={rights.requests_per_s:g} allows; "

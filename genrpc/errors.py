@@ -13,6 +13,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import uuid
 
 import grpc
@@ -22,13 +23,19 @@ from genrpc.logs import request_id
 log = logging.getLogger("genrpc.errors")
 
 
+def retry_hint(seconds: float) -> float:
+    """`seconds` rounded up to the tenth the trailer carries: a client that waits the hint it is
+    sent must not come back early (rounding to nearest told it 0.9 for 0.94)."""
+    return math.ceil(round(seconds * 10, 6)) / 10
+
+
 class GenrpcError(Exception):
     code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str = "", retry_after: float | None = None):
         """retry_after: seconds after which a retry may succeed (sent as the `retry-after` trailer)."""
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = None if retry_after is None else retry_hint(retry_after)
 
 
 class InvalidArgument(GenrpcError, ValueError):

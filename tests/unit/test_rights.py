@@ -93,6 +93,19 @@ def test_rates_refuse_with_the_seconds_to_wait():
     quotas.admit("t", rights)
 
 
+def test_a_retry_hint_is_never_early():
+    now = [0.0]
+    quotas = Quotas(clock=lambda: now[0])
+    rights = Rights(requests_per_s=1)
+    quotas.admit("t", rights)
+    now[0] = 0.06  # 0.94 s to go: rounding to the nearest tenth would say 0.9
+    with pytest.raises(ResourceExhausted, match=r"retry in 1\.0 s") as info:
+        quotas.admit("t", rights)
+    assert info.value.retry_after == 1.0
+    now[0] += info.value.retry_after
+    quotas.admit("t", rights)  # waiting what it was told is enough
+
+
 def test_the_cache_salt_is_the_request_s_then_the_team_s_then_the_client_s():
     team = Rights(cache_salt="team-a")
     assert cache_salt(resolved(cache_salt="doc-7"), team, "token:x") == "salt:doc-7"
