@@ -7,12 +7,11 @@ scaling x (row @ A.T) @ B.T with X's pair: the base product is shared by every r
 adapter's update touches its own rows only.
 
 Two numerics, as the rest of the engine:
-- native (with the native kernels, the default): kernels/lora.c, one call a projection for all of a
-  step's adapter rows, each row's update summed in float32 (bfloat16 A and B) in a fixed order
-  (`Adapters`): a row's update
-  depends on that row alone, so a sequence's numbers are the same alone, beside other adapters'
-  rows and whatever its prompt's chunking (prefix caching stays exact; cached blocks are keyed by
-  the adapter too);
+- native (with the native kernels, the default): kernels/lora.c, one call per group of projections
+  that share an input for all of a step's adapter rows, each row's update summed in float32
+  (bfloat16 A and B) in a fixed order (`Adapters`): a row's update depends on that row alone, so a
+  sequence's numbers are the same alone, beside other adapters' rows and whatever its prompt's
+  chunking (prefix caching stays exact; cached blocks are keyed by the adapter too);
 - `--match-generate` (and wherever the native kernel cannot run): PEFT's own arithmetic, sequence
   by sequence, with the shapes `generate()` on a `PeftModel` uses: float32 A and B, the update cast
   to the layer's dtype and added.
@@ -178,8 +177,41 @@ class StepRows:
     """Which rows of a step's packed batch belong to which adapter."""
 
     runs: dict[str, list[tuple[int, int]]]  # (start, length) runs per adapter
-    native: tuple | None = None  # for the kernel: rows, their columns, ranks and scalings (int64/float32)
-    native_args: tuple = ()  # the kernel's arguments for them: (count, and the four tensors' addresses)
+    native: tuple | None = None  # for the kernel: rows, their adapters' slots and scalings (int64/float32)
+    native_args: tuple = ()  # the kernel's arguments for them: (count, and the three tensors' addresses)
+
+
+class _Pair(ctypes.Structure):
+    """kernels/lora.c's Pair: one adapter's pair of one module, packed."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_int64), ("padded", ctypes.c_int64)]
+
+
+LANES, WIDTH = 16, 64  # kernels/lora.c: A's columns padded to a multiple of LANES; B in blocks of WIDTH
+
+
+class Packed:
+    """One module's pairs by adapter slot, as kernels/lora.c reads them: A transposed into [k][padded]
+    (rank rounded up to 16, zero columns) and B transposed in blocks of 64 outputs, each [rank][64]
+    (the last narrower), in bfloat16; a slot whose
+    adapter does not target the module has no pair (its rows are left as they are)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor] | None]):
+        """pairs: (A [rank, k], B [n, rank]) or None, by slot."""
+        self.tensors: list[torch.Tensor] = []  # kept alive: the array holds their addresses
+        self.array = (_Pair * len(pairs))()
+        for slot, pair in enumerate(pairs):
+            if pair is None:
+                continue
+            a, b = pair
+            rank = a.shape[0]
+            padded = -(-rank // LANES) * LANES
+            at = torch.zeros((a.shape[1], padded), dtype=torch.bfloat16)
+            at[:, :rank] = a.T
+            bt = torch.cat([b[q:q + WIDTH].T.reshape(-1) for q in range(0, b.shape[0], WIDTH)]).to(torch.bfloat16)
+            self.tensors += [at, bt]
+            self.array[slot] = _Pair(at.data_ptr(), bt.data_ptr(), rank, padded)
+        self.address = ctypes.addressof(self.array)
 
 
 class Kernel:
@@ -187,19 +219,23 @@ class Kernel:
 
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.rows = library.lora_rows_bf16  # Adapters.apply calls it directly (addresses precomputed)
-        self.rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
-        self.rows.restype = ctypes.c_int
+        self.call = library.lora_apply_bf16  # Adapters.apply calls it directly (addresses precomputed)
+        self.call.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64] + [ptr, ptr, i64, i64] * 3
+        self.call.restype = ctypes.c_int
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor, rows: tuple, at: torch.Tensor, bt: torch.Tensor) -> None:
-        """x [T, k] and out [T, n] bfloat16 with unit stride along a row; out changed in place."""
-        index, cols, ranks, scales = rows
-        if not (x.dtype == out.dtype == torch.bfloat16 and x.stride(1) == 1 and out.stride(1) == 1):
+    def apply(self, x: torch.Tensor, rows: tuple, modules: list[tuple[Packed, torch.Tensor]]) -> None:
+        """x [T, k] and each out [T, n] bfloat16 with unit stride along a row, changed in place; rows:
+        (index, slot, scale) tensors; modules: 1 to 3 (pairs, out) that share x."""
+        index, slots, scales = rows
+        if not (x.dtype == torch.bfloat16 and x.stride(1) == 1
+                and all(o.dtype == torch.bfloat16 and o.stride(1) == 1 for _, o in modules)):
             raise ValueError("lora: unexpected dtype or layout")
-        if self.rows(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), len(index), index.data_ptr(),
-                      cols.data_ptr(), ranks.data_ptr(), scales.data_ptr(), at.data_ptr(), bt.data_ptr(),
-                      at.shape[1], at.shape[0], bt.shape[1]):
-            raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}")
+        described = [arg for packed, out in modules
+                     for arg in (packed.address, out.data_ptr(), out.stride(0), out.shape[1])]
+        described += [None, None, 0, 0] * (3 - len(modules))
+        if self.call(x.data_ptr(), x.stride(0), x.shape[1], len(index), index.data_ptr(), slots.data_ptr(),
+                     scales.data_ptr(), len(modules), *described):
+            raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}, or out of memory")
 
 
 MAX_KERNEL_RANK = 256
@@ -215,46 +251,27 @@ def load_kernel() -> Kernel | None:
 class Adapters:
     """The adapters a model service holds, and their updates applied to a step's products.
 
-    Native numerics (kernels/lora.c): every adapter's A of a projection stacked, transposed and in
-    bfloat16 ([k, all ranks], a zero block where an adapter does not target it), B likewise
-    ([all ranks, n]); one call a projection does every row that has an adapter with that row's
-    columns. A step reads each of its adapters' pairs: a rank-16 adapter on all seven projections
-    of this model is ~10 MB in bfloat16 (20 in float32, which made 8 adapters cost more bytes a step
-    than the 4-bit model). As products of the native bfloat16 GEMM instead (two a projection,
-    ~60-250 us each at a few rows), 8 adapters ran at 0.46x the base model's speed (bench/lora.py)."""
+    Native numerics (kernels/lora.c): every module's pairs packed by adapter slot (`Packed`, ~10 MB a
+    rank-16 adapter on all seven projections of this model, in bfloat16); one call per group of
+    modules that share an input (q/k/v, o, gate/up, down: 120 a step) does every row that has an
+    adapter, rows of one adapter in blocks that share each load. Measured alternatives are in
+    docs/lora.md ("Speed")."""
 
     def __init__(self, adapters: list[Adapter], kernel: Kernel | None = None):
         """kernel: native numerics (kernels/lora.c), or None (PEFT's arithmetic)."""
         self.by_name = {a.name: a for a in adapters}
         self.kernel = kernel
-        self.columns: dict[str, int] = {}  # native: each adapter's first column in the stacked matrices
-        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A.T, B.T) bfloat16
-        # The kernel's arguments for each (A.T, B.T): their addresses and sizes (a call a projection a
-        # layer: ~210 a step, whose Python work was ~5 us each)
-        self.arguments: dict[tuple[int, str], tuple[int, int, int, int, int]] = {}
+        self.slots: dict[str, int] = {a.name: slot for slot, a in enumerate(adapters)}  # native: index in Packed
+        self.packed: dict[tuple[int, str], Packed] = {}  # (layer, module) -> its pairs by slot
+        # (layer, modules) -> (index in modules, its Packed's address) of those some adapter targets
+        self.plans: dict[tuple[int, tuple[str, ...]], tuple[tuple[int, int], ...]] = {}
         if kernel is not None and adapters:
-            self._stack(adapters)
+            for key in sorted({key for adapter in adapters for key in adapter.pairs}):
+                self.packed[key] = Packed([(p.a, p.b) if (p := a.pairs.get(key)) is not None else None
+                                           for a in adapters])
 
     def __bool__(self) -> bool:
         return bool(self.by_name)
-
-    def _stack(self, adapters: list[Adapter]) -> None:
-        total = 0
-        for adapter in adapters:
-            self.columns[adapter.name] = total
-            total += adapter.rank
-        for key in sorted({key for adapter in adapters for key in adapter.pairs}):
-            pairs = {a.name: a.pairs[key] for a in adapters if key in a.pairs}
-            first = next(iter(pairs.values()))
-            at = torch.zeros((first.a.shape[1], total), dtype=torch.bfloat16)
-            bt = torch.zeros((total, first.b.shape[0]), dtype=torch.bfloat16)
-            for name, pair in pairs.items():
-                col, rank = self.columns[name], pair.a.shape[0]
-                at[:, col:col + rank] = pair.a.T
-                bt[col:col + rank] = pair.b.T
-            self.stacked[key] = (at.contiguous(), bt.contiguous())
-            at, bt = self.stacked[key]
-            self.arguments[key] = (at.data_ptr(), bt.data_ptr(), total, at.shape[0], bt.shape[1])
 
     def rows(self, adapters: list[str], starts: list[int], lengths: list[int]) -> StepRows | None:
         """The step's rows by adapter, from each scheduled sequence's adapter and rows; None when no row
@@ -269,8 +286,7 @@ class Adapters:
         if self.kernel is not None:
             rows = [(name, r) for name, spans in runs.items() for s, n in spans for r in range(s, s + n)]
             step.native = (torch.tensor([r for _, r in rows], dtype=torch.int64),
-                           torch.tensor([self.columns[name] for name, _ in rows], dtype=torch.int64),
-                           torch.tensor([self.by_name[name].rank for name, _ in rows], dtype=torch.int64),
+                           torch.tensor([self.slots[name] for name, _ in rows], dtype=torch.int64),
                            torch.tensor([self.by_name[name].scaling for name, _ in rows], dtype=torch.float32))
             step.native_args = (len(rows), *(t.data_ptr() for t in step.native))
         return step
@@ -278,21 +294,29 @@ class Adapters:
     def apply(self, step: StepRows, layer: int, modules: tuple[str, ...], x: torch.Tensor,
               outs: list[torch.Tensor]) -> None:
         """Adds each adapter's update to its rows of `outs` (the base products of `modules` of `x`)."""
-        x2 = x.reshape(-1, x.shape[-1])
         if step.native is not None:
-            if not (x2.dtype == torch.bfloat16 and x2.stride(1) == 1):
-                raise ValueError("lora: unexpected dtype or layout")
-            x_ptr, x_stride, rows = x2.data_ptr(), x2.stride(0), self.kernel.rows
-            for module, out in zip(modules, outs):
-                arguments = self.arguments.get((layer, module))
-                if arguments is None:
-                    continue
-                out2 = out.view(-1, out.shape[-1])
-                if not (out2.dtype == torch.bfloat16 and out2.stride(1) == 1):
+            plan = self.plans.get((layer, modules))
+            if plan is None:
+                plan = self.plans[layer, modules] = tuple(
+                    (i, packed.address) for i, module in enumerate(modules)
+                    if (packed := self.packed.get((layer, module))) is not None)
+            if not plan:
+                return
+            described = []
+            for i, address in plan:  # the runner's products: fresh bfloat16 tensors, rows contiguous
+                out = outs[i]
+                if out.dtype is not torch.bfloat16 or not out.is_contiguous():
                     raise ValueError("lora: unexpected dtype or layout")
-                if rows(x_ptr, x_stride, out2.data_ptr(), out2.stride(0), *step.native_args, *arguments):
-                    raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}")
+                n = out.shape[-1]
+                described += (address, out.data_ptr(), n, n)
+            if x.dtype is not torch.bfloat16 or not x.is_contiguous():
+                raise ValueError("lora: unexpected dtype or layout")
+            k = x.shape[-1]
+            described += (None, None, 0, 0) * (3 - len(plan))
+            if self.kernel.call(x.data_ptr(), k, k, *step.native_args, len(plan), *described):
+                raise ValueError(f"lora: a rank over {MAX_KERNEL_RANK}, or out of memory")
             return
+        x2 = x.reshape(-1, x.shape[-1])
         for name, spans in step.runs.items():  # PEFT's arithmetic, a sequence at a time (its shapes in generate())
             adapter = self.by_name[name]
             for module, out in zip(modules, outs):

@@ -85,40 +85,45 @@ def test_lora_reads_comma_separated_adapters_from_the_environment(monkeypatch):
 
 
 def test_the_native_kernel_is_row_independent_and_accurate():
-    """kernels/lora.c: a row's update depends on that row alone (any batch, any order), and it is the
-    float64 update rounded as documented (out + bf16(scale * B A x), within one bfloat16 step)."""
+    """kernels/lora.c: a row's update depends on that row alone (any batch, any order, any neighbours'
+    adapters), and it is the float64 update rounded as documented (out + bf16(scale * B A x), within
+    one bfloat16 step); a module an adapter does not target leaves its rows as they are."""
     kernel = lora.load_kernel()
     if kernel is None:
         pytest.skip("no C compiler here: the LoRA kernel cannot be built (PEFT's arithmetic runs instead)")
     generator = torch.Generator().manual_seed(0)
-    at = torch.randn(576, 40, generator=generator).to(torch.bfloat16)  # two adapters: columns 0-15 and 16-39
-    bt = (torch.randn(40, 192, generator=generator) * 0.05).to(torch.bfloat16)
+    a = [torch.randn(r, 576, generator=generator) for r in (16, 24)]  # two adapters, ranks 16 and 24
+    b = [torch.randn(192, r, generator=generator) * 0.05 for r in (16, 24)]
+    q, k = lora.Packed([(a[0], b[0]), (a[1], b[1])]), lora.Packed([None, (a[1], b[1][:130])])
     x = torch.randn(12, 576, generator=generator).to(torch.bfloat16)
-    base = torch.randn(12, 192, generator=generator).to(torch.bfloat16)
+    base = [torch.randn(12, 192, generator=generator).to(torch.bfloat16), torch.randn(12, 130).to(torch.bfloat16)]
 
-    def rows(index, adapter):
+    def rows(index, slot):
         index = torch.tensor(index, dtype=torch.int64)
-        col, rank, scale = (0, 16, 2.0) if adapter == 0 else (16, 24, 0.5)
-        return (index, torch.full_like(index, col), torch.full_like(index, rank),
-                torch.full((len(index),), scale, dtype=torch.float32))
+        return (index, torch.full_like(index, slot), torch.full((len(index),), (2.0, 0.5)[slot]))
 
-    alone = base.clone()
-    kernel.apply(x, alone, rows([3], 0), at, bt)
-    batched = base.clone()
-    kernel.apply(x, batched, rows([11, 3, 0, 7], 0), at, bt)
-    kernel.apply(x, batched, rows([1, 2], 1), at, bt)
-    assert torch.equal(alone[3], batched[3]) and torch.equal(batched[5], base[5])  # untouched rows stay
-    update = (x[3].double() @ at[:, :16].double()) @ bt[:16].double() * 2.0
-    expected = (base[3].double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
+    def run(*calls):
+        outs = [o.clone() for o in base]
+        for index, slot in calls:
+            kernel.apply(x, rows(index, slot), [(q, outs[0]), (k, outs[1])])
+        return outs
+
+    alone, batched = run(([3], 0)), run(([11, 3, 0, 7], 0), ([1, 2], 1))
+    assert torch.equal(alone[0][3], batched[0][3]) and torch.equal(batched[0][5], base[0][5])  # untouched rows
+    assert torch.equal(alone[1], base[1]) and not torch.equal(batched[1][1], base[1][1])  # k: adapter 1 only
+    update = (x[3].double() @ a[0].T.to(torch.bfloat16).double()) @ b[0].T.to(torch.bfloat16).double() * 2.0
+    expected = (base[0][3].double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
     step = torch.finfo(torch.bfloat16).eps * expected.double().abs().clamp(min=1.0)
-    assert ((alone[3].double() - expected.double()).abs() <= step).all()
+    assert ((alone[0][3].double() - expected.double()).abs() <= step).all()
 
 
-def test_the_kernel_gives_the_same_bits_built_for_this_cpu_and_for_baseline_x86_64():
-    """kernels/lora.c as built here (-march=native: its loops vectorized across independent sums with
-    the CPU's FMA instructions) against a build for baseline x86-64 (no FMA instructions: fmaf one
-    element at a time): the same chains, so the same bits, for ranks and widths that are not
-    multiples of 16, rows of several adapters interleaved, and each row alone."""
+@pytest.mark.parametrize("flags", [("-march=x86-64", "-mtune=generic"), ("-mno-avx512f",)],
+                         ids=["baseline-x86-64", "avx2"])
+def test_the_kernel_gives_the_same_bits_built_for_this_cpu_and_for_others(flags):
+    """kernels/lora.c as built here (-march=native: AVX-512 or AVX2 intrinsics, each lane a fused
+    multiply-add) against a build for baseline x86-64 (fmaf one element at a time) and one without
+    AVX-512: the same chains, so the same bits, for ranks, widths and depths that are not multiples
+    of 16 (or of the 64-column blocks), rows of several adapters interleaved, and each row alone."""
     import ctypes
 
     from model_svc.engine import kernels
@@ -126,29 +131,27 @@ def test_the_kernel_gives_the_same_bits_built_for_this_cpu_and_for_baseline_x86_
     kernel = lora.load_kernel()
     if kernel is None:
         pytest.skip("no C compiler here: the LoRA kernel cannot be built (PEFT's arithmetic runs instead)")
-    builds = {"native": kernel}
     try:
-        path = kernels.build(lora.SOURCE, extra_flags=("-fopenmp", "-march=x86-64", "-mtune=generic"))
-        builds["scalar"] = lora.Kernel(ctypes.CDLL(str(path)))
+        path = kernels.build(lora.SOURCE, extra_flags=("-fopenmp", *flags))
+        other = lora.Kernel(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError) as exc:
-        pytest.skip(f"no baseline x86-64 build here: {exc}")
+        pytest.skip(f"no {' '.join(flags)} build here: {exc}")
     generator = torch.Generator().manual_seed(4)
-    for k, n, ranks in ((576, 192, (16, 24)), (1536, 576, (16, 64, 7)), (100, 35, (3, 16, 17))):
-        cols = [sum(ranks[:i]) for i in range(len(ranks))]
-        at = torch.randn(k, sum(ranks), generator=generator).to(torch.bfloat16)
-        bt = (torch.randn(sum(ranks), n, generator=generator) * 0.05).to(torch.bfloat16)
+    for k, n, ranks in ((576, 192, (16, 24)), (1536, 576, (16, 64, 7)), (101, 35, (3, 16, 17)), (64, 200, (1, 2))):
+        pairs = [(torch.randn(r, k, generator=generator), torch.randn(n, r, generator=generator) * 0.05)
+                 for r in ranks]
+        packed = lora.Packed(pairs)
         x = torch.randn(20, k, generator=generator).to(torch.bfloat16)
         base = torch.randn(20, n, generator=generator).to(torch.bfloat16)
         which = torch.randint(0, len(ranks), (14,), generator=generator).sort().values  # runs of one adapter
         index = torch.randperm(20, generator=generator)[:14]
-        rows = (index, torch.tensor([cols[i] for i in which]), torch.tensor([ranks[i] for i in which]),
-                torch.tensor([(0.5, 2.0, 1.0)[i] for i in which], dtype=torch.float32))
+        rows = (index, which.to(torch.int64), torch.tensor([(0.5, 2.0, 1.0)[i] for i in which]))
         outs = {}
-        for name, build in builds.items():
+        for name, build in (("native", kernel), ("other", other)):
             outs[name] = base.clone()
-            build.apply(x, outs[name], rows, at, bt)
+            build.apply(x, rows, [(packed, outs[name])])
             alone = base.clone()
-            build.apply(x, alone, tuple(t[6:7] for t in rows), at, bt)
+            build.apply(x, tuple(t[6:7] for t in rows), [(packed, alone)])
             assert torch.equal(alone[index[6]], outs[name][index[6]]), (name, k, n)
-        assert torch.equal(outs["native"], outs["scalar"]), (k, n, ranks)
+        assert torch.equal(outs["native"], outs["other"]), (k, n, ranks)
         assert not torch.equal(outs["native"], base)
