@@ -250,6 +250,7 @@ int lora_apply_bf16(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows
                     const Pair *pairs1, uint16_t *out1, int64_t out_stride1, int64_t n1,
                     const Pair *pairs2, uint16_t *out2, int64_t out_stride2, int64_t n2) {
     if (modules < 1 || modules > 3) return 1;
+    if (rows <= 0 || k <= 0) return 0;
     const Module all[3] = {{pairs0, out0, out_stride0, n0}, {pairs1, out1, out_stride1, n1},
                            {pairs2, out2, out_stride2, n2}};
     int64_t work = 0; /* multiply-adds of 16 lanes */
