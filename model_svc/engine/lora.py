@@ -193,8 +193,8 @@ LANES, WIDTH = 16, 64  # kernels/lora.c: A's columns padded to a multiple of LAN
 class Packed:
     """One module's pairs by adapter slot, as kernels/lora.c reads them: A transposed into [k][padded]
     (rank rounded up to 16, zero columns) and B transposed in blocks of 64 outputs, each [rank][64]
-    (the last narrower), in bfloat16; a slot whose
-    adapter does not target the module has no pair (its rows are left as they are)."""
+    (the last narrower), in bfloat16; a slot whose adapter does not target the module has no pair
+    (its rows are left as they are)."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor] | None]):
         """pairs: (A [rank, k], B [n, rank]) or None, by slot."""
