@@ -77,12 +77,24 @@ $(PEERS_STAMP):
 	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-bench-peers: setup $(PEERS_STAMP)
+# OpenVINO GenAI beside genrpc's engine in process; optimum-intel (the int4 export) needs torchvision,
+# which brings torch 2.14.1 (a CUDA build, ~6 GB in this virtualenv): the bench's only, never CI's.
+OPENVINO := .venv-openvino
+OPENVINO_STAMP := $(OPENVINO)/.installed-stamp
+OPENVINO_GENAI ?= openvino-genai==2026.4.1.0 optimum-intel[openvino]==2.2.0 nncf==3.4.0
+
+$(OPENVINO_STAMP):
+	$(PYTHON) -m venv $(OPENVINO)
+	$(OPENVINO)/bin/pip install --quiet $(foreach p,$(OPENVINO_GENAI),'$(p)')
+	touch $@
+
+bench-peers: setup $(PEERS_STAMP) $(OPENVINO_STAMP)
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.openvino_peer
 
 # ghz-style load against a running gateway (make run): LOADTEST_ARGS="-c 16 -n 256 --call GenerateStream"
 loadtest: setup
 	$(BIN)/python -m bench.loadtest $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(PEERS) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi genrpc/internal/v1
+	rm -rf $(VENV) $(PEERS) $(OPENVINO) genrpc/v1/*_pb2*.py genrpc/v1/*_pb2*.pyi genrpc/internal/v1

