@@ -30,6 +30,11 @@
 #define PARALLEL_WORK 8192 /* 16-lane multiply-adds below which one thread does a call (~2-4 us) */
 #endif
 
+/* out = bf16(out + bf16(scale * y)): every build's update of one output, v_update 16 at a time. */
+static inline uint16_t updated(uint16_t out, float scale, float y) {
+    return float_to_bf16(bf16_to_float(out) + round_bf16(scale * y));
+}
+
 /* 16 floats: AVX-512, two AVX2 halves, or plain C (fmaf, element by element): every lane a fused
  * multiply-add, so each build gives the same bits. */
 #if defined(__AVX512F__)
@@ -112,7 +117,7 @@ static inline v16 v_add(v16 a, v16 b) {
 }
 static inline void v_store(float *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
 static inline void v_update(uint16_t *out, float scale, v16 y) {
-    for (int i = 0; i < LANES; i++) out[i] = float_to_bf16(bf16_to_float(out[i]) + round_bf16(scale * y.f[i]));
+    for (int i = 0; i < LANES; i++) out[i] = updated(out[i], scale, y.f[i]);
 }
 #endif
 
@@ -164,10 +169,6 @@ ALWAYS_INLINE void a_rows(const int count, const float *const *x, const Pair *pa
         }
         for (int g = 0; g < count; g++) v_store(u[g] + c, v_add(v_add(s[g][0], s[g][1]), v_add(s[g][2], s[g][3])));
     }
-}
-
-static inline uint16_t updated(uint16_t out, float scale, float y) {
-    return float_to_bf16(bf16_to_float(out) + round_bf16(scale * y));
 }
 
 /* out[g] = bf16(out[g] + bf16(scale * B u[g])): each output one chain over the rank. B is read in
