@@ -139,7 +139,9 @@ def test_worker_killed_mid_stream_then_recovery(stack):
             stub = generation_pb2_grpc.GenerationStub(channel)
             wait_for(lambda: stub.ModelInfo(pb.ModelInfoRequest(), timeout=5).num_model_workers == 2)
             # Two streams: least-loaded routing puts one on each worker.
-            calls = [stub.GenerateStream(pb.GenerateStreamRequest(prompt="Story:", config=LONG), timeout=120)
+            # 7,000 tokens: the survivor must still be streaming 5 s after the kill (2,000 took ~10 s alone).
+            longer = pb.GenerationConfig(max_new_tokens=7000, ignore_eos=True)
+            calls = [stub.GenerateStream(pb.GenerateStreamRequest(prompt="Story:", config=longer), timeout=120)
                      for _ in range(2)]
             for call in calls:
                 next(call)
