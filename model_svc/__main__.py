@@ -32,7 +32,14 @@ from model_svc.engine.draft import DraftProposer
 from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import GIB, KVCache, arena_tokens
 from model_svc.engine.loop import EngineLoop
-from model_svc.engine.runner import DECODE_ATTENTION, MATMUL, NATIVE_MAX_PROMPT, PREFILL_ATTENTION, ModelRunner
+from model_svc.engine.runner import (
+    DECODE_ATTENTION,
+    LAYER_LOOP,
+    MATMUL,
+    NATIVE_MAX_PROMPT,
+    PREFILL_ATTENTION,
+    ModelRunner,
+)
 from model_svc.engine.sampler import Sampler
 from model_svc.engine.schedule_types import SchedulerConfig
 from model_svc.engine.scheduler import Scheduler
@@ -103,6 +110,11 @@ def parse_args(argv=None):
                              "none: in --dtype, as transformers loads a 4-bit model; int8: a scale per column and 64 "
                              "inputs (half the bytes, as accurate on held-out prompts); nf4: like the 4-bit layers (a "
                              "quarter of the bytes, less accurate; needs --quantize 4bit). See docs/measurements.md")
+    parser.add_argument("--layer-loop", default=None, choices=list(LAYER_LOOP),
+                        help="native (default with native prefill attention and matmul): a step whose tokens all "
+                             "attend through the native kernel, with no LoRA rows, runs its layers in one C call "
+                             "(the same kernels, the same bits as the Python loop, less overhead a layer); python: "
+                             "always loop over the layers in Python")
     parser.add_argument("--matmul-direct-rows", default="auto",
                         help="auto (default): where the native kernel has the choice (AVX2), time on this CPU up to "
                              "how many rows its products read the weights directly rather than through a decoded "
@@ -289,6 +301,7 @@ def build_engine(args) -> tuple:
     if args.threads < 0:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
+    check_layer_loop(args)
     direct_rows(args)
     check_kv_cache(args)
     output_layer = check_output_layer(args)
@@ -301,14 +314,24 @@ def build_engine(args) -> tuple:
     return loaded, engine_for(loaded, args), monitor
 
 
+def check_layer_loop(args) -> None:
+    """An explicit --layer-loop native needs the native kernels (it is the default where they run)."""
+    if args.layer_loop == "native":
+        _, prefill = resolve_attention(args, _native_possible(args))
+        if prefill != "native" or args.matmul != "native":
+            raise SystemExit("--layer-loop native runs the native kernels' layers: it needs native prefill "
+                             f"attention (here {prefill}) and --matmul native (here {args.matmul}); drop it")
+
+
 def engine_for(loaded, args) -> Engine:
     """The engine the flags describe, around a loaded model."""
     decode, prefill = resolve_attention(args, loaded.dtype == "bfloat16" and loaded.device == "cpu")
     runner = ModelRunner(loaded.model, match_generate=args.match_generate,
                          decode_attention_impl="native" if decode == "generate" else decode,
-                         prefill_attention_impl=prefill, matmul=args.matmul, direct_rows=direct_rows(args))
-    log.info("decode attention: %s; prefill attention: %s; matmul: %s", runner.decode_attention,
-             runner.prefill_attention, runner.matmul_detail)
+                         prefill_attention_impl=prefill, matmul=args.matmul, direct_rows=direct_rows(args),
+                         layer_loop=args.layer_loop or "native")
+    log.info("decode attention: %s; prefill attention: %s; matmul: %s; layer loop: %s", runner.decode_attention,
+             runner.prefill_attention, runner.matmul_detail, runner.layer_loop)
     log.info("cpu: %s", kernel_choice.cpu_info().describe())
     adapters = AdapterStore(runner, loaded.model.config, args.max_loras, args.max_lora_rank)
     for adapter in load_adapters(args, loaded):

@@ -37,6 +37,7 @@ class DecodeAttention:
         self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                             i64, i64]
         self.fn.restype = ctypes.c_int
+        self.address = ctypes.cast(self.fn, ptr).value  # for layers.py
 
     def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
                  rows: torch.Tensor, tables: torch.Tensor, table_offsets: torch.Tensor, lengths: torch.Tensor,

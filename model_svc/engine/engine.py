@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -12,6 +11,7 @@ import torch
 
 from genrpc import faults
 from model_svc.engine import beam as beams
+from model_svc.engine import layers
 from model_svc.engine.adapter_store import AdapterStore
 from model_svc.engine.kv_cache import KVCache
 from model_svc.engine.runner import ModelRunner, StepInterrupted
@@ -85,7 +85,7 @@ class Engine:
         self.kv_cache = kv_cache
         self.last_step = StepStats()
         # Set (from any thread) to stop the running step between layers: `interrupt_for`.
-        self.interrupt = threading.Event()
+        self.interrupt = layers.Interrupt()  # an Event the native layer loop polls too
         self.num_interrupted = 0  # steps stopped so, since start
         self.num_failures = 0  # failures that failed sequences (`_failed`), since start
         self._running: RunningStep | None = None  # the step being computed, if any

@@ -41,6 +41,7 @@ class Gemm:
         self._nf4.restype = ctypes.c_int
         # (a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c) -> status
         self.nf4_function = self._nf4
+        self.nf4_address = ctypes.cast(self._nf4, ptr).value  # for layers.py
         self._dense = library.gemm_packed_bf16
         self._dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64]
         self._dense.restype = ctypes.c_int

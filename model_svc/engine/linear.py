@@ -153,7 +153,28 @@ class Linears:
 
     def _bind(self, module: torch.nn.Module, packed: _Packed) -> None:
         product = self._native_call([packed], packed.weight, packed.absmax)
-        self._calls[id(module)] = lambda x: product(x)[0]
+        call = self._calls[id(module)] = lambda x: product(x)[0]
+        call.weights = product.weights
+
+    def native_product(self, modules: tuple[torch.nn.Module, ...]):
+        """The modules' one native product, as kernels/layers.c calls it: (codes, absmax, code values,
+        each module's width, block size), all of them bias-free nf4 layers bound to the kernel (and,
+        for several, fused into one product). None while their first calls are still to come; False
+        where they will not run so."""
+        if len(modules) > 1:
+            call = self._many.get(tuple(map(id, modules)))
+        elif id(modules[0]) in self._packed:
+            call = self._calls.get(id(modules[0]), False)
+        else:
+            call = None
+        if call is None or call is False:
+            return call
+        if getattr(call, "weights", None) is None:
+            return False
+        codes, absmax, parts = call.weights
+        if any(p.bias is not None for p in parts):
+            return False
+        return codes, absmax, parts[0].code_values, [p.out_features for p in parts], parts[0].blocksize
 
     def many(self, modules: tuple[torch.nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """Each module applied to x: layers that share their input (q, k and v; gate and up) in one

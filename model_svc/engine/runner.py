@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import decode_attention, fused, gemm, kernel_choice, lora, prefill_attention
+from model_svc.engine import decode_attention, fused, gemm, kernel_choice, layers, lora, prefill_attention
 from model_svc.engine.kv_cache import KVCache, KVSpec
 from model_svc.engine.linear import Linears
 from model_svc.engine.schedule_types import ScheduledSequence
@@ -78,6 +78,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 DECODE_ATTENTION = ("native", "sdpa")
 MATMUL = ("native", "library")
 PREFILL_ATTENTION = ("native", "sdpa")
+LAYER_LOOP = ("native", "python")
 # With native prefill, prompts up to this long attend as decoded tokens do (their cache blocks are then
 # shared exactly); longer ones through the long-prompt kernel, or SDPA where it cannot run.
 NATIVE_MAX_PROMPT = 1024
@@ -112,9 +113,14 @@ class ModelRunner:
       a prompt's numbers are `generate()`'s and so is the first token; no prefix sharing."""
 
     def __init__(self, model: torch.nn.Module, match_generate: bool = False, decode_attention_impl: str = "native",
-                 prefill_attention_impl: str = "native", matmul: str = "native", direct_rows: int | None = None):
+                 prefill_attention_impl: str = "native", matmul: str = "native", direct_rows: int | None = None,
+                 layer_loop: str = "native"):
         """direct_rows: up to how many rows the native kernel reads weights directly (None: measured on
-        this CPU, kernel_choice.py); the bits are the same either way."""
+        this CPU, kernel_choice.py); the bits are the same either way. layer_loop: "native" runs a
+        step's layers in one native call where it can (layers.py), "python" always loops in Python:
+        the same bits either way."""
+        if layer_loop not in LAYER_LOOP:
+            raise ValueError(f"layer loop {layer_loop!r}: expected one of {', '.join(LAYER_LOOP)}")
         if decode_attention_impl not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {decode_attention_impl!r}: "
                              f"expected one of {', '.join(DECODE_ATTENTION)}")
@@ -156,12 +162,18 @@ class ModelRunner:
         if self.long_prefill is not None and not self.long_prefill.fits(self.head_dim):
             self.long_prefill = None
         # Native numerics only (fused.py): norms, rotary positions and cache writes in one call each.
-        self.fused = fused.load() if self.native_prefill else None
+        # (The gated MLP's silu included: models with another activation keep PyTorch's operators.)
+        self.fused = fused.load() if self.native_prefill and getattr(config, "hidden_act", "silu") == "silu" else None
         # Native matrix products (gemm.py): 4-bit layers with the library's bits, wherever they run; the
         # bfloat16 output embedding in the kernel's own order, with native numerics only.
         native = matmul == "native" and self.dtype == torch.bfloat16 and self.device.type == "cpu"
         kernel = gemm.load() if native else None
         self.linear = Linears(kernel, dense=self.fused is not None)
+        # The layers in one native call where a step allows (layers.py): the same bits as the Python loop.
+        self._layer_library = (layers.load() if layer_loop == "native" and self.fused is not None
+                               and kernel is not None else None)
+        self._layers: layers.NativeLayers | bool | None = None if self._layer_library is not None else False
+        self.num_native_loop_steps = 0  # steps whose layers ran in the native loop, since start
         self.adapters = lora.Adapters([])  # set_adapters
         self._lora: lora.StepRows | None = None  # the step's rows by adapter
         self.kernel_choice = None
@@ -171,6 +183,8 @@ class ModelRunner:
     def set_adapters(self, adapters: list[lora.Adapter]) -> None:
         """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""
         self.adapters = lora.Adapters(adapters, lora.load_kernel() if self.linear.dense and adapters else None)
+        if self._layers:
+            self._layers.set_adapters(self.adapters)
 
     def _product_shapes(self) -> tuple[list, list, list]:
         """The model's 4-bit layer shapes and its bfloat16 or int8 output layer's (if the native kernel
@@ -200,6 +214,11 @@ class ModelRunner:
         if self.linear.gemm is None:
             return "library"
         return f"native {self.linear.gemm.isa}: {self.kernel_choice.describe()}"
+
+    @property
+    def layer_loop(self) -> str:
+        """How steps loop over the layers: "native" (in one C call where a step allows, layers.py) or "python"."""
+        return "python" if self._layers is False else "native"
 
     @property
     def matmul(self) -> str:
@@ -329,6 +348,35 @@ class ModelRunner:
         hidden = self.base.embed_tokens(batch.input_ids)  # [T, H]
         cos, sin = self.base.rotary_emb(hidden[None], batch.positions[None])  # [1, T, D] each
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        if self._native_loop(batch, interrupt):
+            dummy = len(batch.input_ids) > sum(batch.lengths)
+            adapter_rows = self._lora.native_args if self._lora else (0, None, None, None)
+            delta = self._layers(hidden, cos, sin, batch.slots, batch.native, dummy, kv.block_size, interrupt,
+                                 adapter_rows)
+            if delta is None:
+                raise StepInterrupted()
+            self.num_native_loop_steps += 1
+        else:
+            delta = self._python_loop(hidden, cos, sin, batch, kv, interrupt)
+            if self._layers is None:  # the layers' products are bound after their first calls
+                self._layers = layers.plan(self._layer_library, self, kv)
+        rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
+        last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
+        return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
+
+    def _native_loop(self, batch: PackedBatch, interrupt: threading.Event | None) -> bool:
+        """Whether the step's layers run in one native call (layers.py): planned, every token attending
+        natively, adapter rows only with the native LoRA kernel, and an interrupt it can poll."""
+        return (bool(self._layers) and (self._lora is None or self._layers.adapters) and batch.long is None
+                and batch.native is not None
+                and all(path is Attend.NATIVE for path in batch.paths)
+                and (interrupt is None or isinstance(interrupt, layers.Interrupt)))
+
+    def _python_loop(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch,
+                     kv: KVCache, interrupt: threading.Event | None) -> torch.Tensor:
+        """The layers, one Python call per kernel: hidden [T, H] updated in place; returns the last
+        MLP's output (not yet added)."""
+        fused = self.fused
         delta = None  # what the last sublayer adds to the residual stream
         for layer_idx, layer in enumerate(self.base.layers):
             if interrupt is not None and interrupt.is_set():
@@ -337,9 +385,7 @@ class ModelRunner:
             attended = self._attention(layer.self_attn, layer_idx, normed[None], cos, sin, batch, kv)
             normed = fused.add_rmsnorm(hidden, attended[0], layer.post_attention_layernorm)
             delta = self._mlp(layer.mlp, layer_idx, normed)
-        rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
-        last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
-        return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
+        return delta
 
     def _projections(self, modules: tuple, names: tuple[str, ...], layer_idx: int, x: torch.Tensor) -> list:
         """The modules' products of x (one native call where they share it), each adapter's update
@@ -352,7 +398,7 @@ class ModelRunner:
     def _mlp(self, mlp, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""
         gate, up = self._projections((mlp.gate_proj, mlp.up_proj), ("gate_proj", "up_proj"), layer_idx, x)
-        product = F.silu(gate, inplace=True).mul_(up) if self.fused is not None else mlp.act_fn(gate) * up
+        product = self.fused.silu_mul(gate, up) if self.fused is not None else mlp.act_fn(gate) * up
         return self._projections((mlp.down_proj,), ("down_proj",), layer_idx, product)[0]
 
     def _prompt_mask(self, kv_length: int, length: int) -> torch.Tensor:

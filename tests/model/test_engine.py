@@ -313,9 +313,15 @@ def test_preempted_and_resumed_sequences_equal_unpreempted_runs(reference_model,
         assert [got[0], got[1]] == alone, f"prefix caching {caching}"
 
 
+PYTHON_LOOP = ("--layer-loop", "python")
+
+
 def arrivals_during_steps(engine, at_layer: int) -> list:
     """A list whose sequences "arrive" at layer `at_layer` of every step from now on: the engine is
-    asked to stop for each (Engine.interrupt_for), as the server thread asks while a step runs."""
+    asked to stop for each (Engine.interrupt_for), as the server thread asks while a step runs. The
+    hook is in the Python layer loop: the engine must run it (PYTHON_LOOP); the undisturbed runs it
+    is compared with take the native loop, so these tests also hold the two loops to the same bits."""
+    assert engine.runner.layer_loop == "python"
     attention, asks = engine.runner._attention, []
 
     def arriving(attn, layer_idx, *args):
@@ -334,10 +340,10 @@ def test_a_step_stopped_for_an_urgent_request_is_redone_with_the_same_numbers(re
     get the very tokens and logprobs of an undisturbed run."""
     ids = [hf_tokenizer(p).input_ids for p in PROMPTS[:3]]
     params = SamplingParams(max_new_tokens=8, logprobs=True)
-    engine = make_engine(reference_model)
     undisturbed = {}
     for i in range(3):
-        undisturbed[i] = logprobs_of(engine, Sequence(i, ids[i], params))
+        undisturbed[i] = logprobs_of(make_engine(reference_model), Sequence(i, ids[i], params))
+    engine = make_engine(reference_model, extra=PYTHON_LOOP)
     for i in range(3):
         engine.add(Sequence(i, ids[i], params))
     asks = arrivals_during_steps(engine, at_layer=12)
@@ -389,7 +395,7 @@ def test_a_new_tenant_stops_a_flooded_step_and_gets_fair_steps(reference_model, 
     b_alone = logprobs_of(make_engine(reference_model), Sequence("b", ids[2], SamplingParams(max_new_tokens=3,
                                                                                               logprobs=True)))
 
-    engine = make_engine(reference_model, max_num_seqs=48)
+    engine = make_engine(reference_model, max_num_seqs=48, extra=PYTHON_LOOP)
     flood(engine)
     got = {}
     for o in engine.step():  # A's prompts
@@ -420,7 +426,7 @@ def test_a_long_prompt_alone_is_stopped_for_a_short_prompt_only(reference_model,
     """A step that only prefills a long prompt stops for a prompt admitted whole (its first token
     then waits for no such step), not for another long one, and never once decodes run beside."""
     long_ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
-    engine = make_engine(reference_model)
+    engine = make_engine(reference_model, extra=PYTHON_LOOP)
     needs_long_prompt_kernel(engine)  # the comparison below needs chunking-invariant long prompts
     engine.add(Sequence("long", long_ids, SamplingParams(max_new_tokens=2, logprobs=True)))
     asks = arrivals_during_steps(engine, at_layer=5)
@@ -594,3 +600,44 @@ def test_without_the_long_prompt_kernel_long_prompts_attend_through_sdpa(referen
 def test_a_tenant_slowdown_below_one_is_refused_at_start(reference_model, value):
     with pytest.raises(SystemExit, match=f"--tenant-slowdown={value}"):
         engine_for(reference_model, parse_args(["--tenant-slowdown", value]))
+
+
+def test_native_and_python_layer_loops_give_the_same_bits(reference_model, hf_tokenizer):
+    """Decodes, prompt chunks and a prompt's logprobs through the native layer loop (layers.py) and
+    through the Python loop: the same tokens and logprobs, each sequence, to the last bit."""
+    ids = [hf_tokenizer(p).input_ids for p in PROMPTS]
+
+    def batch():
+        return [Sequence(i, ids[i], SamplingParams(max_new_tokens=10, logprobs=True,
+                                                   prompt_logprobs=2 if i == 1 else None)) for i in range(len(ids))]
+
+    native = make_engine(reference_model, max_batch_tokens=24)
+    python = make_engine(reference_model, max_batch_tokens=24, extra=PYTHON_LOOP)
+    assert native.runner.layer_loop == "native" and python.runner.layer_loop == "python"
+    got = {loop: [] for loop in ("native", "python")}
+    for loop, engine in (("native", native), ("python", python)):
+        for s in batch():
+            engine.add(s)
+        while engine.scheduler.has_work:
+            got[loop] += [(o.seq_id, o.token_id, o.logprob, o.prompt_logprobs) for o in engine.step()]
+    assert native.runner.num_native_loop_steps >= 10 and python.runner.num_native_loop_steps == 0
+    assert got["native"] == got["python"]
+
+
+def test_the_native_layer_loop_stops_when_interrupted(reference_model, hf_tokenizer):
+    """The native loop polls the engine's interrupt before each layer, as the Python loop does."""
+    from model_svc.engine.runner import StepInterrupted
+
+    engine = make_engine(reference_model)
+    run(engine, [Sequence(0, hf_tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=3))])
+    assert engine.runner.num_native_loop_steps > 0  # planned once the layers had their first calls
+    engine.add(Sequence(1, hf_tokenizer(PROMPTS[2]).input_ids, SamplingParams(max_new_tokens=3)))
+    out = engine.scheduler.schedule()
+    engine.interrupt.set()
+    before = engine.runner.num_native_loop_steps
+    with pytest.raises(StepInterrupted):
+        engine.runner.execute(out.scheduled, engine.kv_cache, engine.interrupt)
+    assert engine.runner.num_native_loop_steps == before
+    engine.interrupt.clear()
+    engine.runner.execute(out.scheduled, engine.kv_cache, engine.interrupt)
+    assert engine.runner.num_native_loop_steps == before + 1

@@ -86,6 +86,20 @@ def test_default_path_is_the_same_alone_and_beside_other_adapters(reference_mode
     assert again["a"][:2] == alone["a"][:2]
 
 
+def test_adapter_rows_through_the_native_layer_loop_are_the_python_loops(reference_model, hf_tokenizer, adapters):
+    """The native layer loop makes the LoRA kernel's calls itself (layers.py): rows of two adapters
+    and of the base model, prompts and decodes, give the Python loop's tokens and logprobs."""
+    ids = [hf_tokenizer(p).input_ids for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=10, logprobs=True)
+    got = {}
+    for loop in ("native", "python"):
+        engine = make_engine(reference_model, extra=[*flags(adapters), "--layer-loop", loop])
+        got[loop] = run(engine, [Sequence(i, ids[i], params, adapter=("a", "b", "", "a")[i]) for i in range(4)])
+        assert (engine.runner.num_native_loop_steps >= 5) == (loop == "native")
+    assert got["native"] == got["python"]
+    assert got["native"][0][0] != got["native"][3][0] or ids[0] == ids[3]
+
+
 def test_an_unknown_adapter_is_refused(reference_model, adapters):
     engine = make_engine(reference_model, extra=flags(adapters))
     with pytest.raises(ValueError, match="'c' is not loaded"):

@@ -10,6 +10,7 @@ import pytest
 from genrpc.launch import ROOT
 from model_svc.__main__ import (
     check_kv_cache,
+    check_layer_loop,
     check_output_layer,
     direct_rows,
     parse_args,
@@ -44,6 +45,21 @@ def test_flags_resolve(flags, native_possible, expected):
 def test_contradictions_are_refused(flags, native_possible, message):
     with pytest.raises(SystemExit, match=message):
         resolve_attention(parse_args(flags), native_possible)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layer-loop", "native", "--match-generate"], "needs native prefill attention"),
+    (["--layer-loop", "native", "--prefill-attention", "sdpa"], r"here sdpa\)"),
+    (["--layer-loop", "native", "--matmul", "library"], r"here library\)"),
+])
+def test_an_explicit_native_layer_loop_is_refused_without_the_native_kernels(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        check_layer_loop(parse_args(flags))
+
+
+@pytest.mark.parametrize("flags", [[], ["--layer-loop", "native"], ["--layer-loop", "python", "--match-generate"]])
+def test_the_layer_loop_flags_that_pass(flags):
+    check_layer_loop(parse_args(flags))
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -85,3 +85,31 @@ def test_argmax_is_torchs_answer():
     scores[5, 998] = 99.0
     for rows in (scores, scores[:3], scores[:, :997], scores[::2]):
         assert OPS.argmax(rows) == rows.argmax(dim=-1).tolist()
+
+
+def test_silu_times_up_is_pytorchs_but_for_rare_last_bits():
+    """kernels/fused.c's silu(gate) * up against F.silu(gate).mul_(up): its own e^x (within ~2 ulp of
+    float32's), so a value may land one bfloat16 step away, rarely; the special values as PyTorch."""
+    g = torch.Generator().manual_seed(2)
+    gate = (torch.randn(48, 1536, generator=g) * 4).bfloat16()
+    up = torch.randn(48, 1536, generator=g).bfloat16()
+    gate[0, :9] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -95.0, float("inf"), float("-inf"), -88.5])
+    want = torch.nn.functional.silu(gate.clone()).mul_(up)
+    got = OPS.silu_mul(gate.clone(), up)
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert same[0, :9].all()
+    assert (~same).float().mean() < 1e-4
+    ulp = want.float().abs().clamp_min(1e-30) * 2 ** -7
+    assert ((got.float() - want.float()).abs() <= ulp * 1.01)[~same].all()
+
+
+def test_silu_times_up_depends_on_each_value_alone():
+    """An element's bits are the same wherever it falls in a call: vector lanes, the scalar remainder,
+    either thread's share (calls from 16,384 values are shared out)."""
+    g = torch.Generator().manual_seed(3)
+    gate = (torch.randn(40000, generator=g) * 6).bfloat16()
+    up = torch.randn(40000, generator=g).bfloat16()
+    whole = OPS.silu_mul(gate.clone(), up)
+    for start, length in [(0, 1), (5, 1), (3, 17), (1, 1000), (7, 33333)]:
+        part = OPS.silu_mul(gate[start:start + length].clone(), up[start:start + length].clone())
+        assert torch.equal(part, whole[start:start + length]), (start, length)

@@ -88,6 +88,38 @@ int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t 
     return 0;
 }
 
+/* e^x for float32 within ~2 ulp (Cephes' range reduction and polynomial), in plain arithmetic: the
+ * compiler vectorizes a loop over it (libm's expf it would not), and with FMA contraction on in
+ * every loop the vector lanes and the scalar remainder give the same bits. */
+static inline float exp_f32(float x) {
+    const float c = x < -86.0f ? -86.0f : x > 88.72283f ? 88.72283f : x; /* e^c: a normal float */
+    const float n = rintf(c * 1.44269504088896341f);
+    const float r = c - n * 0.693359375f - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 126) << 23; /* 2^(n - 1): n may be 128 */
+    float half;
+    memcpy(&half, &bits, sizeof half);
+    const float e = (p * (r * r) + r + 1.0f) * half * 2.0f;
+    return x > 88.72283f ? INFINITY : x < -86.0f ? 0.0f : e; /* (below -86: 1 + e^x is 1 anyway) */
+}
+
+/* gate = bfloat16(bfloat16(silu(gate)) * up) for `count` values (the gated MLP's act_fn(gate) * up,
+ * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
+ * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
+void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
+#pragma omp parallel for schedule(static) if (count >= 16384)
+    for (int64_t i = 0; i < count; i++) {
+        const float x = bf16_to_float(gate[i]);
+        const float s = round_bf16(x / (1.0f + exp_f32(-x)));
+        gate[i] = float_to_bf16(s * bf16_to_float(up[i]));
+    }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
