@@ -86,7 +86,8 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "points": {str(n): {"panel_tok_s": round(best["panel"][n], 1), "measured_tok_s": round(best["measured"][n], 1),
                             "ratio": round(best["measured"][n] / best["panel"][n], 2)} for n in STREAMS},
-        "roofline": roofline.bounds(machine, {n: round(best["measured"][n], 1) for n in STREAMS}, context=80),
+        "roofline": roofline.bounds(machine, {n: round(best["measured"][n], 1) for n in STREAMS}, context=80,
+                                    output_bytes=roofline.served_output_bytes()),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

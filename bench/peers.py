@@ -370,9 +370,11 @@ def main() -> None:
     machine = roofline.measure()  # before either server starts: nothing else on the cores
     report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
     context = 12 + NEW_TOKENS // 2  # a story prompt's ~12 tokens, then half the new ones on average
+    output_bytes = roofline.served_output_bytes()  # genrpc's; vLLM's output layer is bfloat16
     report["roofline"] = {side: roofline.bounds(machine, {p["concurrency"]: p[side]["tokens_per_s"]
                                                           for p in report["points"]}, context,
-                                                weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0)
+                                                weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0,
+                                                output_bytes=output_bytes if side == "genrpc" else 2.0)
                           for side in ("genrpc", "vllm")}
     report["cpu"] = describe_cpu()
     with open(os.path.join(RESULTS, "peers.json"), "w") as f:

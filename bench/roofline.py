@@ -8,7 +8,9 @@ whichever is lower, and its fraction of that bound says how much is left. The ba
 STREAM-like probe (a sum over an array far larger than the last-level cache, on every core); the
 peak is the best of the library's float32 and bfloat16 matrix products on large squares (our
 kernels use one of the two, by CPU: see docs/engine.md). Bytes per step follow the served format:
-nf4 layers 0.5 byte a weight plus a float32 scale per 64, the (tied) output embedding in bfloat16.
+nf4 layers 0.5 byte a weight plus a float32 scale per 64, the (tied) output embedding as served:
+int8 with a float32 scale per 64 where the native kernel's int8 product runs (`--output-layer auto`),
+else bfloat16.
 
     python -m bench.roofline
 """
@@ -25,6 +27,15 @@ from genrpc.launch import ROOT, describe_cpu
 
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
 NF4_BYTES = 0.5 + 4 / 64  # a 4-bit code, and a float32 absmax per block of 64 (bitsandbytes' CPU default)
+INT8_BYTES = 1 + 4 / 64  # an int8 code, and a float32 scale per column and 64 inputs (--output-layer int8)
+
+
+def served_output_bytes() -> float:
+    """Bytes a weight of the output layer genrpc serves by default: int8 where the native kernel has
+    the int8 product (`--output-layer auto`), else bfloat16."""
+    from model_svc.engine import gemm
+
+    return INT8_BYTES if gemm.int8_kernel() is not None else 2.0
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -69,10 +80,11 @@ def model_shape(folder: str = MODEL) -> dict:
             "kv_bytes_per_token": 2 * layers * kv * 2, "num_layers": layers, "attention_width": q}
 
 
-def step_bytes(shape: dict, num_streams: int, context: int, weight_bytes: float = NF4_BYTES) -> float:
-    """Bytes one decode step reads: the layers (nf4 by default; 2.0 for bfloat16), the bfloat16
-    output embedding, the streams' keys and values."""
-    return (shape["layer_weights"] * weight_bytes + shape["output_weights"] * 2
+def step_bytes(shape: dict, num_streams: int, context: int, weight_bytes: float = NF4_BYTES,
+               output_bytes: float = 2.0) -> float:
+    """Bytes one decode step reads: the layers (nf4 by default; 2.0 for bfloat16), the output
+    embedding (bfloat16 by default; INT8_BYTES for int8), the streams' keys and values."""
+    return (shape["layer_weights"] * weight_bytes + shape["output_weights"] * output_bytes
             + num_streams * context * shape["kv_bytes_per_token"])
 
 
@@ -90,21 +102,21 @@ def measure() -> dict:
 
 
 def bounds(machine: dict, tokens_per_s: dict[int, float], context: int, folder: str = MODEL,
-           weight_bytes: float = NF4_BYTES) -> dict:
+           weight_bytes: float = NF4_BYTES, output_bytes: float = 2.0) -> dict:
     """Each point (streams -> measured tokens/s) against its bound, and which bound it is."""
     shape = model_shape(folder)
     points = {}
     for n, measured in sorted(tokens_per_s.items()):
-        by_bytes = n * machine["read_bandwidth_gb_s"] * 1e9 / step_bytes(shape, n, context, weight_bytes)
+        by_bytes = n * machine["read_bandwidth_gb_s"] * 1e9 / step_bytes(shape, n, context, weight_bytes, output_bytes)
         by_flops = machine["peak_gflop_s"] * 1e9 / token_flops(shape, context)
         bound = min(by_bytes, by_flops)
         points[str(n)] = {"tokens_per_s": measured, "bound_tokens_per_s": round(bound, 1),
                           "bound": "bandwidth" if by_bytes <= by_flops else "compute",
                           "fraction": round(measured / bound, 2)}
-    one = step_bytes(shape, 1, context, weight_bytes)
+    one = step_bytes(shape, 1, context, weight_bytes, output_bytes)
     return {"machine": machine, "context_tokens": context, "weight_bytes": weight_bytes,
-            "step_mb_one_stream": round(one / 1e6, 1),
-            "output_layer_share": round(shape["output_weights"] * 2 / one, 2), "points": points}
+            "output_bytes": round(output_bytes, 4), "step_mb_one_stream": round(one / 1e6, 1),
+            "output_layer_share": round(shape["output_weights"] * output_bytes / one, 2), "points": points}
 
 
 def markdown(report: dict) -> str:

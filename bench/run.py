@@ -285,7 +285,8 @@ def main() -> None:
     report["service"], report["generate"] = interleaved(concurrency, new_tokens, 100 if args.quick else 1000,
                                                          args.repeats)
     report["roofline"] = roofline.bounds(machine, {n: report["service"]["concurrency"][str(n)]["tokens_per_s"]
-                                                   for n in concurrency}, context=12 + new_tokens // 2)
+                                                   for n in concurrency}, context=12 + new_tokens // 2,
+                                         output_bytes=roofline.served_output_bytes())
     report["cpu_contention"] = cpu_contention.run(1 if args.quick else 3)
     report["memory_model"] = memory_model.run()
     report["mixed_tenants"] = mixed_tenants.run()

@@ -10,7 +10,9 @@ The layers themselves are the Hugging Face modules (bitsandbytes-quantized
 linears included); only the loop over them is ours, because transformers'
 caches batch sequences by padding them, and padding changes the numbers.
 With native prefill (the default) the norms, rotary positions and cache
-writes run as fused native calls with the modules' weights (fused.py).
+writes run as fused native calls with the modules' weights (fused.py), and a
+step whose tokens all attend natively runs every layer in one native call
+that makes the same kernel calls (layers.py): the same bits, less overhead.
 
 Supported: decoder-only models built like Llama (Llama, Mistral, Qwen2,
 SmolLM): pre-norm layers with q/k/v/o projections (with or without biases),
