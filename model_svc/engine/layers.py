@@ -8,8 +8,9 @@ which loop its step took. It runs a step when:
 - the runner has native numerics (fused.py, the native attention and matrix kernels),
 - every projection of every layer is a bias-free nf4 layer bound to the native kernel, q/k/v and
   gate/up each as one joint product (linear.py, after the layers' first calls),
-- every token of the step attends through the native attention kernel (no long-prompt chunk, no
-  SDPA), and rows with a LoRA adapter have the native LoRA kernel (lora.py; its calls made here too);
+- every token of the step attends through a native attention kernel (the decode kernel, or the
+  long-prompt kernel for long prompts' chunks; not SDPA), and rows with a LoRA adapter have the
+  native LoRA kernel (lora.py; its calls made here too);
 otherwise the Python loop runs it. A step can still be stopped between layers (`Interrupt`).
 """
 
@@ -31,7 +32,8 @@ _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = [("nf4", _ptr), ("norm", _ptr), ("rope", _ptr), ("attend", _ptr), ("silu_mul", _ptr), ("lora", _ptr)]
+    _fields_ = [("nf4", _ptr), ("norm", _ptr), ("rope", _ptr), ("attend", _ptr), ("attend_long", _ptr),
+                ("silu_mul", _ptr), ("lora", _ptr)]
 
 
 class _Lora(ctypes.Structure):
@@ -54,6 +56,9 @@ class _Step(ctypes.Structure):
                                           "intermediate", "head_stride", "slot_stride", "block_size", "dummy")] + \
                [(name, _ptr) for name in ("cos", "sin", "slots", "rows", "tables", "table_offsets", "lengths")] + \
                [("num_rows", _i64)] + \
+               [(name, _ptr) for name in ("long_starts", "long_lengths", "long_pasts", "long_tables",
+                                          "long_offsets")] + \
+               [("num_chunks", _i64)] + \
                [(name, _ptr) for name in ("hidden_state", "delta", "normed", "q", "k", "v", "attended", "gate", "up",
                                           "stop")] + \
                [("lora_rows", _i64), ("lora_row", _ptr), ("lora_slot", _ptr), ("lora_scale", _ptr)]
@@ -106,12 +111,15 @@ class NativeLayers:
         self.adapters = kernel is not None
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                 native: tuple[torch.Tensor, ...], dummy: bool, block_size: int,
+                 native: tuple[torch.Tensor, ...] | None, long: tuple[torch.Tensor, ...] | None, dummy: bool,
+                 block_size: int,
                  interrupt: Interrupt | None, lora_rows: tuple = (0, None, None, None)) -> torch.Tensor | None:
         """Runs every layer on the step: hidden [T, H] bfloat16 is the residual stream, updated in place;
         returns the last layer's MLP output [T, H] (not yet added), or None if `interrupt` was set
         before a layer. cos, sin: [T, D]; slots [T]; native: the attention kernel's rows, tables,
-        table offsets and key counts (PackedBatch.native); dummy: T's last row is a one-token step's
+        table offsets and key counts (PackedBatch.native); long: the long-prompt kernel's chunks
+        (PackedBatch.long: starts, lengths, pasts, tables, table offsets); every row is in one of the
+        two but a dummy row; dummy: T's last row is a one-token step's
         dummy row; lora_rows: lora.StepRows.native_args, for rows with an adapter (set_adapters first)."""
         d = self.dims
         t = hidden.shape[0]
@@ -120,11 +128,15 @@ class NativeLayers:
         q, attended = torch.empty((t, d["q_width"]), dtype=bf16), torch.empty((t, d["q_width"]), dtype=bf16)
         k, v = torch.empty((t, d["kv_width"]), dtype=bf16), torch.empty((t, d["kv_width"]), dtype=bf16)
         gate, up = torch.empty((t, d["intermediate"]), dtype=bf16), torch.empty((t, d["intermediate"]), dtype=bf16)
-        rows, tables, offsets, lengths = native
+        rows, tables, offsets, lengths = native if native is not None else (None,) * 4
+        long_starts, long_lengths, long_pasts, long_tables, long_offsets = long if long is not None else (None,) * 5
+        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         step = _Step(t, d["hidden"], d["num_heads"], d["num_kv_heads"], d["head_dim"], d["intermediate"],
                      d["head_stride"], d["slot_stride"], block_size, int(dummy),
-                     cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), rows.data_ptr(), tables.data_ptr(),
-                     offsets.data_ptr(), lengths.data_ptr(), len(rows),
+                     cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), address(rows), address(tables),
+                     address(offsets), address(lengths), 0 if lengths is None else len(lengths),
+                     address(long_starts), address(long_lengths), address(long_pasts), address(long_tables),
+                     address(long_offsets), 0 if long_starts is None else len(long_starts),
                      hidden.data_ptr(), delta.data_ptr(), normed.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                      attended.data_ptr(), gate.data_ptr(), up.data_ptr(),
                      None if interrupt is None else ctypes.addressof(interrupt.flag), *lora_rows)
@@ -187,7 +199,8 @@ def plan(library: ctypes.CDLL, runner, kv) -> NativeLayers | None | bool:
         return False
     fused = runner.fused.functions
     table = _Kernels(runner.linear.gemm.nf4_address, fused["add_rmsnorm_bf16"], fused["rope_store_bf16"],
-                     runner.native_decode.address, fused["silu_mul_bf16"], None)
+                     runner.native_decode.address, runner.long_prefill.address if runner.long_prefill else None,
+                     fused["silu_mul_bf16"], None)
     dims = dict(hidden=config.hidden_size, num_heads=runner.num_heads, num_kv_heads=runner.num_kv_heads,
                 head_dim=runner.head_dim, intermediate=config.intermediate_size,
                 q_width=q_width, kv_width=kv_width,

@@ -36,6 +36,7 @@ class PrefillAttention:
         self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
                             ctypes.c_float]
         self.fn.restype = ctypes.c_int
+        self.address = ctypes.cast(self.fn, ptr).value  # for layers.py
 
     @staticmethod
     def fits(head_dim: int) -> bool:

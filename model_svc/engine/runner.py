@@ -353,8 +353,8 @@ class ModelRunner:
         if self._native_loop(batch, interrupt):
             dummy = len(batch.input_ids) > sum(batch.lengths)
             adapter_rows = self._lora.native_args if self._lora else (0, None, None, None)
-            delta = self._layers(hidden, cos, sin, batch.slots, batch.native, dummy, kv.block_size, interrupt,
-                                 adapter_rows)
+            delta = self._layers(hidden, cos, sin, batch.slots, batch.native, batch.long, dummy, kv.block_size,
+                                 interrupt, adapter_rows)
             if delta is None:
                 raise StepInterrupted()
             self.num_native_loop_steps += 1
@@ -368,10 +368,10 @@ class ModelRunner:
 
     def _native_loop(self, batch: PackedBatch, interrupt: threading.Event | None) -> bool:
         """Whether the step's layers run in one native call (layers.py): planned, every token attending
-        natively, adapter rows only with the native LoRA kernel, and an interrupt it can poll."""
-        return (bool(self._layers) and (self._lora is None or self._layers.adapters) and batch.long is None
-                and batch.native is not None
-                and all(path is Attend.NATIVE for path in batch.paths)
+        through a native kernel, adapter rows only with the native LoRA kernel, and an interrupt it can
+        poll."""
+        return (bool(self._layers) and (self._lora is None or self._layers.adapters)
+                and all(path is not Attend.SDPA for path in batch.paths)
                 and (interrupt is None or isinstance(interrupt, layers.Interrupt)))
 
     def _python_loop(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch,

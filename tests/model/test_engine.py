@@ -624,6 +624,33 @@ def test_native_and_python_layer_loops_give_the_same_bits(reference_model, hf_to
     assert got["native"] == got["python"]
 
 
+def test_a_long_prompt_beside_decodes_gives_the_same_bits_through_both_layer_loops(reference_model, hf_tokenizer):
+    """Steps with a long prompt's chunk (the long-prompt kernel) beside decoding sequences (the decode
+    kernel) run in the native loop too, with the Python loop's numbers."""
+    long_ids = hf_tokenizer(LONG_PROMPTS[0]).input_ids
+    assert len(long_ids) > NATIVE_MAX_PROMPT
+    params = SamplingParams(max_new_tokens=4, logprobs=True)
+    got = {}
+    for loop in ("native", "python"):
+        engine = make_engine(reference_model, max_batch_tokens=400, extra=("--layer-loop", loop))
+        needs_long_prompt_kernel(engine)
+        got[loop] = run_with_logprobs(engine, [Sequence(0, hf_tokenizer(PROMPTS[0]).input_ids,
+                                                        SamplingParams(max_new_tokens=12, logprobs=True)),
+                                               Sequence(1, long_ids, params)])
+        assert (engine.runner.num_native_loop_steps >= 8) == (loop == "native")
+    assert got["native"] == got["python"]
+
+
+def run_with_logprobs(engine, seqs):
+    got = {s.seq_id: [] for s in seqs}
+    for s in seqs:
+        engine.add(s)
+    while engine.scheduler.has_work:
+        for o in engine.step():
+            got[o.seq_id].append((o.token_id, o.logprob))
+    return got
+
+
 def test_the_native_layer_loop_stops_when_interrupted(reference_model, hf_tokenizer):
     """The native loop polls the engine's interrupt before each layer, as the Python loop does."""
     from model_svc.engine.runner import StepInterrupted

@@ -26,6 +26,11 @@ typedef int (*attend_fn)(const uint16_t *query, const uint16_t *keys, const uint
                          const int64_t *lengths, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t head_stride, int64_t slot_stride, float scale, int64_t first,
                          int64_t last);
+typedef int (*attend_long_fn)(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                              const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                              const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                              int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t head_stride, int64_t slot_stride, float scale);
 typedef void (*silu_mul_fn)(uint16_t *gate, const uint16_t *up, int64_t count);
 typedef int (*lora_fn)(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows, const int64_t *row,
                        const int64_t *slot, const float *scale, int64_t modules,
@@ -39,6 +44,7 @@ typedef struct {
     norm_fn norm;
     rope_fn rope;
     attend_fn attend;
+    attend_long_fn attend_long; /* NULL: no long-prompt kernel */
     silu_mul_fn silu_mul;
     lora_fn lora; /* NULL: no adapters */
 } Kernels;
@@ -76,6 +82,10 @@ typedef struct {
     const int64_t *slots;      /* [tokens] */
     const int64_t *rows, *tables, *table_offsets, *lengths; /* the attention kernel's, num_rows each */
     int64_t num_rows;
+    /* Long prompts' chunks, for the long-prompt kernel (none: 0): starts, lengths, pasts and table
+     * offsets, num_chunks each, and their block tables. */
+    const int64_t *long_starts, *long_lengths, *long_pasts, *long_tables, *long_offsets;
+    int64_t num_chunks;
     /* Buffers: the residual stream [tokens, hidden] (updated in place), the last sublayer's output
      * [tokens, hidden], then the rest, each [tokens, its width]. */
     uint16_t *hidden_state, *delta, *normed, *q, *k, *v, *attended, *gate, *up;
@@ -106,6 +116,7 @@ static int lora_update(const Kernels *kern, const Step *s, const Lora *lora, con
 
 /* Runs layers[0 .. num_layers) on the step: each as the runner's Python loop runs it (add + norm,
  * q/k/v, rotary positions and cache writes, attention, o, add + norm, gate/up, silu * up, down).
+ * Attention: the decode kernel's rows, then the long-prompt kernel's chunks, as the runner calls them.
  * The first layer's norm adds no delta; the last layer's output is left in delta, not added.
  * Rows with an adapter get its updates after each product, as the Python loop adds them.
  * Returns 0, 1 when stopped (*stop set before a layer), -1 when a kernel failed (out of memory, or
@@ -115,7 +126,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
     const int64_t q_width = s->num_heads * s->head_dim, kv_width = s->num_kv_heads * s->head_dim;
     const int64_t qkv_n[3] = {q_width, kv_width, kv_width}, h_n[1] = {h}, inter_n[2] = {inter, inter};
     uint16_t *qkv[3] = {s->q, s->k, s->v}, *gate_up[2] = {s->gate, s->up}, *delta[1] = {s->delta};
-    if (s->lora_rows && kern->lora == NULL) return -2;
+    if ((s->lora_rows && kern->lora == NULL) || (s->num_chunks && kern->attend_long == NULL)) return -2;
     for (int64_t l = 0; l < num_layers; l++) {
         if (s->stop != NULL && *s->stop) return 1;
         const Layer *layer = layers + l;
@@ -127,9 +138,16 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
             return -1;
         kern->rope(s->q, s->k, s->v, s->cos, s->sin, t, s->num_heads, s->num_kv_heads, s->head_dim, s->slots,
                    layer->keys, layer->values, s->head_stride, s->slot_stride);
-        if (kern->attend(s->q, layer->keys, layer->values, s->attended, s->rows, s->tables, s->table_offsets,
+        if (s->num_rows &&
+            kern->attend(s->q, layer->keys, layer->values, s->attended, s->rows, s->tables, s->table_offsets,
                          s->lengths, s->block_size, s->num_heads, s->num_kv_heads, s->head_dim, s->head_stride,
                          s->slot_stride, layer->scale, 0, s->num_rows * s->num_kv_heads))
+            return -1;
+        if (s->num_chunks &&
+            kern->attend_long(s->q, layer->keys, layer->values, s->attended, s->long_starts, s->long_lengths,
+                              s->long_pasts, s->long_tables, s->long_offsets, s->num_chunks, s->block_size,
+                              s->num_heads, s->num_kv_heads, s->head_dim, s->head_stride, s->slot_stride,
+                              layer->scale))
             return -1;
         if (s->dummy) memcpy(s->attended + (t - 1) * q_width, s->attended, (size_t)q_width * sizeof *s->attended);
         p = &layer->o;
