@@ -31,6 +31,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~10 min; vLLM installs once) |
 | `python -m bench.openvino_peer` | genrpc's engine beside OpenVINO GenAI in process (`make bench-peers` runs it too) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
+| `python -m bench.layer_loop` | the native layer loop against the Python loop, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
 | `python -m bench.routers` | time to first token through SMG against genrpc's gateway, same worker |
@@ -125,6 +126,13 @@ template, 24 greedy tokens) against float32 on the unquantized weights, for `gen
 int8 product runs) and in nf4 (`--output-layer nf4`); then one sequence's speed with each, the
 sides in turn. int8 is the default because it agrees with float32 as often as `generate()`
 does; nf4 stays a flag while its first tokens agree less often."""
+
+LAYER_LOOP_HOW = """\
+`python -m bench.layer_loop`, one section per build of the native kernel: two engines in process on
+one loaded model, `--layer-loop native` and `--layer-loop python`, the same N sequences of greedy
+tokens on both (EOS ignored, no speculation), their steps interleaved one by one; each side's
+median step time over 2 rounds (the loops must make the same tokens); then a ~4,000-token prompt
+alone, its first token, the engines A B B A ([Engine](../docs/engine.md#the-layer-loop))."""
 
 SECTIONS = [
     Section("The service against generate()", """\
@@ -233,6 +241,9 @@ two rounds; each side's median time to first token over every request.""",
             "routers.json", None,
             _image("results/routers.png", "time to first token, SMG and the gateway", _part("routers")),
             _stamp("when")),
+    *[Section(f"The layer loop ({name} build)", LAYER_LOOP_HOW, f"layer_loop-{isa}.json", None,
+              _part("layer_loop"), _stamp("when"))
+      for isa, name in BUILDS],
     *[Section(f"A quantized output layer ({name} build)", OUTPUT_LAYER_HOW, f"output_layer-{isa}.json", None,
               _part("output_layer"), _stamp("when"))
       for isa, name in BUILDS],

@@ -112,15 +112,15 @@ class NativeLayers:
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  native: tuple[torch.Tensor, ...] | None, long: tuple[torch.Tensor, ...] | None, dummy: bool,
-                 block_size: int,
-                 interrupt: Interrupt | None, lora_rows: tuple = (0, None, None, None)) -> torch.Tensor | None:
+                 block_size: int, interrupt: Interrupt | None,
+                 lora_rows: tuple = (0, None, None, None)) -> torch.Tensor | None:
         """Runs every layer on the step: hidden [T, H] bfloat16 is the residual stream, updated in place;
         returns the last layer's MLP output [T, H] (not yet added), or None if `interrupt` was set
         before a layer. cos, sin: [T, D]; slots [T]; native: the attention kernel's rows, tables,
         table offsets and key counts (PackedBatch.native); long: the long-prompt kernel's chunks
         (PackedBatch.long: starts, lengths, pasts, tables, table offsets); every row is in one of the
-        two but a dummy row; dummy: T's last row is a one-token step's
-        dummy row; lora_rows: lora.StepRows.native_args, for rows with an adapter (set_adapters first)."""
+        two but a dummy row; dummy: T's last row is a one-token step's dummy row; lora_rows:
+        lora.StepRows.native_args, for rows with an adapter (set_adapters first)."""
         d = self.dims
         t = hidden.shape[0]
         bf16 = torch.bfloat16

@@ -1,12 +1,12 @@
-/* A step's decoder layers in one call, for steps whose every token attends through the native
+/* A step's decoder layers in one call, for steps whose every token attends through a native
  * kernel (layers.py says when).
  *
  * The runner's Python loop makes about a dozen calls a layer (norms, products, rotary positions and
  * cache writes, attention, the gated MLP), each checking its arguments and allocating its result;
  * at a few rows that costs as much as the arithmetic. This loop makes the very same kernel calls,
  * in the same order, with the same arguments, through the function pointers it is given (the
- * kernels' own libraries: gemm_bf16.c, fused.c, decode_attention.c), into buffers allocated once a
- * step: the same bits as the Python loop, whichever of the two a step takes.
+ * kernels' own libraries: gemm_bf16.c, fused.c, decode_attention.c, prefill_attention.c, lora.c), into
+ * buffers allocated once a step: the same bits as the Python loop, whichever of the two a step takes.
  *
  * Built by model_svc/engine/kernels/__init__.py like the other kernels; it has no arithmetic of its own.
  */
