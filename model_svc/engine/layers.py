@@ -150,8 +150,10 @@ class NativeLayers:
 def _product(linear, modules, parts: int, keep: list):
     """A _Product for the modules' joint native product (linear.py), or None/False as native_product says."""
     found = linear.native_product(modules)
-    if not found or len(found[3]) != parts:
-        return found if not found else False
+    if not found:
+        return found  # None: their first calls are still to come; False: they never run so
+    if len(found[3]) != parts:
+        return False
     codes, absmax, code_values, widths, blocksize = found
     cols = (ctypes.c_int64 * len(widths))(*widths)
     keep.append(cols)

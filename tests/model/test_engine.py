@@ -34,14 +34,15 @@ def make_engine(loaded, max_batch_tokens=512, match_generate=False, prefix_cachi
     return engine_for(loaded, parse_args(flags + list(extra)))
 
 
-def run(engine, seqs):
+def run(engine, seqs, logprobs=False):
+    """Each sequence's tokens (with logprobs: (token, logprob) pairs)."""
     outputs = {s.seq_id: [] for s in seqs}
     for s in seqs:
         engine.add(s)
     while engine.scheduler.has_work:
         for out in engine.step():
             if out.token_id is not None:
-                outputs[out.seq_id].append(out.token_id)
+                outputs[out.seq_id].append((out.token_id, out.logprob) if logprobs else out.token_id)
     return outputs
 
 
@@ -634,21 +635,11 @@ def test_a_long_prompt_beside_decodes_gives_the_same_bits_through_both_layer_loo
     for loop in ("native", "python"):
         engine = make_engine(reference_model, max_batch_tokens=400, extra=("--layer-loop", loop))
         needs_long_prompt_kernel(engine)
-        got[loop] = run_with_logprobs(engine, [Sequence(0, hf_tokenizer(PROMPTS[0]).input_ids,
-                                                        SamplingParams(max_new_tokens=12, logprobs=True)),
-                                               Sequence(1, long_ids, params)])
+        got[loop] = run(engine, [Sequence(0, hf_tokenizer(PROMPTS[0]).input_ids,
+                                          SamplingParams(max_new_tokens=12, logprobs=True)),
+                                 Sequence(1, long_ids, params)], logprobs=True)
         assert (engine.runner.num_native_loop_steps >= 8) == (loop == "native")
     assert got["native"] == got["python"]
-
-
-def run_with_logprobs(engine, seqs):
-    got = {s.seq_id: [] for s in seqs}
-    for s in seqs:
-        engine.add(s)
-    while engine.scheduler.has_work:
-        for o in engine.step():
-            got[o.seq_id].append((o.token_id, o.logprob))
-    return got
 
 
 def test_the_native_layer_loop_stops_when_interrupted(reference_model, hf_tokenizer):
