@@ -12,12 +12,11 @@ bench/results/layer_loop-<build>.json (the native kernel's build), one file per 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 from bench import readme
-from bench.peers import long_prompt
+from bench.peers import long_prompt, workload_args
 from bench.run import prompts_for
 from genrpc.launch import describe_cpu
 from model_svc.__main__ import engine_for, parse_args
@@ -113,13 +112,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--long-prompt-tokens", type=int, default=4000, help="0: not measured")
-    args = parser.parse_args()
-    if args.rounds < 1 or not 0 <= args.long_prompt_tokens <= 7000:
-        parser.error("--rounds must be >= 1 and --long-prompt-tokens in [0, 7000]")
+    args = workload_args(__doc__.splitlines()[0], rounds=2, least_long=0)
     readme.save(readme.per_build("layer_loop"), run(args.concurrency, args.rounds, args.long_prompt_tokens))
 
 

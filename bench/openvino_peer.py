@@ -17,7 +17,6 @@ Writes bench/results/openvino.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import subprocess
 import tempfile
 import time
 
-from bench.peers import LONG_PROMPT_TOKENS, NEW_TOKENS, long_prompt
+from bench.peers import NEW_TOKENS, long_prompt, workload_args
 from bench.run import MODEL, RESULTS, prompts_for
 from genrpc.launch import ROOT, describe_cpu
 
@@ -139,16 +138,9 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--long-prompt-tokens", type=int, default=LONG_PROMPT_TOKENS)
-    args = parser.parse_args()
+    args = workload_args(__doc__.splitlines()[0], rounds=3, least_long=1)
     if not os.path.exists(OPENVINO_PYTHON):
         raise SystemExit(f"{OPENVINO_PYTHON} is missing: `make bench-peers` installs OpenVINO GenAI there")
-    if not 1 <= args.long_prompt_tokens <= 7000:
-        parser.error(f"--long-prompt-tokens={args.long_prompt_tokens}: must be in [1, 7000] (the model's 8,192 "
-                     "positions, less the new tokens)")
     report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
     with open(os.path.join(RESULTS, "openvino.json"), "w") as f:
         json.dump(report, f, indent=2)

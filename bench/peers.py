@@ -48,6 +48,7 @@ PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 NEW_TOKENS = 128
 SINGLE_STREAM_REQUESTS = 3
 LONG_PROMPT_TOKENS = 4000
+MAX_LONG_PROMPT = 7000  # the model's 8,192 positions, less the new tokens
 LONG_NEW_TOKENS = 8
 VLLM_READY_SECONDS = 600
 
@@ -357,16 +358,26 @@ def markdown(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+def workload_args(description: str, rounds: int, least_long: int) -> argparse.Namespace:
+    """The flags of the benches that compare sides over N streams and a lone long prompt (this one,
+    bench/openvino_peer.py, bench/layer_loop.py), parsed and checked: --rounds, --concurrency,
+    --long-prompt-tokens (at least `least_long`; 0, where allowed: not measured)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--long-prompt-tokens", type=int, default=LONG_PROMPT_TOKENS,
-                        help="the lone long prompt's length in tokens (0: not measured)")
+                        help="the lone long prompt's length in tokens" + ("" if least_long else " (0: not measured)"))
     args = parser.parse_args()
-    if args.long_prompt_tokens < 0 or args.long_prompt_tokens > 7000:
-        parser.error(f"--long-prompt-tokens={args.long_prompt_tokens}: must be in [0, 7000] (the model's 8,192 "
-                     "positions, less the new tokens)")
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds}: must be >= 1")
+    if not least_long <= args.long_prompt_tokens <= MAX_LONG_PROMPT:
+        parser.error(f"--long-prompt-tokens={args.long_prompt_tokens}: must be in [{least_long}, {MAX_LONG_PROMPT}] "
+                     "(the model's 8,192 positions, less the new tokens)")
+    return args
+
+
+def main() -> None:
+    args = workload_args(__doc__.splitlines()[0], rounds=3, least_long=0)
     machine = roofline.measure()  # before either server starts: nothing else on the cores
     report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
     context = 12 + NEW_TOKENS // 2  # a story prompt's ~12 tokens, then half the new ones on average

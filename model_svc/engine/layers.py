@@ -92,6 +92,7 @@ class NativeLayers:
         self._keep = keep  # what the addresses point into
         self.dims = dims
         self.adapters = False  # set_adapters: whether adapter rows can run here
+        self._adapters_kept = None  # set_adapters: the lora.Adapters whose pairs the addresses point into
 
     # The modules of each product with a LoRA call, in layers.c's order.
     GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -107,7 +108,7 @@ class NativeLayers:
                          if kernel is not None and (i, module) in adapters.packed]
                 layer.lora[g] = _Lora(len(found), (_i64 * 3)(*[m for m, _ in found]),
                                       (_ptr * 3)(*[address for _, address in found]))
-        self._adapters_kept = adapters  # the pairs the addresses point into
+        self._adapters_kept = adapters
         self.adapters = kernel is not None
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
