@@ -8,8 +8,9 @@ adapter's update touches its own rows only.
 
 Two numerics, as the rest of the engine:
 - native (with the native kernels, the default): kernels/lora.c, one call per group of projections
-  that share an input for all of a step's adapter rows, each row's update summed in float32
-  (bfloat16 A and B) in a fixed order (`Adapters`): a row's update depends on that row alone, so a
+  that share an input for all of a step's adapter rows, each row's update summed in float32 over
+  bfloat16 pairs in a fixed order, A x rounded to bfloat16 before B (`Adapters`; the native layer
+  loop runs the calls beside the base products): a row's update depends on that row alone, so a
   sequence's numbers are the same alone, beside other adapters' rows and whatever its prompt's
   chunking (prefix caching stays exact; cached blocks are keyed by the adapter too);
 - `--match-generate` (and wherever the native kernel cannot run): PEFT's own arithmetic, sequence
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from genrpc.limits import ADAPTER_NAME
-from model_svc.engine import kernels
+from model_svc.engine import hugepages, kernels
 
 log = logging.getLogger(__name__)
 
@@ -191,27 +192,50 @@ LANES, WIDTH = 16, 64  # kernels/lora.c: A's columns padded to a multiple of LAN
 
 
 class Packed:
-    """One module's pairs by adapter slot, as kernels/lora.c reads them: A transposed into [k][padded]
-    (rank rounded up to 16, zero columns) and B transposed in blocks of 64 outputs, each [rank][64]
-    (the last narrower), in bfloat16; a slot whose adapter does not target the module has no pair
-    (its rows are left as they are)."""
+    """One module's pairs by adapter slot, as kernels/lora.c reads them, in bfloat16: A as input pairs,
+    [k / 2][padded][2] (rank rounded up to 16 with zero columns, k up to even with a zero input), and B
+    in blocks of 64 outputs, each [rank / 2][64][2] (the last narrower; rank up to even with zeros); a
+    slot whose adapter does not target the module has no pair (its rows are left as they are)."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor] | None]):
-        """pairs: (A [rank, k], B [n, rank]) or None, by slot."""
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor] | None], arena: hugepages.Arena | None = None):
+        """pairs: (A [rank, k], B [n, rank]) or None, by slot; arena: where the packed tensors go."""
         self.tensors: list[torch.Tensor] = []  # kept alive: the array holds their addresses
         self.array = (_Pair * len(pairs))()
+        take = arena.take if arena is not None else (lambda shape, dtype: torch.zeros(shape, dtype=dtype))
         for slot, pair in enumerate(pairs):
             if pair is None:
                 continue
             a, b = pair
-            rank = a.shape[0]
-            padded = -(-rank // LANES) * LANES
-            at = torch.zeros((a.shape[1], padded), dtype=torch.bfloat16)
-            at[:, :rank] = a.T
-            bt = torch.cat([b[q:q + WIDTH].T.reshape(-1) for q in range(0, b.shape[0], WIDTH)]).to(torch.bfloat16)
+            rank, k = a.shape
+            (k2, padded), (n, even) = self.shapes(a.shape, b.shape)
+            at = take((k2 // 2, padded, 2), torch.bfloat16)
+            full = torch.zeros((k2, padded), dtype=torch.bfloat16)
+            full[:k, :rank] = a.T
+            at.copy_(full.view(k2 // 2, 2, padded).transpose(1, 2))
+            bp = torch.zeros((n, even), dtype=torch.bfloat16)
+            bp[:, :rank] = b
+            bt = take((n * even,), torch.bfloat16)
+            bt.copy_(torch.cat([bp[q:q + WIDTH].view(-1, even // 2, 2).transpose(0, 1).reshape(-1)
+                                for q in range(0, n, WIDTH)]))
             self.tensors += [at, bt]
             self.array[slot] = _Pair(at.data_ptr(), bt.data_ptr(), rank, padded)
         self.address = ctypes.addressof(self.array)
+
+    @staticmethod
+    def shapes(a: torch.Size, b: torch.Size) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(k rounded up to even, rank rounded up to 16) for A and (n, rank rounded up to even) for B."""
+        rank, k = a
+        return (k + k % 2, -(-rank // LANES) * LANES), (b[0], rank + rank % 2)
+
+    @classmethod
+    def nbytes(cls, pairs: list[tuple[torch.Tensor, torch.Tensor] | None]) -> int:
+        """What packing `pairs` takes from an arena."""
+        total = 0
+        for pair in pairs:
+            if pair is not None:
+                (k2, padded), (n, even) = cls.shapes(pair[0].shape, pair[1].shape)
+                total += hugepages.padded_bytes(k2 * padded * 2) + hugepages.padded_bytes(n * even * 2)
+        return total
 
 
 class Kernel:
@@ -220,6 +244,9 @@ class Kernel:
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self.call = library.lora_apply_bf16  # Adapters.apply calls it directly (addresses precomputed)
+        # The call in parts (plan, items, rows, release), for layers.py's loop beside the base product.
+        self.part_addresses = tuple(ctypes.cast(getattr(library, name), ptr).value
+                                    for name in ("lora_prepare", "lora_item", "lora_finish_item", "lora_release"))
         self.call.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64] + [ptr, ptr, i64, i64] * 3
         self.call.restype = ctypes.c_int
 
@@ -252,10 +279,11 @@ class Adapters:
     """The adapters a model service holds, and their updates applied to a step's products.
 
     Native numerics (kernels/lora.c): every module's pairs packed by adapter slot (`Packed`, ~10 MB a
-    rank-16 adapter on all seven projections of this model, in bfloat16); one call per group of
+    rank-16 adapter on all seven projections of this model, in bfloat16), all of them back to back in
+    one arena on 2 MB pages (a step of 8 adapters streams ~80 MB of them); one call per group of
     modules that share an input (q/k/v, o, gate/up, down: 120 a step) does every row that has an
-    adapter, rows of one adapter in blocks that share each load. Measured alternatives are in
-    docs/lora.md ("Speed")."""
+    adapter, rows in blocks that share each load or read several streams at once. Measured
+    alternatives are in docs/lora.md ("Speed")."""
 
     def __init__(self, adapters: list[Adapter], kernel: Kernel | None = None):
         """kernel: native numerics (kernels/lora.c), or None (PEFT's arithmetic)."""
@@ -265,10 +293,14 @@ class Adapters:
         self.packed: dict[tuple[int, str], Packed] = {}  # (layer, module) -> its pairs by slot
         # (layer, modules) -> (index in modules, its Packed's address) of those some adapter targets
         self.plans: dict[tuple[int, tuple[str, ...]], tuple[tuple[int, int], ...]] = {}
+        self.arena: hugepages.Arena | None = None  # the packed pairs' memory (native numerics)
         if kernel is not None and adapters:
-            for key in sorted({key for adapter in adapters for key in adapter.pairs}):
-                self.packed[key] = Packed([(p.a, p.b) if (p := a.pairs.get(key)) is not None else None
-                                           for a in adapters])
+            by_key = {key: [(p.a, p.b) if (p := a.pairs.get(key)) is not None else None for a in adapters]
+                      for key in sorted({key for adapter in adapters for key in adapter.pairs})}
+            # every pair back to back on 2 MB pages: a step with 8 adapters reads ~80 MB of them
+            self.arena = hugepages.Arena(sum(Packed.nbytes(pairs) for pairs in by_key.values()))
+            for key, pairs in by_key.items():
+                self.packed[key] = Packed(pairs, self.arena)
 
     def __bool__(self) -> bool:
         return bool(self.by_name)

@@ -87,7 +87,8 @@ def test_lora_reads_comma_separated_adapters_from_the_environment(monkeypatch):
 def test_the_native_kernel_is_row_independent_and_accurate():
     """kernels/lora.c: a row's update depends on that row alone (any batch, any order, any neighbours'
     adapters), and it is the float64 update rounded as documented (out + bf16(scale * B A x), within
-    one bfloat16 step); a module an adapter does not target leaves its rows as they are."""
+    one bfloat16 step, A x rounded to bfloat16 as documented); a module an adapter does not target
+    leaves its rows as they are."""
     kernel = lora.load_kernel()
     if kernel is None:
         pytest.skip("no C compiler here: the LoRA kernel cannot be built (PEFT's arithmetic runs instead)")
@@ -111,19 +112,21 @@ def test_the_native_kernel_is_row_independent_and_accurate():
     alone, batched = run(([3], 0)), run(([11, 3, 0, 7], 0), ([1, 2], 1))
     assert torch.equal(alone[0][3], batched[0][3]) and torch.equal(batched[0][5], base[0][5])  # untouched rows
     assert torch.equal(alone[1], base[1]) and not torch.equal(batched[1][1], base[1][1])  # k: adapter 1 only
-    update = (x[3].double() @ a[0].T.to(torch.bfloat16).double()) @ b[0].T.to(torch.bfloat16).double() * 2.0
+    u = (x[3].double() @ a[0].T.to(torch.bfloat16).double()).to(torch.bfloat16)  # the shrink's, rounded
+    update = u.double() @ b[0].T.to(torch.bfloat16).double() * 2.0
     expected = (base[0][3].double() + update.to(torch.bfloat16).double()).to(torch.bfloat16)
     step = torch.finfo(torch.bfloat16).eps * expected.double().abs().clamp(min=1.0)
     assert ((alone[0][3].double() - expected.double()).abs() <= step).all()
 
 
-@pytest.mark.parametrize("flags", [("-march=x86-64", "-mtune=generic"), ("-mno-avx512f",)],
-                         ids=["baseline-x86-64", "avx2"])
+@pytest.mark.parametrize("flags", [("-march=x86-64", "-mtune=generic"), ("-mno-avx512f",), ("-mno-avx512bf16",)],
+                         ids=["baseline-x86-64", "avx2", "avx512-without-bf16"])
 def test_the_kernel_gives_the_same_bits_built_for_this_cpu_and_for_others(flags):
-    """kernels/lora.c as built here (-march=native: AVX-512 or AVX2 intrinsics, each lane a fused
-    multiply-add) against a build for baseline x86-64 (fmaf one element at a time) and one without
-    AVX-512: the same chains, so the same bits, for ranks, widths and depths that are not multiples
-    of 16 (or of the 64-column blocks), rows of several adapters interleaved, and each row alone."""
+    """kernels/lora.c as built here (-march=native: VDPBF16PS, AVX-512 or AVX2 fused multiply-adds)
+    against a build for baseline x86-64 (fmaf one element at a time), one without AVX-512 and one
+    without AVX-512 BF16: the same chains, so the same bits, for ranks, widths and depths that are
+    not multiples of 16 (or of the 64-column blocks; odd too), rows of several adapters interleaved,
+    and each row alone."""
     import ctypes
 
     from model_svc.engine import kernels
