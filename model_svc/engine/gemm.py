@@ -42,6 +42,9 @@ class Gemm:
         # (a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c) -> status
         self.nf4_function = self._nf4
         self.nf4_address = ctypes.cast(self._nf4, ptr).value  # for layers.py
+        # The same product a group of column blocks at a time, for layers.py (a build without groups: -1).
+        self.nf4_group_addresses = tuple(ctypes.cast(getattr(library, name), ptr).value
+                                         for name in ("gemm_nf4_groups", "gemm_nf4_group"))
         self._dense = library.gemm_packed_bf16
         self._dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64]
         self._dense.restype = ctypes.c_int

@@ -33,7 +33,8 @@ _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 class _Kernels(ctypes.Structure):
     _fields_ = [("nf4", _ptr), ("norm", _ptr), ("rope", _ptr), ("attend", _ptr), ("attend_long", _ptr),
-                ("silu_mul", _ptr), ("lora", _ptr)]
+                ("silu_mul", _ptr), ("lora", _ptr), ("nf4_groups", _ptr), ("nf4_group", _ptr),
+                ("lora_prepare", _ptr), ("lora_item", _ptr), ("lora_finish_item", _ptr), ("lora_release", _ptr)]
 
 
 class _Lora(ctypes.Structure):
@@ -102,6 +103,8 @@ class NativeLayers:
         plans them; steps with adapter rows run here only with the native LoRA kernel."""
         kernel = adapters.kernel if adapters else None
         self._kernels.lora = None if kernel is None else ctypes.cast(kernel.call, _ptr).value
+        (self._kernels.lora_prepare, self._kernels.lora_item, self._kernels.lora_finish_item,
+         self._kernels.lora_release) = (None,) * 4 if kernel is None else kernel.part_addresses
         for i, layer in enumerate(self._layers):
             for g, modules in enumerate(self.GROUPS):
                 found = [(m, adapters.packed[i, module].address) for m, module in enumerate(modules)
@@ -203,7 +206,7 @@ def plan(library: ctypes.CDLL, runner, kv) -> NativeLayers | None | bool:
     fused = runner.fused.functions
     table = _Kernels(runner.linear.gemm.nf4_address, fused["add_rmsnorm_bf16"], fused["rope_store_bf16"],
                      runner.native_decode.address, runner.long_prefill.address if runner.long_prefill else None,
-                     fused["silu_mul_bf16"], None)
+                     fused["silu_mul_bf16"], None, *runner.linear.gemm.nf4_group_addresses)
     dims = dict(hidden=config.hidden_size, num_heads=runner.num_heads, num_kv_heads=runner.num_kv_heads,
                 head_dim=runner.head_dim, intermediate=config.intermediate_size,
                 q_width=q_width, kv_width=kv_width,

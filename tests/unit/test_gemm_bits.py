@@ -74,3 +74,21 @@ def test_the_int8_product_is_its_written_out_arithmetic_bit_for_bit(isa, operand
         for m in ROWS:
             assert torch.equal(kernel.int8(x[:m], codes, scales), expected[:m]), (isa, m, direct)
     kernel.set_direct_rows(2, 2)
+
+
+def test_nf4_products_are_the_same_bits_from_every_build_here():
+    """The nf4 product's AVX2 section computes VDPBF16PS's sums with float32 FMAs, term for term: where
+    both build here, they agree bit for bit at every row count (the direct, panel and tile paths), for a
+    product split into parts."""
+    found = builds()
+    if len(found) < 2:
+        pytest.skip(f"one build of the nf4 kernel here ({[isa for isa, _ in found]}): nothing to compare")
+    gen = torch.Generator().manual_seed(5)
+    n, k, blocksize = 576, 1536, 64
+    codes = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    absmax = (torch.rand(k // blocksize, n, generator=gen) + 0.1).to(torch.bfloat16)
+    values = torch.linspace(-1, 1, 16).to(torch.bfloat16)
+    for m in (1, 2, 3, 5, 8, 9, 12, 33):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        outs = [kernel.nf4_parts(x, codes, absmax, values, [192, 384], blocksize) for _, kernel in found]
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1])), m

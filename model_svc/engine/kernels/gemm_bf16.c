@@ -66,6 +66,17 @@ static inline void block_output(int64_t block, int64_t parts, const int64_t *par
         }
 }
 
+/* An nf4 product's arguments (gemm_nf4_bf16's), for a caller that shares its groups of column blocks
+ * out in a parallel loop of its own, beside other work (layers.c: the LoRA updates that follow it). */
+typedef struct {
+    const uint16_t *a;
+    const uint8_t *codes;
+    const uint16_t *absmax, *code_values;
+    int64_t m, n, k, blocksize, lda, parts;
+    const int64_t *part_cols;
+    uint16_t *const *part_c;
+} Nf4;
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 
@@ -339,37 +350,47 @@ static void dense_rows(const uint16_t *a, int64_t m, int64_t lda, const uint16_t
     }
 }
 
+/* How many groups of column blocks gemm_nf4_group shares a product out in. */
+int64_t gemm_nf4_groups(const Nf4 *p) {
+    const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
+    return (p->n / COLS + group - 1) / group;
+}
+
+/* Group g of the product: up to FEW_ROWS rows take NF4_COLS blocks at a time; more rows one block, in
+ * half-block tiles. Returns nonzero when out of memory. */
+int gemm_nf4_group(const Nf4 *p, int64_t g) {
+    __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p->code_values));
+    table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)p->code_values), 1);
+    const int64_t pairs = p->k / 2, block_pairs = p->blocksize / 2, blocks = p->k / p->blocksize,
+                  num_blocks = p->n / COLS;
+    const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
+    const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
+    float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float));
+    if (!scales) return 1;
+    uint16_t *c[NF4_COLS];
+    int64_t ldc[NF4_COLS];
+    for (int64_t j = 0; j < cols; j++) {
+        block_scales(p->absmax, p->n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
+        block_output(first + j, p->parts, p->part_cols, p->part_c, &c[j], &ldc[j]);
+    }
+    quant_group(p->a, p->m, p->lda, p->codes + first * pairs * COLS, scales, cols, blocks, pairs, block_pairs, table,
+                c, ldc, 0);
+    return 0;
+}
+
 /* [parts of c][m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32]
  * bytes), absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's rows
  * are lda apart. The n output columns go to `parts` tensors, part p taking the next part_cols[p]
  * (several layers' weights side by side, one product for all: q, k and v; gate and up). n and each
- * part % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of memory. Up to
- * FEW_ROWS rows take NF4_COLS blocks at a time; more rows one block at a time, in half-block tiles. */
+ * part % 32 == 0, k % blocksize == 0, blocksize even. Returns nonzero when out of memory. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                   int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                   const int64_t *part_cols, uint16_t *const *part_c) {
-    __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)code_values));
-    table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)code_values), 1);
-    const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
-    const int64_t group = m > FEW_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
+    const Nf4 p = {a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c};
+    const int64_t groups = gemm_nf4_groups(&p);
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
-        float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float));
-        if (!scales) {
-            failed = 1;
-            continue;
-        }
-        uint16_t *c[NF4_COLS];
-        int64_t ldc[NF4_COLS];
-        for (int64_t j = 0; j < cols; j++) {
-            block_scales(absmax, n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
-            block_output(first + j, parts, part_cols, part_c, &c[j], &ldc[j]);
-        }
-        quant_group(a, m, lda, codes + first * pairs * COLS, scales, cols, blocks, pairs, block_pairs, table, c, ldc,
-                    0);
-    }
+    for (int64_t g = 0; g < groups; g++) failed |= gemm_nf4_group(&p, g);
     return failed;
 }
 
@@ -658,6 +679,11 @@ static float *float_rows(const uint16_t *a, int64_t m, int64_t k, int64_t lda) {
     return rows;
 }
 
+/* No groups to share out: this build's product converts its rows once a call (gemm_nf4_bf16), and
+ * run a group at a time it measured slower. */
+int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
+int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
+
 /* As the AVX-512 BF16 version (above): the same arguments and layout, the same bits up to denormals. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                   int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
@@ -864,6 +890,8 @@ int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, 
 
 #else
 int gemm_supported(void) { return 0; }
+int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
+int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
 const char *gemm_isa(void) { return "none"; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,

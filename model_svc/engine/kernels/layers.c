@@ -16,6 +16,17 @@
 typedef int (*nf4_fn)(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                       const int64_t *part_cols, uint16_t *const *part_c);
+/* gemm_bf16.c's Nf4: one nf4 product's arguments, run a group of column blocks at a time. */
+typedef struct {
+    const uint16_t *a;
+    const uint8_t *codes;
+    const uint16_t *absmax, *code_values;
+    int64_t m, n, k, blocksize, lda, parts;
+    const int64_t *part_cols;
+    uint16_t *const *part_c;
+} Nf4;
+typedef int64_t (*nf4_groups_fn)(const Nf4 *p);
+typedef int (*nf4_group_fn)(const Nf4 *p, int64_t g);
 typedef void (*norm_fn)(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
                         int64_t n, float eps, int64_t h_stride, int64_t delta_stride, int64_t out_stride);
 typedef int (*rope_fn)(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
@@ -37,6 +48,16 @@ typedef int (*lora_fn)(const uint16_t *x, int64_t x_stride, int64_t k, int64_t r
                        const void *pairs0, uint16_t *out0, int64_t out_stride0, int64_t n0,
                        const void *pairs1, uint16_t *out1, int64_t out_stride1, int64_t n1,
                        const void *pairs2, uint16_t *out2, int64_t out_stride2, int64_t n2);
+/* lora.c's call in parts: plan, items (their sums), items (their updates), release. */
+typedef void *(*lora_prepare_fn)(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows, const int64_t *row,
+                                 const int64_t *slot, const float *scale, int64_t modules,
+                                 const void *pairs0, uint16_t *out0, int64_t out_stride0, int64_t n0,
+                                 const void *pairs1, uint16_t *out1, int64_t out_stride1, int64_t n1,
+                                 const void *pairs2, uint16_t *out2, int64_t out_stride2, int64_t n2,
+                                 int direct, int64_t *items, int *status);
+typedef int (*lora_item_fn)(const void *plan, int64_t i);
+typedef void (*lora_finish_fn)(const void *plan, int64_t i);
+typedef void (*lora_release_fn)(void *plan);
 
 /* The kernels (their addresses, from their libraries). */
 typedef struct {
@@ -47,6 +68,13 @@ typedef struct {
     attend_long_fn attend_long; /* NULL: no long-prompt kernel */
     silu_mul_fn silu_mul;
     lora_fn lora; /* NULL: no adapters */
+    /* A product and its LoRA updates in one parallel loop (NULL, or nf4_groups < 0: one call each). */
+    nf4_groups_fn nf4_groups;
+    nf4_group_fn nf4_group;
+    lora_prepare_fn lora_prepare;
+    lora_item_fn lora_item;
+    lora_finish_fn lora_finish_item;
+    lora_release_fn lora_release;
 } Kernels;
 
 /* One nf4 product of k inputs: one layer's weight, or several side by side (parts). */
@@ -96,22 +124,72 @@ typedef struct {
     const float *lora_scale;
 } Step;
 
+/* The LoRA call's modules for a product: their pairs, outputs and widths. */
+static void lora_modules(const Lora *lora, uint16_t *const *outs, const int64_t *n, const void **pairs,
+                         uint16_t **out, int64_t *width) {
+    for (int64_t m = 0; m < 3; m++) {
+        pairs[m] = m < lora->modules ? lora->pairs[m] : NULL;
+        out[m] = m < lora->modules ? outs[lora->index[m]] : NULL;
+        width[m] = m < lora->modules ? n[lora->index[m]] : 0;
+    }
+}
+
 /* Adds the adapters' updates to the rows of a product's outputs (outs[i]: n[i] wide) of x [rows, k],
  * the call lora.py's Adapters.apply makes. Returns nonzero on failure. */
 static int lora_update(const Kernels *kern, const Step *s, const Lora *lora, const uint16_t *x, int64_t k,
                        uint16_t *const *outs, const int64_t *n) {
     if (s->lora_rows == 0 || lora->modules == 0) return 0;
-    const void *pairs[3] = {NULL, NULL, NULL};
-    uint16_t *out[3] = {NULL, NULL, NULL};
-    int64_t width[3] = {0, 0, 0};
-    for (int64_t m = 0; m < lora->modules; m++) {
-        pairs[m] = lora->pairs[m];
-        out[m] = outs[lora->index[m]];
-        width[m] = n[lora->index[m]];
-    }
+    const void *pairs[3];
+    uint16_t *out[3];
+    int64_t width[3];
+    lora_modules(lora, outs, n, pairs, out, width);
     return kern->lora(x, k, k, s->lora_rows, s->lora_row, s->lora_slot, s->lora_scale, lora->modules,
                       pairs[0], out[0], width[0], width[0], pairs[1], out[1], width[1], width[1],
                       pairs[2], out[2], width[2], width[2]);
+}
+
+/* Product p of x (k inputs) into outs, then the adapters' updates of its rows: the calls gemm_nf4_bf16
+ * and lora_apply_bf16 make, the same bits. Where there are updates and the product runs a group at a
+ * time, its groups and the updates' items share one parallel loop, interleaved, so that one thread
+ * reads adapter pairs from memory while the other multiplies (a step of rows with 8 adapters reads
+ * ~80 MB of them), then each item's updates are added. Returns nonzero on failure. */
+static int product(const Kernels *kern, const Step *s, const Product *p, const Lora *lora, const uint16_t *x,
+                   int64_t k, uint16_t *const *outs, const int64_t *n) {
+    const Nf4 call = {x, p->codes, p->absmax, p->code_values, s->tokens, p->n, p->k, p->blocksize, p->k,
+                      p->parts, p->part_cols, outs};
+    const int with = s->lora_rows > 0 && lora->modules > 0;
+    const int64_t groups = with && kern->nf4_groups && kern->lora_prepare ? kern->nf4_groups(&call) : -1;
+    if (groups < 0)
+        return kern->nf4(x, p->codes, p->absmax, p->code_values, s->tokens, p->n, p->k, p->blocksize, p->k, p->parts,
+                         p->part_cols, outs) ||
+               (with && lora_update(kern, s, lora, x, k, outs, n));
+    const void *pairs[3];
+    uint16_t *out[3];
+    int64_t width[3], items;
+    int status;
+    lora_modules(lora, outs, n, pairs, out, width);
+    void *plan = kern->lora_prepare(x, k, k, s->lora_rows, s->lora_row, s->lora_slot, s->lora_scale, lora->modules,
+                                    pairs[0], out[0], width[0], width[0], pairs[1], out[1], width[1], width[1],
+                                    pairs[2], out[2], width[2], width[2], 0, &items, &status);
+    if (plan == NULL) return 1;
+    const int64_t total = groups + items;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        /* position t: an update's item where t * items / total steps up, else the product's next group */
+#pragma omp for schedule(dynamic)
+        for (int64_t t = 0; t < total; t++) {
+            const int64_t before = t * items / total;
+            if ((t + 1) * items / total > before)
+                failed |= kern->lora_item(plan, before);
+            else
+                failed |= kern->nf4_group(&call, t - before);
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < items; i++) kern->lora_finish_item(plan, i);
+    }
+    kern->lora_release(plan);
+    return failed;
 }
 
 /* Runs layers[0 .. num_layers) on the step: each as the runner's Python loop runs it (add + norm,
@@ -132,9 +210,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
         const Layer *layer = layers + l;
         kern->norm(s->hidden_state, l ? s->delta : NULL, layer->input_norm, s->normed, t, h, layer->input_eps, h, h, h);
         const Product *p = &layer->qkv;
-        if (kern->nf4(s->normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k, p->parts,
-                      p->part_cols, qkv) ||
-            lora_update(kern, s, &layer->lora[0], s->normed, h, qkv, qkv_n))
+        if (product(kern, s, p, &layer->lora[0], s->normed, h, qkv, qkv_n))
             return -1;
         kern->rope(s->q, s->k, s->v, s->cos, s->sin, t, s->num_heads, s->num_kv_heads, s->head_dim, s->slots,
                    layer->keys, layer->values, s->head_stride, s->slot_stride);
@@ -151,21 +227,15 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
             return -1;
         if (s->dummy) memcpy(s->attended + (t - 1) * q_width, s->attended, (size_t)q_width * sizeof *s->attended);
         p = &layer->o;
-        if (kern->nf4(s->attended, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k, 1,
-                      p->part_cols, delta) ||
-            lora_update(kern, s, &layer->lora[1], s->attended, q_width, delta, h_n))
+        if (product(kern, s, p, &layer->lora[1], s->attended, q_width, delta, h_n))
             return -1;
         kern->norm(s->hidden_state, s->delta, layer->post_norm, s->normed, t, h, layer->post_eps, h, h, h);
         p = &layer->gate_up;
-        if (kern->nf4(s->normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k, p->parts,
-                      p->part_cols, gate_up) ||
-            lora_update(kern, s, &layer->lora[2], s->normed, h, gate_up, inter_n))
+        if (product(kern, s, p, &layer->lora[2], s->normed, h, gate_up, inter_n))
             return -1;
         kern->silu_mul(s->gate, s->up, t * inter);
         p = &layer->down;
-        if (kern->nf4(s->gate, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k, 1,
-                      p->part_cols, delta) ||
-            lora_update(kern, s, &layer->lora[3], s->gate, inter, delta, h_n))
+        if (product(kern, s, p, &layer->lora[3], s->gate, inter, delta, h_n))
             return -1;
     }
     return 0;
