@@ -115,8 +115,8 @@ LORA_HOW = """\
 `python -m bench.lora`, one section per build of the native kernel: a model service started with 8
 rank-16 adapters on all seven projections; 8 streams each with its own adapter, and 32 streams
 over 4 adapters, against as many streams of the base model (128 greedy tokens, EOS ignored, no
-speculation), alternating, best of 2 rounds; and one adapter's load time
-([LoRA adapters](../docs/lora.md))."""
+speculation), back to back in each of 4 rounds, alternating which goes first: the median of the
+rounds' ratios; and one adapter's load time ([LoRA adapters](../docs/lora.md))."""
 
 OUTPUT_LAYER_HOW = """\
 `python -m bench.output_layer`, one section per build of the native kernel (the bits of both are
