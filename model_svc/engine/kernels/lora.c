@@ -66,7 +66,9 @@ static inline v16 v_bf16(const uint16_t *p) {
 }
 #if PAIR_WORDS
 static inline v16 v_pair(v16 sum, const pairs_t *x, int64_t i, const uint16_t *w) {
-    return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_set1_epi32((int)x[i]), (__m512bh)_mm512_loadu_si512(w));
+    uint32_t pair; /* (x may be a bfloat16 row read as words: memcpy, not a cast) */
+    memcpy(&pair, x + i, sizeof pair);
+    return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)_mm512_loadu_si512(w));
 }
 static inline v16 v_round(v16 f) { /* to bfloat16 and back */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)), 16));
@@ -301,8 +303,10 @@ typedef struct {
     int64_t module, first, count;
 } Item;
 
-/* A call planned (lora_prepare): its modules and rows, their items, the rows' inputs as pairs and
- * each row's float32 sums y per module ([rows][y_stride], module m's from offset[m]). One allocation. */
+/* A call planned (lora_prepare): its modules and rows, their items, each row's inputs as pairs (in
+ * the BF16 build with an even k, x's own row: a bfloat16 pair is a 32-bit word) and each row's float32
+ * sums y per module ([rows][y_stride], module m's from offset[m]). In the calling thread's buffer, kept
+ * for its next plan (one plan at a time per thread). */
 typedef struct {
     Module all[3];
     int64_t modules, rows, kp, count, y_stride, offset[3];
@@ -310,7 +314,7 @@ typedef struct {
     const float *scale;
     int64_t *which; /* the modules' lists of rows, one after the other */
     Item *items;
-    pairs_t *xp;
+    const pairs_t **xr; /* each row's input pairs */
     float *y;
     int64_t work; /* multiply-adds of 16 lanes (two a pair) */
     int direct;   /* lora_item adds its updates (nothing else writes the outputs meanwhile) */
@@ -338,7 +342,7 @@ int lora_item(const Plan *plan, int64_t i) {
     float *y[BLOCK];
     for (int g = 0; g < item->count; g++) {
         const int64_t r = plan->which[item->first + g];
-        x[g] = plan->xp + r * plan->kp * PAIR_VALUES;
+        x[g] = plan->xr[r];
         pair[g] = &m->pairs[plan->slot[r]];
         y[g] = plan->y + r * plan->y_stride + plan->offset[item->module];
     }
@@ -358,7 +362,11 @@ int lora_item(const Plan *plan, int64_t i) {
 /* Item i's updates, once the outputs are the base product's (a plan that is not direct). */
 void lora_finish_item(const Plan *plan, int64_t i) { update_item(plan, &plan->items[i]); }
 
-void lora_release(Plan *plan) { free(plan); }
+/* The thread's plan buffer: grown as needed, reused (a fresh allocation a call faulted its pages in). */
+static __thread char *plan_buffer;
+static __thread size_t plan_buffer_size;
+
+void lora_release(Plan *plan) { (void)plan; /* its memory is the thread's buffer, reused */ }
 
 /* Plans the updates of `rows` rows (row: their rows of x and of each out; slot: their adapter's slot in
  * each module's pairs; scale: its scaling) for the `modules` modules (1 to 3) that share x [., k]:
@@ -390,16 +398,23 @@ Plan *lora_prepare(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows,
             p.work += 2 * (p.kp * pair->padded + rank_pairs(pair->rank) * p.all[m].n) / LANES;
         }
     }
-    /* one allocation: the plan, y, the rows' input pairs, the lists and the items (64-byte aligned parts) */
-    const size_t parts[5] = {sizeof(Plan), sizeof(float) * (size_t)(rows * p.y_stride),
-                             sizeof(pairs_t) * (size_t)(rows * p.kp * PAIR_VALUES),
-                             sizeof(int64_t) * (size_t)(modules * rows), sizeof(Item) * (size_t)(modules * rows)};
-    size_t at[5], total = 0;
-    for (int i = 0; i < 5; i++) {
+    /* the plan, y, the rows' input pairs (where converted), their pointers, the lists and the items */
+    const int copy = !PAIR_WORDS || k % 2;
+    const size_t parts[6] = {sizeof(Plan), sizeof(float) * (size_t)(rows * p.y_stride),
+                             copy ? sizeof(pairs_t) * (size_t)(rows * p.kp * PAIR_VALUES) : 0,
+                             sizeof(pairs_t *) * (size_t)rows, sizeof(int64_t) * (size_t)(modules * rows),
+                             sizeof(Item) * (size_t)(modules * rows)};
+    size_t at[6], total = 0;
+    for (int i = 0; i < 6; i++) {
         at[i] = total;
         total += (parts[i] + 63) / 64 * 64;
     }
-    char *memory = aligned_alloc(64, total);
+    if (plan_buffer_size < total) {
+        free(plan_buffer);
+        plan_buffer = aligned_alloc(64, total);
+        plan_buffer_size = plan_buffer ? total : 0;
+    }
+    char *memory = plan_buffer;
     if (memory == NULL) {
         *status = 2;
         return NULL;
@@ -407,9 +422,10 @@ Plan *lora_prepare(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows,
     Plan *plan = (Plan *)memory;
     *plan = p;
     plan->y = (float *)(memory + at[1]);
-    plan->xp = (pairs_t *)(memory + at[2]);
-    plan->which = (int64_t *)(memory + at[3]);
-    plan->items = (Item *)(memory + at[4]);
+    pairs_t *converted = (pairs_t *)(memory + at[2]);
+    plan->xr = (const pairs_t **)(memory + at[3]);
+    plan->which = (int64_t *)(memory + at[4]);
+    plan->items = (Item *)(memory + at[5]);
     /* per module, its rows (those whose adapter targets it) in blocks of one rank, BLOCK rows at most */
     int64_t listed = 0;
     for (int64_t m = 0; m < modules; m++) {
@@ -429,7 +445,12 @@ Plan *lora_prepare(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows,
     }
     for (int64_t i = 0; i < rows; i++) { /* each row's inputs as pairs, a zero after an odd k's last */
         const uint16_t *in = x + row[i] * x_stride;
-        pairs_t *to = plan->xp + i * plan->kp * PAIR_VALUES;
+        if (!copy) {
+            plan->xr[i] = (const pairs_t *)in; /* (even, odd) bfloat16 side by side: the pair's word */
+            continue;
+        }
+        pairs_t *to = converted + i * plan->kp * PAIR_VALUES;
+        plan->xr[i] = to;
         for (int64_t q = 0; q < plan->kp; q++) {
             const uint16_t even = in[2 * q], odd = 2 * q + 1 < k ? in[2 * q + 1] : 0;
 #if PAIR_WORDS
