@@ -25,7 +25,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 
 | command | what |
 |---|---|
-| `make bench` | the service against in-process `generate()`, then the next seven sections (~20 min) |
+| `make bench` | the service against `generate()`, the next seven sections, beams and LoRA (~25 min) |
 | `python -m bench.beams` | beam search against a loop of `generate(num_beams=4)`, and beside other streams |
 | `python -m bench.lora` | streams through LoRA adapters against the base model's |
 | `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~10 min; vLLM installs once) |

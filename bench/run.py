@@ -22,7 +22,8 @@ between tenants (bench/tenant_cache.py: cold, isolated, a shared salt), speculat
 decoding on and off (bench/speculative.py: input-grounded and free-text prompts, 1 and 16 streams, the
 outputs compared), structured output's mask cost and several samples per prompt (bench/structured.py),
 and the roofline (bench/roofline.py: each point against its bandwidth or compute bound on this CPU); it
-writes bench/results/latest.json, latest.png, cpu_contention.png and speculative.png.
+writes bench/results/latest.json, latest.png, cpu_contention.png and speculative.png. Last, beam search
+(bench/beams.py) and LoRA adapters (bench/lora.py), each into its own results file.
 
     python -m bench.run [--quick]
 """
@@ -40,7 +41,17 @@ import time
 
 import torch
 
-from bench import beams, cpu_contention, memory_model, mixed_tenants, roofline, speculative, structured, tenant_cache
+from bench import (
+    beams,
+    cpu_contention,
+    lora,
+    memory_model,
+    mixed_tenants,
+    roofline,
+    speculative,
+    structured,
+    tenant_cache,
+)
 from bench.clients import run_streams
 from genrpc.launch import ROOT, describe_cpu, start_stack
 
@@ -324,6 +335,7 @@ def main() -> None:
     print(speculative.markdown(report["speculative"]))
     print(structured.markdown(report["structured"]))
     beams.main()  # its own file: bench/results/beams.json
+    lora.main()  # its own file per kernel build: bench/results/lora-<build>.json
 
 
 if __name__ == "__main__":
