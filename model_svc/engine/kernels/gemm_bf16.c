@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "nf4_call.h"
+
 #define COLS 32 /* output columns per block (bitsandbytes' CPU packing) */
 #define MAX_ROWS 8 /* rows per register tile (dense) */
 #define NF4_ROWS 6 /* rows per nf4 tile: two sums per column vector (the block's, the row's) */
@@ -65,17 +67,6 @@ static inline void block_output(int64_t block, int64_t parts, const int64_t *par
             return;
         }
 }
-
-/* An nf4 product's arguments (gemm_nf4_bf16's), for a caller that shares its groups of column blocks
- * out in a parallel loop of its own, beside other work (layers.c: the LoRA updates that follow it). */
-typedef struct {
-    const uint16_t *a;
-    const uint8_t *codes;
-    const uint16_t *absmax, *code_values;
-    int64_t m, n, k, blocksize, lda, parts;
-    const int64_t *part_cols;
-    uint16_t *const *part_c;
-} Nf4;
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>

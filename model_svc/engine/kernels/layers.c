@@ -13,18 +13,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "nf4_call.h"
+
 typedef int (*nf4_fn)(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                       const int64_t *part_cols, uint16_t *const *part_c);
-/* gemm_bf16.c's Nf4: one nf4 product's arguments, run a group of column blocks at a time. */
-typedef struct {
-    const uint16_t *a;
-    const uint8_t *codes;
-    const uint16_t *absmax, *code_values;
-    int64_t m, n, k, blocksize, lda, parts;
-    const int64_t *part_cols;
-    uint16_t *const *part_c;
-} Nf4;
 typedef int64_t (*nf4_groups_fn)(const Nf4 *p);
 typedef int (*nf4_group_fn)(const Nf4 *p, int64_t g);
 typedef void (*norm_fn)(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
