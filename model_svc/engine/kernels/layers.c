@@ -141,19 +141,20 @@ static int lora_update(const Kernels *kern, const Step *s, const Lora *lora, con
                       pairs[2], out[2], width[2], width[2]);
 }
 
-/* Product p of x (k inputs) into outs, then the adapters' updates of its rows: the calls gemm_nf4_bf16
+/* Product p of x into outs, then the adapters' updates of its rows: the calls gemm_nf4_bf16
  * and lora_apply_bf16 make, the same bits. Where there are updates and the product runs a group at a
  * time, its groups and the updates' items share one parallel loop, interleaved, so that one thread
  * reads adapter pairs from memory while the other multiplies (a step of rows with 8 adapters reads
  * ~80 MB of them), then each item's updates are added. Returns nonzero on failure. */
 static int product(const Kernels *kern, const Step *s, const Product *p, const Lora *lora, const uint16_t *x,
-                   int64_t k, uint16_t *const *outs, const int64_t *n) {
-    const Nf4 call = {x, p->codes, p->absmax, p->code_values, s->tokens, p->n, p->k, p->blocksize, p->k,
-                      p->parts, p->part_cols, outs};
+                   uint16_t *const *outs, const int64_t *n) {
+    const int64_t k = p->k;
+    const Nf4 call = {x, p->codes, p->absmax, p->code_values, s->tokens, p->n, k, p->blocksize, k, p->parts,
+                      p->part_cols, outs};
     const int with = s->lora_rows > 0 && lora->modules > 0;
     const int64_t groups = with && kern->nf4_groups && kern->lora_prepare ? kern->nf4_groups(&call) : -1;
     if (groups < 0)
-        return kern->nf4(x, p->codes, p->absmax, p->code_values, s->tokens, p->n, p->k, p->blocksize, p->k, p->parts,
+        return kern->nf4(x, p->codes, p->absmax, p->code_values, s->tokens, p->n, k, p->blocksize, k, p->parts,
                          p->part_cols, outs) ||
                (with && lora_update(kern, s, lora, x, k, outs, n));
     const void *pairs[3];
@@ -203,7 +204,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
         const Layer *layer = layers + l;
         kern->norm(s->hidden_state, l ? s->delta : NULL, layer->input_norm, s->normed, t, h, layer->input_eps, h, h, h);
         const Product *p = &layer->qkv;
-        if (product(kern, s, p, &layer->lora[0], s->normed, h, qkv, qkv_n))
+        if (product(kern, s, p, &layer->lora[0], s->normed, qkv, qkv_n))
             return -1;
         kern->rope(s->q, s->k, s->v, s->cos, s->sin, t, s->num_heads, s->num_kv_heads, s->head_dim, s->slots,
                    layer->keys, layer->values, s->head_stride, s->slot_stride);
@@ -220,15 +221,15 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
             return -1;
         if (s->dummy) memcpy(s->attended + (t - 1) * q_width, s->attended, (size_t)q_width * sizeof *s->attended);
         p = &layer->o;
-        if (product(kern, s, p, &layer->lora[1], s->attended, q_width, delta, h_n))
+        if (product(kern, s, p, &layer->lora[1], s->attended, delta, h_n))
             return -1;
         kern->norm(s->hidden_state, s->delta, layer->post_norm, s->normed, t, h, layer->post_eps, h, h, h);
         p = &layer->gate_up;
-        if (product(kern, s, p, &layer->lora[2], s->normed, h, gate_up, inter_n))
+        if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))
             return -1;
         kern->silu_mul(s->gate, s->up, t * inter);
         p = &layer->down;
-        if (product(kern, s, p, &layer->lora[3], s->gate, inter, delta, h_n))
+        if (product(kern, s, p, &layer->lora[3], s->gate, delta, h_n))
             return -1;
     }
     return 0;
