@@ -201,7 +201,7 @@ class Packed:
         """pairs: (A [rank, k], B [n, rank]) or None, by slot; arena: where the packed tensors go."""
         self.tensors: list[torch.Tensor] = []  # kept alive: the array holds their addresses
         self.array = (_Pair * len(pairs))()
-        take = arena.take if arena is not None else (lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+        take = (arena or hugepages.Arena(0)).take  # an empty arena: ordinary tensors
         for slot, pair in enumerate(pairs):
             if pair is None:
                 continue
@@ -244,7 +244,8 @@ class Kernel:
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self.call = library.lora_apply_bf16  # Adapters.apply calls it directly (addresses precomputed)
-        # The call in parts (plan, items, rows, release), for layers.py's loop beside the base product.
+        # The call in parts (plan; items' sums; items' updates; release), for layers.py's loop beside the
+        # base product.
         self.part_addresses = tuple(ctypes.cast(getattr(library, name), ptr).value
                                     for name in ("lora_prepare", "lora_item", "lora_finish_item", "lora_release"))
         self.call.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64] + [ptr, ptr, i64, i64] * 3

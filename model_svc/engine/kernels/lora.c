@@ -309,7 +309,7 @@ typedef struct {
  * for its next plan (one plan at a time per thread). */
 typedef struct {
     Module all[3];
-    int64_t modules, rows, kp, count, y_stride, offset[3];
+    int64_t kp, count, y_stride, offset[3];
     const int64_t *row, *slot;
     const float *scale;
     int64_t *which; /* the modules' lists of rows, one after the other */
@@ -384,7 +384,7 @@ Plan *lora_prepare(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows,
     if (modules < 1 || modules > 3 || rows < 0 || k <= 0) return NULL;
     Plan p = {.all = {{pairs0, out0, out_stride0, n0}, {pairs1, out1, out_stride1, n1},
                       {pairs2, out2, out_stride2, n2}},
-              .modules = modules, .rows = rows, .kp = (k + 1) / 2, .row = row, .slot = slot, .scale = scale,
+              .kp = (k + 1) / 2, .row = row, .slot = slot, .scale = scale,
               .direct = direct};
     for (int64_t m = 0; m < modules; m++) {
         p.offset[m] = p.y_stride;
