@@ -18,6 +18,7 @@ native kernel took 0.11-0.14x its time for a 576 x 1536 layer at 1-32 rows; line
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -58,6 +59,11 @@ class Gemm:
         self._set_direct_rows = library.gemm_set_direct_rows
         self._set_direct_rows.argtypes = [i64, i64]
         self._set_direct_rows.restype = i64
+        self._set_amx = library.gemm_set_amx
+        self._set_amx.argtypes = [i64]
+        self._set_amx.restype = i64
+        self.has_amx = self._set_amx(0) >= 0  # built with AMX tiles (the CPU has them): kernel_choice.choose_amx
+        self.amx = False  # the products run on tiles now (set_amx)
         isa = library.gemm_isa
         isa.restype = ctypes.c_char_p
         self.isa = isa().decode()  # the instructions it was built with: "avx512-bf16" or "avx2"
@@ -68,6 +74,27 @@ class Gemm:
         rows through a panel: the same bits either way (kernel_choice.py measures where). Returns -1
         where the build has no such choice (AVX-512 BF16)."""
         return int(self._set_direct_rows(kind, rows))
+
+    def set_amx(self, on: bool) -> int:
+        """The 4-bit and int8 products on AMX tiles (on) or AVX-512 (off), at every row count: the tiles round
+        their 16-pair sums differently, so a product never mixes the two. Returns 1 on, 0 off (or Linux
+        refused the tile state), -1 where the build has no AMX."""
+        state = int(self._set_amx(int(on)))
+        self.amx = state == 1
+        return state
+
+    @contextlib.contextmanager
+    def vector_path(self):
+        """AVX-512 for the products inside, whose 4-bit bits are bitsandbytes' own (linear.py checks a
+        layer's first product against the library's), then tiles again if they were on."""
+        was = self.amx
+        if was:
+            self.set_amx(False)
+        try:
+            yield
+        finally:
+            if was:
+                self.set_amx(True)
 
     @staticmethod
     def _rows(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,6 +23,7 @@
  * it was built with the instructions (the Python side uses the libraries' kernels where not). Without
  * AVX-512 BF16, an AVX2 version (after the AVX-512 one) computes the same sums with float32 FMAs.
  */
+#define _DEFAULT_SOURCE /* syscall() */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -341,19 +342,253 @@ static void dense_rows(const uint16_t *a, int64_t m, int64_t lda, const uint16_t
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define GEMM_AMX 1 /* the tile path is built: its dispatch below is compiled only then */
+
+/* Each thread's column block scales on the AMX path (the scratch holds the tiles' data). */
+static __thread void *scale_buffer;
+static __thread size_t scale_buffer_size;
+
+/* AMX: the same sums on tiles. Per quantization block and row, TDPBF16PS sums x[k] * value[k] over
+ * the block's pairs into a zeroed float32 tile (two instructions of 16 pairs each for blocks of 64),
+ * and the row's sum gains that partial times the block's scale (one FMA), as in quant_tile. The
+ * instruction's own rounding differs from VDPBF16PS's (measured: ~10% of 16-pair partials differ in
+ * their last bit, ~1 output in 27,000 after the scale and the rounding to bfloat16), so where the
+ * product runs on tiles it runs on tiles at every row count: a row's result then depends on its own
+ * values alone (tested: each row alone against batches of every size). Codes are decoded to
+ * bfloat16 pairs in memory (the B tile's layout: a pair's 16 columns, the pair's two inputs side by
+ * side, is what decode_pair gives) and loaded as tiles. Which path runs is chosen at start by timing
+ * both on the model's shapes (kernel_choice.py); gemm_set_amx switches. */
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_FEW 16 /* up to this many rows: one A tile, blocks decoded as they go */
+#define AMX_SLOTS 3 /* decoded quantization blocks in flight (few rows) */
+#define AMX_GROUP 4 /* most column blocks a call takes on tiles (few rows) */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int use_amx; /* set by gemm_set_amx */
+
+/* Tiles 0-3: float32 sums (16 columns each), 4-5: rows of A, 6-7: decoded codes (16 pairs x 16
+ * columns). Few rows: C 0-1 and 2-3 take alternate quantization blocks, A 4-5 alternate k tiles.
+ * More rows: C 2i + half for A tile 4 + i (rows 0-15, 16-31). */
+static inline void amx_config(int rows0, int rows1) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64;
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
+    cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)rows1;
+    cfg.rows[6] = cfg.rows[7] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+/* Pairs q0 .. q0 + count - 1 of a column block decoded to B tiles: [q / 16][half][q % 16][32]. */
+static inline __attribute__((always_inline)) void amx_decode(const uint8_t *codes, int64_t q0, int64_t count,
+                                                             __m512i table, uint16_t *dst, const int wide) {
+    for (int64_t q = 0; q < count; q++) {
+        __m512bh b0, b1;
+        _mm_prefetch((const char *)(codes + (q0 + q + AHEAD) * PAIR_BYTES(wide)), _MM_HINT_T0);
+        decode_codes(codes + (q0 + q) * PAIR_BYTES(wide), table, &b0, &b1, wide);
+        _mm512_store_si512(dst + ((q / 16) * 2 + 0) * 512 + (q % 16) * 32, (__m512i)b0);
+        _mm512_store_si512(dst + ((q / 16) * 2 + 1) * 512 + (q % 16) * 32, (__m512i)b1);
+    }
+}
+
+/* acc[r] += part[r] * scale for `rows` rows of 32 columns (float32, 32 apart). */
+static inline void amx_scale(float *acc, const float *part, const float *scale, int rows) {
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    for (int r = 0; r < rows; r++) {
+        float *x = acc + r * COLS;
+        const float *y = part + r * COLS;
+        _mm512_store_ps(x, _mm512_fmadd_ps(_mm512_load_ps(y), s0, _mm512_load_ps(x)));
+        _mm512_store_ps(x + 16, _mm512_fmadd_ps(_mm512_load_ps(y + 16), s1, _mm512_load_ps(x + 16)));
+    }
+}
+
+static inline void amx_store(const float *acc, int rows, uint16_t *c, int64_t ldc) {
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_si256((__m256i *)(c + r * ldc + 16 * h),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(acc + r * COLS + 16 * h)));
+}
+
+/* One quantization block's partial sums for up to 16 rows into C tiles C0, C1 (columns 0-15, 16-31)
+ * and out to `part`; k tiles alternate between A tiles 4 and 5. */
+#define AMX_FEW_BLOCK(C0, C1)                                                                             \
+    do {                                                                                                  \
+        _tile_zero(C0);                                                                                   \
+        _tile_zero(C1);                                                                                   \
+        for (int64_t t = 0; t < tiles_per_block; t++) {                                                   \
+            const uint16_t *at = a + (kb * tiles_per_block + t) * 32;                                     \
+            _tile_loadd(6, slot + t * 1024, 64);                                                          \
+            _tile_loadd(7, slot + t * 1024 + 512, 64);                                                    \
+            if (t & 1) {                                                                                  \
+                _tile_loadd(5, at, stride);                                                               \
+                _tile_dpbf16ps(C0, 5, 6);                                                                 \
+                _tile_dpbf16ps(C1, 5, 7);                                                                 \
+            } else {                                                                                      \
+                _tile_loadd(4, at, stride);                                                               \
+                _tile_dpbf16ps(C0, 4, 6);                                                                 \
+                _tile_dpbf16ps(C1, 4, 7);                                                                 \
+            }                                                                                             \
+        }                                                                                                 \
+        _tile_stored(C0, part, 128);                                                                      \
+        _tile_stored(C1, part + 16, 128);                                                                 \
+    } while (0)
+
+/* One column block of 32 for m rows (codes: the block's; scales [blocks][32] float32). Up to AMX_FEW
+ * rows, each quantization block is decoded one block ahead of its tile work; more rows decode the
+ * whole column block once and go through it 32 rows at a time. A block's partials are scaled into the
+ * sums after the next block's tile work is issued (two partial buffers), so that the tile store has
+ * finished when they are read: the same sums in the same order. `configure`: load the tile
+ * configuration (the first block of a call; later blocks of the same rows keep it). Returns nonzero
+ * when out of memory. */
+static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, int64_t m, int64_t lda,
+                                                           const uint8_t *codes, const float *scales, int64_t pairs,
+                                                           int64_t block_pairs, __m512i table, uint16_t *c,
+                                                           int64_t ldc, const int wide, int configure) {
+    if (m <= 0) return 0;
+    const int64_t blocks = pairs / block_pairs, tiles_per_block = block_pairs / 16, stride = lda * 2;
+    const int few = m <= AMX_FEW;
+    const size_t decoded = (size_t)(few ? AMX_SLOTS * block_pairs : pairs) * 2 * COLS * sizeof(uint16_t);
+    const size_t rows_bytes = 2 * AMX_FEW * COLS * sizeof(float); /* one buffer of up to 32 rows */
+    uint8_t *buffer = scratch(decoded + 3 * rows_bytes);
+    if (!buffer) return 1;
+    uint16_t *b = (uint16_t *)buffer;
+    float *acc = (float *)(buffer + decoded), *parts = (float *)(buffer + decoded + rows_bytes);
+#define PART(kb) (parts + ((kb) & 1) * 2 * AMX_FEW * COLS)
+    if (few) {
+        const int rows = (int)m;
+        if (configure) amx_config(rows, rows);
+        memset(acc, 0, (size_t)rows * COLS * sizeof(float));
+        amx_decode(codes, 0, block_pairs, table, b, wide);
+        for (int64_t kb = 0; kb < blocks; kb++) {
+            if (kb + 1 < blocks)
+                amx_decode(codes, (kb + 1) * block_pairs, block_pairs, table,
+                           b + ((kb + 1) % AMX_SLOTS) * block_pairs * 2 * COLS, wide);
+            const uint16_t *slot = b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
+            float *part = PART(kb);
+            if (kb & 1)
+                AMX_FEW_BLOCK(2, 3);
+            else
+                AMX_FEW_BLOCK(0, 1);
+            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows);
+        }
+        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows);
+        amx_store(acc, rows, c, ldc);
+        return 0;
+    }
+    amx_decode(codes, 0, pairs, table, b, wide);
+    for (int64_t r0 = 0; r0 < m; r0 += 2 * AMX_FEW) {
+        const int rows = m - r0 < 2 * AMX_FEW ? (int)(m - r0) : 2 * AMX_FEW;
+        const int rows0 = rows < AMX_FEW ? rows : AMX_FEW, rows1 = rows - rows0;
+        amx_config(rows0, rows1 ? rows1 : 1);
+        const uint16_t *a0 = a + r0 * lda, *a1 = a0 + AMX_FEW * lda;
+        memset(acc, 0, (size_t)rows * COLS * sizeof(float));
+        for (int64_t kb = 0; kb < blocks; kb++) {
+            float *part = PART(kb);
+            _tile_zero(0);
+            _tile_zero(1);
+            if (rows1) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int64_t kt = kb * tiles_per_block; kt < (kb + 1) * tiles_per_block; kt++) {
+                _tile_loadd(6, b + kt * 1024, 64);
+                _tile_loadd(7, b + kt * 1024 + 512, 64);
+                _tile_loadd(4, a0 + kt * 32, stride);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (rows1) {
+                    _tile_loadd(5, a1 + kt * 32, stride);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, part, 128);
+            _tile_stored(1, part + 16, 128);
+            if (rows1) {
+                _tile_stored(2, part + AMX_FEW * COLS, 128);
+                _tile_stored(3, part + AMX_FEW * COLS + 16, 128);
+            }
+            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows);
+        }
+        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows);
+        amx_store(acc, rows, c + r0 * ldc, ldc);
+    }
+#undef PART
+    return 0;
+}
+
+/* Column blocks per call on tiles: up to AMX_GROUP where m is few (one configuration and a decode
+ * pipeline for several blocks: measured 1.64x -> 1.31x AVX-512's time at one row on two threads),
+ * but at least four calls per thread to share out (16 threads: one block a call). */
+static inline int64_t amx_group(int64_t m, int64_t num_blocks) {
+    if (m > AMX_FEW) return 1;
+    const int64_t group = num_blocks / (4 * (int64_t)omp_get_max_threads());
+    return group < 1 ? 1 : group > AMX_GROUP ? AMX_GROUP : group;
+}
+
+/* Whether a product of this quantization block size can run on tiles (whole k tiles per block). */
+static inline int amx_fits(int64_t blocksize) { return use_amx && blocksize % 32 == 0; }
+
+/* 1: products run on AMX tiles from now on, 0: with AVX-512; returns the state, 0 where Linux refuses
+ * this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once). */
+int64_t gemm_set_amx(int64_t on) {
+    static int permitted = -1;
+    if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    use_amx = on && permitted > 0;
+    return use_amx;
+}
+#else
+/* -1: built without AMX (this CPU has none, or the compiler does not know it). */
+int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
+#endif
+
 /* How many groups of column blocks gemm_nf4_group shares a product out in. */
 int64_t gemm_nf4_groups(const Nf4 *p) {
+#ifdef GEMM_AMX
+    if (amx_fits(p->blocksize)) {
+        const int64_t group = amx_group(p->m, p->n / COLS);
+        return (p->n / COLS + group - 1) / group;
+    }
+#endif
     const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
     return (p->n / COLS + group - 1) / group;
 }
 
 /* Group g of the product: up to FEW_ROWS rows take NF4_COLS blocks at a time; more rows one block, in
- * half-block tiles. Returns nonzero when out of memory. */
+ * half-block tiles; on AMX tiles, one block. Returns nonzero when out of memory. */
 int gemm_nf4_group(const Nf4 *p, int64_t g) {
     __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p->code_values));
     table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)p->code_values), 1);
     const int64_t pairs = p->k / 2, block_pairs = p->blocksize / 2, blocks = p->k / p->blocksize,
                   num_blocks = p->n / COLS;
+#ifdef GEMM_AMX
+    if (amx_fits(p->blocksize)) {
+        float *scales = grown(&scale_buffer, &scale_buffer_size, (size_t)blocks * COLS * sizeof(float));
+        if (!scales) return 1;
+        const int64_t group = amx_group(p->m, num_blocks);
+        const int64_t last = (g + 1) * group < num_blocks ? (g + 1) * group : num_blocks;
+        int failed = 0;
+        for (int64_t j = g * group; j < last; j++) {
+            block_scales(p->absmax, p->n, j * COLS, blocks, scales);
+            uint16_t *c = NULL;
+            int64_t ldc = 0;
+            block_output(j, p->parts, p->part_cols, p->part_c, &c, &ldc);
+            failed |= amx_block(p->a, p->m, p->lda, p->codes + j * pairs * COLS, scales, pairs, block_pairs, table, c,
+                                ldc, 0, j == g * group);
+        }
+        return failed;
+    }
+#endif
     const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
     const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
     float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float));
@@ -400,6 +635,18 @@ int gemm_int8_supported(void) { return 1; }
 int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, int64_t m, int64_t n, int64_t k,
                    int64_t blocksize, int64_t lda, uint16_t *c, int64_t ldc) {
     const int64_t pairs = k / 2, block_pairs = blocksize / 2, blocks = k / blocksize, num_blocks = n / COLS;
+#ifdef GEMM_AMX
+    if (amx_fits(blocksize)) {
+        const int64_t group = amx_group(m, num_blocks), groups = (num_blocks + group - 1) / group;
+        int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t j = g * group; j < (g + 1) * group && j < num_blocks; j++)
+                failed |= amx_block(a, m, lda, (const uint8_t *)codes + j * k * COLS, scales + j * blocks * COLS, pairs,
+                                    block_pairs, _mm512_setzero_si512(), c + j * COLS, ldc, 1, j == g * group);
+        return failed;
+    }
+#endif
     const int64_t group = m > FEW_ROWS ? 1 : NF4_COLS, groups = (num_blocks + group - 1) / group;
 #pragma omp parallel for schedule(dynamic)
     for (int64_t g = 0; g < groups; g++) {
@@ -554,6 +801,7 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
  * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense, [2] int8. */
 static int64_t direct_rows[3] = {DIRECT_ROWS, DIRECT_ROWS, DIRECT_ROWS};
 
+int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) {
     if (kind < 0 || kind > 2 || rows < 0) return -1;
     direct_rows[kind] = rows;
@@ -881,6 +1129,7 @@ int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, 
 
 #else
 int gemm_supported(void) { return 0; }
+int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
 int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
