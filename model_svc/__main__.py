@@ -120,6 +120,11 @@ def parse_args(argv=None):
                              "how many rows its products read the weights directly rather than through a decoded "
                              "panel, for this model's shapes, once (cached on disk); N: force N rows (0: always "
                              "the panel). The same bits either way")
+    parser.add_argument("--matmul-amx", default="auto", choices=["auto", "on", "off"],
+                        help="auto (default): where the CPU has AMX tiles, time the native 4-bit and int8 products "
+                             "on tiles against AVX-512 for this model's shapes at 1-128 rows, once (cached on "
+                             "disk), and use tiles if no slower at any; on/off: force. Tiles round their sums "
+                             "differently (their own bits, the same at every row count); see docs/engine.md")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
                              "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
@@ -303,6 +308,7 @@ def build_engine(args) -> tuple:
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
     check_layer_loop(args)
     direct_rows(args)
+    check_amx(args)
     check_kv_cache(args)
     output_layer = check_output_layer(args)
     check_adapters(args)
@@ -323,13 +329,33 @@ def check_layer_loop(args) -> None:
                              f"attention (here {prefill}) and --matmul native (here {args.matmul}); drop it")
 
 
+def check_amx(args) -> None:
+    """--matmul-amx on/off chooses the native kernel's path: refused where that kernel does not run, and
+    "on" where it has no AMX tiles (this CPU, or the compiler, has none)."""
+    if args.matmul_amx == "auto":
+        return
+    if (args.matmul != "native" or args.match_generate or not _native_possible(args)
+            or resolve_attention(args, True) != ("native", "native")):
+        raise SystemExit(f"--matmul-amx {args.matmul_amx} chooses the native kernel's path with native numerics, "
+                         "which do not run with --matmul library, --match-generate, SDPA attention or outside "
+                         "bfloat16 on the CPU (the 4-bit layers keep bitsandbytes' bits there): drop it")
+    if args.matmul_amx == "on":
+        kernel = gemm.load()
+        if kernel is None or not kernel.has_amx:
+            raise SystemExit(f"--matmul-amx on: no AMX tiles here ({kernel_choice.cpu_info().describe()}); "
+                             "use auto or off")
+
+
 def engine_for(loaded, args) -> Engine:
     """The engine the flags describe, around a loaded model."""
     decode, prefill = resolve_attention(args, loaded.dtype == "bfloat16" and loaded.device == "cpu")
-    runner = ModelRunner(loaded.model, match_generate=args.match_generate,
-                         decode_attention_impl="native" if decode == "generate" else decode,
-                         prefill_attention_impl=prefill, matmul=args.matmul, direct_rows=direct_rows(args),
-                         layer_loop=args.layer_loop or "native")
+    try:
+        runner = ModelRunner(loaded.model, match_generate=args.match_generate,
+                             decode_attention_impl="native" if decode == "generate" else decode,
+                             prefill_attention_impl=prefill, matmul=args.matmul, direct_rows=direct_rows(args),
+                             layer_loop=args.layer_loop or "native", amx=args.matmul_amx)
+    except kernel_choice.AmxUnavailable as e:
+        raise SystemExit(f"--matmul-amx {args.matmul_amx}: {e}") from e
     log.info("decode attention: %s; prefill attention: %s; matmul: %s; layer loop: %s", runner.decode_attention,
              runner.prefill_attention, runner.matmul_detail, runner.layer_loop)
     log.info("cpu: %s", kernel_choice.cpu_info().describe())

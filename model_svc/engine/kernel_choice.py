@@ -10,6 +10,12 @@ interleaved; the largest row count up to which the direct way wins at every meas
 threshold. The result is kept on disk, keyed by the CPU (model name and flags), the compiled kernel,
 the shapes and the thread count: a new CPU or kernel measures again, a corrupt file is ignored.
 
+On a CPU with AMX tiles the AVX-512 BF16 build can also run the 4-bit and int8 products on tiles.
+The tiles round a 16-pair sum differently from VDPBF16PS, so a row's bits would depend on its batch's
+size if the two were mixed by row count: the choice is one path for every row count, AMX where it
+is no slower at any of AMX_ROWS (one row is where decoding codes into tiles in memory costs most),
+timed and cached like the threshold above; `--matmul-amx on|off` forces it.
+
 `cpu_info()` reports what the CPU offers (AMX tiles, with the permission Linux asks a process to
 request before it may use them; AVX-512 BF16; AVX2), for the logs, ModelInfo and the bench.
 """
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed (a step's decoded rows; more rows take the panel)
 KINDS = ("nf4", "dense", "int8")
+AMX_ROWS = (1, 2, 4, 8, 32, 128)  # row counts timed for the AMX choice: decoding steps and prompt chunks
+AMX_TOLERANCE = 1.03  # AMX counts as no slower within this factor (the timer's noise between passes)
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -252,4 +260,112 @@ def choose(gemm, nf4_shapes: list[tuple[int, int, int, int]], dense_shapes: list
     gemm.set_direct_rows(0, choice.nf4_direct_rows)
     gemm.set_direct_rows(1, choice.dense_direct_rows)
     gemm.set_direct_rows(2, choice.int8_direct_rows)
+    return choice
+
+
+class AmxUnavailable(RuntimeError):
+    """AMX forced on where this build or Linux gives no tiles."""
+
+
+@dataclass
+class AmxChoice:
+    """Whether the 4-bit and int8 products run on AMX tiles, and how that was settled."""
+
+    on: bool
+    source: str  # "measured", "cached", "forced", "unavailable" (no AMX in this build or CPU) or
+    # "library bits" (no native numerics: the 4-bit layers keep bitsandbytes' bits, never on tiles)
+    timings: dict | None = None  # per row count: [AVX-512 ms, AMX ms], where measured
+
+    def describe(self) -> str:
+        if self.source == "unavailable":
+            return ""
+        if self.on:
+            return f"AMX tiles ({self.source})"
+        if self.source == "library bits":
+            return "AMX off (bitsandbytes' bits)"
+        slower = ""
+        if self.timings:
+            worst = max(self.timings.items(), key=lambda kv: kv[1][1] / kv[1][0])
+            slower = f": {worst[1][1] / worst[1][0]:.2f}x the time at {worst[0]} row{'' if int(worst[0]) == 1 else 's'}"
+        return f"AMX off ({self.source}{slower})"
+
+
+def measure_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: list[tuple[int, int, int, int]],
+                repeats: int = 5) -> dict[int, list[float]]:
+    """Per row count: [AVX-512, AMX] milliseconds for one pass over the model's 4-bit and int8 products,
+    the best of `repeats`, the two interleaved. Each layer has weights of its own, as in a step, so that
+    a pass reads the model's bytes: with one copy a shape, cache-warm, one row measured 1.20x AVX-512's
+    time on tiles where steps of one sequence ran 1.0-1.25x faster on them."""
+    largest = max(AMX_ROWS)
+    nf4 = [(x, weight) for shape in nf4_shapes
+           for x, weight, _ in _operands("nf4", [(*shape[:3], 1)] * shape[3], largest)]
+    int8 = [(x, weight) for shape in int8_shapes
+            for x, weight, _ in _operands("int8", [(*shape[:3], 1)] * shape[3], largest)]
+
+    def one_pass(m: int) -> float:
+        start = time.perf_counter()
+        for x, (codes, absmax, values, n, blocksize) in nf4:
+            gemm.nf4(x[:m], codes, absmax, values, n, blocksize)
+        for x, weight in int8:
+            gemm.int8(x[:m], *weight)
+        return (time.perf_counter() - start) * 1e3
+
+    results = {}
+    try:
+        for m in AMX_ROWS:
+            vector = tiles = float("inf")
+            for _ in range(repeats):
+                gemm.set_amx(False)
+                vector = min(vector, one_pass(m))
+                gemm.set_amx(True)
+                tiles = min(tiles, one_pass(m))
+            results[m] = [round(vector, 4), round(tiles, 4)]
+    finally:
+        gemm.set_amx(False)
+    return results
+
+
+def amx_wins(timings: dict[int, list[float]]) -> bool:
+    """AMX where it is no slower (within AMX_TOLERANCE) at every measured row count."""
+    return bool(timings) and all(tiles <= vector * AMX_TOLERANCE for vector, tiles in timings.values())
+
+
+def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: list[tuple[int, int, int, int]] = (),
+               forced: str = "auto", path: Path | None = None) -> AmxChoice:
+    """Sets and returns whether the products run on AMX tiles: `forced` ("on"/"off"), else the cached
+    measurement for this CPU, kernel and shapes, else a new one (kept on disk). "on" where the build or
+    Linux gives no tiles raises AmxUnavailable."""
+    if not getattr(gemm, "has_amx", False):
+        if forced == "on":
+            raise AmxUnavailable("this CPU or kernel build has no AMX tiles")
+        return AmxChoice(False, "unavailable")
+    if forced in ("on", "off"):
+        on = forced == "on"
+        if on and gemm.set_amx(True) != 1:
+            raise AmxUnavailable("Linux refused this process the AMX tile state")
+        gemm.set_amx(on)
+        return AmxChoice(on, "forced")
+    shapes = {"amx-nf4": [list(s) for s in nf4_shapes], "amx-int8": [list(s) for s in int8_shapes]}
+    path = path or cache_path()
+    key = _key(gemm.kernel_id, shapes, torch.get_num_threads())
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("amx"), bool):
+        choice = AmxChoice(entry["amx"], "cached", entry.get("timings"))
+    elif gemm.set_amx(True) != 1:
+        log.warning("AMX: Linux refused this process the tile state; products stay on AVX-512")
+        return AmxChoice(False, "unavailable")
+    else:
+        start = time.perf_counter()
+        timings = measure_amx(gemm, list(nf4_shapes), list(int8_shapes))
+        choice = AmxChoice(amx_wins(timings), "measured", timings)
+        log.info("AMX choice measured in %.1f s: %s", time.perf_counter() - start,
+                 ", ".join(f"{m} rows {t[1] / t[0]:.2f}x" for m, t in timings.items()))
+        data = _read_cache(path)
+        data[key] = {"amx": choice.on, "timings": timings, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "cpu": _cpuinfo()[0]}
+        _write_cache(path, data)
+    if choice.on and gemm.set_amx(True) != 1:
+        log.warning("AMX: Linux refused this process the tile state; products stay on AVX-512")
+        return AmxChoice(False, "unavailable")
+    gemm.set_amx(choice.on)
     return choice

@@ -229,13 +229,20 @@ class Linears:
         if packed is not None:
             if self.gemm is not None and Gemm.fits(packed.out_features, packed.weight.shape[1] * 2, packed.blocksize):
                 self._native[key] = True
-                native = self._with_bias(packed, self.gemm.nf4(
-                    x, packed.weight, packed.absmax, packed.code_values, packed.out_features, packed.blocksize))
+
+                def product() -> torch.Tensor:
+                    return self._with_bias(packed, self.gemm.nf4(
+                        x, packed.weight, packed.absmax, packed.code_values, packed.out_features, packed.blocksize))
+
+                with self.gemm.vector_path():  # the bits the library's kernel gives, to check the binding
+                    native = product()
                 if packed.own:
                     out = native  # its numbers from now on: the kernel's (the module's are another order's)
                 elif not torch.equal(native, out):
                     log.warning("native 4-bit product differs from bitsandbytes' own; using the library's kernel")
                     self._native[key] = False
+                if self._native[key] and self.gemm.amx:
+                    out = product()  # on AMX tiles: their numbers from the first call on
             if self._native[key]:
                 self._bind(module, packed)
             elif packed.own:

@@ -116,11 +116,15 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, match_generate: bool = False, decode_attention_impl: str = "native",
                  prefill_attention_impl: str = "native", matmul: str = "native", direct_rows: int | None = None,
-                 layer_loop: str = "native"):
+                 layer_loop: str = "native", amx: str = "auto"):
         """direct_rows: up to how many rows the native kernel reads weights directly (None: measured on
-        this CPU, kernel_choice.py); the bits are the same either way. layer_loop: "native" runs a
+        this CPU, kernel_choice.py); the bits are the same either way. amx: "auto" (timed, cached), "on"
+        or "off": the native 4-bit and int8 products on AMX tiles where the CPU has them (other bits
+        than AVX-512's, the same at every row count). layer_loop: "native" runs a
         step's layers in one native call where it can (layers.py), "python" always loops in Python:
         the same bits either way."""
+        if amx not in ("auto", "on", "off"):
+            raise ValueError(f"amx {amx!r}: expected auto, on or off")
         if layer_loop not in LAYER_LOOP:
             raise ValueError(f"layer loop {layer_loop!r}: expected one of {', '.join(LAYER_LOOP)}")
         if decode_attention_impl not in DECODE_ATTENTION:
@@ -179,8 +183,16 @@ class ModelRunner:
         self.adapters = lora.Adapters([])  # set_adapters
         self._lora: lora.StepRows | None = None  # the step's rows by adapter
         self.kernel_choice = None
+        self.amx_choice = kernel_choice.AmxChoice(False, "unavailable")
         if kernel is not None:
-            self.kernel_choice = kernel_choice.choose(kernel, *self._product_shapes(), forced=direct_rows)
+            shapes = self._product_shapes()
+            self.kernel_choice = kernel_choice.choose(kernel, *shapes, forced=direct_rows)
+            if self.fused is not None:
+                self.amx_choice = kernel_choice.choose_amx(kernel, shapes[0], shapes[2], forced=amx)
+            elif amx == "on":
+                raise kernel_choice.AmxUnavailable("without native numerics the 4-bit layers keep bitsandbytes' bits")
+            elif kernel.has_amx:  # the library's bits: never on tiles
+                self.amx_choice = kernel_choice.AmxChoice(False, "library bits")
 
     def set_adapters(self, adapters: list[lora.Adapter]) -> None:
         """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""
@@ -215,7 +227,8 @@ class ModelRunner:
         """The matrix products' path, the kernel's instructions and its row-count choice, for logs and ModelInfo."""
         if self.linear.gemm is None:
             return "library"
-        return f"native {self.linear.gemm.isa}: {self.kernel_choice.describe()}"
+        amx = self.amx_choice.describe()
+        return f"native {self.linear.gemm.isa}: {self.kernel_choice.describe()}" + (f"; {amx}" if amx else "")
 
     @property
     def layer_loop(self) -> str:
@@ -323,6 +336,8 @@ class ModelRunner:
         tokens count as not computed: what it wrote to their cache slots is written again, with
         the same values, by the step that computes them."""
         batch = self.pack(scheduled, kv)
+        if self.linear.gemm is not None:  # the kernel's path is one process-wide switch: this runner's own
+            self.linear.gemm.set_amx(self.amx_choice.on)
         self._lora = (self.adapters.rows([item.seq.adapter for item in scheduled], batch.starts, batch.lengths)
                       if self.adapters else None)
         if self.fused is not None:

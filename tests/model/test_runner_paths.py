@@ -2,7 +2,7 @@
 
 import pytest
 
-from model_svc.engine import decode_attention, prefill_attention
+from model_svc.engine import decode_attention, gemm, kernel_choice, prefill_attention
 from model_svc.engine.runner import ModelRunner
 
 
@@ -21,3 +21,17 @@ def test_the_long_prompt_kernel_with_native_prefill_only(reference_model):
     assert ModelRunner(reference_model.model).long_prefill is not None
     assert ModelRunner(reference_model.model, prefill_attention_impl="sdpa").long_prefill is None
     assert ModelRunner(reference_model.model, match_generate=True).long_prefill is None
+
+
+def test_amx_tiles_only_with_native_numerics(reference_model):
+    """--match-generate keeps bitsandbytes' bits in the 4-bit layers: never on AMX tiles, and "on" is refused
+    (on every CPU: the refusal comes before asking for tiles)."""
+    kernel = gemm.load()
+    if kernel is None:
+        pytest.skip("no C compiler, or neither AVX-512 BF16 nor AVX2 with FMA here: the native kernel cannot run")
+    with pytest.raises(kernel_choice.AmxUnavailable, match="bitsandbytes' bits"):
+        ModelRunner(reference_model.model, match_generate=True, amx="on")
+    choice = ModelRunner(reference_model.model, match_generate=True).amx_choice
+    assert (choice.on, choice.source) == (False, "library bits" if kernel.has_amx else "unavailable")
+    with pytest.raises(ValueError, match="amx 'yes'"):
+        ModelRunner(reference_model.model, amx="yes")

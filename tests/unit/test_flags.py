@@ -9,6 +9,7 @@ import pytest
 
 from genrpc.launch import ROOT
 from model_svc.__main__ import (
+    check_amx,
     check_kv_cache,
     check_layer_loop,
     check_output_layer,
@@ -17,6 +18,7 @@ from model_svc.__main__ import (
     resolve_attention,
     scheduler_config,
 )
+from model_svc.engine import gemm
 from model_svc.engine.kv_cache import GIB, arena_tokens
 
 
@@ -193,3 +195,23 @@ def test_bitsandbytes_hub_kernel_warning_becomes_one_info_line(caplog):
         logger.warning("another warning")
     assert [(r.levelname, r.getMessage()[:24]) for r in caplog.records] == [
         ("INFO", "bitsandbytes' optional C"), ("WARNING", "another warning")]
+
+
+@pytest.mark.parametrize("flags", [["--matmul-amx", "on", "--matmul", "library"],
+                                   ["--matmul-amx", "off", "--match-generate"],
+                                   ["--matmul-amx", "on", "--dtype", "float32"],
+                                   ["--matmul-amx", "off", "--decode-attention", "sdpa"]])
+def test_matmul_amx_is_refused_where_the_native_kernel_does_not_run(flags):
+    with pytest.raises(SystemExit, match="--matmul-amx .* chooses the native kernel's path"):
+        check_amx(parse_args(flags))
+
+
+def test_matmul_amx_on_is_refused_without_tiles_and_auto_always_passes():
+    check_amx(parse_args([]))
+    check_amx(parse_args(["--matmul-amx", "off"]))
+    kernel = gemm.load()
+    if kernel is not None and kernel.has_amx:
+        check_amx(parse_args(["--matmul-amx", "on"]))
+    else:
+        with pytest.raises(SystemExit, match="--matmul-amx on: no AMX tiles here"):
+            check_amx(parse_args(["--matmul-amx", "on"]))

@@ -1,0 +1,184 @@
+"""The 4-bit and int8 products on AMX tiles (gemm_bf16.c, `gemm_set_amx`): each row's bits are the
+same alone and in batches of every size; against AVX-512 they differ only where the tiles' 16-pair
+sums round differently (rarely, by an ulp); and the start-up choice between the two (one path for
+every row count) follows the timings, the cache and the flag. Tests of the tiles themselves skip on
+a CPU without AMX, saying so; the choice's logic runs everywhere against a fake kernel."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from model_svc.engine import gemm, kernel_choice
+
+
+@pytest.fixture(scope="module")
+def amx():
+    kernel = gemm.load()
+    if kernel is None:
+        pytest.skip("no C compiler, or neither AVX-512 BF16 nor AVX2 with FMA here: the native kernel cannot run")
+    if not kernel.has_amx:
+        pytest.skip(f"no AMX tiles on this CPU ({kernel_choice.cpu_info().describe()}): the tile path is not built")
+    if kernel.set_amx(True) != 1:
+        pytest.skip("Linux refused this process the AMX tile state")
+    yield kernel
+    kernel.set_amx(False)
+
+
+def nf4_operands(seed: int, n: int = 320, k: int = 576, blocksize: int = 64):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    absmax = (torch.rand(k // blocksize, n, generator=gen) + 0.05).to(torch.bfloat16)
+    values = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609,
+                           0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]).to(torch.bfloat16)
+    return codes, absmax, values, n, blocksize
+
+
+def test_every_row_is_the_same_alone_and_in_batches_of_every_size(amx):
+    codes, absmax, values, n, blocksize = nf4_operands(1)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(70, 576, generator=gen).to(torch.bfloat16)
+    full = amx.nf4_parts(x, codes, absmax, values, [64, 256], blocksize)
+    weight = torch.randn(256, 576, generator=gen) * 0.05
+    int8_codes, int8_scales = gemm.quantize_int8(weight, 64)
+    full8 = amx.int8(x, int8_codes, int8_scales)
+    for m in range(1, 41):
+        for start in (0, 70 - m):
+            part = amx.nf4_parts(x[start:start + m], codes, absmax, values, [64, 256], blocksize)
+            assert all(torch.equal(p, f[start:start + m]) for p, f in zip(part, full)), (m, start)
+            rows8 = amx.int8(x[start:start + m], int8_codes, int8_scales)
+            assert torch.equal(rows8, full8[start:start + m]), (m, start)
+
+
+def test_tiles_differ_from_avx512_only_in_rare_last_bits(amx):
+    """TDPBF16PS rounds a 16-pair sum its own way (measured: ~1 output in 27,000 differs after the
+    scales and the rounding to bfloat16); a layout or indexing error would change most outputs."""
+    codes, absmax, values, n, blocksize = nf4_operands(3, n=1024, k=1536)
+    x = torch.randn(64, 1536, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    tiles = amx.nf4(x, codes, absmax, values, n, blocksize)
+    amx.set_amx(False)
+    try:
+        vector = amx.nf4(x, codes, absmax, values, n, blocksize)
+    finally:
+        amx.set_amx(True)
+    differ = tiles != vector
+    assert differ.float().mean().item() < 1e-3, differ.float().mean().item()
+    # where they differ, by a step or two of the output's last bit (a relative 2^-7 each), or, where the
+    # sum cancels to a value much smaller than its terms, by a little of the terms' size
+    gap = (tiles.float() - vector.float()).abs()[differ]
+    bound = vector.float().abs()[differ] * 2 ** -6 + vector.float().abs().mean() * 2 ** -12
+    assert bool((gap <= bound).all()), (gap, vector.float()[differ])
+
+
+class FakeKernel:
+    """A kernel whose AMX and AVX-512 paths take given times per row count (pure choice logic)."""
+
+    kernel_id = "fake-kernel"
+
+    def __init__(self, vector_ms, amx_ms, has_amx=True, permitted=True):
+        self.vector_ms, self.amx_ms, self.has_amx, self.permitted = vector_ms, amx_ms, has_amx, permitted
+        self.on = False
+
+    def set_amx(self, on: bool) -> int:
+        if not self.has_amx:
+            return -1
+        self.on = bool(on) and self.permitted
+        return int(self.on)
+
+    def _spend(self, rows: int) -> None:
+        time.sleep((self.amx_ms if self.on else self.vector_ms)(rows) / 1e3)
+
+    def nf4(self, x, *args):
+        self._spend(x.shape[0])
+
+    def int8(self, x, *args):
+        self._spend(x.shape[0])
+
+
+SHAPES = [(64, 128, 64, 1)]
+
+
+def test_tiles_are_chosen_only_when_no_slower_at_any_row_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "AMX_ROWS", (1, 8, 32))
+    slower_alone = FakeKernel(lambda m: 2 + m * 0.2, lambda m: 4 + m * 0.02)
+    choice = kernel_choice.choose_amx(slower_alone, SHAPES, path=tmp_path / "a.json")
+    assert (choice.on, choice.source, slower_alone.on) == (False, "measured", False)
+    assert "AMX off (measured: " in choice.describe() and choice.describe().endswith("the time at 1 row)")
+    faster = FakeKernel(lambda m: 2 + m * 0.2, lambda m: 1 + m * 0.02)
+    choice = kernel_choice.choose_amx(faster, SHAPES, path=tmp_path / "b.json")
+    assert (choice.on, faster.on, choice.describe()) == (True, True, "AMX tiles (measured)")
+    assert kernel_choice.amx_wins({1: [1.0, 1.02], 8: [4.0, 1.0]})
+    assert not kernel_choice.amx_wins({1: [1.0, 1.1], 8: [4.0, 1.0]})
+
+
+def test_the_choice_is_cached_and_a_corrupt_cache_measures_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "AMX_ROWS", (1, 4))
+    path = tmp_path / "choices.json"
+    kernel = FakeKernel(lambda m: 3.0, lambda m: 1.0)
+    assert kernel_choice.choose_amx(kernel, SHAPES, path=path).source == "measured"
+    monkeypatch.setattr(kernel_choice, "measure_amx", lambda *a, **k: pytest.fail("measured a cached choice"))
+    kernel.on = False
+    cached = kernel_choice.choose_amx(kernel, SHAPES, path=path)
+    assert (cached.on, cached.source, kernel.on) == (True, "cached", True)
+    monkeypatch.undo()
+    monkeypatch.setattr(kernel_choice, "AMX_ROWS", (1, 4))
+    path.write_text("{not json")
+    assert kernel_choice.choose_amx(kernel, SHAPES, path=path).source == "measured"
+    data = json.loads(path.read_text())
+    for entry in data.values():
+        entry["amx"] = "yes"  # not a bool: measured again
+    path.write_text(json.dumps(data))
+    assert kernel_choice.choose_amx(kernel, SHAPES, path=path).source == "measured"
+
+
+def test_forced_and_unavailable_choices(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "measure_amx", lambda *a, **k: pytest.fail("measured a forced choice"))
+    path = tmp_path / "choices.json"
+    kernel = FakeKernel(lambda m: 1.0, lambda m: 9.0)
+    assert kernel_choice.choose_amx(kernel, SHAPES, forced="on", path=path).on and kernel.on
+    assert not kernel_choice.choose_amx(kernel, SHAPES, forced="off", path=path).on and not kernel.on
+    assert not path.exists()
+    none = FakeKernel(lambda m: 1.0, lambda m: 1.0, has_amx=False)
+    assert kernel_choice.choose_amx(none, SHAPES, path=path).source == "unavailable"
+    assert kernel_choice.choose_amx(none, SHAPES, path=path).describe() == ""
+    with pytest.raises(kernel_choice.AmxUnavailable, match="no AMX"):
+        kernel_choice.choose_amx(none, SHAPES, forced="on", path=path)
+    refused = FakeKernel(lambda m: 1.0, lambda m: 1.0, permitted=False)
+    with pytest.raises(kernel_choice.AmxUnavailable, match="refused"):
+        kernel_choice.choose_amx(refused, SHAPES, forced="on", path=path)
+    assert kernel_choice.choose_amx(refused, SHAPES, path=path).source == "unavailable"
+
+
+def test_the_real_kernel_says_whether_it_has_tiles():
+    kernel = gemm.load()
+    if kernel is None:
+        pytest.skip("no C compiler, or neither AVX-512 BF16 nor AVX2 with FMA here: the native kernel cannot run")
+    flags = set(kernel_choice._cpuinfo()[1])
+    if kernel.isa == "avx512-bf16" and {"amx_tile", "amx_bf16"} <= flags:
+        assert kernel.has_amx
+    else:
+        assert not kernel.has_amx and kernel.set_amx(True) == -1
+
+
+def test_the_vector_path_turns_tiles_off_inside_and_back_on_after():
+    """linear.py checks a layer's first product against bitsandbytes' on AVX-512 (`Gemm.vector_path`)."""
+    class Switch:
+        def __init__(self, on):
+            self.amx, self.calls = on, []
+
+        def set_amx(self, on):
+            self.calls.append(on)
+            self.amx = on
+            return int(on)
+
+    on = Switch(True)
+    with pytest.raises(RuntimeError):
+        with gemm.Gemm.vector_path(on):
+            assert on.amx is False
+            raise RuntimeError("a failing product")
+    assert (on.amx, on.calls) == (True, [False, True])
+    off = Switch(False)
+    with gemm.Gemm.vector_path(off):
+        assert off.amx is False
+    assert off.calls == []
