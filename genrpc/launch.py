@@ -171,20 +171,28 @@ def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tupl
     return Stack(tokenizer, worker, gateway, credentials, folder)
 
 
-def cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and flags, from /proc/cpuinfo ("?" and none where it cannot be read)."""
-    model, flags = "?", set()
+def cpu_model_and_flags(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The CPU's model name and flags, from /proc/cpuinfo ("?" and none where it cannot be read). A
+    name without a number ("AMD EPYC" in some VMs) gains its family and model numbers, which tell
+    the generations apart (x86: family 23 model 1 is Zen 1, model 49 Zen 2)."""
+    model, flags, family, number = "?", set(), "", ""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "?" and value.strip():
-                    model = value.strip()
+                key, value = key.strip(), value.strip()
+                if key == "model name" and model == "?" and value:
+                    model = value
                 elif key in ("flags", "Features") and not flags:
                     flags = set(value.split())
+                elif key == "cpu family" and not family:
+                    family = value
+                elif key == "model" and not number:
+                    number = value
     except OSError:
         pass
+    if model != "?" and family and number and not any(ch.isdigit() for ch in model):
+        model = f"{model} family {family} model {number}"
     return model, flags
 
 

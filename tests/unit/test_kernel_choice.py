@@ -144,6 +144,19 @@ def test_cpu_info_names_the_cpu_and_its_best_path():
     assert info.model in info.describe()
 
 
+def test_a_cpu_name_without_a_number_gains_its_family_and_model(tmp_path):
+    """VMs that call every generation "AMD EPYC" still name the CPU a figure was measured on."""
+    from genrpc.launch import cpu_model_and_flags
+
+    text = "processor\t: {}\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: {}\nflags\t\t: fma avx2\n\n"
+    generic, named = tmp_path / "generic", tmp_path / "named"
+    generic.write_text(text.format(0, "AMD EPYC") + text.format(1, "AMD EPYC"))
+    named.write_text(text.format(0, "AMD EPYC 7R13 Processor"))
+    assert cpu_model_and_flags(str(generic)) == ("AMD EPYC family 23 model 1", {"fma", "avx2"})
+    assert cpu_model_and_flags(str(named))[0] == "AMD EPYC 7R13 Processor"
+    assert cpu_model_and_flags(str(tmp_path / "missing")) == ("?", set())
+
+
 def test_amx_permission_is_asked_only_where_it_can_be_granted():
     """On a CPU without AMX, Linux refuses the tile state (EINVAL): request_amx says so, no crash."""
     flags = kernel_choice._cpuinfo()[1]
