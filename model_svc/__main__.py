@@ -33,6 +33,7 @@ from model_svc.engine.engine import Engine
 from model_svc.engine.kv_cache import GIB, KVCache, arena_tokens
 from model_svc.engine.loop import EngineLoop
 from model_svc.engine.runner import (
+    AMX,
     DECODE_ATTENTION,
     LAYER_LOOP,
     MATMUL,
@@ -120,7 +121,7 @@ def parse_args(argv=None):
                              "how many rows its products read the weights directly rather than through a decoded "
                              "panel, for this model's shapes, once (cached on disk); N: force N rows (0: always "
                              "the panel). The same bits either way")
-    parser.add_argument("--matmul-amx", default="auto", choices=["auto", "on", "off"],
+    parser.add_argument("--matmul-amx", default="auto", choices=list(AMX),
                         help="auto (default): where the CPU has AMX tiles, time the native 4-bit and int8 products "
                              "on tiles against AVX-512 for this model's shapes at 1-128 rows, once (cached on "
                              "disk), and use tiles if no slower at any; on/off: force. Tiles round their sums "

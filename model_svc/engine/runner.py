@@ -81,6 +81,7 @@ DECODE_ATTENTION = ("native", "sdpa")
 MATMUL = ("native", "library")
 PREFILL_ATTENTION = ("native", "sdpa")
 LAYER_LOOP = ("native", "python")
+AMX = ("auto", "on", "off")
 # With native prefill, prompts up to this long attend as decoded tokens do (their cache blocks are then
 # shared exactly); longer ones through the long-prompt kernel, or SDPA where it cannot run.
 NATIVE_MAX_PROMPT = 1024
@@ -123,8 +124,8 @@ class ModelRunner:
         than AVX-512's, the same at every row count). layer_loop: "native" runs a
         step's layers in one native call where it can (layers.py), "python" always loops in Python:
         the same bits either way."""
-        if amx not in ("auto", "on", "off"):
-            raise ValueError(f"amx {amx!r}: expected auto, on or off")
+        if amx not in AMX:
+            raise ValueError(f"amx {amx!r}: expected one of {', '.join(AMX)}")
         if layer_loop not in LAYER_LOOP:
             raise ValueError(f"layer loop {layer_loop!r}: expected one of {', '.join(LAYER_LOOP)}")
         if decode_attention_impl not in DECODE_ATTENTION:
@@ -336,7 +337,7 @@ class ModelRunner:
         tokens count as not computed: what it wrote to their cache slots is written again, with
         the same values, by the step that computes them."""
         batch = self.pack(scheduled, kv)
-        if self.linear.gemm is not None:  # the kernel's path is one process-wide switch: this runner's own
+        if self.linear.gemm is not None and self.linear.gemm.has_amx:  # one process-wide switch: this runner's
             self.linear.gemm.set_amx(self.amx_choice.on)
         self._lora = (self.adapters.rows([item.seq.adapter for item in scheduled], batch.starts, batch.lengths)
                       if self.adapters else None)
