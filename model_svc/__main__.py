@@ -227,12 +227,17 @@ def check_output_layer(args) -> str:
     return args.output_layer
 
 
+def _native_numerics(args) -> bool:
+    """Whether the flags give native numerics: bfloat16 on the CPU, native matrix products and attention,
+    not --match-generate (elsewhere the 4-bit layers keep bitsandbytes' bits)."""
+    return (args.matmul == "native" and not args.match_generate and _native_possible(args)
+            and resolve_attention(args, True) == ("native", "native"))
+
+
 def _int8_output_layer_runs(args) -> bool:
-    """Whether an int8 output layer would run through the kernel's int8 product: 4-bit layers, bfloat16 on
-    the CPU, native matrix products and attention (native numerics), and a kernel build that has it."""
-    if args.quantize != "4bit" or args.matmul != "native" or args.match_generate or not _native_possible(args):
-        return False
-    if resolve_attention(args, True) != ("native", "native"):
+    """Whether an int8 output layer would run through the kernel's int8 product: 4-bit layers, native
+    numerics, and a kernel build that has it."""
+    if args.quantize != "4bit" or not _native_numerics(args):
         return False
     kernel = gemm.load()
     return kernel is not None and kernel.has_int8
@@ -335,8 +340,7 @@ def check_amx(args) -> None:
     "on" where it has no AMX tiles (this CPU, or the compiler, has none)."""
     if args.matmul_amx == "auto":
         return
-    if (args.matmul != "native" or args.match_generate or not _native_possible(args)
-            or resolve_attention(args, True) != ("native", "native")):
+    if not _native_numerics(args):
         raise SystemExit(f"--matmul-amx {args.matmul_amx} chooses the native kernel's path with native numerics, "
                          "which do not run with --matmul library, --match-generate, SDPA attention or outside "
                          "bfloat16 on the CPU (the 4-bit layers keep bitsandbytes' bits there): drop it")

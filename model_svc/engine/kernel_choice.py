@@ -335,6 +335,12 @@ def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: l
     """Sets and returns whether the products run on AMX tiles: `forced` ("on"/"off"), else the cached
     measurement for this CPU, kernel and shapes, else a new one (kept on disk). "on" where the build or
     Linux gives no tiles raises AmxUnavailable."""
+    def permitted() -> bool:
+        if gemm.set_amx(True) == 1:
+            return True
+        log.warning("AMX: Linux refused this process the tile state; products stay on AVX-512")
+        return False
+
     if not getattr(gemm, "has_amx", False):
         if forced == "on":
             raise AmxUnavailable("this CPU or kernel build has no AMX tiles")
@@ -351,8 +357,7 @@ def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: l
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("amx"), bool):
         choice = AmxChoice(entry["amx"], "cached", entry.get("timings"))
-    elif gemm.set_amx(True) != 1:
-        log.warning("AMX: Linux refused this process the tile state; products stay on AVX-512")
+    elif not permitted():
         return AmxChoice(False, "unavailable")
     else:
         start = time.perf_counter()
@@ -364,8 +369,7 @@ def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: l
         data[key] = {"amx": choice.on, "timings": timings, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "cpu": _cpuinfo()[0]}
         _write_cache(path, data)
-    if choice.on and gemm.set_amx(True) != 1:
-        log.warning("AMX: Linux refused this process the tile state; products stay on AVX-512")
+    if choice.on and not permitted():
         return AmxChoice(False, "unavailable")
     gemm.set_amx(choice.on)
     return choice
