@@ -27,11 +27,11 @@ LOOPS = ("native", "python")
 
 
 def steps(engines: dict, tokenizer, n: int, new_tokens: int, rounds: int) -> dict:
-    """Each loop's step times (s) over `rounds` bursts of n sequences, the engines' steps interleaved;
-    checks that both made the same tokens."""
-    times = {loop: [] for loop in engines}
+    """Each engine's step times (s) over `rounds` bursts of n sequences, the engines' steps interleaved
+    (their order reversed every other round); checks that all made the same tokens."""
+    times = {name: [] for name in engines}
     for r in range(rounds):
-        order = LOOPS if r % 2 == 0 else LOOPS[::-1]
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
         tokens = {loop: {} for loop in engines}
         for loop in order:
             for i, text in enumerate(prompts_for(n)):
@@ -51,8 +51,8 @@ def steps(engines: dict, tokenizer, n: int, new_tokens: int, rounds: int) -> dic
                     if out.token_id is not None:
                         tokens[loop].setdefault(out.seq_id, []).append(out.token_id)
             first = False
-        if tokens["native"] != tokens["python"]:
-            raise SystemExit(f"the loops made different tokens at {n} sequences")
+        if any(made != tokens[order[0]] for made in tokens.values()):
+            raise SystemExit(f"the engines ({', '.join(order)}) made different tokens at {n} sequences")
     return times
 
 

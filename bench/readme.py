@@ -32,6 +32,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `python -m bench.openvino_peer` | genrpc's engine beside OpenVINO GenAI in process (`make bench-peers` runs it too) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.layer_loop` | the native layer loop against the Python loop, in process |
+| `python -m bench.one_row` | a lone sequence's step as one row against one padded to two, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
 | `python -m bench.routers` | time to first token through SMG against genrpc's gateway, same worker |
@@ -133,6 +134,13 @@ one loaded model, `--layer-loop native` and `--layer-loop python`, the same N se
 tokens on both (EOS ignored, no speculation), their steps interleaved one by one; each side's
 median step time over 2 rounds (the loops must make the same tokens); then a ~4,000-token prompt
 alone, its first token, the engines A B B A ([Engine](../docs/engine.md#the-layer-loop))."""
+
+ONE_ROW_HOW = """\
+`python -m bench.one_row`, one section per build of the native kernel: two engines in process on one
+model loaded as `make run` loads it, one made to pad a lone token's step with a dummy second row (as
+every step did before native numerics could run one row alone), the same lone sequence of 128
+greedy tokens on both (EOS ignored, no speculation), their steps interleaved one by one over 4
+rounds; each side's median step time (the two must make the same tokens)."""
 
 SECTIONS = [
     Section("The service against generate()", """\
@@ -243,6 +251,9 @@ two rounds; each side's median time to first token over every request.""",
             _stamp("when")),
     *[Section(f"The layer loop ({name} build)", LAYER_LOOP_HOW, f"layer_loop-{isa}.json", None,
               _part("layer_loop"), _stamp("when"))
+      for isa, name in BUILDS],
+    *[Section(f"A lone token as one row ({name} build)", ONE_ROW_HOW, f"one_row-{isa}.json", None,
+              _part("one_row"), _stamp("when"))
       for isa, name in BUILDS],
     *[Section(f"A quantized output layer ({name} build)", OUTPUT_LAYER_HOW, f"output_layer-{isa}.json", None,
               _part("output_layer"), _stamp("when"))

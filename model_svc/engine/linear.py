@@ -211,6 +211,10 @@ class Linears:
             self._bind(module, p)
         return self._native_call(packed, codes, absmax)
 
+    def called(self, module: torch.nn.Module) -> bool:
+        """Whether the module has had its first call (its path is chosen)."""
+        return id(module) in self._native
+
     def uses_native(self, module: torch.nn.Module) -> bool:
         """Whether a module's calls (after its first) go through the native kernel."""
         return self._native.get(id(module), False)

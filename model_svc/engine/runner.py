@@ -66,6 +66,9 @@ class PackedBatch:
     native: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # Long prompts' chunks through the prefill kernel: (starts, lengths, pasts, tables, table offsets).
     long: tuple[torch.Tensor, ...] | None = None
+    # Whether a product of one row gets a second (ModelRunner.one_row_runs_alone): the step's one token a
+    # dummy row (in input_ids), a lone logit row a copy of itself.
+    pad_one_row: bool = True
 
 
 class StepInterrupted(Exception):
@@ -181,6 +184,8 @@ class ModelRunner:
                                and kernel is not None else None)
         self._layers: layers.NativeLayers | bool | None = None if self._layer_library is not None else False
         self.num_native_loop_steps = 0  # steps whose layers ran in the native loop, since start
+        # one_row_runs_alone: None until every product has had its first call (native numerics only).
+        self._one_row_alone: bool | None = None if self.fused is not None and kernel is not None else False
         self.adapters = lora.Adapters([])  # set_adapters
         self._lora: lora.StepRows | None = None  # the step's rows by adapter
         self.kernel_choice = None
@@ -311,7 +316,9 @@ class ModelRunner:
                     kv_slots.append(slice(blocks[0] * bs, blocks[0] * bs + kv_length))
                 else:
                     kv_slots.append(as_tensor(table.slots(0, kv_length, bs)))
-        if len(ids) == 1:
+        pad = not (self.one_row_runs_alone()
+                   and (self.adapters.kernel is not None or not any(item.seq.adapter for item in scheduled)))
+        if len(ids) == 1 and pad:
             # Matrix products on one row take a different kernel (GEMV) than on two or more (GEMM),
             # and the two round differently. A step of a single token gets a dummy second row, so
             # every token always takes the GEMM path and a sequence's numbers never depend on what
@@ -324,7 +331,24 @@ class ModelRunner:
         long = (tuple(map(as_tensor, (long_starts, long_lengths, long_pasts, long_tables, long_offsets)))
                 if long_starts else None)
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
-                           kv_lengths, logit_rows, paths, native, long)
+                           kv_lengths, logit_rows, paths, native, long, pad)
+
+    def one_row_runs_alone(self) -> bool:
+        """Whether a product of one row may run as one row (no dummy second row, pack): with native
+        numerics and every layer's product and the output layer's through the native kernel, whose
+        sums do not depend on the row count, one included (tests/model/test_linear.py). Half the
+        rows of a lone sequence's step: AVX2 computes two rows per pass over the codes. Known once
+        every product has had its first call (until then a step keeps the dummy row, as the first
+        calls compare the kernel with the library's on the step's rows)."""
+        if self._one_row_alone is None:
+            products = [self.model.get_output_embeddings()]
+            for layer in self.base.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                products += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                             mlp.down_proj]
+            if all(self.linear.called(module) for module in products):
+                self._one_row_alone = all(self.linear.uses_native(module) for module in products)
+        return bool(self._one_row_alone)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], kv: KVCache,
@@ -356,7 +380,7 @@ class ModelRunner:
             residual = hidden
             hidden = self._mlp(layer.mlp, layer_idx, layer.post_attention_layernorm(hidden))
             hidden = residual + hidden
-        rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
+        rows = batch.logit_rows * 2 if len(batch.logit_rows) == 1 and batch.pad_one_row else batch.logit_rows
         last = self.base.norm(hidden[0, rows])  # [N, H]
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
@@ -378,7 +402,7 @@ class ModelRunner:
             delta = self._python_loop(hidden, cos, sin, batch, kv, interrupt)
             if self._layers is None:  # the layers' products are bound after their first calls
                 self._layers = layers.plan(self._layer_library, self, kv)
-        rows = batch.logit_rows if len(batch.logit_rows) != 1 else batch.logit_rows * 2  # GEMM path, as above
+        rows = batch.logit_rows * 2 if len(batch.logit_rows) == 1 and batch.pad_one_row else batch.logit_rows
         last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 

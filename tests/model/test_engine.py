@@ -167,6 +167,46 @@ def test_alone_equals_beside_others(reference_model, hf_tokenizer):
     assert [together[i] for i in range(len(ids))] == alone
 
 
+def rows_per_step(engine) -> list[int]:
+    """The packed rows of each step the engine runs from now on (dummy rows included)."""
+    rows, pack = [], engine.runner.pack
+    engine.runner.pack = lambda scheduled, kv: (batch := pack(scheduled, kv), rows.append(len(batch.input_ids)))[0]
+    return rows
+
+
+def test_a_lone_token_runs_as_one_row_with_the_numbers_of_two(reference_model, hf_tokenizer):
+    """With native numerics no product's sums depend on the row count: a lone sequence's decode steps
+    run one row, without the dummy second row, and its logprobs are bit for bit those of steps padded
+    to two rows and of steps beside another sequence."""
+    ids, other = hf_tokenizer(PROMPTS[1]).input_ids, hf_tokenizer(PROMPTS[0]).input_ids
+    params = SamplingParams(max_new_tokens=12, logprobs=True)
+    engine = make_engine(reference_model)
+    if engine.runner.fused is None or engine.runner.linear.gemm is None:
+        pytest.skip("the native kernels cannot be built here: every step keeps its dummy row")
+    rows = rows_per_step(engine)
+    alone = run(engine, [Sequence(0, ids, params)], logprobs=True)[0]
+    assert engine.runner.one_row_runs_alone()
+    assert rows == [len(ids)] + [1] * 11  # the prompt, then each decoded token alone
+    padded = make_engine(reference_model)
+    padded.runner._one_row_alone = False  # the dummy row, as without native numerics
+    padded_rows = rows_per_step(padded)
+    assert run(padded, [Sequence(0, ids, params)], logprobs=True)[0] == alone
+    assert padded_rows == [len(ids)] + [2] * 11
+    together = run(engine, [Sequence(0, ids, params), Sequence(1, other, params)], logprobs=True)
+    assert together[0] == alone
+
+
+@pytest.mark.parametrize("options", [{"extra": ["--matmul", "library"]}, {"match_generate": True}])
+def test_a_lone_token_keeps_its_dummy_row_on_the_librarys_products(reference_model, hf_tokenizer, options):
+    """bitsandbytes' and PyTorch's products round one row (GEMV) differently from two: there a lone
+    token still gets its dummy second row, and so does a lone row of logits."""
+    engine = make_engine(reference_model, **options)
+    rows = rows_per_step(engine)
+    run(engine, [Sequence(0, hf_tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=4))])
+    assert not engine.runner.one_row_runs_alone()
+    assert rows[1:] == [2, 2, 2]
+
+
 def test_joining_mid_batch_does_not_change_tokens(reference_model, hf_tokenizer):
     engine = make_engine(reference_model)
     ids = hf_tokenizer(PROMPTS[1]).input_ids
