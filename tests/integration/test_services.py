@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,15 @@ def test_the_gateway_says_when_a_request_can_succeed(stack):
         log = f.read()
     assert f"gateway READY on 127.0.0.1:{stack.gateway.port}" in log
     assert log.index("gateway serving on") < log.index("gateway READY")  # serving is not ready
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_objects_alive_at_start_up_are_out_of_the_collectors_reach(stack, name):
+    """A full collection would scan the model's and the modules' objects every time (~250 ms in the
+    model service): each service freezes what it holds when it starts serving."""
+    with open(getattr(stack, name).log_path) as f:
+        frozen = re.search(r": (\d+) objects alive at start-up frozen", f.read())
+    assert frozen and int(frozen.group(1)) > 10_000  # grpc, protobuf and the rest: tens of thousands at least
 
 
 @pytest.mark.parametrize("name", list(SERVICES))
