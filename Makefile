@@ -65,7 +65,8 @@ polyglot: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# genrpc beside vLLM's CPU build in the same minutes (not in CI; ~10 min, vLLM's first install more).
+# genrpc beside vLLM's CPU build in the same minutes, the bundled and a 1B-class model (not in CI; ~30
+# min, vLLM's first install more).
 # vLLM lives in its own virtualenv; its torchvision/torchaudio/torchcodec builds break its import here.
 PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.installed-stamp

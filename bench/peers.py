@@ -19,9 +19,15 @@ A long prompt too (issue 28's): one request alone with a prompt of ~4,000 tokens
 the bench, the same on both sides, a fresh first line each request so that neither side's prefix
 cache answers it), 8 greedy tokens; its time to first token, once a round on each side.
 
+Then the same streams on a larger model (issue 28's 1B class; `--no-large-model` skips it): a
+Llama-shaped model of 1.07 B parameters (hidden 2,048, 16 layers, 32 query and 8 key/value heads,
+MLP 8,192, the bundled tokenizer's 49,152 tokens, tied embeddings) with random weights (seeded),
+built once from that config into models/Llama-1B-random; each side serves it as it serves the
+small one. No long prompt there (its prefill alone would take minutes on two cores).
+
 Writes bench/results/peers.json and peers.png.
 
-    python -m bench.peers [--rounds 3] [--concurrency 1 8 32] [--long-prompt-tokens 4000]
+    python -m bench.peers [--rounds 3] [--concurrency 1 8 32] [--long-prompt-tokens 4000] [--no-large-model]
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ SINGLE_STREAM_REQUESTS = 3
 LONG_PROMPT_TOKENS = 4000
 MAX_LONG_PROMPT = 7000  # the model's 8,192 positions, less the new tokens
 LONG_NEW_TOKENS = 8
-VLLM_READY_SECONDS = 600
+VLLM_READY_SECONDS = 1200  # its first start on a slow CPU took ~10 minutes (compilation)
+LARGE_MODEL = os.path.join(ROOT, "models", "Llama-1B-random")
+LARGE_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def free_port() -> int:
@@ -164,6 +174,37 @@ async def measure_genrpc(address: str, n: int, new_tokens: int = NEW_TOKENS) -> 
     return summary([r.ttft for r in results], sum(r.num_tokens for r in results), wall, n, new_tokens)
 
 
+def large_model(folder: str = LARGE_MODEL) -> str:
+    """The 1B-class model (LARGE_SHAPE on the bundled model's config: its vocabulary, positions and
+    norms), random weights from seed 0 in bfloat16, with the bundled tokenizer; built once (~2.1 GB,
+    a minute), then reused. Returns its folder."""
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(MODEL, **LARGE_SHAPE)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))  # whole or not at all
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(MODEL, name)):
+                shutil.copy(os.path.join(MODEL, name), tmp)
+        os.chmod(tmp, 0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def long_prompt(tokens: int) -> tuple[str, int]:
     """A made-up text of about `tokens` tokens of the bundled model's tokenizer (numbered paragraphs
     of the story prompts' topics), and its length in tokens."""
@@ -205,7 +246,7 @@ def summary(ttfts: list[float], tokens: int, wall: float, n: int, new_tokens: in
 
 class Genrpc:
     def __init__(self, model: str):
-        self.stack = start_stack(model)
+        self.stack = start_stack(model, timeout=600)  # a new model's first start measures its kernels
         self.procs = [self.stack.tokenizer.proc, self.stack.model.proc, self.stack.gateway.proc]
 
     def signal(self, sig: int) -> None:
@@ -217,7 +258,8 @@ class Genrpc:
         self.stack.stop()
 
 
-def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKENS) -> dict:
+def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKENS, model: str = MODEL) -> dict:
+    """Both servers on `model`, each point measured on each side every round (module docstring)."""
     os.makedirs(RESULTS, exist_ok=True)
     long_text, long_length = long_prompt(long_tokens) if long_tokens else ("", 0)
     fresh = iter(range(1_000_000))  # each long request's own first line: no prefix cache answers it
@@ -225,18 +267,18 @@ def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKE
     def long_request() -> str:
         return f"Request {next(fresh)}.\n{long_text}"
 
-    genrpc = Genrpc(MODEL)
+    genrpc = Genrpc(model)
     vllm = None
     try:
         genrpc.signal(signal.SIGSTOP)  # vLLM's start-up (compilation, warm-up) must not share its cores
-        vllm = Vllm(MODEL, max_model_len=max(2048, long_length + 64 + LONG_NEW_TOKENS))
+        vllm = Vllm(model, max_model_len=max(2048, long_length + 64 + LONG_NEW_TOKENS))
         genrpc.signal(signal.SIGCONT)
         sides = {
             "genrpc": (genrpc, lambda n, k=NEW_TOKENS: measure_genrpc(genrpc.stack.gateway.address, n, k)),
-            "vllm": (vllm, lambda n, k=NEW_TOKENS: measure_vllm(vllm.port, MODEL, n, k)),
+            "vllm": (vllm, lambda n, k=NEW_TOKENS: measure_vllm(vllm.port, model, n, k)),
         }
         long_measure = {"genrpc": lambda: long_ttft_genrpc(genrpc.stack.gateway.address, long_request()),
-                        "vllm": lambda: long_ttft_vllm(vllm.port, MODEL, long_request())}
+                        "vllm": lambda: long_ttft_vllm(vllm.port, model, long_request())}
         for side, (server, measure) in sides.items():  # warm-up: first requests, all shapes
             other = sides["vllm" if side == "genrpc" else "genrpc"][0]
             other.signal(signal.SIGSTOP)
@@ -275,6 +317,7 @@ def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKE
             "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine()},
             "workload": {"prompts": prompts_for(8), "new_tokens": NEW_TOKENS, "greedy": True, "ignore_eos": True,
                          "single_stream_requests": SINGLE_STREAM_REQUESTS},
+            "model": os.path.basename(model),
             "genrpc": "make run defaults (4-bit nf4, bfloat16 compute)",
             "vllm": {"version": vllm.version(), "dtype": "bfloat16", "server": "OpenAI /v1/completions, streamed"},
             "orders": orders,
@@ -335,18 +378,13 @@ def plot(report: dict, path: str) -> None:
 
 
 TARGETS = {1: ">= 1.5x", 8: ">= 1.3x", 32: ">= 1.2x; TTFT no worse"}
+LARGE_TARGETS = {8: ">= 1.5x on a CPU with AMX", 32: ">= 1.5x on a CPU with AMX"}
 
 
 def markdown(report: dict) -> str:
-    """The bench README's table: each point's median tokens/s, the ratio each round, first tokens."""
-    rows = ["| streams | genrpc tok/s | vLLM-CPU tok/s | ratio (each round) | TTFT p50 genrpc / vLLM ms | target |",
-            "|---|---|---|---|---|---|"]
-    for p in report["points"]:
-        n, g, v = p["concurrency"], p["genrpc"], p["vllm"]
-        rounds = ", ".join(f"{r:.2f}" for r in p["ratio_per_round"])
-        rows.append(f"| {n} | {g['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {p['ratio_tokens_per_s']:.2f}x "
-                    f"({rounds}) | {g['ttft_p50_s'] * 1000:.0f} / {v['ttft_p50_s'] * 1000:.0f} | "
-                    f"{TARGETS.get(n, '')} |")
+    """The bench README's tables: each point's median tokens/s, the ratio each round, first tokens;
+    then the larger model's."""
+    rows = _table(report, TARGETS)
     if "long_prompt" in report:
         lp = report["long_prompt"]
         rounds = ", ".join(f"{r:.2f}" for r in lp["ratio_per_round"])
@@ -355,14 +393,33 @@ def markdown(report: dict) -> str:
                     f"(each round {rounds}; target <= 0.8x on a CPU with AMX).")
     orders = ", ".join("-".join(o) for o in report["orders"])
     rows.append(f"\nvLLM {report['vllm']['version']} ({report['vllm']['dtype']}); orders of the rounds: {orders}.")
+    large = report.get("large_model")
+    if large:
+        rows += [f"\nThe 1B-class model ({large.get('model', 'Llama-1B-random')}, random weights), same rounds:", "",
+                 *_table(large, LARGE_TARGETS)]
     return "\n".join(rows)
 
 
-def workload_args(description: str, rounds: int, least_long: int) -> argparse.Namespace:
+def _table(report: dict, targets: dict) -> list[str]:
+    rows = ["| streams | genrpc tok/s | vLLM-CPU tok/s | ratio (each round) | TTFT p50 genrpc / vLLM ms | target |",
+            "|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        n, g, v = p["concurrency"], p["genrpc"], p["vllm"]
+        rounds = ", ".join(f"{r:.2f}" for r in p["ratio_per_round"])
+        rows.append(f"| {n} | {g['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {p['ratio_tokens_per_s']:.2f}x "
+                    f"({rounds}) | {g['ttft_p50_s'] * 1000:.0f} / {v['ttft_p50_s'] * 1000:.0f} | "
+                    f"{targets.get(n, '')} |")
+    return rows
+
+
+def workload_args(description: str, rounds: int, least_long: int, large: bool = False) -> argparse.Namespace:
     """The flags of the benches that compare sides over N streams and a lone long prompt (this one,
     bench/openvino_peer.py, bench/layer_loop.py), parsed and checked: --rounds, --concurrency,
-    --long-prompt-tokens (at least `least_long`; 0, where allowed: not measured)."""
+    --long-prompt-tokens (at least `least_long`; 0, where allowed: not measured); with `large`,
+    --no-large-model (the 1B-class model's streams skipped)."""
     parser = argparse.ArgumentParser(description=description)
+    if large:
+        parser.add_argument("--no-large-model", action="store_true", help="skip the 1B-class model's streams")
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--long-prompt-tokens", type=int, default=LONG_PROMPT_TOKENS,
@@ -376,17 +433,24 @@ def workload_args(description: str, rounds: int, least_long: int) -> argparse.Na
     return args
 
 
-def main() -> None:
-    args = workload_args(__doc__.splitlines()[0], rounds=3, least_long=0)
-    machine = roofline.measure()  # before either server starts: nothing else on the cores
-    report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
+def rooflines(machine: dict, report: dict, folder: str) -> dict:
+    """Each side's points against their bounds (bench/roofline.py) for the model in `folder`."""
     context = 12 + NEW_TOKENS // 2  # a story prompt's ~12 tokens, then half the new ones on average
     output_bytes = roofline.served_output_bytes()  # genrpc's; vLLM's output layer is bfloat16
-    report["roofline"] = {side: roofline.bounds(machine, {p["concurrency"]: p[side]["tokens_per_s"]
-                                                          for p in report["points"]}, context,
-                                                weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0,
-                                                output_bytes=output_bytes if side == "genrpc" else 2.0)
-                          for side in ("genrpc", "vllm")}
+    return {side: roofline.bounds(machine, {p["concurrency"]: p[side]["tokens_per_s"] for p in report["points"]},
+                                  context, folder, weight_bytes=roofline.NF4_BYTES if side == "genrpc" else 2.0,
+                                  output_bytes=output_bytes if side == "genrpc" else 2.0)
+            for side in ("genrpc", "vllm")}
+
+
+def main() -> None:
+    args = workload_args(__doc__.splitlines()[0], rounds=3, least_long=0, large=True)
+    machine = roofline.measure()  # before either server starts: nothing else on the cores
+    report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
+    report["roofline"] = rooflines(machine, report, MODEL)
+    if not args.no_large_model:
+        large = report["large_model"] = run(args.rounds, args.concurrency, 0, model=large_model())
+        large["roofline"] = rooflines(machine, large, LARGE_MODEL)
     report["cpu"] = describe_cpu()
     with open(os.path.join(RESULTS, "peers.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -399,6 +463,9 @@ def main() -> None:
               f"{p['vllm']['tokens_per_s']:.0f} tok/s: {p['ratio_tokens_per_s']:.2f}x (rounds "
               f"{', '.join(f'{r:.2f}' for r in p['ratio_per_round'])}); TTFT {p['genrpc']['ttft_p50_s'] * 1000:.0f} "
               f"vs {p['vllm']['ttft_p50_s'] * 1000:.0f} ms")
+    for p in report.get("large_model", {}).get("points", []):
+        print(f"1B-class model, N={p['concurrency']:2d}: genrpc {p['genrpc']['tokens_per_s']:.1f} tok/s, vLLM "
+              f"{p['vllm']['tokens_per_s']:.1f} tok/s: {p['ratio_tokens_per_s']:.2f}x")
     if "long_prompt" in report:
         lp = report["long_prompt"]
         print(f"{lp['prompt_tokens']}-token prompt: first token genrpc {lp['genrpc_ttft_s']:.2f} s, vLLM "

@@ -28,7 +28,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `make bench` | the service against `generate()`, the next seven sections, beams and LoRA (~25 min) |
 | `python -m bench.beams` | beam search against a loop of `generate(num_beams=4)`, and beside other streams |
 | `python -m bench.lora` | streams through LoRA adapters against the base model's |
-| `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes (~10 min; vLLM installs once) |
+| `make bench-peers` | genrpc beside vLLM's CPU build in the same minutes, two models (~30 min; vLLM installs once) |
 | `python -m bench.openvino_peer` | genrpc's engine beside OpenVINO GenAI in process (`make bench-peers` runs it too) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.layer_loop` | the native layer loop against the Python loop, in process |
@@ -219,7 +219,9 @@ ignored; N concurrent streams (one stream: three requests one after another); to
 burst's wall time and the first token's p50, each side's median of 3 rounds. genrpc runs with
 prompt lookup on (its default; vLLM speculates only when told). Then a ~4,000-token prompt alone
 (a fresh first line each request, so no prefix cache answers it), 8 greedy tokens: its time to
-first token, once a round on each side.""",
+first token, once a round on each side. Then the same streams on a 1B-class model (Llama-shaped,
+hidden 2,048, 16 layers, random weights, built once from a config into models/; no long prompt;
+`--no-large-model` skips it).""",
             "peers.json", None,
             _image("results/peers.png", "genrpc and vLLM-CPU, same minutes", _part("peers")), _stamp("when")),
     Section("Peers: OpenVINO GenAI in process", """\

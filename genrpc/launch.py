@@ -156,15 +156,15 @@ class Stack:
 
 def start_stack(model: str, model_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = (),
                 credentials: Credentials | None = None, model_wrap: tuple[str, ...] = (),
-                env: dict | None = None) -> Stack:
+                env: dict | None = None, timeout: float = 120) -> Stack:
     """The three services as `make run` starts them: the internal hops over TLS with client
     certificates and a shared secret, from throw-away credentials (`credentials`, or new ones).
-    `env`: variables added to each service's environment."""
+    `env`: variables added to each service's environment; `timeout`: seconds each may take to start."""
     folder = "" if credentials else tempfile.mkdtemp(prefix="genrpc-credentials-")
     credentials = credentials or make_credentials(folder)
     tokenizer = start_service("tokenizer_svc", "--model", model, *credentials.server_flags(), env=env)
     worker = start_service("model_svc", "--model", model, *credentials.server_flags(), *model_args, wrap=model_wrap,
-                           env=env)
+                           env=env, timeout=timeout)
     gateway = start_service("gateway", "--tokenizer-addrs", tokenizer.address, "--model-addrs", worker.address,
                             *credentials.client_flags(), *gateway_args, env=env)
     wait_serving(gateway.address)

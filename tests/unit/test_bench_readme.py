@@ -31,3 +31,21 @@ def test_a_report_without_a_cpu_model_says_so():
     assert readme.machine({"machine": {"cpus": 2, "platform": "Linux-x86_64"}}) == (
         "CPU model not recorded by this run (2 cores, Linux-x86_64)")
     assert readme.machine({"machine": {"cpu": "AMD EPYC (avx2), 2 cores"}}) == "AMD EPYC (avx2), 2 cores"
+
+
+def test_the_peers_section_shows_the_larger_models_streams_when_they_ran():
+    from bench import peers
+
+    def point(n, genrpc, vllm):
+        side = lambda t: {"tokens_per_s": t, "ttft_p50_s": 0.5, "rounds": []}  # noqa: E731
+        return {"concurrency": n, "genrpc": side(genrpc), "vllm": side(vllm), "ratio_tokens_per_s": genrpc / vllm,
+                "ratio_per_round": [genrpc / vllm], "ttft_ratio": 1.0}
+
+    report = {"points": [point(8, 200.0, 100.0)], "orders": [["genrpc", "vllm"]],
+              "vllm": {"version": "0.32.0", "dtype": "bfloat16"}}
+    assert "1B-class" not in peers.markdown(report)
+    report["large_model"] = {"model": "Llama-1B-random", "points": [point(8, 30.0, 20.0), point(32, 45.0, 60.0)]}
+    text = peers.markdown(report)
+    large = text[text.index("The 1B-class model (Llama-1B-random"):]
+    assert "| 8 | 30.0 | 20.0 | 1.50x (1.50) |" in large and "| 32 | 45.0 | 60.0 | 0.75x (0.75) |" in large
+    assert ">= 1.5x on a CPU with AMX" in large
