@@ -336,10 +336,10 @@ class ModelRunner:
     def one_row_runs_alone(self) -> bool:
         """Whether a product of one row may run as one row (no dummy second row, pack): with native
         numerics and every layer's product and the output layer's through the native kernel, whose
-        sums do not depend on the row count, one included (tests/model/test_linear.py). Half the
-        rows of a lone sequence's step: AVX2 computes two rows per pass over the codes. Known once
-        every product has had its first call (until then a step keeps the dummy row, as the first
-        calls compare the kernel with the library's on the step's rows)."""
+        sums do not depend on the row count, one included (tests/model/test_linear.py). A lone
+        sequence's step then computes half the rows (on AVX2, 0.78x the time: docs/measurements.md).
+        Known once every product has had its first call (until then a step keeps the dummy row, as
+        the first calls compare the kernel with the library's on the step's rows)."""
         if self._one_row_alone is None:
             products = [self.model.get_output_embeddings()]
             for layer in self.base.layers:
