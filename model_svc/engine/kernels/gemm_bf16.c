@@ -679,38 +679,40 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
  * (each lane: acc += x[k + 1] * w[k + 1], rounded, then acc += x[k] * w[k], rounded; a product of two
  * bfloat16 values is exact in float32, so one FMA is each step) and VCVTNEPS2BF16's rounding (to
  * nearest even). Denormals are kept (the instruction flushes them), so the bits are the AVX-512
- * kernel's except where a sum passes through a denormal. For three rows or more, a column block's codes
- * are decoded once per call into a float32 panel ([pair][4 column vectors][odd, even][8]) that every
- * row tile reads; one or two rows (a decoding step's few sequences) multiply the weights straight from
- * the codes (nf4: a byte shuffle per half-byte, no panel), as writing and re-reading a panel per call
- * cost more than the products themselves. The sums, and so the bits, are the same either way. */
+ * kernel's except where a sum passes through a denormal. A column block takes one of two ways, by row
+ * count (the threshold measured per CPU, below): straight from the codes (nf4: a byte shuffle per
+ * half-byte), one or two rows two blocks or two rows a pass, more rows in tiles of up to five over
+ * half a block, each pair's codes decoded in registers once per tile (half_tile); or through a
+ * float32 panel ([pair][4 column vectors][odd, even][8]) decoded once per call and read by every row
+ * tile, which many rows amortize. The sums, and so the bits, are the same either way. */
 #define LANES 8 /* float32 lanes of a vector */
 #define VECS (COLS / LANES) /* column vectors per block */
 #define TILE_ROWS 5 /* rows per tile of two column vectors: 10 sums, 2 weights, 1 input in 16 registers */
 
 int gemm_supported(void) { return 1; }
 
-/* The 16 code values as float32 (lo: 0-7, hi: 8-15) at the indices in bits 0-3 of each lane (the
- * permutes read bits 0-2; bit 3, moved to the sign by `top`, picks the half). */
-static inline __attribute__((always_inline)) __m256 lookup(__m256i index, __m256i top, __m256 lo, __m256 hi) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, index), _mm256_permutevar8x32_ps(hi, index),
-                            _mm256_castsi256_ps(top));
-}
-
-/* One nf4 column block (`pairs` pairs of 32 bytes) to its float32 panel. Byte j of a pair: column j / 2
- * (low half) and 16 + j / 2 (high half), input k + j % 2. As 32-bit lanes of 16 bytes widened to
- * words, lane i holds column i's (or 8 + i's) two codes at bits 0-3 and 16-19, column 16 + i's (24 + i's)
- * at bits 4-7 and 20-23. */
-static void nf4_panel(const uint8_t *codes, int64_t pairs, __m256 lo, __m256 hi, float *panel) {
+/* One nf4 column block (`pairs` pairs of 32 bytes) to its float32 panel, by nf4_direct's byte shuffles:
+ * their vectors hold columns {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}, so each
+ * 128-bit half goes to its column vector's place (the stores are 128 bits wide on some CPUs anyway;
+ * a lane-crossing permute is slow on others). */
+static void nf4_panel(const uint8_t *codes, int64_t pairs, __m256i table_lo, __m256i table_hi, float *panel) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t p = 0; p < pairs; p++) {
         float *out = panel + p * VECS * 2 * LANES;
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(codes + p * COLS));
+        const __m256i q[2] = {_mm256_and_si256(y, nibble), _mm256_and_si256(_mm256_srli_epi16(y, 4), nibble)};
         for (int half = 0; half < 2; half++) {
-            const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + p * COLS + 16 * half)));
-            const int low = half, high = 2 + half; /* column vectors: 8 * half.. and 16 + 8 * half.. */
-            _mm256_storeu_ps(out + (2 * low + 0) * LANES, lookup(_mm256_srli_epi32(w, 16), _mm256_slli_epi32(w, 12), lo, hi));
-            _mm256_storeu_ps(out + (2 * low + 1) * LANES, lookup(w, _mm256_slli_epi32(w, 28), lo, hi));
-            _mm256_storeu_ps(out + (2 * high + 0) * LANES, lookup(_mm256_srli_epi32(w, 20), _mm256_slli_epi32(w, 8), lo, hi));
-            _mm256_storeu_ps(out + (2 * high + 1) * LANES, lookup(_mm256_srli_epi32(w, 4), _mm256_slli_epi32(w, 24), lo, hi));
+            const __m256i l = _mm256_shuffle_epi8(table_lo, q[half]), h = _mm256_shuffle_epi8(table_hi, q[half]);
+            const __m256i w[2] = {_mm256_unpacklo_epi8(l, h), _mm256_unpackhi_epi8(l, h)};
+            float *v0 = out + 2 * (2 * half) * LANES, *v1 = out + 2 * (2 * half + 1) * LANES; /* columns 16h.., 16h + 8.. */
+            for (int j = 0; j < 2; j++) { /* w[j]: columns 16h + 4j.. (low half), 16h + 8 + 4j.. (high half) */
+                const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w[j], high));
+                const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w[j], 16));
+                _mm_storeu_ps(v0 + 4 * j, _mm256_castps256_ps128(odd));
+                _mm_storeu_ps(v0 + LANES + 4 * j, _mm256_castps256_ps128(even));
+                _mm_storeu_ps(v1 + 4 * j, _mm256_extractf128_ps(odd, 1));
+                _mm_storeu_ps(v1 + LANES + 4 * j, _mm256_extractf128_ps(even, 1));
+            }
         }
     }
 }
@@ -796,8 +798,7 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
 
 #define DIRECT_ROWS 2 /* rows per direct tile */
 
-/* Products of at most this many rows read the weights directly, two rows per pass, instead of through
- * a panel: where the crossover lies differs between CPUs, so the runner measures it (kernel_choice.py)
+/* Products of at most this many rows read the weights directly instead of through a panel: where the crossover lies differs between CPUs, so the runner measures it (kernel_choice.py)
  * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense, [2] int8. */
 static int64_t direct_rows[3] = {DIRECT_ROWS, DIRECT_ROWS, DIRECT_ROWS};
 
@@ -918,6 +919,89 @@ static float *float_rows(const uint16_t *a, int64_t m, int64_t k, int64_t lda) {
     return rows;
 }
 
+/* An int8 column block's codes ([k][32], see gemm_int8_bf16 below): 8 of them as float32. */
+static inline __attribute__((always_inline)) __m256 int8_vector(const int8_t *codes) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)codes)));
+}
+
+/* `rows` rows times one half (16 columns) of a column block, straight from its codes: each input pair's
+ * 32 weights of the half decoded in registers once, then multiplied into every row of the tile (the
+ * sums of `tile`, term for term: the same bits at any row count). nf4 (int8 == 0): codes as
+ * gemm_nf4_bf16's, the half's columns their low (half 0) or high (half 1) nibbles, decoded by nf4_direct's
+ * shuffles into its column order, which to_natural's pairing of halves maps to and from natural order
+ * (the scales on the way in, the sums on the way out). int8: codes [k][32], natural order. Decoding
+ * once per tile of rows rather than once per pair of rows (nf4_direct), and in registers rather than
+ * through a block's panel in memory, measured faster from 3 rows to ~16 (docs/measurements.md). */
+static inline __attribute__((always_inline)) void half_tile(const float *a, int64_t lda, const uint8_t *codes,
+                                                            int64_t pairs, int64_t block_pairs, const float *scales,
+                                                            __m256i table_lo, __m256i table_hi, const int int8,
+                                                            const int half, uint16_t *c, int64_t ldc, const int rows) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[TILE_ROWS * 2], part[TILE_ROWS * 2];
+    for (int i = 0; i < rows * 2; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += block_pairs) {
+        for (int i = 0; i < rows * 2; i++) part[i] = _mm256_setzero_ps();
+        for (int64_t p = p0; p < p0 + block_pairs; p++) {
+            __m256 odd[2], even[2];
+            if (int8) {
+                const int8_t *pair = (const int8_t *)codes + 2 * p * COLS + 16 * half;
+                for (int v = 0; v < 2; v++) {
+                    odd[v] = int8_vector(pair + COLS + v * LANES);
+                    even[v] = int8_vector(pair + v * LANES);
+                }
+            } else {
+                const __m256i y = _mm256_loadu_si256((const __m256i *)(codes + p * COLS));
+                const __m256i q = _mm256_and_si256(half ? _mm256_srli_epi16(y, 4) : y, nibble);
+                const __m256i lo = _mm256_shuffle_epi8(table_lo, q), hi = _mm256_shuffle_epi8(table_hi, q);
+                const __m256i w[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+                for (int v = 0; v < 2; v++) {
+                    odd[v] = _mm256_castsi256_ps(_mm256_and_si256(w[v], high));
+                    even[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16));
+                }
+            }
+            for (int r = 0; r < rows; r++) { /* each input broadcast once for both vectors */
+                const __m256 xo = _mm256_broadcast_ss(a + r * lda + 2 * p + 1);
+                part[r * 2] = _mm256_fmadd_ps(xo, odd[0], part[r * 2]);
+                part[r * 2 + 1] = _mm256_fmadd_ps(xo, odd[1], part[r * 2 + 1]);
+                const __m256 xe = _mm256_broadcast_ss(a + r * lda + 2 * p);
+                part[r * 2] = _mm256_fmadd_ps(xe, even[0], part[r * 2]);
+                part[r * 2 + 1] = _mm256_fmadd_ps(xe, even[1], part[r * 2 + 1]);
+            }
+        }
+        const float *block = scales + (p0 / block_pairs) * COLS + 16 * half;
+        const __m256 n0 = _mm256_loadu_ps(block), n1 = _mm256_loadu_ps(block + LANES);
+        const __m256 s[2] = {int8 ? n0 : _mm256_permute2f128_ps(n0, n1, 0x20),
+                             int8 ? n1 : _mm256_permute2f128_ps(n0, n1, 0x31)};
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < 2; v++) acc[r * 2 + v] = _mm256_fmadd_ps(part[r * 2 + v], s[v], acc[r * 2 + v]);
+    }
+    for (int r = 0; r < rows; r++) {
+        const __m256 a0 = acc[r * 2], a1 = acc[r * 2 + 1];
+        store_bf16(c + r * ldc + 16 * half, int8 ? a0 : _mm256_permute2f128_ps(a0, a1, 0x20));
+        store_bf16(c + r * ldc + 16 * half + LANES, int8 ? a1 : _mm256_permute2f128_ps(a0, a1, 0x31));
+    }
+}
+
+/* All m rows times one column block by half_tile: tiles of up to TILE_ROWS rows, as even as they go. */
+static void half_tiles(const float *a, int64_t m, int64_t lda, const uint8_t *codes, int64_t pairs,
+                       int64_t block_pairs, const float *scales, __m256i table_lo, __m256i table_hi, const int int8,
+                       uint16_t *c, int64_t ldc) {
+    const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS;
+    for (int64_t t = 0, r = 0; t < tiles; t++) {
+        const int64_t rows = m / tiles + (t < m % tiles);
+        for (int half = 0; half < 2; half++) {
+            switch (rows) {
+#define HALF(n) \
+    case n: half_tile(a + r * lda, lda, codes, pairs, block_pairs, scales, table_lo, table_hi, int8, half, c + r * ldc, ldc, n); break;
+                HALF(1) HALF(2) HALF(3) HALF(4) HALF(5)
+#undef HALF
+            default: break;
+            }
+        }
+        r += rows;
+    }
+}
+
 /* No groups to share out: this build's product converts its rows once a call (gemm_nf4_bf16), and
  * run a group at a time it measured slower. */
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
@@ -927,13 +1011,7 @@ int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                   int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
                   const int64_t *part_cols, uint16_t *const *part_c) {
-    float table[16];
-    for (int i = 0; i < 16; i++) {
-        const uint32_t bits = (uint32_t)code_values[i] << 16;
-        memcpy(&table[i], &bits, sizeof bits);
-    }
-    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
-    uint8_t bytes_lo[16], bytes_hi[16]; /* the code values' low and high bytes, for the direct path's shuffles */
+    uint8_t bytes_lo[16], bytes_hi[16]; /* the code values' low and high bytes, for the byte shuffles */
     for (int i = 0; i < 16; i++) {
         bytes_lo[i] = (uint8_t)(code_values[i] & 0xFF);
         bytes_hi[i] = (uint8_t)(code_values[i] >> 8);
@@ -974,6 +1052,8 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
         }
         if (nblocks == 2) { /* one row: each block's output where its part puts it, no stride needed */
             nf4_direct(x, k, block, pairs, block_pairs, scales, table_lo, table_hi, c, 0, 1, 2);
+        } else if (direct && m > 2) {
+            half_tiles(x, m, k, block[0], pairs, block_pairs, scales[0], table_lo, table_hi, 0, c[0], ldc);
         } else if (direct) {
             for (int64_t r = 0; r < m; r += 2) {
                 uint16_t *out[1] = {c[0] + r * ldc};
@@ -981,7 +1061,7 @@ int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absma
                 else nf4_direct(x + r * k, k, block, pairs, block_pairs, scales, table_lo, table_hi, out, ldc, 2, 1);
             }
         } else {
-            nf4_panel(block[0], pairs, lo, hi, buffer);
+            nf4_panel(block[0], pairs, table_lo, table_hi, buffer);
             panel_rows(x, m, k, buffer, pairs, block_pairs, scales[0], c[0], ldc);
         }
     }
@@ -1031,10 +1111,6 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
  * panel's `tile`), then sum += partial * scale. Half the bfloat16 weight's bytes, which one stream's
  * step reads from memory every token. */
 #define INT8_AHEAD 2048 /* bytes of int8 codes prefetched ahead */
-
-static inline __attribute__((always_inline)) __m256 int8_vector(const int8_t *codes) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)codes)));
-}
 
 /* One int8 column block ([k][32] codes) to its float32 panel ([pair][4 column vectors][odd, even][8]). */
 static void int8_panel(const int8_t *codes, int64_t pairs, float *panel) {
@@ -1108,6 +1184,9 @@ int gemm_int8_bf16(const uint16_t *a, const int8_t *codes, const float *scales, 
         if (nblocks == 2) {
             uint16_t *out[2] = {c + b0 * COLS, c + (b0 + 1) * COLS};
             int8_direct(x, k, block, pairs, block_pairs, s, out, 0, 1, 2);
+        } else if (direct && m > 2) {
+            const __m256i none = _mm256_setzero_si256(); /* no nf4 tables */
+            half_tiles(x, m, k, (const uint8_t *)block[0], pairs, block_pairs, s[0], none, none, 1, c + b0 * COLS, ldc);
         } else if (direct) {
             for (int64_t r = 0; r < m; r += 2) {
                 uint16_t *out[1] = {c + r * ldc + b0 * COLS};
