@@ -691,8 +691,18 @@ int gemm_packed_bf16(const uint16_t *a, const uint16_t *packed, uint16_t *c, int
 
 int gemm_supported(void) { return 1; }
 
-/* One nf4 column block (`pairs` pairs of 32 bytes) to its float32 panel, by nf4_direct's byte shuffles:
- * their vectors hold columns {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}, so each
+/* The bfloat16 values of 32 nf4 codes (code indices in the low half of each byte of q, a pair's low or
+ * high nibbles) by two byte shuffles of the code values' low and high bytes: each 32-bit lane of w[0]
+ * holds a column's (even input, odd input) pair for columns {0-3, 8-11} of the 16, w[1] for {4-7, 12-15}. */
+static inline __attribute__((always_inline)) void nf4_words(__m256i q, __m256i table_lo, __m256i table_hi,
+                                                            __m256i *w) {
+    const __m256i lo = _mm256_shuffle_epi8(table_lo, q), hi = _mm256_shuffle_epi8(table_hi, q);
+    w[0] = _mm256_unpacklo_epi8(lo, hi);
+    w[1] = _mm256_unpackhi_epi8(lo, hi);
+}
+
+/* One nf4 column block (`pairs` pairs of 32 bytes) to its float32 panel, decoded by nf4_words, whose
+ * vectors hold columns {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}, so each
  * 128-bit half goes to its column vector's place (the stores are 128 bits wide on some CPUs anyway;
  * a lane-crossing permute is slow on others). */
 static void nf4_panel(const uint8_t *codes, int64_t pairs, __m256i table_lo, __m256i table_hi, float *panel) {
@@ -702,8 +712,8 @@ static void nf4_panel(const uint8_t *codes, int64_t pairs, __m256i table_lo, __m
         const __m256i y = _mm256_loadu_si256((const __m256i *)(codes + p * COLS));
         const __m256i q[2] = {_mm256_and_si256(y, nibble), _mm256_and_si256(_mm256_srli_epi16(y, 4), nibble)};
         for (int half = 0; half < 2; half++) {
-            const __m256i l = _mm256_shuffle_epi8(table_lo, q[half]), h = _mm256_shuffle_epi8(table_hi, q[half]);
-            const __m256i w[2] = {_mm256_unpacklo_epi8(l, h), _mm256_unpackhi_epi8(l, h)};
+            __m256i w[2];
+            nf4_words(q[half], table_lo, table_hi, w);
             float *v0 = out + 2 * (2 * half) * LANES, *v1 = out + 2 * (2 * half + 1) * LANES; /* columns 16h.., 16h + 8.. */
             for (int j = 0; j < 2; j++) { /* w[j]: columns 16h + 4j.. (low half), 16h + 8 + 4j.. (high half) */
                 const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w[j], high));
@@ -798,8 +808,9 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
 
 #define DIRECT_ROWS 2 /* rows per direct tile */
 
-/* Products of at most this many rows read the weights directly instead of through a panel: where the crossover lies differs between CPUs, so the runner measures it (kernel_choice.py)
- * and sets it; until then, two. Per weight kind: [0] nf4, [1] dense, [2] int8. */
+/* Products of at most this many rows read the weights directly instead of through a panel: where the
+ * crossover lies differs between CPUs, so the runner measures it (kernel_choice.py) and sets it; until
+ * then, two. Per weight kind: [0] nf4, [1] dense, [2] int8. */
 static int64_t direct_rows[3] = {DIRECT_ROWS, DIRECT_ROWS, DIRECT_ROWS};
 
 int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
@@ -854,11 +865,9 @@ static inline __attribute__((always_inline)) void nf4_direct(const float *a, int
         for (int64_t p = p0; p < p0 + block_pairs; p++) {
             for (int blk = 0; blk < nblocks; blk++) {
                 const __m256i y = _mm256_loadu_si256((const __m256i *)(codes[blk] + p * COLS));
-                const __m256i lo = _mm256_and_si256(y, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(y, 4), nibble);
-                const __m256i lo_l = _mm256_shuffle_epi8(table_lo, lo), lo_h = _mm256_shuffle_epi8(table_hi, lo);
-                const __m256i hi_l = _mm256_shuffle_epi8(table_lo, hi), hi_h = _mm256_shuffle_epi8(table_hi, hi);
-                const __m256i w[VECS] = {_mm256_unpacklo_epi8(lo_l, lo_h), _mm256_unpackhi_epi8(lo_l, lo_h),
-                                         _mm256_unpacklo_epi8(hi_l, hi_h), _mm256_unpackhi_epi8(hi_l, hi_h)};
+                __m256i w[VECS];
+                nf4_words(_mm256_and_si256(y, nibble), table_lo, table_hi, w);
+                nf4_words(_mm256_and_si256(_mm256_srli_epi16(y, 4), nibble), table_lo, table_hi, w + 2);
                 for (int r = 0; r < rows; r++) /* group blk + r: one of the two is 0 */
                     pair_sums(a + r * lda + 2 * p, w, part + (blk + r) * VECS);
             }
@@ -927,8 +936,8 @@ static inline __attribute__((always_inline)) __m256 int8_vector(const int8_t *co
 /* `rows` rows times one half (16 columns) of a column block, straight from its codes: each input pair's
  * 32 weights of the half decoded in registers once, then multiplied into every row of the tile (the
  * sums of `tile`, term for term: the same bits at any row count). nf4 (int8 == 0): codes as
- * gemm_nf4_bf16's, the half's columns their low (half 0) or high (half 1) nibbles, decoded by nf4_direct's
- * shuffles into its column order, which to_natural's pairing of halves maps to and from natural order
+ * gemm_nf4_bf16's, the half's columns their low (half 0) or high (half 1) nibbles, decoded by nf4_words
+ * into its column order, which to_natural's pairing of halves maps to and from natural order
  * (the scales on the way in, the sums on the way out). int8: codes [k][32], natural order. Decoding
  * once per tile of rows rather than once per pair of rows (nf4_direct), and in registers rather than
  * through a block's panel in memory, measured faster from 3 rows to ~16 (docs/measurements.md). */
@@ -952,8 +961,8 @@ static inline __attribute__((always_inline)) void half_tile(const float *a, int6
             } else {
                 const __m256i y = _mm256_loadu_si256((const __m256i *)(codes + p * COLS));
                 const __m256i q = _mm256_and_si256(half ? _mm256_srli_epi16(y, 4) : y, nibble);
-                const __m256i lo = _mm256_shuffle_epi8(table_lo, q), hi = _mm256_shuffle_epi8(table_hi, q);
-                const __m256i w[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+                __m256i w[2];
+                nf4_words(q, table_lo, table_hi, w);
                 for (int v = 0; v < 2; v++) {
                     odd[v] = _mm256_castsi256_ps(_mm256_and_si256(w[v], high));
                     even[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w[v], 16));
