@@ -1,9 +1,10 @@
 """Which matrix-product path runs at which row count, chosen by timing this CPU on the model's shapes.
 
 The native kernel (gemm.py) has, where it runs on AVX2, two ways through a column block: straight
-from the weights (decoded in registers, two rows a pass) or through a float32 panel decoded once
-and read by every row tile. Both sum every output element in the same order, so they give the same
-bits and the choice may differ by row count without a row's result depending on its neighbours.
+from the weights (decoded in registers: one or two rows a pass, more in tiles of up to five rows
+over half a block) or through a float32 panel decoded once and read by every row tile. Both sum
+every output element in the same order, so they give the same bits and the choice may differ by
+row count without a row's result depending on its neighbours.
 Where the crossover lies depends on the CPU (decode throughput, cache sizes, bandwidth), so it is
 measured: at first start, for the loaded model's own layer shapes, at a few row counts, both ways
 interleaved; the largest row count up to which the direct way wins at every measured count is the
