@@ -806,7 +806,7 @@ static void panel_rows(const float *a, int64_t m, int64_t lda, const float *pane
     }
 }
 
-#define DIRECT_ROWS 2 /* rows per direct tile */
+#define DIRECT_ROWS 2 /* the direct way's row threshold until the runner sets a measured one */
 
 /* Products of at most this many rows read the weights directly instead of through a panel: where the
  * crossover lies differs between CPUs, so the runner measures it (kernel_choice.py) and sets it; until
