@@ -113,3 +113,25 @@ def test_silu_times_up_depends_on_each_value_alone():
     for start, length in [(0, 1), (5, 1), (3, 17), (1, 1000), (7, 33333)]:
         part = OPS.silu_mul(gate[start:start + length].clone(), up[start:start + length].clone())
         assert torch.equal(part, whole[start:start + length]), (start, length)
+
+
+def test_silu_times_up_built_without_trapping_math_keeps_every_bit():
+    """fused.py builds kernels/fused.c with -fno-trapping-math so that GCC vectorizes silu * up; the
+    build without it (a scalar loop under GCC) gives the same bits for every bfloat16 gate value
+    against ordinary, signed-zero, infinite and NaN `up` values."""
+    import ctypes
+
+    from model_svc.engine import kernels
+
+    assert fused.FLAGS == ("-fno-trapping-math",)
+    plain = ctypes.CDLL(str(kernels.build(fused.SOURCE, extra_flags=("-fopenmp",))))
+    plain.silu_mul_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    plain.silu_mul_bf16.restype = None
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    ups = torch.cat([torch.randn(12, generator=g) * 3, torch.tensor([0.0, -0.0, float("inf"), float("nan")])])
+    for u in ups.bfloat16():
+        up = torch.full_like(every, float(u))
+        got, want = OPS.silu_mul(every.clone(), up), every.clone()
+        plain.silu_mul_bf16(want.data_ptr(), up.data_ptr(), want.numel())
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), float(u)

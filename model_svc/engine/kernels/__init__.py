@@ -60,12 +60,13 @@ def build(source_path: Path, compiler: str | None = None, extra_flags: tuple[str
 
 
 def open_library(source_path: Path, logger: logging.Logger, unavailable: str, supported: str | None = None,
-                 lacking: str = "") -> ctypes.CDLL | None:
-    """A kernel source built (with OpenMP, on PyTorch's pool) and loaded; None where it cannot be built
-    here (a warning: `unavailable`, then why) or where its function `supported` says it was built
-    without the instructions it needs (logged: `lacking`). Every kernel in kernels/ loads through this."""
+                 lacking: str = "", flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """A kernel source built (with OpenMP, on PyTorch's pool, and its own `flags`) and loaded; None where
+    it cannot be built here (a warning: `unavailable`, then why) or where its function `supported` says
+    it was built without the instructions it needs (logged: `lacking`). Every kernel in kernels/ loads
+    through this."""
     try:
-        library = ctypes.CDLL(str(build(source_path=source_path, extra_flags=("-fopenmp",))))
+        library = ctypes.CDLL(str(build(source_path=source_path, extra_flags=("-fopenmp", *flags))))
     except (OSError, RuntimeError) as exc:
         logger.warning("%s: %s", unavailable, exc)
         return None

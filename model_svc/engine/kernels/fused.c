@@ -89,8 +89,9 @@ int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t 
 }
 
 /* e^x for float32 within ~2 ulp (Cephes' range reduction and polynomial), in plain arithmetic: the
- * compiler vectorizes a loop over it (libm's expf it would not), and with FMA contraction on in
- * every loop the vector lanes and the scalar remainder give the same bits. */
+ * compiler vectorizes a loop over it (libm's expf it would not; GCC only with -fno-trapping-math,
+ * which fused.py builds this file with, else its clamps stay branches), and with FMA contraction on
+ * in every loop the vector lanes and the scalar remainder give the same bits. */
 static inline float exp_f32(float x) {
     const float c = x < -86.0f ? -86.0f : x > 88.72283f ? 88.72283f : x; /* e^c: a normal float */
     const float n = rintf(c * 1.44269504088896341f);
