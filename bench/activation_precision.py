@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from bench.output_layer import MODEL, PROMPTS
+from bench.output_layer import MODEL, heldout_texts
 
 SETTINGS = ((8, 32), (8, 64), (12, 64), (16, 64))  # (bits, group)
 
@@ -58,13 +58,10 @@ def run(count: int) -> dict:
         if name in weights:
             module.weight.data.copy_(weights[name])
             module.register_forward_pre_hook(round_inputs)
-    with open(PROMPTS) as f:
-        texts = [line.strip() for line in f if line.strip()][:count]
+    texts = heldout_texts(tokenizer, count)
     errors: dict[str, list[float]] = {"generate": [], **{f"int{b} groups of {g}": [] for b, g in SETTINGS}}
     for text in texts:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = torch.tensor([tokenizer(chat).input_ids])
+        ids = torch.tensor([tokenizer(text).input_ids])
         with torch.inference_mode():
             setting[0] = None
             truth = exact.model(ids).logits[0, -1].float()

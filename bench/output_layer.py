@@ -35,6 +35,14 @@ PROMPTS = os.path.join(ROOT, "tests", "data", "heldout_prompts.txt")
 TOKENS = 24
 
 
+def heldout_texts(tokenizer, count: int | None = None) -> list[str]:
+    """The first `count` (all: 64) held-out prompts, each in the model's chat template."""
+    with open(PROMPTS) as f:
+        prompts = [line.strip() for line in f if line.strip()][:count]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
 def generate(loaded, tokenizer, texts: list[str]) -> list[list[int]]:
     tokenizer.padding_side = "left"
     out = []
@@ -84,10 +92,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    with open(PROMPTS) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+    texts = heldout_texts(tokenizer)
     reference = generate(load_model(MODEL, "float32", "none", "cpu"), tokenizer, texts)
     bf16 = load_model(MODEL, "bfloat16", "4bit", "cpu")
     nf4 = load_model(MODEL, "bfloat16", "4bit", "cpu", output_layer="nf4")
@@ -110,7 +115,7 @@ def main() -> None:
         speed[side] = max(speed[side], rate)
     print("one sequence: " + ", ".join(f"output layer {side} {rate:.1f}" for side, rate in speed.items()) + " tok/s",
           flush=True)
-    report = {"cpu": describe_cpu(), "when": time.strftime("%Y-%m-%d %H:%M"), "prompts": len(prompts),
+    report = {"cpu": describe_cpu(), "when": time.strftime("%Y-%m-%d %H:%M"), "prompts": len(texts),
               "tokens": TOKENS, "accuracy_against_float32": accuracy,
               "one_sequence_tok_s": {k: round(v, 1) for k, v in speed.items()},
               "speed_ratio_int8": round(speed["int8"] / speed["none"], 2),
