@@ -13,9 +13,11 @@ the shapes and the thread count: a new CPU or kernel measures again, a corrupt f
 
 On a CPU with AMX tiles the AVX-512 BF16 build can also run the 4-bit and int8 products on tiles.
 The tiles round a 16-pair sum differently from VDPBF16PS, so a row's bits would depend on its batch's
-size if the two were mixed by row count: the choice is one path for every row count, AMX where it
-is no slower at any of AMX_ROWS (one row is where decoding codes into tiles in memory costs most),
-timed and cached like the threshold above; `--matmul-amx on|off` forces it.
+size if the two were mixed by row count: the choice is one path for every row count, timed at
+AMX_ROWS and cached like the threshold above. Tiles win big from a few rows up and can lose at one
+row (decoding codes into tile memory costs about what the whole AVX-512 product does), so no path
+is best at every count: the rule is the lower mean time per row over AMX_ROWS (`amx_wins`), i.e.
+per generated token over batches of 1 to 128 rows. `--matmul-amx on|off` forces it.
 
 `cpu_info()` reports what the CPU offers (AMX tiles, with the permission Linux asks a process to
 request before it may use them; AVX-512 BF16; AVX2), for the logs, ModelInfo and the bench.
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed (a step's decoded rows; more rows take the panel)
 KINDS = ("nf4", "dense", "int8")
 AMX_ROWS = (1, 2, 4, 8, 32, 128)  # row counts timed for the AMX choice: decoding steps and prompt chunks
-AMX_TOLERANCE = 1.03  # AMX counts as no slower within this factor (the timer's noise between passes)
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -281,14 +282,19 @@ class AmxChoice:
         if self.source == "unavailable":
             return ""
         if self.on:
-            return f"AMX tiles ({self.source})"
+            return f"AMX tiles ({self.source}{self._mean()})"
         if self.source == "library bits":
             return "AMX off (bitsandbytes' bits)"
-        slower = ""
-        if self.timings:
-            worst = max(self.timings.items(), key=lambda kv: kv[1][1] / kv[1][0])
-            slower = f": {worst[1][1] / worst[1][0]:.2f}x the time at {worst[0]} row{'' if int(worst[0]) == 1 else 's'}"
-        return f"AMX off ({self.source}{slower})"
+        return f"AMX off ({self.source}{self._mean()})"
+
+    def _mean(self) -> str:
+        """The measured ratio the choice rests on, and the row count where tiles fare worst."""
+        if not self.timings:
+            return ""
+        vector, tiles = per_row(self.timings)
+        worst = max(self.timings.items(), key=lambda kv: kv[1][1] / kv[1][0])
+        return (f": {tiles / vector:.2f}x AVX-512's time per row over {len(self.timings)} row counts, "
+                f"{worst[1][1] / worst[1][0]:.2f}x at {worst[0]} row{'' if int(worst[0]) == 1 else 's'}")
 
 
 def measure_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: list[tuple[int, int, int, int]],
@@ -326,9 +332,26 @@ def measure_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: 
     return results
 
 
+def per_row(timings: dict[int, list[float]]) -> tuple[float, float]:
+    """Mean milliseconds per row over the measured row counts: (AVX-512, AMX)."""
+    return tuple(sum(t[i] / int(m) for m, t in timings.items()) / len(timings) for i in (0, 1))
+
+
+def _valid_timings(timings) -> bool:
+    try:
+        return bool(timings) and all(int(m) > 0 and len(t) == 2 and min(t) > 0 for m, t in timings.items())
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def amx_wins(timings: dict[int, list[float]]) -> bool:
-    """AMX where it is no slower (within AMX_TOLERANCE) at every measured row count."""
-    return bool(timings) and all(tiles <= vector * AMX_TOLERANCE for vector, tiles in timings.values())
+    """AMX where its mean time per row over the measured row counts is lower: a token's cost averaged
+    over steps of 1 to 128 rows, so that a small loss at one row does not outweigh large gains at the
+    batched and prompt rows (and a large one does)."""
+    if not timings:
+        return False
+    vector, tiles = per_row(timings)
+    return tiles < vector
 
 
 def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: list[tuple[int, int, int, int]] = (),
@@ -357,7 +380,9 @@ def choose_amx(gemm, nf4_shapes: list[tuple[int, int, int, int]], int8_shapes: l
     key = _key(gemm.kernel_id, shapes, torch.get_num_threads())
     entry = _read_cache(path).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("amx"), bool):
-        choice = AmxChoice(entry["amx"], "cached", entry.get("timings"))
+        timings = entry.get("timings") if _valid_timings(entry.get("timings")) else None
+        # the rule applied to the kept timings: a cache written under an earlier rule follows this one
+        choice = AmxChoice(amx_wins(timings) if timings else entry["amx"], "cached", timings)
     elif not permitted():
         return AmxChoice(False, "unavailable")
     else:

@@ -5,6 +5,7 @@ every row count) follows the timings, the cache and the flag. Tests of the tiles
 a CPU without AMX, saying so; the choice's logic runs everywhere against a fake kernel."""
 
 import json
+import re
 import time
 
 import pytest
@@ -99,17 +100,39 @@ class FakeKernel:
 SHAPES = [(64, 128, 64, 1)]
 
 
-def test_tiles_are_chosen_only_when_no_slower_at_any_row_count(tmp_path, monkeypatch):
+def test_tiles_are_chosen_by_the_mean_time_per_row(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel_choice, "AMX_ROWS", (1, 8, 32))
-    slower_alone = FakeKernel(lambda m: 2 + m * 0.2, lambda m: 4 + m * 0.02)
+    slower_alone = FakeKernel(lambda m: 2 + m * 0.2, lambda m: 4 + m * 0.02)  # 2x at one row: too dear
     choice = kernel_choice.choose_amx(slower_alone, SHAPES, path=tmp_path / "a.json")
     assert (choice.on, choice.source, slower_alone.on) == (False, "measured", False)
-    assert "AMX off (measured: " in choice.describe() and choice.describe().endswith("the time at 1 row)")
-    faster = FakeKernel(lambda m: 2 + m * 0.2, lambda m: 1 + m * 0.02)
-    choice = kernel_choice.choose_amx(faster, SHAPES, path=tmp_path / "b.json")
-    assert (choice.on, faster.on, choice.describe()) == (True, True, "AMX tiles (measured)")
-    assert kernel_choice.amx_wins({1: [1.0, 1.02], 8: [4.0, 1.0]})
-    assert not kernel_choice.amx_wins({1: [1.0, 1.1], 8: [4.0, 1.0]})
+    assert re.fullmatch(r"AMX off \(measured: [\d.]+x AVX-512's time per row over 3 row counts, [\d.]+x at 1 row\)",
+                        choice.describe()), choice.describe()
+    # 1.2x at one row, far faster from 8: tiles, and the figures say so
+    dearer_alone = FakeKernel(lambda m: 2 + m * 0.5, lambda m: 3 + m * 0.01)
+    choice = kernel_choice.choose_amx(dearer_alone, SHAPES, path=tmp_path / "b.json")
+    assert (choice.on, dearer_alone.on) == (True, True)
+    assert choice.describe().startswith("AMX tiles (measured: 0.")
+    assert choice.describe().endswith("x at 1 row)"), choice.describe()
+    assert kernel_choice.amx_wins({1: [1.0, 1.1], 8: [4.0, 1.0]})  # 1.225 against 1.5 ms a row
+    assert not kernel_choice.amx_wins({1: [1.0, 1.6], 8: [4.0, 1.0]})  # 1.725 against 1.5
+    assert not kernel_choice.amx_wins({1: [1.0, 1.0], 8: [4.0, 4.0]})  # a tie keeps AVX-512
+    assert not kernel_choice.amx_wins({})
+
+
+def test_a_cached_choice_follows_the_rule_on_its_timings(tmp_path, monkeypatch):
+    """A cache entry written under another rule: its kept timings decide, without measuring again."""
+    monkeypatch.setattr(kernel_choice, "AMX_ROWS", (1, 4))
+    path = tmp_path / "choices.json"
+    kernel = FakeKernel(lambda m: 1.0 + m, lambda m: 1.1 + m * 0.1)
+    assert kernel_choice.choose_amx(kernel, SHAPES, path=path).on
+    data = json.loads(path.read_text())
+    for entry in data.values():
+        entry["amx"] = False  # as the earlier rule (no slower at every count) had it
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(kernel_choice, "measure_amx", lambda *a, **k: pytest.fail("measured a cached choice"))
+    kernel.on = False
+    cached = kernel_choice.choose_amx(kernel, SHAPES, path=path)
+    assert (cached.on, cached.source, kernel.on) == (True, "cached", True)
 
 
 def test_the_choice_is_cached_and_a_corrupt_cache_measures_again(tmp_path, monkeypatch):
