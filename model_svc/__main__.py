@@ -124,8 +124,9 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-amx", default="auto", choices=list(AMX),
                         help="auto (default): where the CPU has AMX tiles, time the native 4-bit and int8 products "
                              "on tiles against AVX-512 for this model's shapes at 1-128 rows, once (cached on "
-                             "disk), and use tiles if no slower at any; on/off: force. Tiles round their sums "
-                             "differently (their own bits, the same at every row count); see docs/engine.md")
+                             "disk), and use tiles if their mean time per row is lower; on/off: force. Tiles "
+                             "round their sums differently (their own bits, the same at every row count); see "
+                             "docs/engine.md")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="compute every prompt in full, instead of reusing the cached blocks of earlier "
                              "sequences with the same leading tokens (only native prefill caches; refused otherwise)")
