@@ -25,7 +25,7 @@ MLP 8,192, the bundled tokenizer's 49,152 tokens, tied embeddings) with random w
 built once from that config into models/Llama-1B-random; each side serves it as it serves the
 small one. No long prompt there (its prefill alone would take minutes on two cores).
 
-Writes bench/results/peers.json and peers.png.
+Writes bench/results/peers-<build>.json and .png (the native kernel's build: one per kind of CPU).
 
     python -m bench.peers [--rounds 3] [--concurrency 1 8 32] [--long-prompt-tokens 4000] [--no-large-model]
 """
@@ -452,10 +452,12 @@ def main() -> None:
         large = report["large_model"] = run(args.rounds, args.concurrency, 0, model=large_model())
         large["roofline"] = rooflines(machine, large, LARGE_MODEL)
     report["cpu"] = describe_cpu()
-    with open(os.path.join(RESULTS, "peers.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot(report, os.path.join(RESULTS, "peers.png"))
     from bench import readme  # here: it imports this module for its markdown
+
+    name = readme.per_build("peers")
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, os.path.join(RESULTS, f"{name}.png"))
 
     readme.write()
     for p in report["points"]:

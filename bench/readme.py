@@ -102,7 +102,8 @@ def _stamp(field: str) -> Callable[[dict], str]:
     return lambda report: str(report.get(field, "time not recorded"))
 
 
-BUILDS = (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"))  # the native kernel's builds: a section each
+# the native kernel's builds: a section each (amx-bf16: the AVX-512 BF16 build with AMX tiles compiled in)
+BUILDS = (("avx2", "AVX2"), ("avx512-bf16", "AVX-512 BF16"), ("amx-bf16", "AMX-BF16"))
 
 
 def per_build(name: str) -> str:
@@ -111,7 +112,23 @@ def per_build(name: str) -> str:
     from model_svc.engine import gemm
 
     kernel = gemm.load()
-    return f"{name}-{kernel.isa if kernel else 'library'}"
+    if kernel is None:
+        return f"{name}-library"
+    return f"{name}-{'amx-bf16' if kernel.has_amx else kernel.isa}"
+
+PEERS_HOW = """\
+`make bench-peers` (bench/peers.py) puts genrpc beside vLLM's CPU build (in its own virtualenv
+`.venv-peers`, bfloat16, its OpenAI server, its OpenMP threads bound to this machine's CPUs).
+Both servers start once; while one side is measured the other's processes are stopped (SIGSTOP),
+a side just resumed gets a short burst first, and rounds alternate which side goes first. The
+workload: the main bench's 8 story prompts as plain completions, 128 greedy tokens each, EOS
+ignored; N concurrent streams (one stream: three requests one after another); tokens/s over the
+burst's wall time and the first token's p50, each side's median of 3 rounds. genrpc runs with
+prompt lookup on (its default; vLLM speculates only when told). Then a ~4,000-token prompt alone
+(a fresh first line each request, so no prefix cache answers it), 8 greedy tokens: its time to
+first token, once a round on each side. Then the same streams on a 1B-class model (Llama-shaped,
+hidden 2,048, 16 layers, random weights, built once from a config into models/; no long prompt;
+`--no-large-model` skips it)."""
 
 LORA_HOW = """\
 `python -m bench.lora`, one section per build of the native kernel: a model service started with 8
@@ -220,21 +237,11 @@ ignored) alone and beside those 8 beam requests ([Beam search](../docs/beam-sear
             _image("results/beams.png", "beam search against generate()", _part("beams")), _stamp("when")),
     *[Section(f"LoRA adapters ({name} build)", LORA_HOW, f"lora-{isa}.json", None, _part("lora"), _stamp("when"))
       for isa, name in BUILDS],
-    Section("Peers: vLLM's CPU build in the same minutes", """\
-`make bench-peers` (bench/peers.py) puts genrpc beside vLLM's CPU build (in its own virtualenv
-`.venv-peers`, bfloat16, its OpenAI server, its OpenMP threads bound to this machine's CPUs).
-Both servers start once; while one side is measured the other's processes are stopped (SIGSTOP),
-a side just resumed gets a short burst first, and rounds alternate which side goes first. The
-workload: the main bench's 8 story prompts as plain completions, 128 greedy tokens each, EOS
-ignored; N concurrent streams (one stream: three requests one after another); tokens/s over the
-burst's wall time and the first token's p50, each side's median of 3 rounds. genrpc runs with
-prompt lookup on (its default; vLLM speculates only when told). Then a ~4,000-token prompt alone
-(a fresh first line each request, so no prefix cache answers it), 8 greedy tokens: its time to
-first token, once a round on each side. Then the same streams on a 1B-class model (Llama-shaped,
-hidden 2,048, 16 layers, random weights, built once from a config into models/; no long prompt;
-`--no-large-model` skips it).""",
-            "peers.json", None,
-            _image("results/peers.png", "genrpc and vLLM-CPU, same minutes", _part("peers")), _stamp("when")),
+    *[Section(f"Peers: vLLM's CPU build in the same minutes ({name} build)", PEERS_HOW,
+            f"peers-{isa}.json", None,
+            _image(f"results/peers-{isa}.png", "genrpc and vLLM-CPU, same minutes", _part("peers")),
+            _stamp("when"))
+      for isa, name in BUILDS],
     *[Section(f"Peers: OpenVINO GenAI in process ({name} build)", OPENVINO_HOW, f"openvino-{isa}.json", None,
               _part("openvino_peer"), _stamp("when"))
       for isa, name in BUILDS],
