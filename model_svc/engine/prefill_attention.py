@@ -31,12 +31,25 @@ class PrefillAttention:
     """Callable over one layer; see `__call__`."""
 
     def __init__(self, library: ctypes.CDLL):
-        self.fn = library.prefill_attention_bf16
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-                            ctypes.c_float]
-        self.fn.restype = ctypes.c_int
-        self.address = ctypes.cast(self.fn, ptr).value  # for layers.py
+        self._fns = {}
+        for amx, name in ((False, "prefill_attention_bf16"), (True, "prefill_attention_amx_bf16")):
+            fn = getattr(library, name)
+            fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
+                           ctypes.c_float]
+            fn.restype = ctypes.c_int
+            self._fns[amx] = fn
+        self.has_amx = bool(library.prefill_amx_supported())  # built with the tile version (the CPU has AMX)
+        self.use_amx(False)
+
+    def use_amx(self, on: bool) -> None:
+        """The tile version (on: where the runner's products run on tiles, which holds Linux's permission)
+        or the AVX-512 one; each has its own bits, so a runner keeps one. Before the first call."""
+        if on and not self.has_amx:
+            raise ValueError("this build of the long-prompt attention has no AMX tiles")
+        self.amx = on
+        self.fn = self._fns[on]
+        self.address = ctypes.cast(self.fn, ctypes.c_void_p).value  # for layers.py
 
     @staticmethod
     def fits(head_dim: int) -> bool:

@@ -199,6 +199,8 @@ class ModelRunner:
                 raise kernel_choice.AmxUnavailable("without native numerics the 4-bit layers keep bitsandbytes' bits")
             elif kernel.has_amx:  # the library's bits: never on tiles
                 self.amx_choice = kernel_choice.AmxChoice(False, "library bits")
+        if self.long_prefill is not None and self.long_prefill.has_amx:  # long prompts' attention follows
+            self.long_prefill.use_amx(self.amx_choice.on)
 
     def set_adapters(self, adapters: list[lora.Adapter]) -> None:
         """The LoRA adapters sequences may name (lora.py): native numerics where the runner's are."""

@@ -35,3 +35,18 @@ def test_amx_tiles_only_with_native_numerics(reference_model):
     assert (choice.on, choice.source) == (False, "library bits" if kernel.has_amx else "unavailable")
     with pytest.raises(ValueError, match="amx 'yes'"):
         ModelRunner(reference_model.model, amx="yes")
+
+
+def test_long_prompts_attend_on_tiles_where_the_products_run_on_them(reference_model):
+    """One runner, one kind of bits: the long-prompt attention takes its tile version exactly when the
+    4-bit products run on tiles."""
+    kernel, attend = gemm.load(), prefill_attention.load()
+    if kernel is None or attend is None or not (kernel.has_amx and attend.has_amx):
+        pytest.skip(f"no AMX tiles here ({kernel_choice.cpu_info().describe()}): nothing to choose")
+    if not kernel_choice.cpu_info().amx_permitted:
+        pytest.skip("Linux refused this process the AMX tile state")
+    on = ModelRunner(reference_model.model, amx="on")
+    assert on.amx_choice.on and on.long_prefill.amx
+    off = ModelRunner(reference_model.model, amx="off")
+    assert not off.amx_choice.on and not off.long_prefill.amx
+    assert on.long_prefill.address != off.long_prefill.address

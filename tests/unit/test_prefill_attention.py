@@ -1,6 +1,6 @@
 """The native long-prompt attention kernel: as accurate as PyTorch's SDPA for a chunk after cached
 tokens, and bit for bit the same for a query however its prompt is chunked, whatever else is in
-the call and wherever its blocks lie."""
+the call and wherever its blocks lie: its AVX-512 version and, on a CPU with AMX, its tile version."""
 
 import random
 
@@ -8,15 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_svc.engine import prefill_attention
+from model_svc.engine import kernel_choice, prefill_attention
 from tests.unit.test_decode_attention import gathered, make_case
 
 
-@pytest.fixture(scope="module")
-def kernel():
+@pytest.fixture(scope="module", params=["avx512", "amx"])
+def kernel(request):
+    """Each version of the kernel: AVX-512 BF16, and the tile version where the CPU has AMX."""
     attend = prefill_attention.load()
     if attend is None:
         pytest.skip("no C compiler or no AVX-512 BF16 here: the native kernel cannot run")
+    if request.param == "amx":
+        if not attend.has_amx:
+            pytest.skip(f"no AMX tiles here ({kernel_choice.cpu_info().describe()}): the tile version cannot run")
+        if not kernel_choice.request_amx():
+            pytest.skip("Linux refused this process the AMX tile state")
+        attend.use_amx(True)
     return attend
 
 

@@ -200,6 +200,256 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
     return failed ? -1 : 0;
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* AMX: the same attention with its two products on tiles (TDPBF16PS), for 16 query vectors against
+ * blocks of 32 key positions (aligned on position 0). Scores come out transposed, a key per tile row
+ * and a query per column, which is the lane-per-query layout the AVX-512 tile above keeps: the
+ * softmax is the same code. Scores^T = K Q^T (A: 16 key rows read in place from the cache, B: the
+ * queries as pairs, the q2 layout); out^T += V^T P^T (A: the values transposed once per call into
+ * [kv head][dimension][position], B: the probabilities as pairs of positions, the p2 layout). A block's
+ * products land in zeroed tiles and are added to the running sums after their rescale, in float32.
+ * The tile unit rounds its pair sums its own way, so these bits differ from the AVX-512 tile's; like
+ * them they depend on nothing but the query, its keys and values and the block positions: the same
+ * however the prompt is chunked, whatever else the call holds. The runner takes this kernel where the
+ * matrix products run on tiles (kernel_choice.py). */
+#define AMX_KEYS 32
+
+int prefill_amx_supported(void) { return 1; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Every tile 16 rows of 64 bytes: 0-3 the output's partials (16 dimensions x 16 queries), 4-5 the
+ * scores of keys 0-15 and 16-31 (x 16 queries), 6 an A operand, 7 a B operand. */
+static void amx_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+typedef struct {
+    uint32_t *q2;   /* [head_dim / 2][LANES] */
+    float *acc;     /* [head_dim][LANES] */
+    float *part;    /* [head_dim][LANES]: a block's output partials */
+    float *scores;  /* [AMX_KEYS][LANES] */
+    uint32_t *p2;   /* [AMX_KEYS / 2][LANES] */
+    uint16_t *keys; /* [AMX_KEYS][head_dim], when the arena's 16-key runs are not in place */
+} AmxScratch;
+
+static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16_t *vt, int64_t padded,
+                     uint16_t *out, int64_t row0, int64_t past, int64_t first, int64_t count, int64_t group,
+                     int64_t h, int64_t num_heads, int64_t head_dim, const int64_t *table, int64_t block_size,
+                     int64_t slot_stride, float scale, const AmxScratch *s) {
+    const int64_t pairs = head_dim / 2;
+    int32_t qpos[LANES];
+    for (int r = 0; r < LANES; r++) {
+        const int64_t v = first + (r < count ? r : count - 1), row = v / group;
+        const uint32_t *src = (const uint32_t *)(query + ((row0 + row) * num_heads + h * group + v % group) * head_dim);
+        for (int64_t j = 0; j < pairs; j++) s->q2[j * LANES + r] = src[j];
+        qpos[r] = (int32_t)(past + row);
+    }
+    const __m512i qp = _mm512_loadu_si512(qpos);
+    const int64_t last = qpos[LANES - 1];
+    __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+    memset(s->acc, 0, sizeof(float) * head_dim * LANES);
+    const int in_place = block_size % 16 == 0;
+    for (int64_t t0 = 0; t0 <= last; t0 += AMX_KEYS) {
+        /* Scores^T for each run of 16 keys that has any key up to `last` (the others are masked). */
+        for (int half = 0; half < 2; half++) {
+            const int64_t base = t0 + 16 * half;
+            if (base > last) break;
+            const uint16_t *kb;
+            int64_t stride;
+            if (in_place) {
+                kb = k_head + (table[base / block_size] * block_size + base % block_size) * slot_stride;
+                stride = slot_stride * 2;
+            } else {
+                for (int64_t t = 0; t < 16; t++) {
+                    const int64_t pos = base + t <= last ? base + t : base;
+                    memcpy(s->keys + t * head_dim,
+                           k_head + (table[pos / block_size] * block_size + pos % block_size) * slot_stride,
+                           sizeof(uint16_t) * head_dim);
+                }
+                kb = s->keys;
+                stride = head_dim * 2;
+            }
+            if (half) {
+                _tile_zero(5);
+                for (int64_t d = 0; d < head_dim; d += 32) {
+                    _tile_loadd(6, kb + d, stride);
+                    _tile_loadd(7, s->q2 + d / 2 * LANES, 64);
+                    _tile_dpbf16ps(5, 6, 7);
+                }
+                _tile_stored(5, s->scores + 16 * LANES, 64);
+            } else {
+                _tile_zero(4);
+                for (int64_t d = 0; d < head_dim; d += 32) {
+                    _tile_loadd(6, kb + d, stride);
+                    _tile_loadd(7, s->q2 + d / 2 * LANES, 64);
+                    _tile_dpbf16ps(4, 6, 7);
+                }
+                _tile_stored(4, s->scores, 64);
+            }
+        }
+        __m512 block_max = _mm512_set1_ps(-INFINITY);
+        __mmask16 seen[AMX_KEYS];
+        __m512 sc[AMX_KEYS];
+#pragma GCC unroll 32
+        for (int t = 0; t < AMX_KEYS; t++) {
+            seen[t] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp);
+            sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen[t], _mm512_load_ps(s->scores + t * LANES),
+                                       _mm512_set1_ps(scale));
+            block_max = _mm512_max_ps(block_max, sc[t]);
+        }
+        const __m512 m_new = _mm512_max_ps(m, block_max);
+        const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new));
+        m = m_new;
+        l = _mm512_mul_ps(l, alpha);
+#pragma GCC unroll 16
+        for (int i = 0; i < AMX_KEYS / 2; i++) {
+            const __m512 e0 = _mm512_maskz_mov_ps(seen[2 * i], exp_ps(_mm512_sub_ps(sc[2 * i], m)));
+            const __m512 e1 = _mm512_maskz_mov_ps(seen[2 * i + 1], exp_ps(_mm512_sub_ps(sc[2 * i + 1], m)));
+            l = _mm512_add_ps(_mm512_add_ps(l, e0), e1);
+            _mm512_store_si512(s->p2 + i * LANES,
+                               _mm512_or_si512(_mm512_srli_epi32(bf16_bits_high(e0), 16), bf16_bits_high(e1)));
+        }
+        /* out^T partials, four 16-dimension tiles at a time, then acc = acc * alpha + partial. */
+        _tile_loadd(7, s->p2, 64);
+        for (int64_t c0 = 0; c0 < head_dim; c0 += 64) {
+            const int64_t tiles = head_dim - c0 < 64 ? (head_dim - c0) / 16 : 4;
+#define OUT_TILE(j)                                                                            \
+            if (j < tiles) {                                                                   \
+                _tile_zero(j);                                                                 \
+                _tile_loadd(6, vt + (c0 + 16 * (j)) * padded + t0, padded * 2);                \
+                _tile_dpbf16ps(j, 6, 7);                                                       \
+                _tile_stored(j, s->part + (c0 + 16 * (j)) * LANES, 64);                        \
+            }
+            OUT_TILE(0) OUT_TILE(1) OUT_TILE(2) OUT_TILE(3)
+#undef OUT_TILE
+        }
+        for (int64_t d = 0; d < head_dim; d++)
+            _mm512_store_ps(s->acc + d * LANES, _mm512_fmadd_ps(_mm512_load_ps(s->acc + d * LANES), alpha,
+                                                                _mm512_load_ps(s->part + d * LANES)));
+    }
+    float sums[LANES];
+    _mm512_storeu_ps(sums, l);
+    for (int64_t r = 0; r < count; r++) {
+        const int64_t v = first + r;
+        uint16_t *dst = out + ((row0 + v / group) * num_heads + h * group + v % group) * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) {
+            const float x = s->acc[d * LANES + r] / sums[r];
+            uint32_t u;
+            memcpy(&u, &x, sizeof u);
+            dst[d] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
+/* prefill_attention_bf16's contract, on tiles (the caller holds Linux's AMX permission). */
+int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                               const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                               const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                               int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               int64_t head_stride, int64_t slot_stride, float scale) {
+    if (head_dim % 32 != 0 || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads != 0) return -2;
+    if (num_chunks <= 0) return 0;
+    const int64_t group = num_heads / num_kv_heads;
+    /* Each chunk's values transposed, [kv head][dimension][position], positions padded with zeros to
+     * whole blocks (a zero probability times a zero adds nothing, where a stale slot could be NaN). */
+    int64_t *vt_offsets = malloc(sizeof(int64_t) * (size_t)(num_chunks + 1));
+    if (!vt_offsets) return -1;
+    vt_offsets[0] = 0;
+    int64_t num_runs = 0;
+    for (int64_t c = 0; c < num_chunks; c++) {
+        const int64_t padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+        vt_offsets[c + 1] = vt_offsets[c] + num_kv_heads * head_dim * padded;
+        num_runs += num_kv_heads * padded / AMX_KEYS;
+    }
+    uint16_t *vt = aligned_alloc(64, sizeof(uint16_t) * (size_t)((vt_offsets[num_chunks] + 31) / 32 * 32));
+    if (!vt) {
+        free(vt_offsets);
+        return -1;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t run = 0; run < num_runs; run++) {
+        int64_t c = 0, rest = run, padded;
+        for (;; c++) {
+            padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+            if (rest < num_kv_heads * padded / AMX_KEYS) break;
+            rest -= num_kv_heads * padded / AMX_KEYS;
+        }
+        const int64_t h = rest / (padded / AMX_KEYS), t0 = rest % (padded / AMX_KEYS) * AMX_KEYS;
+        const int64_t total = pasts[c] + lengths[c];
+        const int64_t *table = tables + table_offsets[c];
+        uint16_t *dst = vt + vt_offsets[c] + h * head_dim * padded + t0;
+        for (int64_t t = 0; t < AMX_KEYS; t++) {
+            const int64_t pos = t0 + t;
+            if (pos < total) {
+                const uint16_t *src = values + h * head_stride + (table[pos / block_size] * block_size + pos % block_size) * slot_stride;
+                for (int64_t d = 0; d < head_dim; d++) dst[d * padded + t] = src[d];
+            } else {
+                for (int64_t d = 0; d < head_dim; d++) dst[d * padded + t] = 0;
+            }
+        }
+    }
+    int64_t num_tasks = 0;
+    for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * ((lengths[c] * group + LANES - 1) / LANES);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        AmxScratch s = {aligned_alloc(64, sizeof(uint32_t) * head_dim / 2 * LANES),
+                        aligned_alloc(64, sizeof(float) * head_dim * LANES),
+                        aligned_alloc(64, sizeof(float) * head_dim * LANES),
+                        aligned_alloc(64, sizeof(float) * AMX_KEYS * LANES),
+                        aligned_alloc(64, sizeof(uint32_t) * AMX_KEYS / 2 * LANES),
+                        aligned_alloc(64, sizeof(uint16_t) * 16 * head_dim)};
+        const int ready = s.q2 && s.acc && s.part && s.scores && s.p2 && s.keys;
+        if (ready) amx_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_tasks; task++) {
+            if (!ready) {
+                failed = 1;
+                continue;
+            }
+            int64_t c = 0, rest = task, tiles;
+            for (;; c++) {
+                tiles = (lengths[c] * group + LANES - 1) / LANES;
+                if (rest < num_kv_heads * tiles) break;
+                rest -= num_kv_heads * tiles;
+            }
+            const int64_t h = rest / tiles, first = rest % tiles * LANES, vectors = lengths[c] * group;
+            const int64_t padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+            tile_amx(query, keys + h * head_stride, vt + vt_offsets[c] + h * head_dim * padded, padded, out,
+                     starts[c], pasts[c], first, vectors - first < LANES ? vectors - first : LANES, group, h,
+                     num_heads, head_dim, tables + table_offsets[c], block_size, slot_stride, scale, &s);
+        }
+        free(s.q2), free(s.acc), free(s.part), free(s.scores), free(s.p2), free(s.keys);
+    }
+    free(vt);
+    free(vt_offsets);
+    return failed ? -1 : 0;
+}
+#else
+int prefill_amx_supported(void) { return 0; }
+int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                               const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                               const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                               int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               int64_t head_stride, int64_t slot_stride, float scale) {
+    return prefill_attention_bf16(query, keys, values, out, starts, lengths, pasts, tables, table_offsets,
+                                  num_chunks, block_size, num_heads, num_kv_heads, head_dim, head_stride,
+                                  slot_stride, scale);
+}
+#endif
+
 #else
 
 int prefill_supported(void) { return 0; }
@@ -212,6 +462,17 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
     (void)table_offsets, (void)num_chunks, (void)block_size, (void)num_heads, (void)num_kv_heads, (void)head_dim;
     (void)head_stride, (void)slot_stride, (void)scale;
     return -2;
+}
+
+int prefill_amx_supported(void) { return 0; }
+int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                               const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
+                               const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
+                               int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               int64_t head_stride, int64_t slot_stride, float scale) {
+    return prefill_attention_bf16(query, keys, values, out, starts, lengths, pasts, tables, table_offsets,
+                                  num_chunks, block_size, num_heads, num_kv_heads, head_dim, head_stride,
+                                  slot_stride, scale);
 }
 
 #endif
