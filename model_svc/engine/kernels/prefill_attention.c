@@ -261,6 +261,16 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
     memset(s->acc, 0, sizeof(float) * head_dim * LANES);
     const int in_place = block_size % 16 == 0;
+    const int out_tiles = (int)(head_dim / 16), kept = out_tiles <= 4; /* out^T stays in tiles 0-3 */
+    uint16_t interleave_index[32]; /* words (e0[q], e1[q]) side by side from [e0 0..15, e1 0..15] */
+    for (int i = 0; i < 32; i++) interleave_index[i] = (uint16_t)(i / 2 + (i % 2) * 16);
+    const __m512i interleave = _mm512_loadu_si512(interleave_index);
+    if (kept) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
     for (int64_t t0 = 0; t0 <= last; t0 += AMX_KEYS) {
         /* Scores^T for each run of 16 keys that has any key up to `last` (the others are masked). */
         for (int half = 0; half < 2; half++) {
@@ -302,27 +312,61 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
         __m512 block_max = _mm512_set1_ps(-INFINITY);
         __mmask16 seen[AMX_KEYS];
         __m512 sc[AMX_KEYS];
+        if (t0 + AMX_KEYS - 1 <= qpos[0]) { /* every lane sees every key of the block: no masks */
 #pragma GCC unroll 32
-        for (int t = 0; t < AMX_KEYS; t++) {
-            seen[t] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp);
-            sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen[t], _mm512_load_ps(s->scores + t * LANES),
-                                       _mm512_set1_ps(scale));
-            block_max = _mm512_max_ps(block_max, sc[t]);
+            for (int t = 0; t < AMX_KEYS; t++) {
+                seen[t] = 0xffff;
+                sc[t] = _mm512_mul_ps(_mm512_load_ps(s->scores + t * LANES), _mm512_set1_ps(scale));
+                block_max = _mm512_max_ps(block_max, sc[t]);
+            }
+        } else {
+#pragma GCC unroll 32
+            for (int t = 0; t < AMX_KEYS; t++) {
+                seen[t] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp);
+                sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen[t], _mm512_load_ps(s->scores + t * LANES),
+                                           _mm512_set1_ps(scale));
+                block_max = _mm512_max_ps(block_max, sc[t]);
+            }
         }
         const __m512 m_new = _mm512_max_ps(m, block_max);
-        const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new));
+        const __mmask16 moved = _mm512_cmp_ps_mask(m_new, m, _CMP_GT_OQ) | (t0 == 0 ? 0xffff : 0);
+        const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new)); /* exactly 1 where the maximum stayed */
         m = m_new;
         l = _mm512_mul_ps(l, alpha);
 #pragma GCC unroll 16
-        for (int i = 0; i < AMX_KEYS / 2; i++) {
+        for (int i = 0; i < AMX_KEYS / 2; i++) { /* (key 2i, key 2i + 1) of each query, rounded to nearest even */
             const __m512 e0 = _mm512_maskz_mov_ps(seen[2 * i], exp_ps(_mm512_sub_ps(sc[2 * i], m)));
             const __m512 e1 = _mm512_maskz_mov_ps(seen[2 * i + 1], exp_ps(_mm512_sub_ps(sc[2 * i + 1], m)));
             l = _mm512_add_ps(_mm512_add_ps(l, e0), e1);
             _mm512_store_si512(s->p2 + i * LANES,
-                               _mm512_or_si512(_mm512_srli_epi32(bf16_bits_high(e0), 16), bf16_bits_high(e1)));
+                               _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
         }
-        /* out^T partials, four 16-dimension tiles at a time, then acc = acc * alpha + partial. */
         _tile_loadd(7, s->p2, 64);
+        if (kept) {
+            /* out^T in tiles 0-3 across blocks; rescaled (through memory) only when a lane's maximum
+             * moved: the other lanes are multiplied by exactly 1. */
+            if (moved && t0 > 0) {
+#define SCALE_TILE(j)                                                                                  \
+                if (j < out_tiles) {                                                                   \
+                    _tile_stored(j, s->acc + 16 * (j) * LANES, 64);                                    \
+                    for (int d = 16 * (j); d < 16 * (j) + 16; d++)                                     \
+                        _mm512_store_ps(s->acc + d * LANES, _mm512_mul_ps(_mm512_load_ps(s->acc + d * LANES), alpha)); \
+                    _tile_loadd(j, s->acc + 16 * (j) * LANES, 64);                                     \
+                }
+                SCALE_TILE(0) SCALE_TILE(1) SCALE_TILE(2) SCALE_TILE(3)
+#undef SCALE_TILE
+            }
+#define ADD_TILE(j)                                                                                    \
+            if (j < out_tiles) {                                                                       \
+                _tile_loadd(6, vt + 16 * (j) * padded + t0, padded * 2);                               \
+                _tile_dpbf16ps(j, 6, 7);                                                               \
+            }
+            ADD_TILE(0) ADD_TILE(1) ADD_TILE(2) ADD_TILE(3)
+#undef ADD_TILE
+            continue;
+        }
+        /* Wider heads: each block's partials in zeroed tiles, four 16-dimension tiles at a time, then
+         * acc = acc * alpha + partial. */
         for (int64_t c0 = 0; c0 < head_dim; c0 += 64) {
             const int64_t tiles = head_dim - c0 < 64 ? (head_dim - c0) / 16 : 4;
 #define OUT_TILE(j)                                                                            \
@@ -339,6 +383,11 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
             _mm512_store_ps(s->acc + d * LANES, _mm512_fmadd_ps(_mm512_load_ps(s->acc + d * LANES), alpha,
                                                                 _mm512_load_ps(s->part + d * LANES)));
     }
+    if (kept) {
+#define STORE_TILE(j) if (j < out_tiles) _tile_stored(j, s->acc + 16 * (j) * LANES, 64);
+        STORE_TILE(0) STORE_TILE(1) STORE_TILE(2) STORE_TILE(3)
+#undef STORE_TILE
+    }
     float sums[LANES];
     _mm512_storeu_ps(sums, l);
     for (int64_t r = 0; r < count; r++) {
@@ -350,6 +399,50 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
             memcpy(&u, &x, sizeof u);
             dst[d] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
         }
+    }
+}
+
+/* 16 x 16 32-bit elements: r[i] row i in, r[c] column c out. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* u[i + k], 128-bit lane L: column 4L + k of rows i .. i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i x = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), y = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
+        const __m512i x2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+        const __m512i y2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
+        t[k] = _mm512_shuffle_i32x4(x, x2, 0x88);
+        t[4 + k] = _mm512_shuffle_i32x4(x, x2, 0xdd);
+        t[8 + k] = _mm512_shuffle_i32x4(y, y2, 0x88);
+        t[12 + k] = _mm512_shuffle_i32x4(y, y2, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Dimensions d0 .. d0 + 31 of 32 positions' value rows (NULL: a position past the end, zeros) into
+ * rows d0 .. d0 + 31 of dst (a row per dimension, `padded` positions apart): each half of the
+ * positions transposed as 32-bit pairs of dimensions, then the pairs' halves split into rows. */
+static void transpose_block(const uint16_t *const *src, int64_t d0, uint16_t *dst, int64_t padded) {
+    __m512i half[2][16];
+    for (int g = 0; g < 2; g++) {
+        for (int i = 0; i < 16; i++)
+            half[g][i] = src[16 * g + i] ? _mm512_loadu_si512(src[16 * g + i] + d0) : _mm512_setzero_si512();
+        transpose16(half[g]);
+    }
+    uint16_t even_index[32];
+    for (int i = 0; i < 32; i++) even_index[i] = (uint16_t)(i < 16 ? 2 * i : 32 + 2 * (i - 16));
+    const __m512i even = _mm512_loadu_si512(even_index), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int j = 0; j < 16; j++) {
+        _mm512_storeu_si512(dst + (d0 + 2 * j) * padded, _mm512_permutex2var_epi16(half[0][j], even, half[1][j]));
+        _mm512_storeu_si512(dst + (d0 + 2 * j + 1) * padded, _mm512_permutex2var_epi16(half[0][j], odd, half[1][j]));
     }
 }
 
@@ -389,16 +482,14 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
         const int64_t h = rest / (padded / AMX_KEYS), t0 = rest % (padded / AMX_KEYS) * AMX_KEYS;
         const int64_t total = pasts[c] + lengths[c];
         const int64_t *table = tables + table_offsets[c];
-        uint16_t *dst = vt + vt_offsets[c] + h * head_dim * padded + t0;
+        const uint16_t *src[AMX_KEYS];
         for (int64_t t = 0; t < AMX_KEYS; t++) {
             const int64_t pos = t0 + t;
-            if (pos < total) {
-                const uint16_t *src = values + h * head_stride + (table[pos / block_size] * block_size + pos % block_size) * slot_stride;
-                for (int64_t d = 0; d < head_dim; d++) dst[d * padded + t] = src[d];
-            } else {
-                for (int64_t d = 0; d < head_dim; d++) dst[d * padded + t] = 0;
-            }
+            src[t] = pos < total ? values + h * head_stride + (table[pos / block_size] * block_size + pos % block_size) * slot_stride
+                                 : NULL;
         }
+        for (int64_t d0 = 0; d0 < head_dim; d0 += 32)
+            transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0, padded);
     }
     int64_t num_tasks = 0;
     for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * ((lengths[c] * group + LANES - 1) / LANES);
