@@ -244,6 +244,31 @@ typedef struct {
     uint16_t *keys; /* [AMX_KEYS][head_dim], when the arena's 16-key runs are not in place */
 } AmxScratch;
 
+/* 16 x 16 32-bit elements: r[i] row i in, r[c] column c out. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* u[i + k], 128-bit lane L: column 4L + k of rows i .. i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i x = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), y = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
+        const __m512i x2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+        const __m512i y2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
+        t[k] = _mm512_shuffle_i32x4(x, x2, 0x88);
+        t[4 + k] = _mm512_shuffle_i32x4(x, x2, 0xdd);
+        t[8 + k] = _mm512_shuffle_i32x4(y, y2, 0x88);
+        t[12 + k] = _mm512_shuffle_i32x4(y, y2, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16_t *vt, int64_t padded,
                      uint16_t *out, int64_t row0, int64_t past, int64_t first, int64_t count, int64_t group,
                      int64_t h, int64_t num_heads, int64_t head_dim, const int64_t *table, int64_t block_size,
@@ -388,43 +413,21 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
         STORE_TILE(0) STORE_TILE(1) STORE_TILE(2) STORE_TILE(3)
 #undef STORE_TILE
     }
-    float sums[LANES];
-    _mm512_storeu_ps(sums, l);
-    for (int64_t r = 0; r < count; r++) {
-        const int64_t v = first + r;
-        uint16_t *dst = out + ((row0 + v / group) * num_heads + h * group + v % group) * head_dim;
-        for (int64_t d = 0; d < head_dim; d++) {
-            const float x = s->acc[d * LANES + r] / sums[r];
-            uint32_t u;
-            memcpy(&u, &x, sizeof u);
-            dst[d] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    /* out = acc / l rounded to nearest even, 32 dimensions at a time: pairs of dimensions side by side
+     * per query, transposed to a row per query. */
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
+        __m512i rows[16];
+        for (int j = 0; j < 16; j++) {
+            const __m512 x0 = _mm512_div_ps(_mm512_load_ps(s->acc + (d0 + 2 * j) * LANES), l);
+            const __m512 x1 = _mm512_div_ps(_mm512_load_ps(s->acc + (d0 + 2 * j + 1) * LANES), l);
+            rows[j] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+        }
+        transpose16(rows);
+        for (int64_t r = 0; r < count; r++) {
+            const int64_t v = first + r;
+            _mm512_storeu_si512(out + ((row0 + v / group) * num_heads + h * group + v % group) * head_dim + d0, rows[r]);
         }
     }
-}
-
-/* 16 x 16 32-bit elements: r[i] row i in, r[c] column c out. */
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) { /* u[i + k], 128-bit lane L: column 4L + k of rows i .. i + 3 */
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int k = 0; k < 4; k++) {
-        const __m512i x = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), y = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xee);
-        const __m512i x2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
-        const __m512i y2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xee);
-        t[k] = _mm512_shuffle_i32x4(x, x2, 0x88);
-        t[4 + k] = _mm512_shuffle_i32x4(x, x2, 0xdd);
-        t[8 + k] = _mm512_shuffle_i32x4(y, y2, 0x88);
-        t[12 + k] = _mm512_shuffle_i32x4(y, y2, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 /* Dimensions d0 .. d0 + 31 of 32 positions' value rows (NULL: a position past the end, zeros) into
