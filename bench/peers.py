@@ -414,7 +414,7 @@ def _table(report: dict, targets: dict) -> list[str]:
 
 def workload_args(description: str, rounds: int, least_long: int, large: bool = False) -> argparse.Namespace:
     """The flags of the benches that compare sides over N streams and a lone long prompt (this one,
-    bench/openvino_peer.py, bench/layer_loop.py), parsed and checked: --rounds, --concurrency,
+    bench/openvino_peer.py, bench/layer_loop.py, bench/amx.py), parsed and checked: --rounds, --concurrency,
     --long-prompt-tokens (at least `least_long`; 0, where allowed: not measured); with `large`,
     --no-large-model (the 1B-class model's streams skipped)."""
     parser = argparse.ArgumentParser(description=description)

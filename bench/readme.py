@@ -32,6 +32,7 @@ file when it saves its results); edit `bench/readme.py`, not this file. None of 
 | `python -m bench.openvino_peer` | genrpc's engine beside OpenVINO GenAI in process (`make bench-peers` runs it too) |
 | `python -m bench.kernels` | the measured kernel choice against the panel-only path, in process |
 | `python -m bench.layer_loop` | the native layer loop against the Python loop, in process |
+| `python -m bench.amx` | AMX tiles against AVX-512 on a CPU with AMX, in process |
 | `python -m bench.one_row` | a lone sequence's step as one row against one padded to two, in process |
 | `python -m bench.output_layer` | the output layer in bfloat16, int8 and nf4: accuracy against float32, and speed |
 | `python -m bench.activation_precision` | the 4-bit products' inputs as bfloat16 or as 8-16-bit integers: accuracy |
@@ -151,10 +152,12 @@ OPENVINO_HOW = """\
 into `.venv-openvino`): OpenVINO GenAI's continuous-batching pipeline on the bundled model exported
 by `optimum-cli export openvino --weight-format int4 --group-size 64`, beside genrpc's engine
 (`make run`'s defaults), both in process, the same prompts as token ids: N streams of 128 greedy
-tokens (EOS ignored, no speculation), each burst timed whole with an empty prefix cache, and a
-~4,000-token prompt alone with one new token. OpenVINO runs in its own process while genrpc's
-waits; rounds alternate which side goes first (their orders under each table); each side's
-median over the rounds. One section per build of the native kernel."""
+tokens (EOS ignored, no speculation), each burst timed whole, and a ~4,000-token prompt alone with
+one new token; each side one pipeline or engine a round, warmed up, prefix caching off on both.
+OpenVINO runs in its own process while genrpc's waits; rounds alternate which side goes first
+(their orders under each table); each side's median over the rounds. One section per build of
+the native kernel (results from before 2026-12-05 gave genrpc a fresh engine per burst, its first
+step's set-up timed in it)."""
 
 LAYER_LOOP_HOW = """\
 `python -m bench.layer_loop`, one section per build of the native kernel: two engines in process on
@@ -271,6 +274,13 @@ to bfloat16 and then to B-bit integers per group of G inputs (what integer CPU k
 plugin by default, llama.cpp); the mean RMS error as a ratio to `generate()`'s. The engine's own
 prefill is held to 1.2x (tests/model/test_engine.py).""",
             "activation_precision.json", None, _part("activation_precision"), _stamp("when")),
+    Section("AMX tiles against AVX-512", """\
+`python -m bench.amx` (a CPU with AMX only): the products-only timings `--matmul-amx auto` decides
+by, then two engines in process on one loaded model, `--matmul-amx on` and `off` (the served
+defaults otherwise, no speculation), the same N sequences of greedy tokens on both (EOS ignored),
+their steps interleaved one by one; each side's median step time over 2 rounds; then a ~4,000-token
+prompt alone, its first token, the engines A B B A (on tiles its attention runs on tiles too;
+[Engine](../docs/engine.md#kernels-chosen-by-measurement)).""", "amx.json", None, _part("amx"), _stamp("when")),
     *[Section(f"The layer loop ({name} build)", LAYER_LOOP_HOW, f"layer_loop-{isa}.json", None,
               _part("layer_loop"), _stamp("when"))
       for isa, name in BUILDS],
