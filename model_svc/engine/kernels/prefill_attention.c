@@ -157,6 +157,31 @@ static void tile(const uint16_t *query, const uint16_t *k_head, const uint16_t *
     }
 }
 
+/* A call's tasks: a tile of 16 query vectors of one chunk and one key/value head each. */
+static inline int64_t chunk_tiles(const int64_t *lengths, int64_t c, int64_t group) {
+    return (lengths[c] * group + LANES - 1) / LANES;
+}
+
+static int64_t count_tasks(const int64_t *lengths, int64_t num_chunks, int64_t group, int64_t num_kv_heads) {
+    int64_t num_tasks = 0;
+    for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * chunk_tiles(lengths, c, group);
+    return num_tasks;
+}
+
+/* Task `task`'s chunk (returned), key/value head and first query vector (chunks are few). */
+static inline int64_t locate_task(int64_t task, const int64_t *lengths, int64_t group, int64_t num_kv_heads,
+                                  int64_t *h, int64_t *first) {
+    int64_t c = 0, rest = task, tiles;
+    for (;; c++) {
+        tiles = chunk_tiles(lengths, c, group);
+        if (rest < num_kv_heads * tiles) break;
+        rest -= num_kv_heads * tiles;
+    }
+    *h = rest / tiles;
+    *first = rest % tiles * LANES;
+    return c;
+}
+
 /* query/out: [tokens, num_heads, head_dim] contiguous bfloat16; keys/values: element (kv_head, slot,
  * i) at kv_head * head_stride + slot * slot_stride + i. Chunk c is query rows starts[c] ..
  * starts[c] + lengths[c] - 1, after pasts[c] tokens of its sequence, whose blocks are tables +
@@ -167,9 +192,7 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
                            int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                            int64_t head_stride, int64_t slot_stride, float scale) {
     if (head_dim % 32 != 0 || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads != 0) return -2;
-    const int64_t group = num_heads / num_kv_heads;
-    int64_t num_tasks = 0;
-    for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * ((lengths[c] * group + LANES - 1) / LANES);
+    const int64_t group = num_heads / num_kv_heads, num_tasks = count_tasks(lengths, num_chunks, group, num_kv_heads);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -184,13 +207,8 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
                 failed = 1;
                 continue;
             }
-            int64_t c = 0, rest = task, tiles;
-            for (;; c++) { /* the chunk and tile of this task (chunks are few) */
-                tiles = (lengths[c] * group + LANES - 1) / LANES;
-                if (rest < num_kv_heads * tiles) break;
-                rest -= num_kv_heads * tiles;
-            }
-            const int64_t h = rest / tiles, first = rest % tiles * LANES, vectors = lengths[c] * group;
+            int64_t h, first;
+            const int64_t c = locate_task(task, lengths, group, num_kv_heads, &h, &first), vectors = lengths[c] * group;
             tile(query, keys + h * head_stride, values + h * head_stride, out, starts[c], pasts[c], first,
                  vectors - first < LANES ? vectors - first : LANES, group, h, num_heads, head_dim,
                  tables + table_offsets[c], block_size, slot_stride, scale, &s);
@@ -215,6 +233,11 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
 #define AMX_KEYS 32
 
 int prefill_amx_supported(void) { return 1; }
+
+/* Chunk c's sequence positions, padded to whole blocks of AMX_KEYS. */
+static inline int64_t padded_positions(const int64_t *pasts, const int64_t *lengths, int64_t c) {
+    return (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+}
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -465,7 +488,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     vt_offsets[0] = 0;
     int64_t num_runs = 0;
     for (int64_t c = 0; c < num_chunks; c++) {
-        const int64_t padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+        const int64_t padded = padded_positions(pasts, lengths, c);
         vt_offsets[c + 1] = vt_offsets[c] + num_kv_heads * head_dim * padded;
         num_runs += num_kv_heads * padded / AMX_KEYS;
     }
@@ -478,7 +501,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     for (int64_t run = 0; run < num_runs; run++) {
         int64_t c = 0, rest = run, padded;
         for (;; c++) {
-            padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+            padded = padded_positions(pasts, lengths, c);
             if (rest < num_kv_heads * padded / AMX_KEYS) break;
             rest -= num_kv_heads * padded / AMX_KEYS;
         }
@@ -494,8 +517,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
         for (int64_t d0 = 0; d0 < head_dim; d0 += 32)
             transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0, padded);
     }
-    int64_t num_tasks = 0;
-    for (int64_t c = 0; c < num_chunks; c++) num_tasks += num_kv_heads * ((lengths[c] * group + LANES - 1) / LANES);
+    const int64_t num_tasks = count_tasks(lengths, num_chunks, group, num_kv_heads);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -513,14 +535,9 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
                 failed = 1;
                 continue;
             }
-            int64_t c = 0, rest = task, tiles;
-            for (;; c++) {
-                tiles = (lengths[c] * group + LANES - 1) / LANES;
-                if (rest < num_kv_heads * tiles) break;
-                rest -= num_kv_heads * tiles;
-            }
-            const int64_t h = rest / tiles, first = rest % tiles * LANES, vectors = lengths[c] * group;
-            const int64_t padded = (pasts[c] + lengths[c] + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+            int64_t h, first;
+            const int64_t c = locate_task(task, lengths, group, num_kv_heads, &h, &first), vectors = lengths[c] * group;
+            const int64_t padded = padded_positions(pasts, lengths, c);
             tile_amx(query, keys + h * head_stride, vt + vt_offsets[c] + h * head_dim * padded, padded, out,
                      starts[c], pasts[c], first, vectors - first < LANES ? vectors - first : LANES, group, h,
                      num_heads, head_dim, tables + table_offsets[c], block_size, slot_stride, scale, &s);
@@ -530,17 +547,6 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     free(vt);
     free(vt_offsets);
     return failed ? -1 : 0;
-}
-#else
-int prefill_amx_supported(void) { return 0; }
-int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
-                               const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
-                               const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
-                               int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t head_stride, int64_t slot_stride, float scale) {
-    return prefill_attention_bf16(query, keys, values, out, starts, lengths, pasts, tables, table_offsets,
-                                  num_chunks, block_size, num_heads, num_kv_heads, head_dim, head_stride,
-                                  slot_stride, scale);
 }
 #endif
 
@@ -558,6 +564,10 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
     return -2;
 }
 
+#endif
+
+#if !(defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__))
+/* Built without AMX tiles: the AVX-512 version, or its refusal (the runner asks prefill_amx_supported). */
 int prefill_amx_supported(void) { return 0; }
 int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, const uint16_t *values, uint16_t *out,
                                const int64_t *starts, const int64_t *lengths, const int64_t *pasts,
@@ -568,5 +578,4 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
                                   num_chunks, block_size, num_heads, num_kv_heads, head_dim, head_stride,
                                   slot_stride, scale);
 }
-
 #endif
