@@ -17,8 +17,8 @@ from __future__ import annotations
 import statistics
 
 from bench import readme
-from bench.layer_loop import first_token, steps
-from bench.peers import long_prompt, workload_args
+from bench.layer_loop import long_prompt_ttfts, steps
+from bench.peers import workload_args
 from genrpc.launch import describe_cpu
 from model_svc.__main__ import check_output_layer, engine_for, parse_args
 from model_svc.engine import kernel_choice
@@ -60,10 +60,7 @@ def run(concurrency: list[int], rounds: int, long_tokens: int) -> dict:
               f"{points[-1]['ratio']:.2f}x", flush=True)
     result["points"] = points
     if long_tokens:
-        text, count = long_prompt(long_tokens)
-        ttft = {side: [] for side in SIDES}
-        for r, side in enumerate((*SIDES, *SIDES[::-1])):
-            ttft[side].append(first_token(engines[side], tokenizer(f"Request {r}.\n{text}").input_ids))
+        count, ttft = long_prompt_ttfts(engines, tokenizer, long_tokens)
         medians = {side: statistics.median(t) for side, t in ttft.items()}
         result["long_prompt"] = {"prompt_tokens": count, "tiles_s": [round(t, 2) for t in ttft["on"]],
                                  "avx512_s": [round(t, 2) for t in ttft["off"]],

@@ -64,6 +64,16 @@ def first_token(engine, ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def long_prompt_ttfts(engines: dict, tokenizer, long_tokens: int) -> tuple[int, dict[str, list[float]]]:
+    """A ~`long_tokens` prompt alone (a fresh first line each time, so no cache answers it): its length
+    and each engine's times to first token, the engines in the order A B B A."""
+    text, count = long_prompt(long_tokens)
+    ttft = {name: [] for name in engines}
+    for r, name in enumerate((*engines, *list(engines)[::-1])):
+        ttft[name].append(first_token(engines[name], tokenizer(f"Request {r}.\n{text}").input_ids))
+    return count, ttft
+
+
 def run(concurrency: list[int], rounds: int, long_tokens: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -88,10 +98,7 @@ def run(concurrency: list[int], rounds: int, long_tokens: int) -> dict:
               f"{points[-1]['ratio']:.2f}x", flush=True)
     result = {"cpu": describe_cpu(), "rounds": rounds, "points": points}
     if long_tokens:
-        text, count = long_prompt(long_tokens)
-        ttft = {loop: [] for loop in LOOPS}
-        for r, loop in enumerate((*LOOPS, *LOOPS[::-1])):
-            ttft[loop].append(first_token(engines[loop], tokenizer(f"Request {r}.\n{text}").input_ids))
+        count, ttft = long_prompt_ttfts(engines, tokenizer, long_tokens)
         medians = {loop: statistics.median(t) for loop, t in ttft.items()}
         result["long_prompt"] = {"prompt_tokens": count, "native_s": [round(t, 2) for t in ttft["native"]],
                                  "python_s": [round(t, 2) for t in ttft["python"]],
