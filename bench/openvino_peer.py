@@ -47,6 +47,7 @@ def genrpc_side(loaded, prompts: list[list[int]], concurrency: list[int], long_i
     caching off as OpenVINO's is (the bursts repeat prompts), warmed up as OpenVINO's: each burst of N
     prompts timed whole, then the long prompt's first token. (A fresh engine per burst paid its
     first step's one-time set-up, ~1 s on an AMX Xeon, inside the timed burst.)"""
+    from bench.layer_loop import served_step
     from model_svc.__main__ import engine_for, parse_args
     from model_svc.engine.sequence import SamplingParams, Sequence
 
@@ -58,7 +59,7 @@ def genrpc_side(loaded, prompts: list[list[int]], concurrency: list[int], long_i
             engine.add(Sequence(i, prompt, SamplingParams(max_new_tokens=tokens, ignore_eos=True)))
         started, produced = time.perf_counter(), 0
         while engine.scheduler.has_work:
-            produced += sum(out.token_id is not None for out in engine.step())
+            produced += sum(out.token_id is not None for out in served_step(engine)[0])
         return time.perf_counter() - started, produced
 
     burst(prompts[:8], 16)  # warm-up, as OpenVINO's side

@@ -153,11 +153,12 @@ into `.venv-openvino`): OpenVINO GenAI's continuous-batching pipeline on the bun
 by `optimum-cli export openvino --weight-format int4 --group-size 64`, beside genrpc's engine
 (`make run`'s defaults), both in process, the same prompts as token ids: N streams of 128 greedy
 tokens (EOS ignored, no speculation), each burst timed whole, and a ~4,000-token prompt alone with
-one new token; each side one pipeline or engine a round, warmed up, prefix caching off on both.
+one new token; each side one pipeline or engine a round, warmed up, prefix caching off on both,
+genrpc's step-cost model fed with each step as the served loop feeds it.
 OpenVINO runs in its own process while genrpc's waits; rounds alternate which side goes first
 (their orders under each table); each side's median over the rounds. One section per build of
 the native kernel (results from before 2026-12-05 gave genrpc a fresh engine per burst, its first
-step's set-up timed in it)."""
+step's set-up timed in it, and left its step-cost model at its prior)."""
 
 LAYER_LOOP_HOW = """\
 `python -m bench.layer_loop`, one section per build of the native kernel: two engines in process on
