@@ -5,7 +5,8 @@ pipeline on the bundled model exported with `optimum-cli export openvino --weigh
 --group-size 64` (done once, into models/), against genrpc's engine with `make run`'s defaults
 (4-bit nf4 weights, bfloat16 compute), in process, the same prompts as token ids: N = 1, 8, 32
 streams of 128 greedy tokens (EOS ignored, no speculation on either side), each burst timed whole
-(prompts and decoding), a fresh engine or an empty prefix cache each time; then a ~4,000-token
+(prompts and decoding), each side one warmed engine or pipeline a round with prefix caching off,
+genrpc's step-cost model fed as when served; then a ~4,000-token
 prompt alone with one new token (its first token's time). OpenVINO runs in its own process
 (bench/openvino_side.py) while genrpc's waits; rounds alternate which side goes first; each side's
 figure is its median over the rounds.
@@ -46,7 +47,7 @@ def genrpc_side(loaded, prompts: list[list[int]], concurrency: list[int], long_i
     """genrpc's engine in this process, one for the side's bursts as OpenVINO's pipeline is, with prefix
     caching off as OpenVINO's is (the bursts repeat prompts), warmed up as OpenVINO's: each burst of N
     prompts timed whole, then the long prompt's first token. (A fresh engine per burst paid its
-    first step's one-time set-up, ~1 s on an AMX Xeon, inside the timed burst.)"""
+    first step's one-time set-up, 0.07-1 s on an AMX Xeon by the step's rows, inside the timed burst.)"""
     from bench.layer_loop import served_step
     from model_svc.__main__ import engine_for, parse_args
     from model_svc.engine.sequence import SamplingParams, Sequence
