@@ -352,9 +352,11 @@ static __thread size_t scale_buffer_size;
 /* AMX: the same sums on tiles. Per quantization block and row, TDPBF16PS sums x[k] * value[k] over
  * the block's pairs into a zeroed float32 tile (two instructions of 16 pairs each for blocks of 64),
  * and the row's sum gains that partial times the block's scale (one FMA), as in quant_tile. The
- * instruction's own rounding differs from VDPBF16PS's (measured: ~10% of 16-pair partials differ in
- * their last bit, ~1 output in 27,000 after the scale and the rounding to bfloat16), so where the
- * product runs on tiles it runs on tiles at every row count: a row's result then depends on its own
+ * instruction sums in its own order: per instruction, the even inputs' products and the odd inputs'
+ * each in order from zero, then their sum added to the tile (measured bit for bit; VDPBF16PS adds odd
+ * then even, term by term): ~1 output in 27,000 differs after the scale and the rounding to
+ * bfloat16 (tests/unit/test_amx.py writes the int8 product's tile arithmetic out in torch), so where
+ * the product runs on tiles it runs on tiles at every row count: a row's result then depends on its own
  * values alone (tested: each row alone against batches of every size). Codes are decoded to
  * bfloat16 pairs in memory (the B tile's layout: a pair's 16 columns, the pair's two inputs side by
  * side, is what decode_pair gives) and loaded as tiles. Which path runs is chosen at start by timing
