@@ -308,8 +308,8 @@ def _native_possible(args) -> bool:
 
 
 def build_engine(args) -> tuple:
-    """The loaded model, its engine, and the thread policy's monitor (sized before the weights load,
-    on the thread that will step the engine: OpenMP keeps a pool per thread)."""
+    """The loaded model, its engine (warmed up), and the thread policy's monitor (sized before the weights
+    load, on the thread that will step the engine: OpenMP keeps a pool per thread)."""
     if args.threads < 0:
         raise SystemExit(f"--threads={args.threads} is invalid: 0 (adaptive) or a positive count")
     resolve_attention(args, _native_possible(args))  # contradictory flags stop start-up before the weights load
@@ -324,7 +324,11 @@ def build_engine(args) -> tuple:
     monitor = LoadMonitor(policy, cpus, torch.set_num_threads)
     log.info("compute threads: %s", policy.describe)
     loaded = load_model(args.model, args.dtype, args.quantize, args.device, output_layer=output_layer)
-    return loaded, engine_for(loaded, args), monitor
+    engine = engine_for(loaded, args)
+    start = time.perf_counter()
+    engine.warm_up()  # the layers' first calls now, not in the first request's time to first token
+    log.info("warm-up: %.2f s", time.perf_counter() - start)
+    return loaded, engine, monitor
 
 
 def check_layer_loop(args) -> None:

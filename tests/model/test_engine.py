@@ -524,6 +524,32 @@ def test_repetition_penalty_matches_generate(reference_model, hf_tokenizer):
     assert_greedy_matches(reference_model, hf_tokenizer, PROMPTS[2], got, repetition_penalty=1.3)
 
 
+def test_a_warm_up_takes_the_first_calls_and_leaves_no_trace(reference_model, hf_tokenizer):
+    """Engine.warm_up (the model service runs it before serving): every linear layer has had its first
+    call, and the engine is as it was: nothing running, no block held or kept in the prefix cache
+    (blocks of 4 tokens: its 11 would fill two), the counters a server reports at zero, and the same
+    tokens after it as without it."""
+    def fresh():
+        return make_engine(reference_model, prefix_caching=True, extra=("--block-size", "4"))
+
+    layers = [m for m in reference_model.model.modules() if isinstance(m, torch.nn.Linear)]
+    warm = fresh()
+    assert not any(warm.runner.linear.called(m) for m in layers)
+    warm.warm_up()
+    assert all(warm.runner.linear.called(m) for m in layers)
+    blocks = warm.scheduler.blocks
+    assert not warm.scheduler.has_work and blocks.num_free_blocks == blocks.num_blocks
+    assert blocks.num_cached_blocks == 0 and blocks.enable_prefix_caching
+    assert blocks.num_queried_tokens == blocks.num_hit_tokens == warm.scheduler.num_steps == 0
+    prompt = hf_tokenizer(PROMPTS[1]).input_ids
+    outputs = [run(engine, [Sequence("a", list(prompt), SamplingParams(max_new_tokens=12))])
+               for engine in (warm, fresh())]
+    assert outputs[0] == outputs[1]
+    with pytest.raises(RuntimeError, match="already has sequences"):
+        warm.add(Sequence("b", list(prompt), SamplingParams(max_new_tokens=2)))
+        warm.warm_up()
+
+
 def test_abort_between_steps_frees_the_cache(reference_model, hf_tokenizer):
     engine = make_engine(reference_model)
     engine.add(Sequence("a", hf_tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=50)))
