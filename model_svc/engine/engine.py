@@ -129,10 +129,19 @@ class Engine:
         caching, blocks.enable_prefix_caching = blocks.enable_prefix_caching, False
         vocab = self.sampler.vocab_size or 1
         try:
-            self.add(Sequence(("warm-up",), [(100 + i) % vocab for i in range(prompt_tokens)],
-                              SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
-            while self.scheduler.has_work:
+            try:
+                self.add(Sequence(("warm-up",), [(100 + i) % vocab for i in range(prompt_tokens)],
+                                  SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
+            except (ValueError, SchedulerFull) as exc:  # e.g. a KV cache smaller than its few tokens
+                log.warning("warm-up skipped (%s); the first request pays the first calls", exc)
+                return
+            for _ in range(4 * (prompt_tokens + new_tokens)):  # far more steps than it takes
+                if not self.scheduler.has_work:
+                    break
                 self.step()
+            else:  # never admitted (a cache too small for it): serve cold rather than wait for it
+                self.abort(("warm-up",))
+                log.warning("warm-up: the sequence did not finish; the first request pays the first calls")
         finally:
             blocks.enable_prefix_caching = caching
         blocks.num_queried_tokens = blocks.num_hit_tokens = 0
