@@ -448,6 +448,39 @@ static inline void amx_store(const float *acc, int rows, uint16_t *c, int64_t ld
         _tile_stored(C1, part + 16, 128);                                                                 \
     } while (0)
 
+/* One quantization block's partial sums for up to 32 rows into zeroed C tiles 0-3 (rows 0-15 through A
+ * tile 4 from a0, rows 16-31 through A tile 5 from a1 where rows1) and out to `part` (32 rows of 32
+ * float32): `tiles` k tiles of decoded codes from `bt` (1,024 values each) against the rows' inputs
+ * from a0 / a1 (32 inputs a k tile, rows `stride` bytes apart). */
+static inline __attribute__((always_inline)) void amx_rows_block(const uint16_t *bt, const uint16_t *a0,
+                                                                 const uint16_t *a1, int64_t tiles,
+                                                                 int64_t stride, int rows1, float *part) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (rows1) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t t = 0; t < tiles; t++) {
+        _tile_loadd(6, bt + t * 1024, 64);
+        _tile_loadd(7, bt + t * 1024 + 512, 64);
+        _tile_loadd(4, a0 + t * 32, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (rows1) {
+            _tile_loadd(5, a1 + t * 32, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, part, 128);
+    _tile_stored(1, part + 16, 128);
+    if (rows1) {
+        _tile_stored(2, part + AMX_FEW * COLS, 128);
+        _tile_stored(3, part + AMX_FEW * COLS + 16, 128);
+    }
+}
+
 /* One column block of 32 for m rows, AMX_FEW < m <= AMX_STREAMED, m at most 32 or a multiple of 32:
  * each quantization block is decoded one block ahead (as for few rows) and goes through every 32-row
  * group before the next, so the tiles read the decoded codes from L1; decoding the whole column block
@@ -481,33 +514,8 @@ static inline __attribute__((always_inline)) int amx_streamed(const uint16_t *a,
         const uint16_t *slot = b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
         for (int64_t g = 0; g < groups; g++) {
             const int64_t i = kb * groups + g;
-            const uint16_t *a0 = a + g * 2 * AMX_FEW * lda, *a1 = a0 + AMX_FEW * lda;
-            float *part = PART(i);
-            _tile_zero(0);
-            _tile_zero(1);
-            if (rows1) {
-                _tile_zero(2);
-                _tile_zero(3);
-            }
-            for (int64_t t = 0; t < tiles_per_block; t++) {
-                const int64_t kt = kb * tiles_per_block + t;
-                _tile_loadd(6, slot + t * 1024, 64);
-                _tile_loadd(7, slot + t * 1024 + 512, 64);
-                _tile_loadd(4, a0 + kt * 32, stride);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (rows1) {
-                    _tile_loadd(5, a1 + kt * 32, stride);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            _tile_stored(0, part, 128);
-            _tile_stored(1, part + 16, 128);
-            if (rows1) {
-                _tile_stored(2, part + AMX_FEW * COLS, 128);
-                _tile_stored(3, part + AMX_FEW * COLS + 16, 128);
-            }
+            const uint16_t *a0 = a + g * 2 * AMX_FEW * lda + kb * tiles_per_block * 32;
+            amx_rows_block(slot, a0, a0 + AMX_FEW * lda, tiles_per_block, stride, rows1, PART(i));
             if (i > 0)
                 amx_scale(acc + ((i - 1) % groups) * group_floats, PART(i - 1), scales + ((i - 1) / groups) * COLS, rows);
         }
@@ -579,31 +587,8 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
         const uint16_t *a0 = a + r0 * lda, *a1 = a0 + AMX_FEW * lda;
         memset(acc, 0, (size_t)rows * COLS * sizeof(float));
         for (int64_t kb = 0; kb < blocks; kb++) {
-            float *part = PART(kb);
-            _tile_zero(0);
-            _tile_zero(1);
-            if (rows1) {
-                _tile_zero(2);
-                _tile_zero(3);
-            }
-            for (int64_t kt = kb * tiles_per_block; kt < (kb + 1) * tiles_per_block; kt++) {
-                _tile_loadd(6, b + kt * 1024, 64);
-                _tile_loadd(7, b + kt * 1024 + 512, 64);
-                _tile_loadd(4, a0 + kt * 32, stride);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (rows1) {
-                    _tile_loadd(5, a1 + kt * 32, stride);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            _tile_stored(0, part, 128);
-            _tile_stored(1, part + 16, 128);
-            if (rows1) {
-                _tile_stored(2, part + AMX_FEW * COLS, 128);
-                _tile_stored(3, part + AMX_FEW * COLS + 16, 128);
-            }
+            const int64_t kt = kb * tiles_per_block;
+            amx_rows_block(b + kt * 1024, a0 + kt * 32, a1 + kt * 32, tiles_per_block, stride, rows1, PART(kb));
             if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows);
         }
         amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows);
