@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model_svc.engine import gemm, kernel_choice
-from tests.unit.test_gemm_bits import reference as vector_order_reference
+from tests.unit.test_gemm_bits import reference
 
 
 @pytest.fixture(scope="module")
@@ -55,41 +55,31 @@ def test_every_row_is_the_same_alone_and_in_batches_of_every_size(amx):
             assert torch.equal(rows8, full8[start:start + m]), (m, start)
 
 
-def tiles_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`gemm_int8_bf16` on tiles, term for term: per quantization block, a zeroed float32 partial gains,
-    per TDPBF16PS (16 input pairs), the sum of its even inputs' products plus the sum of its odd
-    inputs' (each summed in order from zero; measured on Sapphire Rapids-class cores, bit for bit over
-    millions of random pairs: Intel documents this order), then sum += partial * scale in one rounding
-    (exact in float64, see test_gemm_bits); bfloat16 to nearest even. Products of a bfloat16 input and
-    an int8 code are exact in float32."""
-    blocks, k, _ = codes.shape
-    n, blocksize = blocks * gemm.COLUMNS, k // scales.shape[1]
-    weight = codes.permute(1, 0, 2).reshape(k, n).float()
-    scale = scales.permute(1, 0, 2).reshape(k // blocksize, n).double()
-    rows = x.float()
-    acc = torch.zeros(rows.shape[0], n)
-    for kb in range(k // blocksize):
-        part = torch.zeros(rows.shape[0], n)
-        for t in range(kb * blocksize, (kb + 1) * blocksize, 32):
-            even, odd = torch.zeros_like(part), torch.zeros_like(part)
-            for p in range(t, t + 32, 2):
-                even = even + rows[:, p:p + 1] * weight[p]
-                odd = odd + rows[:, p + 1:p + 2] * weight[p + 1]
-            part = part + (even + odd)
-        acc = (part.double() * scale[kb] + acc.double()).float()
-    return acc.to(torch.bfloat16)
+def tile_partial(rows: torch.Tensor, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Inputs start .. stop - 1's float32 partial sums as TDPBF16PS makes them: per instruction (16
+    input pairs), the even inputs' products and the odd inputs' each summed in order from zero, then
+    their sum added to the partial (measured on Sapphire Rapids-class cores, bit for bit over millions
+    of random pairs: Intel documents this order)."""
+    part = torch.zeros(rows.shape[0], weight.shape[1])
+    for t in range(start, stop, 32):
+        even, odd = torch.zeros_like(part), torch.zeros_like(part)
+        for p in range(t, t + 32, 2):
+            even = even + rows[:, p:p + 1] * weight[p]
+            odd = odd + rows[:, p + 1:p + 2] * weight[p + 1]
+        part = part + (even + odd)
+    return part
 
 
 def test_the_int8_product_on_tiles_is_its_written_out_arithmetic(amx):
-    """Large enough that the order shows: AVX-512's order (test_gemm_bits.reference) differs from the
-    tiles' in an output or two of these ~72,000 (checked with seeds 5 and 6)."""
+    """The int8 product's sums (test_gemm_bits.reference) with the tiles' partials, at a size where the
+    order shows: AVX-512's order differs in an output or two of these ~72,000 (seeds 5 and 6)."""
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(1024, 1536, generator=gen) * 0.05
     weight[:32, :64] = 0  # an all-zero block: scale 0
     codes, scales = gemm.quantize_int8(weight, 64)
     x = torch.randn(70, 1536, generator=gen).to(torch.bfloat16)
-    expected = tiles_reference(x, codes, scales)
-    assert not torch.equal(expected, vector_order_reference(x, codes, scales))  # the test can tell them apart
+    expected = reference(x, codes, scales, partial=tile_partial)
+    assert not torch.equal(expected, reference(x, codes, scales))  # the test can tell the two orders apart
     for m in (1, 2, 16, 17, 32, 33, 48, 64, 65, 70):
         assert torch.equal(amx.int8(x[:m], codes, scales), expected[:m]), m
 

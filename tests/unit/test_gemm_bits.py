@@ -13,11 +13,21 @@ from model_svc.engine import gemm, kernels
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 24, 33)
 
 
-def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`gemm_int8_bf16`'s sums term for term: a bfloat16 input times an int8 code is exact in float32,
-    so `part + x * w` rounds once, as the FMA (or VDPBF16PS's step) does; partial * scale is exact in
-    float64, so the scale's FMA rounds once too (to float64, then float32: the same but for a tie
-    within 2^-29, which these inputs do not hit)."""
+def vector_partial(rows: torch.Tensor, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Inputs start .. stop - 1's float32 partial sums in VDPBF16PS's order: pair after pair, the odd
+    input's product first."""
+    part = torch.zeros(rows.shape[0], weight.shape[1])
+    for p in range(start, stop, 2):
+        part = part + rows[:, p + 1:p + 2] * weight[p + 1]
+        part = part + rows[:, p:p + 1] * weight[p]
+    return part
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, partial=vector_partial) -> torch.Tensor:
+    """`gemm_int8_bf16`'s sums term for term, each quantization block's partial summed by `partial`: a
+    bfloat16 input times an int8 code is exact in float32, so `part + x * w` rounds once, as the FMA
+    (or VDPBF16PS's step) does; partial * scale is exact in float64, so the scale's FMA rounds once
+    too (to float64, then float32: the same but for a tie within 2^-29, which these inputs do not hit)."""
     blocks, k, _ = codes.shape
     n, blocksize = blocks * gemm.COLUMNS, k // scales.shape[1]
     weight = codes.permute(1, 0, 2).reshape(k, n).float()
@@ -25,10 +35,7 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
     rows = x.float()
     acc = torch.zeros(rows.shape[0], n)
     for kb in range(k // blocksize):
-        part = torch.zeros(rows.shape[0], n)
-        for p in range(kb * blocksize, (kb + 1) * blocksize, 2):
-            part = part + rows[:, p + 1:p + 2] * weight[p + 1]
-            part = part + rows[:, p:p + 1] * weight[p]
+        part = partial(rows, weight, kb * blocksize, (kb + 1) * blocksize)
         acc = (part.double() * scale[kb] + acc.double()).float()
     return acc.to(torch.bfloat16)
 
