@@ -406,6 +406,17 @@ static inline __attribute__((always_inline)) void amx_decode(const uint8_t *code
         }
 }
 
+/* Quantization block kb's decoded codes in the ring of AMX_SLOTS blocks at b, after decoding block
+ * kb + 1 into its slot (one block ahead of the tile work; block 0 is decoded before the loop). */
+static inline __attribute__((always_inline)) const uint16_t *amx_slot(const uint8_t *codes, int64_t kb,
+                                                                      int64_t blocks, int64_t block_pairs,
+                                                                      __m512i table, uint16_t *b, const int wide) {
+    if (kb + 1 < blocks)
+        amx_decode(codes, (kb + 1) * block_pairs, block_pairs, table,
+                   b + ((kb + 1) % AMX_SLOTS) * block_pairs * 2 * COLS, wide);
+    return b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
+}
+
 /* acc[r] += part[r] * scale for `rows` rows of 32 columns (float32, 32 apart). */
 static inline void amx_scale(float *acc, const float *part, const float *scale, int rows) {
     const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
@@ -508,10 +519,7 @@ static inline __attribute__((always_inline)) int amx_streamed(const uint16_t *a,
     memset(acc, 0, (size_t)groups * group_floats * sizeof(float));
     amx_decode(codes, 0, block_pairs, table, b, wide);
     for (int64_t kb = 0; kb < blocks; kb++) {
-        if (kb + 1 < blocks)
-            amx_decode(codes, (kb + 1) * block_pairs, block_pairs, table,
-                       b + ((kb + 1) % AMX_SLOTS) * block_pairs * 2 * COLS, wide);
-        const uint16_t *slot = b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
+        const uint16_t *slot = amx_slot(codes, kb, blocks, block_pairs, table, b, wide);
         for (int64_t g = 0; g < groups; g++) {
             const int64_t i = kb * groups + g;
             const uint16_t *a0 = a + g * 2 * AMX_FEW * lda + kb * tiles_per_block * 32;
@@ -564,10 +572,7 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
         memset(acc, 0, (size_t)rows * COLS * sizeof(float));
         amx_decode(codes, 0, block_pairs, table, b, wide);
         for (int64_t kb = 0; kb < blocks; kb++) {
-            if (kb + 1 < blocks)
-                amx_decode(codes, (kb + 1) * block_pairs, block_pairs, table,
-                           b + ((kb + 1) % AMX_SLOTS) * block_pairs * 2 * COLS, wide);
-            const uint16_t *slot = b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
+            const uint16_t *slot = amx_slot(codes, kb, blocks, block_pairs, table, b, wide);
             float *part = PART(kb);
             if (kb & 1)
                 AMX_FEW_BLOCK(2, 3);
