@@ -231,6 +231,7 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
  * however the prompt is chunked, whatever else the call holds. The runner takes this kernel where the
  * matrix products run on tiles (kernel_choice.py). */
 #define AMX_KEYS 32
+#define PHASE_KEYS 128 /* keys scored, softmaxed and multiplied with their values together */
 
 int prefill_amx_supported(void) { return 1; }
 
@@ -261,10 +262,9 @@ static void amx_configure(void) {
 typedef struct {
     uint32_t *q2;   /* [head_dim / 2][LANES] */
     float *acc;     /* [head_dim][LANES] */
-    float *part;    /* [head_dim][LANES]: a block's output partials */
-    float *scores;  /* [AMX_KEYS][LANES] */
-    uint32_t *p2;   /* [AMX_KEYS / 2][LANES] */
-    uint16_t *keys; /* [AMX_KEYS][head_dim], when the arena's 16-key runs are not in place */
+    float *scores;  /* [2][PHASE_KEYS][LANES]: two phases' */
+    uint32_t *p2;   /* [2][PHASE_KEYS / 2][LANES] */
+    uint16_t *keys; /* [PHASE_KEYS][head_dim], when the arena's 16-key runs are not in place */
 } AmxScratch;
 
 /* 16 x 16 32-bit elements: r[i] row i in, r[c] column c out. */
@@ -292,6 +292,101 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* 2^x within ~3 ulp for x <= 0 (a little above 0 too): x - floor(x) in [0, 1) exactly (VREDUCEPS), a
+ * degree-5 polynomial there with p(0) = 1 exactly, times 2^floor(x) (VSCALEFPS); x clamped at -126 so
+ * results stay normal (callers zero what they mask). */
+static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(0x1.e97110p-10f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.27795ep-7f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.c91cb8p-5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ebdb5ap-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e4bap-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, x);
+}
+
+/* Scores^T (raw) of each run of 16 keys of the phase from t0 that holds any key up to `last` into
+ * sc ([PHASE_KEYS][LANES]; the other runs are left as they were, for the caller to mask): four runs in
+ * flight (tiles 0-3), their operands in tiles 4-5 (keys) and 6-7 (queries). Returns the runs. */
+static inline int64_t amx_scores(const uint16_t *k_head, const uint32_t *q2, float *sc, uint16_t *keys, int64_t t0,
+                                 int64_t last, int64_t head_dim, const int64_t *table, int64_t block_size,
+                                 int64_t slot_stride) {
+    const int64_t runs16 = (last - t0) / 16 + 1 < PHASE_KEYS / 16 ? (last - t0) / 16 + 1 : PHASE_KEYS / 16;
+    for (int64_t g = 0; g < runs16; g++) {
+        const int64_t base = t0 + 16 * g;
+        const uint16_t *kb;
+        int64_t stride;
+        if (block_size % 16 == 0) { /* the run lies in one cache block, in place */
+            kb = k_head + (table[base / block_size] * block_size + base % block_size) * slot_stride;
+            stride = slot_stride * 2;
+        } else {
+            uint16_t *dst = keys + 16 * g * head_dim;
+            for (int64_t t = 0; t < 16; t++) {
+                const int64_t pos = base + t <= last ? base + t : base;
+                memcpy(dst + t * head_dim, k_head + (table[pos / block_size] * block_size + pos % block_size) * slot_stride,
+                       sizeof(uint16_t) * head_dim);
+            }
+            kb = dst;
+            stride = head_dim * 2;
+        }
+#define SCORE_TILE(S)                                                                                  \
+        _tile_zero(S);                                                                                 \
+        for (int64_t d = 0; d < head_dim; d += 64) {                                                   \
+            _tile_loadd(4, kb + d, stride);                                                            \
+            _tile_loadd(6, q2 + d / 2 * LANES, 64);                                                    \
+            _tile_dpbf16ps(S, 4, 6);                                                                   \
+            if (d + 32 < head_dim) {                                                                   \
+                _tile_loadd(5, kb + d + 32, stride);                                                   \
+                _tile_loadd(7, q2 + (d + 32) / 2 * LANES, 64);                                         \
+                _tile_dpbf16ps(S, 5, 7);                                                               \
+            }                                                                                          \
+        }                                                                                              \
+        _tile_stored(S, sc + 16 * g * LANES, 64);
+        switch (g & 3) {
+        case 0: SCORE_TILE(0) break;
+        case 1: SCORE_TILE(1) break;
+        case 2: SCORE_TILE(2) break;
+        default: SCORE_TILE(3) break;
+        }
+#undef SCORE_TILE
+    }
+    return runs16;
+}
+
+/* acc^T += V^T P^T for `runs` 32-key runs of the phase from t0 (p2: their probabilities as pairs of
+ * keys), 64 dimensions at a time in tiles 0-3 (loaded from and stored to acc), a run's probabilities
+ * in tile 6 or 7, the values in 4 or 5. */
+static inline void amx_values(const uint16_t *vt, int64_t padded, const uint32_t *p2, float *acc, int64_t t0,
+                              int64_t runs, int64_t head_dim) {
+    for (int64_t c0 = 0; c0 < head_dim; c0 += 64) {
+        const int64_t tiles = head_dim - c0 < 64 ? (head_dim - c0) / 16 : 4;
+#define LOAD_OUT(j) if (j < tiles) _tile_loadd(j, acc + (c0 + 16 * (j)) * LANES, 64);
+        LOAD_OUT(0) LOAD_OUT(1) LOAD_OUT(2) LOAD_OUT(3)
+#undef LOAD_OUT
+        for (int64_t r = 0; r < runs; r++) {
+            const uint16_t *v = vt + (t0 + 32 * r) * head_dim + c0 * AMX_KEYS;
+#define ADD_OUT(j, A, B)                                                                               \
+            if (j < tiles) {                                                                           \
+                _tile_loadd(A, v + 16 * (j) * AMX_KEYS, AMX_KEYS * 2);                                 \
+                _tile_dpbf16ps(j, A, B);                                                               \
+            }
+            if (r & 1) {
+                _tile_loadd(7, p2 + 16 * r * LANES, 64);
+                ADD_OUT(0, 4, 7) ADD_OUT(1, 5, 7) ADD_OUT(2, 4, 7) ADD_OUT(3, 5, 7)
+            } else {
+                _tile_loadd(6, p2 + 16 * r * LANES, 64);
+                ADD_OUT(0, 4, 6) ADD_OUT(1, 5, 6) ADD_OUT(2, 4, 6) ADD_OUT(3, 5, 6)
+            }
+#undef ADD_OUT
+        }
+#define STORE_OUT(j) if (j < tiles) _tile_stored(j, acc + (c0 + 16 * (j)) * LANES, 64);
+        STORE_OUT(0) STORE_OUT(1) STORE_OUT(2) STORE_OUT(3)
+#undef STORE_OUT
+    }
+}
+
 static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16_t *vt, int64_t padded,
                      uint16_t *out, int64_t row0, int64_t past, int64_t first, int64_t count, int64_t group,
                      int64_t h, int64_t num_heads, int64_t head_dim, const int64_t *table, int64_t block_size,
@@ -307,135 +402,75 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
     const __m512i qp = _mm512_loadu_si512(qpos);
     const int64_t last = qpos[LANES - 1];
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+    const __m512 scale2 = _mm512_set1_ps(scale * 1.44269504088896341f); /* e^(x scale) = 2^(x scale2) */
     memset(s->acc, 0, sizeof(float) * head_dim * LANES);
-    const int in_place = block_size % 16 == 0;
-    const int out_tiles = (int)(head_dim / 16), kept = out_tiles <= 4; /* out^T stays in tiles 0-3 */
     uint16_t interleave_index[32]; /* words (e0[q], e1[q]) side by side from [e0 0..15, e1 0..15] */
     for (int i = 0; i < 32; i++) interleave_index[i] = (uint16_t)(i / 2 + (i % 2) * 16);
     const __m512i interleave = _mm512_loadu_si512(interleave_index);
-    if (kept) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-    }
-    for (int64_t t0 = 0; t0 <= last; t0 += AMX_KEYS) {
-        /* Scores^T for each run of 16 keys that has any key up to `last` (the others are masked). */
-        for (int half = 0; half < 2; half++) {
-            const int64_t base = t0 + 16 * half;
-            if (base > last) break;
-            const uint16_t *kb;
-            int64_t stride;
-            if (in_place) {
-                kb = k_head + (table[base / block_size] * block_size + base % block_size) * slot_stride;
-                stride = slot_stride * 2;
-            } else {
-                for (int64_t t = 0; t < 16; t++) {
-                    const int64_t pos = base + t <= last ? base + t : base;
-                    memcpy(s->keys + t * head_dim,
-                           k_head + (table[pos / block_size] * block_size + pos % block_size) * slot_stride,
-                           sizeof(uint16_t) * head_dim);
-                }
-                kb = s->keys;
-                stride = head_dim * 2;
-            }
-            if (half) {
-                _tile_zero(5);
-                for (int64_t d = 0; d < head_dim; d += 32) {
-                    _tile_loadd(6, kb + d, stride);
-                    _tile_loadd(7, s->q2 + d / 2 * LANES, 64);
-                    _tile_dpbf16ps(5, 6, 7);
-                }
-                _tile_stored(5, s->scores + 16 * LANES, 64);
-            } else {
-                _tile_zero(4);
-                for (int64_t d = 0; d < head_dim; d += 32) {
-                    _tile_loadd(6, kb + d, stride);
-                    _tile_loadd(7, s->q2 + d / 2 * LANES, 64);
-                    _tile_dpbf16ps(4, 6, 7);
-                }
-                _tile_stored(4, s->scores, 64);
-            }
-        }
-        __m512 block_max = _mm512_set1_ps(-INFINITY);
-        __mmask16 seen[AMX_KEYS];
-        __m512 sc[AMX_KEYS];
-        if (t0 + AMX_KEYS - 1 <= qpos[0]) { /* every lane sees every key of the block: no masks */
-#pragma GCC unroll 32
-            for (int t = 0; t < AMX_KEYS; t++) {
-                seen[t] = 0xffff;
-                sc[t] = _mm512_mul_ps(_mm512_load_ps(s->scores + t * LANES), _mm512_set1_ps(scale));
-                block_max = _mm512_max_ps(block_max, sc[t]);
-            }
+    /* Phases in a pipeline: the tiles score phase b + 1 and multiply phase b - 1's probabilities with
+     * their values while the vector units take phase b's softmax (acc is rescaled for phase b after
+     * phase b - 1's values are in: the same operations in the same order as one phase at a time). */
+    int64_t runs16 = amx_scores(k_head, s->q2, s->scores, s->keys, 0, last, head_dim, table, block_size, slot_stride);
+    int64_t prev_t0 = 0, prev_runs32 = 0;
+    for (int64_t t0 = 0, b = 0; t0 <= last; t0 += PHASE_KEYS, b++) {
+        const float *sc = s->scores + (b & 1) * PHASE_KEYS * LANES;
+        uint32_t *p2 = s->p2 + (b & 1) * PHASE_KEYS / 2 * LANES;
+        const int64_t runs32 = (runs16 + 1) / 2;
+        if (t0 + PHASE_KEYS <= last)
+            runs16 = amx_scores(k_head, s->q2, s->scores + ((b + 1) & 1) * PHASE_KEYS * LANES, s->keys,
+                                t0 + PHASE_KEYS, last, head_dim, table, block_size, slot_stride);
+        /* The phase's maximum in base-2 units (score * scale * log2 e; scale > 0, so the largest scaled
+         * score is the largest raw one scaled), over the keys each lane sees: 32-key runs up to `last`. */
+        const int full = t0 + PHASE_KEYS - 1 <= qpos[0]; /* every lane sees every key of the phase */
+        __m512 mx[8];
+        for (int i = 0; i < 8; i++) mx[i] = _mm512_set1_ps(-INFINITY);
+        if (full) {
+            for (int64_t t = 0; t < PHASE_KEYS; t += 8)
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) mx[i] = _mm512_max_ps(mx[i], _mm512_load_ps(sc + (t + i) * LANES));
         } else {
-#pragma GCC unroll 32
-            for (int t = 0; t < AMX_KEYS; t++) {
-                seen[t] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp);
-                sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen[t], _mm512_load_ps(s->scores + t * LANES),
-                                           _mm512_set1_ps(scale));
-                block_max = _mm512_max_ps(block_max, sc[t]);
-            }
-        }
-        const __m512 m_new = _mm512_max_ps(m, block_max);
-        const __mmask16 moved = _mm512_cmp_ps_mask(m_new, m, _CMP_GT_OQ) | (t0 == 0 ? 0xffff : 0);
-        const __m512 alpha = exp_ps(_mm512_sub_ps(m, m_new)); /* exactly 1 where the maximum stayed */
-        m = m_new;
-        l = _mm512_mul_ps(l, alpha);
-#pragma GCC unroll 16
-        for (int i = 0; i < AMX_KEYS / 2; i++) { /* (key 2i, key 2i + 1) of each query, rounded to nearest even */
-            const __m512 e0 = _mm512_maskz_mov_ps(seen[2 * i], exp_ps(_mm512_sub_ps(sc[2 * i], m)));
-            const __m512 e1 = _mm512_maskz_mov_ps(seen[2 * i + 1], exp_ps(_mm512_sub_ps(sc[2 * i + 1], m)));
-            l = _mm512_add_ps(_mm512_add_ps(l, e0), e1);
-            _mm512_store_si512(s->p2 + i * LANES,
-                               _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
-        }
-        _tile_loadd(7, s->p2, 64);
-        if (kept) {
-            /* out^T in tiles 0-3 across blocks; rescaled (through memory) only when a lane's maximum
-             * moved: the other lanes are multiplied by exactly 1. */
-            if (moved && t0 > 0) {
-#define SCALE_TILE(j)                                                                                  \
-                if (j < out_tiles) {                                                                   \
-                    _tile_stored(j, s->acc + 16 * (j) * LANES, 64);                                    \
-                    for (int d = 16 * (j); d < 16 * (j) + 16; d++)                                     \
-                        _mm512_store_ps(s->acc + d * LANES, _mm512_mul_ps(_mm512_load_ps(s->acc + d * LANES), alpha)); \
-                    _tile_loadd(j, s->acc + 16 * (j) * LANES, 64);                                     \
+            for (int64_t t = 0; t < 32 * runs32; t += 8)
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const __mmask16 seen = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t + i)), qp);
+                    mx[i] = _mm512_mask_max_ps(mx[i], seen, mx[i], _mm512_load_ps(sc + (t + i) * LANES));
                 }
-                SCALE_TILE(0) SCALE_TILE(1) SCALE_TILE(2) SCALE_TILE(3)
-#undef SCALE_TILE
-            }
-#define ADD_TILE(j)                                                                                    \
-            if (j < out_tiles) {                                                                       \
-                _tile_loadd(6, vt + 16 * (j) * padded + t0, padded * 2);                               \
-                _tile_dpbf16ps(j, 6, 7);                                                               \
-            }
-            ADD_TILE(0) ADD_TILE(1) ADD_TILE(2) ADD_TILE(3)
-#undef ADD_TILE
-            continue;
         }
-        /* Wider heads: each block's partials in zeroed tiles, four 16-dimension tiles at a time, then
-         * acc = acc * alpha + partial. */
-        for (int64_t c0 = 0; c0 < head_dim; c0 += 64) {
-            const int64_t tiles = head_dim - c0 < 64 ? (head_dim - c0) / 16 : 4;
-#define OUT_TILE(j)                                                                            \
-            if (j < tiles) {                                                                   \
-                _tile_zero(j);                                                                 \
-                _tile_loadd(6, vt + (c0 + 16 * (j)) * padded + t0, padded * 2);                \
-                _tile_dpbf16ps(j, 6, 7);                                                       \
-                _tile_stored(j, s->part + (c0 + 16 * (j)) * LANES, 64);                        \
+        const __m512 block_max = _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])),
+                                               _mm512_max_ps(_mm512_max_ps(mx[4], mx[5]), _mm512_max_ps(mx[6], mx[7])));
+        const __m512 m_new = _mm512_max_ps(m, _mm512_mul_ps(block_max, scale2));
+        const __mmask16 moved = _mm512_cmp_ps_mask(m_new, m, _CMP_GT_OQ);
+        const __m512 alpha = exp2_ps(_mm512_sub_ps(m, m_new)); /* exactly 1 where the maximum stayed */
+        m = m_new;
+        /* p = 2^(score * scale2 - m) (one rounding: FMA), zero where the lane does not see the key; pairs
+         * of keys rounded to bfloat16 side by side per query (the value product's B tile). Four partial
+         * sums, added in a fixed order: the phase's keys are the same whatever the call. Every step an
+         * explicit instruction, so the compiler contracts nothing differently in either branch. */
+        __m512 ps[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t i = 0; i < 16 * runs32; i += 4) {
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                const int64_t t = 2 * (i + k);
+                __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sc + t * LANES), scale2, m));
+                __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sc + (t + 1) * LANES), scale2, m));
+                if (!full) {
+                    e0 = _mm512_maskz_mov_ps(_mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t)), qp), e0);
+                    e1 = _mm512_maskz_mov_ps(_mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t + 1)), qp), e1);
+                }
+                ps[k] = _mm512_add_ps(_mm512_add_ps(ps[k], e0), e1);
+                _mm512_store_si512(p2 + (i + k) * LANES,
+                                   _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
             }
-            OUT_TILE(0) OUT_TILE(1) OUT_TILE(2) OUT_TILE(3)
-#undef OUT_TILE
         }
-        for (int64_t d = 0; d < head_dim; d++)
-            _mm512_store_ps(s->acc + d * LANES, _mm512_fmadd_ps(_mm512_load_ps(s->acc + d * LANES), alpha,
-                                                                _mm512_load_ps(s->part + d * LANES)));
+        l = _mm512_fmadd_ps(l, alpha, _mm512_add_ps(_mm512_add_ps(ps[0], ps[1]), _mm512_add_ps(ps[2], ps[3])));
+        if (b > 0) amx_values(vt, padded, s->p2 + ((b - 1) & 1) * PHASE_KEYS / 2 * LANES, s->acc, prev_t0, prev_runs32, head_dim);
+        if (moved && t0 > 0) /* the other lanes are multiplied by exactly 1 */
+            for (int64_t d = 0; d < head_dim; d++)
+                _mm512_store_ps(s->acc + d * LANES, _mm512_mul_ps(_mm512_load_ps(s->acc + d * LANES), alpha));
+        prev_t0 = t0;
+        prev_runs32 = runs32;
     }
-    if (kept) {
-#define STORE_TILE(j) if (j < out_tiles) _tile_stored(j, s->acc + 16 * (j) * LANES, 64);
-        STORE_TILE(0) STORE_TILE(1) STORE_TILE(2) STORE_TILE(3)
-#undef STORE_TILE
-    }
+    amx_values(vt, padded, s->p2 + (((last / PHASE_KEYS) & 1) * PHASE_KEYS / 2) * LANES, s->acc, prev_t0, prev_runs32, head_dim);
     /* out = acc / l rounded to nearest even, 32 dimensions at a time: pairs of dimensions side by side
      * per query, transposed to a row per query. */
     for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
@@ -515,7 +550,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
                                  : NULL;
         }
         for (int64_t d0 = 0; d0 < head_dim; d0 += 32)
-            transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0, padded);
+            transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0 * head_dim, AMX_KEYS);
     }
     const int64_t num_tasks = count_tasks(lengths, num_chunks, group, num_kv_heads);
     int failed = 0;
@@ -523,11 +558,10 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     {
         AmxScratch s = {aligned_alloc(64, sizeof(uint32_t) * head_dim / 2 * LANES),
                         aligned_alloc(64, sizeof(float) * head_dim * LANES),
-                        aligned_alloc(64, sizeof(float) * head_dim * LANES),
-                        aligned_alloc(64, sizeof(float) * AMX_KEYS * LANES),
-                        aligned_alloc(64, sizeof(uint32_t) * AMX_KEYS / 2 * LANES),
-                        aligned_alloc(64, sizeof(uint16_t) * 16 * head_dim)};
-        const int ready = s.q2 && s.acc && s.part && s.scores && s.p2 && s.keys;
+                        aligned_alloc(64, sizeof(float) * 2 * PHASE_KEYS * LANES),
+                        aligned_alloc(64, sizeof(uint32_t) * 2 * PHASE_KEYS / 2 * LANES),
+                        aligned_alloc(64, sizeof(uint16_t) * PHASE_KEYS * head_dim)};
+        const int ready = s.q2 && s.acc && s.scores && s.p2 && s.keys;
         if (ready) amx_configure();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < num_tasks; task++) {
@@ -542,7 +576,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
                      starts[c], pasts[c], first, vectors - first < LANES ? vectors - first : LANES, group, h,
                      num_heads, head_dim, tables + table_offsets[c], block_size, slot_stride, scale, &s);
         }
-        free(s.q2), free(s.acc), free(s.part), free(s.scores), free(s.p2), free(s.keys);
+        free(s.q2), free(s.acc), free(s.scores), free(s.p2), free(s.keys);
     }
     free(vt);
     free(vt_offsets);
