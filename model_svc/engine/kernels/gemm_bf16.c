@@ -588,7 +588,9 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
     for (int64_t r0 = 0; r0 < m; r0 += 2 * AMX_FEW) {
         const int rows = m - r0 < 2 * AMX_FEW ? (int)(m - r0) : 2 * AMX_FEW;
         const int rows0 = rows < AMX_FEW ? rows : AMX_FEW, rows1 = rows - rows0;
-        amx_config(rows0, rows1 ? rows1 : 1);
+        /* Groups before the last are all 32 rows: one configuration for them (LDTILECFG waits for the
+         * tile work before it; once a group, it took ~0.1 of a 512-row product's time). */
+        if (r0 == 0 || rows < 2 * AMX_FEW) amx_config(rows0, rows1 ? rows1 : 1);
         const uint16_t *a0 = a + r0 * lda, *a1 = a0 + AMX_FEW * lda;
         memset(acc, 0, (size_t)rows * COLS * sizeof(float));
         for (int64_t kb = 0; kb < blocks; kb++) {
