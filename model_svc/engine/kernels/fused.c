@@ -114,36 +114,29 @@ static inline float exp_f32(float x) {
  * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
 #if defined(__AVX512F__) && !defined(GENRPC_SCALAR_SILU)
 #include <immintrin.h>
+
+#include "simd512.h"
 #define SILU_VECTOR 16
 
 /* bfloat16 bits of 16 floats in the low halves of the lanes, as float_to_bf16 rounds them (nearest
  * even; a NaN quieted; subnormals kept, which VCVTNEPS2BF16 would flush). */
 static inline __m512i bf16_round_bits(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
-    const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_or_epi32(_mm512_srli_epi32(round_to_bf16_bits(x), 16), nan, _mm512_srli_epi32(u, 16),
+                                _mm512_set1_epi32(0x40));
 }
 
-/* silu_mul's arithmetic for 16 values, instruction for instruction exp_f32's and the scalar loop's
- * (FMA where GCC contracts the scalar code; the clamps' operand order passes a NaN through as the
- * scalar comparisons do): the same bits, checked against the scalar build for every bfloat16 gate. */
-static inline __m256i silu_mul16(__m256i gate_bits, __m256i up_bits) {
-    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(gate_bits), 16));
-    const __m512 up = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(up_bits), 16));
+/* silu_mul's arithmetic for the 16 values at gate and up, instruction for instruction exp_f32's and
+ * the scalar loop's (FMA where GCC contracts the scalar code; the clamps' operand order passes a NaN
+ * through as the scalar comparisons do): the same bits, checked against the scalar build for every
+ * bfloat16 gate. */
+static inline __m256i silu_mul16(const uint16_t *gate, const uint16_t *up_bits) {
+    const __m512 x = load_bf16(gate), up = load_bf16(up_bits);
     const __m512 y = _mm512_sub_ps(_mm512_setzero_ps(), x); /* -x: sign flipped, NaN kept */
     const __m512 c = _mm512_min_ps(_mm512_set1_ps(88.72283f), _mm512_max_ps(_mm512_set1_ps(-86.0f), y));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 n, r;
+    const __m512 p = exp_reduced_ps(c, &n, &r);
     const __m512 half = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(126)), 23));
     __m512 e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
     e = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(e, _mm512_set1_ps(1.0f)), half), _mm512_set1_ps(2.0f));
@@ -162,9 +155,7 @@ void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
 #pragma omp parallel for schedule(static) if (count >= 16384)
     for (int64_t g = 0; g < groups; g++) {
 #if SILU_VECTOR == 16
-        const __m256i out = silu_mul16(_mm256_loadu_si256((const __m256i *)(gate + 16 * g)),
-                                       _mm256_loadu_si256((const __m256i *)(up + 16 * g)));
-        _mm256_storeu_si256((__m256i *)(gate + 16 * g), out);
+        _mm256_storeu_si256((__m256i *)(gate + 16 * g), silu_mul16(gate + 16 * g, up + 16 * g));
 #else
         const float x = bf16_to_float(gate[g]);
         const float s = round_bf16(x / (1.0f + exp_f32(-x)));
