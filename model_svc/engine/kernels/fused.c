@@ -109,9 +109,13 @@ static inline float exp_f32(float x) {
     return x > 88.72283f ? INFINITY : x < -86.0f ? 0.0f : e; /* (below -86: 1 + e^x is 1 anyway) */
 }
 
-/* gate = bfloat16(bfloat16(silu(gate)) * up) for `count` values (the gated MLP's act_fn(gate) * up,
- * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
- * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
+/* silu_mul's value i, in plain arithmetic (GCC vectorizes a loop over it where there is no AVX-512). */
+static inline void silu_mul1(uint16_t *gate, const uint16_t *up, int64_t i) {
+    const float x = bf16_to_float(gate[i]);
+    const float s = round_bf16(x / (1.0f + exp_f32(-x)));
+    gate[i] = float_to_bf16(s * bf16_to_float(up[i]));
+}
+
 #if defined(__AVX512F__) && !defined(GENRPC_SCALAR_SILU)
 #include <immintrin.h>
 
@@ -150,6 +154,9 @@ static inline __m256i silu_mul16(const uint16_t *gate, const uint16_t *up_bits) 
 #define SILU_VECTOR 1
 #endif
 
+/* gate = bfloat16(bfloat16(silu(gate)) * up) for `count` values (the gated MLP's act_fn(gate) * up,
+ * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
+ * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
 void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
     const int64_t groups = count / SILU_VECTOR;
 #pragma omp parallel for schedule(static) if (count >= 16384)
@@ -157,16 +164,10 @@ void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
 #if SILU_VECTOR == 16
         _mm256_storeu_si256((__m256i *)(gate + 16 * g), silu_mul16(gate + 16 * g, up + 16 * g));
 #else
-        const float x = bf16_to_float(gate[g]);
-        const float s = round_bf16(x / (1.0f + exp_f32(-x)));
-        gate[g] = float_to_bf16(s * bf16_to_float(up[g]));
+        silu_mul1(gate, up, g);
 #endif
     }
-    for (int64_t i = groups * SILU_VECTOR; i < count; i++) {
-        const float x = bf16_to_float(gate[i]);
-        const float s = round_bf16(x / (1.0f + exp_f32(-x)));
-        gate[i] = float_to_bf16(s * bf16_to_float(up[i]));
-    }
+    for (int64_t i = groups * SILU_VECTOR; i < count; i++) silu_mul1(gate, up, i);
 }
 
 #if defined(__AVX512F__)
