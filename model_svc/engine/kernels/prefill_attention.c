@@ -220,16 +220,19 @@ int prefill_attention_bf16(const uint16_t *query, const uint16_t *keys, const ui
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 /* AMX: the same attention with its two products on tiles (TDPBF16PS), for 16 query vectors against
- * blocks of 32 key positions (aligned on position 0). Scores come out transposed, a key per tile row
- * and a query per column, which is the lane-per-query layout the AVX-512 tile above keeps: the
- * softmax is the same code. Scores^T = K Q^T (A: 16 key rows read in place from the cache, B: the
- * queries as pairs, the q2 layout); out^T += V^T P^T (A: the values transposed once per call into
- * [kv head][dimension][position], B: the probabilities as pairs of positions, the p2 layout). A block's
- * products land in zeroed tiles and are added to the running sums after their rescale, in float32.
- * The tile unit rounds its pair sums its own way, so these bits differ from the AVX-512 tile's; like
- * them they depend on nothing but the query, its keys and values and the block positions: the same
- * however the prompt is chunked, whatever else the call holds. The runner takes this kernel where the
- * matrix products run on tiles (kernel_choice.py). */
+ * phases of PHASE_KEYS key positions (aligned on position 0). Scores come out transposed, a key per
+ * tile row and a query per column: the lane-per-query layout of the AVX-512 tile above. Scores^T =
+ * K Q^T (A: 16 key rows read in place from the cache, B: the queries as pairs, the q2 layout); one
+ * online-softmax step a phase, with exponentials in base 2; out^T += V^T P^T (A: the values transposed
+ * once per call into blocks of AMX_KEYS positions, [kv head][block][dimension][position], B: the
+ * probabilities as pairs of positions, the p2 layout), the running sums rescaled in float32 before a
+ * phase's products are added. The tile unit rounds its pair sums its own way, and the phases and the
+ * exponentials are not the AVX-512 tile's, so these bits differ from it; like them they depend on
+ * nothing but the query, its keys and values and the phase positions: the same however the prompt is
+ * chunked, whatever else the call holds. The runner takes this kernel where the matrix products run on
+ * tiles (kernel_choice.py). Measured on a 2-core AMX Xeon: phases of 64 and 256 keys were slower than
+ * 128; scoring the next phase and multiplying the last one's values around a softmax (the tile and
+ * vector units side by side) gained nothing. */
 #define AMX_KEYS 32
 #define PHASE_KEYS 128 /* keys scored, softmaxed and multiplied with their values together */
 
@@ -262,8 +265,8 @@ static void amx_configure(void) {
 typedef struct {
     uint32_t *q2;   /* [head_dim / 2][LANES] */
     float *acc;     /* [head_dim][LANES] */
-    float *scores;  /* [2][PHASE_KEYS][LANES]: two phases' */
-    uint32_t *p2;   /* [2][PHASE_KEYS / 2][LANES] */
+    float *scores;  /* [PHASE_KEYS][LANES] */
+    uint32_t *p2;   /* [PHASE_KEYS / 2][LANES] */
     uint16_t *keys; /* [PHASE_KEYS][head_dim], when the arena's 16-key runs are not in place */
 } AmxScratch;
 
@@ -413,18 +416,10 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
     uint16_t interleave_index[32]; /* words (e0[q], e1[q]) side by side from [e0 0..15, e1 0..15] */
     for (int i = 0; i < 32; i++) interleave_index[i] = (uint16_t)(i / 2 + (i % 2) * 16);
     const __m512i interleave = _mm512_loadu_si512(interleave_index);
-    /* Phases in a pipeline: the tiles score phase b + 1 and multiply phase b - 1's probabilities with
-     * their values while the vector units take phase b's softmax (acc is rescaled for phase b after
-     * phase b - 1's values are in: the same operations in the same order as one phase at a time). */
-    int64_t runs16 = amx_scores(k_head, s->q2, s->scores, s->keys, 0, last, head_dim, table, block_size, slot_stride);
-    int64_t prev_t0 = 0, prev_runs32 = 0;
-    for (int64_t t0 = 0, b = 0; t0 <= last; t0 += PHASE_KEYS, b++) {
-        const float *sc = s->scores + (b & 1) * PHASE_KEYS * LANES;
-        uint32_t *p2 = s->p2 + (b & 1) * PHASE_KEYS / 2 * LANES;
-        const int64_t runs32 = (runs16 + 1) / 2;
-        if (t0 + PHASE_KEYS <= last)
-            runs16 = amx_scores(k_head, s->q2, s->scores + ((b + 1) & 1) * PHASE_KEYS * LANES, s->keys,
-                                t0 + PHASE_KEYS, last, head_dim, table, block_size, slot_stride);
+    for (int64_t t0 = 0; t0 <= last; t0 += PHASE_KEYS) {
+        const float *sc = s->scores;
+        const int64_t runs32 = (amx_scores(k_head, s->q2, s->scores, s->keys, t0, last, head_dim, table, block_size,
+                                           slot_stride) + 1) / 2;
         /* The phase's maximum in base-2 units (score * scale * log2 e; scale > 0, so the largest scaled
          * score is the largest raw one scaled), over the keys each lane sees: 32-key runs up to `last`. */
         const int full = t0 + PHASE_KEYS - 1 <= qpos[0]; /* every lane sees every key of the phase */
@@ -464,19 +459,16 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
                     e1 = _mm512_maskz_mov_ps(_mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + t + 1)), qp), e1);
                 }
                 ps[k] = _mm512_add_ps(_mm512_add_ps(ps[k], e0), e1);
-                _mm512_store_si512(p2 + (i + k) * LANES,
+                _mm512_store_si512(s->p2 + (i + k) * LANES,
                                    _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
             }
         }
         l = _mm512_fmadd_ps(l, alpha, _mm512_add_ps(_mm512_add_ps(ps[0], ps[1]), _mm512_add_ps(ps[2], ps[3])));
-        if (b > 0) amx_values(vt, padded, s->p2 + ((b - 1) & 1) * PHASE_KEYS / 2 * LANES, s->acc, prev_t0, prev_runs32, head_dim);
         if (moved && t0 > 0) /* the other lanes are multiplied by exactly 1 */
             for (int64_t d = 0; d < head_dim; d++)
                 _mm512_store_ps(s->acc + d * LANES, _mm512_mul_ps(_mm512_load_ps(s->acc + d * LANES), alpha));
-        prev_t0 = t0;
-        prev_runs32 = runs32;
+        amx_values(vt, padded, s->p2, s->acc, t0, runs32, head_dim);
     }
-    amx_values(vt, padded, s->p2 + (((last / PHASE_KEYS) & 1) * PHASE_KEYS / 2) * LANES, s->acc, prev_t0, prev_runs32, head_dim);
     /* out = acc / l rounded to nearest even, 32 dimensions at a time: pairs of dimensions side by side
      * per query, transposed to a row per query. */
     for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
@@ -564,8 +556,8 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     {
         AmxScratch s = {aligned_alloc(64, sizeof(uint32_t) * head_dim / 2 * LANES),
                         aligned_alloc(64, sizeof(float) * head_dim * LANES),
-                        aligned_alloc(64, sizeof(float) * 2 * PHASE_KEYS * LANES),
-                        aligned_alloc(64, sizeof(uint32_t) * 2 * PHASE_KEYS / 2 * LANES),
+                        aligned_alloc(64, sizeof(float) * PHASE_KEYS * LANES),
+                        aligned_alloc(64, sizeof(uint32_t) * PHASE_KEYS / 2 * LANES),
                         aligned_alloc(64, sizeof(uint16_t) * PHASE_KEYS * head_dim)};
         const int ready = s.q2 && s.acc && s.scores && s.p2 && s.keys;
         if (ready) amx_configure();
