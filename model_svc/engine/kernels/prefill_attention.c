@@ -364,11 +364,11 @@ static inline int64_t amx_scores(const uint16_t *k_head, const uint32_t *q2, flo
     return runs16;
 }
 
-/* acc^T += V^T P^T for `runs` 32-key runs of the phase from t0 (p2: their probabilities as pairs of
- * keys), 64 dimensions at a time in tiles 0-3 (loaded from and stored to acc), a run's probabilities
- * in tile 6 or 7, the values in 4 or 5. */
-static inline void amx_values(const uint16_t *vt, int64_t padded, const uint32_t *p2, float *acc, int64_t t0,
-                              int64_t runs, int64_t head_dim) {
+/* acc^T += V^T P^T for `runs` 32-key runs of the phase from t0 (vt: the head's transposed values;
+ * p2: the runs' probabilities as pairs of keys), 64 dimensions at a time in tiles 0-3 (loaded from
+ * and stored to acc), a run's probabilities in tile 6 or 7, the values in 4 or 5. */
+static inline void amx_values(const uint16_t *vt, const uint32_t *p2, float *acc, int64_t t0, int64_t runs,
+                              int64_t head_dim) {
     for (int64_t c0 = 0; c0 < head_dim; c0 += 64) {
         const int64_t tiles = head_dim - c0 < 64 ? (head_dim - c0) / 16 : 4;
 #define LOAD_OUT(j) if (j < tiles) _tile_loadd(j, acc + (c0 + 16 * (j)) * LANES, 64);
@@ -396,7 +396,7 @@ static inline void amx_values(const uint16_t *vt, int64_t padded, const uint32_t
     }
 }
 
-static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16_t *vt, int64_t padded,
+static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16_t *vt,
                      uint16_t *out, int64_t row0, int64_t past, int64_t first, int64_t count, int64_t group,
                      int64_t h, int64_t num_heads, int64_t head_dim, const int64_t *table, int64_t block_size,
                      int64_t slot_stride, float scale, const AmxScratch *s) {
@@ -467,7 +467,7 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
         if (moved && t0 > 0) /* the other lanes are multiplied by exactly 1 */
             for (int64_t d = 0; d < head_dim; d++)
                 _mm512_store_ps(s->acc + d * LANES, _mm512_mul_ps(_mm512_load_ps(s->acc + d * LANES), alpha));
-        amx_values(vt, padded, s->p2, s->acc, t0, runs32, head_dim);
+        amx_values(vt, s->p2, s->acc, t0, runs32, head_dim);
     }
     /* out = acc / l rounded to nearest even, 32 dimensions at a time: pairs of dimensions side by side
      * per query, transposed to a row per query. */
@@ -486,10 +486,10 @@ static void tile_amx(const uint16_t *query, const uint16_t *k_head, const uint16
     }
 }
 
-/* Dimensions d0 .. d0 + 31 of 32 positions' value rows (NULL: a position past the end, zeros) into
- * rows d0 .. d0 + 31 of dst (a row per dimension, `padded` positions apart): each half of the
- * positions transposed as 32-bit pairs of dimensions, then the pairs' halves split into rows. */
-static void transpose_block(const uint16_t *const *src, int64_t d0, uint16_t *dst, int64_t padded) {
+/* Dimensions d0 .. d0 + 31 of AMX_KEYS positions' value rows (NULL: a position past the end, zeros)
+ * into rows d0 .. d0 + 31 of the block dst (a row of AMX_KEYS positions per dimension): each half of
+ * the positions transposed as 32-bit pairs of dimensions, then the pairs' halves split into rows. */
+static void transpose_block(const uint16_t *const *src, int64_t d0, uint16_t *dst) {
     __m512i half[2][16];
     for (int g = 0; g < 2; g++) {
         for (int i = 0; i < 16; i++)
@@ -500,8 +500,8 @@ static void transpose_block(const uint16_t *const *src, int64_t d0, uint16_t *ds
     for (int i = 0; i < 32; i++) even_index[i] = (uint16_t)(i < 16 ? 2 * i : 32 + 2 * (i - 16));
     const __m512i even = _mm512_loadu_si512(even_index), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
     for (int j = 0; j < 16; j++) {
-        _mm512_storeu_si512(dst + (d0 + 2 * j) * padded, _mm512_permutex2var_epi16(half[0][j], even, half[1][j]));
-        _mm512_storeu_si512(dst + (d0 + 2 * j + 1) * padded, _mm512_permutex2var_epi16(half[0][j], odd, half[1][j]));
+        _mm512_storeu_si512(dst + (d0 + 2 * j) * AMX_KEYS, _mm512_permutex2var_epi16(half[0][j], even, half[1][j]));
+        _mm512_storeu_si512(dst + (d0 + 2 * j + 1) * AMX_KEYS, _mm512_permutex2var_epi16(half[0][j], odd, half[1][j]));
     }
 }
 
@@ -514,8 +514,8 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
     if (head_dim % 32 != 0 || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads != 0) return -2;
     if (num_chunks <= 0) return 0;
     const int64_t group = num_heads / num_kv_heads;
-    /* Each chunk's values transposed, [kv head][dimension][position], positions padded with zeros to
-     * whole blocks (a zero probability times a zero adds nothing, where a stale slot could be NaN). */
+    /* Each chunk's values transposed, [kv head][block of AMX_KEYS positions][dimension][position],
+     * positions padded with zeros to whole blocks (a zero probability times a zero adds nothing, where a stale slot could be NaN). */
     int64_t *vt_offsets = malloc(sizeof(int64_t) * (size_t)(num_chunks + 1));
     if (!vt_offsets) return -1;
     vt_offsets[0] = 0;
@@ -548,7 +548,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
                                  : NULL;
         }
         for (int64_t d0 = 0; d0 < head_dim; d0 += 32)
-            transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0 * head_dim, AMX_KEYS);
+            transpose_block(src, d0, vt + vt_offsets[c] + h * head_dim * padded + t0 * head_dim);
     }
     const int64_t num_tasks = count_tasks(lengths, num_chunks, group, num_kv_heads);
     int failed = 0;
@@ -570,7 +570,7 @@ int prefill_attention_amx_bf16(const uint16_t *query, const uint16_t *keys, cons
             int64_t h, first;
             const int64_t c = locate_task(task, lengths, group, num_kv_heads, &h, &first), vectors = lengths[c] * group;
             const int64_t padded = padded_positions(pasts, lengths, c);
-            tile_amx(query, keys + h * head_stride, vt + vt_offsets[c] + h * head_dim * padded, padded, out,
+            tile_amx(query, keys + h * head_stride, vt + vt_offsets[c] + h * head_dim * padded, out,
                      starts[c], pasts[c], first, vectors - first < LANES ? vectors - first : LANES, group, h,
                      num_heads, head_dim, tables + table_offsets[c], block_size, slot_stride, scale, &s);
         }
