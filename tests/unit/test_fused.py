@@ -115,24 +115,80 @@ def test_silu_times_up_depends_on_each_value_alone():
         assert torch.equal(part, whole[start:start + length]), (start, length)
 
 
+def _scalar_build():
+    """kernels/fused.c built without its AVX-512 paths (the plain loops GCC vectorizes, or not, itself)."""
+    import ctypes
+
+    from model_svc.engine import kernels
+
+    plain = ctypes.CDLL(str(kernels.build(fused.SOURCE, extra_flags=("-fopenmp", "-DGENRPC_SCALAR"))))
+    return fused.FusedOps(plain)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit for bit, but any NaN for a NaN (its payload follows the compiler's operand order)."""
+    return bool(((got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())).all())
+
+
+@pytest.mark.parametrize("size", [576, 600, 40])  # whole vectors; a remainder of 8 after many or two
+def test_rmsnorm_gives_its_scalar_loops_bits(size):
+    """The residual add and RMSNorm 16 values at a time give the plain loops' bits (infinities, signed
+    zeros and subnormals included), with and without a delta, alone and shared out."""
+    plain = _scalar_build()
+    g = torch.Generator().manual_seed(5)
+    rows = 21
+    norm = LlamaRMSNorm(size, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(size, generator=g) * 2 - 0.5)
+    norm = norm.bfloat16()
+    hidden = (torch.randn(rows, size, generator=g) * 4).bfloat16()
+    delta = torch.randn(rows, size, generator=g).bfloat16()
+    hidden[0, :6] = torch.tensor([0.0, -0.0, 1e-39, -3e-39, 1e38, -1e38])
+    delta[1, :4] = torch.tensor([float("inf"), -0.0, 2e-39, float("nan")])
+    hidden[2] = 1e-20  # a mean of squares that underflows to a subnormal
+    assert hidden[0, 2] != 0  # a subnormal bfloat16 stays one
+    for d in (delta, None):
+        for part in (slice(0, rows), slice(5, 6)):
+            got_h, want_h = hidden[part].clone(), hidden[part].clone()
+            got = OPS.add_rmsnorm(got_h, None if d is None else d[part], norm)
+            want = plain.add_rmsnorm(want_h, None if d is None else d[part], norm)
+            assert torch.equal(got_h.view(torch.int16), want_h.view(torch.int16))
+            assert _same(got, want)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 48])  # halves of whole vectors; 48: the plain loop
+def test_rope_gives_its_scalar_loops_bits(dim):
+    plain = _scalar_build()
+    g = torch.Generator().manual_seed(6)
+    tokens, heads, kv_heads = 10, 9, 3
+    q = (torch.randn(tokens, heads, dim, generator=g) * 3).bfloat16()
+    k = (torch.randn(tokens, kv_heads, dim, generator=g) * 3).bfloat16()
+    v = torch.randn(tokens, kv_heads, dim, generator=g).bfloat16()
+    q[0, 0, :5] = torch.tensor([float("inf"), -0.0, 1e-39, float("nan"), -1e38])
+    angles = torch.rand(tokens, dim, generator=g) * 40
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    slots = torch.arange(tokens) * 3 + 1
+    results = []
+    for ops in (OPS, plain):
+        qq, kk = q.clone(), k.clone()
+        arena = torch.zeros(2, kv_heads, 40, dim, dtype=torch.bfloat16)
+        ops.rope_store(qq, kk, v, cos, sin, slots, arena[0], arena[1])
+        results.append((qq, kk, arena))
+    for got, want in zip(*results):
+        assert _same(got, want)
+
+
 def test_silu_times_up_built_without_trapping_math_keeps_every_bit():
     """kernels/fused.c's silu * up gives the bits of its plain scalar loop (built without its AVX-512
     path and without -fno-trapping-math, which lets GCC vectorize the loop on CPUs without AVX-512)
     for every bfloat16 gate value against ordinary, signed-zero, infinite and NaN `up` values; the
     call's last values take the scalar remainder."""
-    import ctypes
-
-    from model_svc.engine import kernels
-
     assert fused.FLAGS == ("-fno-trapping-math",)
-    plain = ctypes.CDLL(str(kernels.build(fused.SOURCE, extra_flags=("-fopenmp", "-DGENRPC_SCALAR_SILU"))))
-    plain.silu_mul_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    plain.silu_mul_bf16.restype = None
+    plain = _scalar_build()
     every = torch.arange(-32768, 32768 + 5, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     g = torch.Generator().manual_seed(4)
     ups = torch.cat([torch.randn(12, generator=g) * 3, torch.tensor([0.0, -0.0, float("inf"), float("nan")])])
     for u in ups.bfloat16():
         up = torch.full_like(every, float(u))
-        got, want = OPS.silu_mul(every.clone(), up), every.clone()
-        plain.silu_mul_bf16(want.data_ptr(), up.data_ptr(), want.numel())
+        got, want = OPS.silu_mul(every.clone(), up), plain.silu_mul(every.clone(), up)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), float(u)

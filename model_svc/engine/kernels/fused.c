@@ -21,42 +21,102 @@
  * waking a thread for. A row's arithmetic is the same whichever thread does it. */
 #define PARALLEL_ROWS 8
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(GENRPC_SCALAR)
+#include <immintrin.h>
+
+#include "simd512.h"
+#define FUSED_VECTOR 16
+
+/* bfloat16 bits of 16 floats in the low halves of the lanes, as float_to_bf16 rounds them (nearest
+ * even; a NaN quieted; subnormals kept, which VCVTNEPS2BF16 would flush). */
+static inline __m512i bf16_round_bits(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(_mm512_srli_epi32(round_to_bf16_bits(x), 16), nan, _mm512_srli_epi32(u, 16),
+                                _mm512_set1_epi32(0x40));
+}
+
+/* round_bf16 for 16 floats, and float_to_bf16's 16 values stored. */
+static inline __m512 round_bf16_nan_ps(__m512 x) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_round_bits(x), 16)); }
+static inline void store_bf16(uint16_t *p, __m512 x) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bf16_round_bits(x))); }
+#else
+#define FUSED_VECTOR 1
+#endif
+
+/* One row of add_rmsnorm_bf16: the scalar loops, or the same arithmetic 16 values at a time (the
+ * scalar loops' sums of squares are lane i % 16's, contracted to FMA; the remainder's lanes take
+ * zeros, which add exactly nothing to a sum of squares), the same bits (tests/unit/test_fused.py
+ * compares the scalar build). */
+static inline void norm_row(uint16_t *hr, const uint16_t *dr, const uint16_t *weight, uint16_t *orow, int64_t n,
+                            float eps) {
+    float acc[16] = {0};
+    int64_t i = 0;
+#if FUSED_VECTOR == 16
+    if (dr != NULL)
+        for (; i + 16 <= n; i += 16) store_bf16(hr + i, _mm512_add_ps(load_bf16(hr + i), load_bf16(dr + i)));
+    for (; dr != NULL && i < n; i++) hr[i] = float_to_bf16(bf16_to_float(hr[i]) + bf16_to_float(dr[i]));
+    __m512 sum = _mm512_setzero_ps();
+    for (i = 0; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_maskz_cvtepu16_epi32(live, _mm256_maskz_loadu_epi16(live, hr + i)), 16));
+        sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    _mm512_storeu_ps(acc, sum);
+#else
+    if (dr != NULL)
+        for (i = 0; i < n; i++) hr[i] = float_to_bf16(bf16_to_float(hr[i]) + bf16_to_float(dr[i]));
+    for (i = 0; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) {
+            float v = bf16_to_float(hr[i + l]);
+            acc[l] += v * v;
+        }
+    for (; i < n; i++) {
+        float v = bf16_to_float(hr[i]);
+        acc[i % 16] += v * v;
+    }
+#endif
+    for (int width = 8; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) acc[l] += acc[l + width];
+    const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
+    i = 0;
+#if FUSED_VECTOR == 16
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; i + 16 <= n; i += 16)
+        store_bf16(orow + i, _mm512_mul_ps(load_bf16(weight + i), round_bf16_nan_ps(_mm512_mul_ps(load_bf16(hr + i), vinv))));
+#endif
+    for (; i < n; i++) orow[i] = float_to_bf16(bf16_to_float(weight[i]) * round_bf16(bf16_to_float(hr[i]) * inv));
+}
+
 /* For each of `rows` rows of n values: h += delta (when delta is not NULL; h is updated in place),
  * then out = weight * bfloat16(h * 1 / sqrt(mean(h^2) + eps)), as LlamaRMSNorm computes it. */
 void add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out,
                       int64_t rows, int64_t n, float eps, int64_t h_stride, int64_t delta_stride,
                       int64_t out_stride) {
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *hr = h + r * h_stride;
-        uint16_t *orow = out + r * out_stride;
-        if (delta != NULL) {
-            const uint16_t *dr = delta + r * delta_stride;
-            for (int64_t i = 0; i < n; i++) hr[i] = float_to_bf16(bf16_to_float(hr[i]) + bf16_to_float(dr[i]));
-        }
-        float acc[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= n; i += 16)
-            for (int l = 0; l < 16; l++) {
-                float v = bf16_to_float(hr[i + l]);
-                acc[l] += v * v;
-            }
-        for (; i < n; i++) {
-            float v = bf16_to_float(hr[i]);
-            acc[i % 16] += v * v;
-        }
-        for (int width = 8; width > 0; width /= 2)
-            for (int l = 0; l < width; l++) acc[l] += acc[l + width];
-        const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
-        for (i = 0; i < n; i++)
-            orow[i] = float_to_bf16(bf16_to_float(weight[i]) * round_bf16(bf16_to_float(hr[i]) * inv));
-    }
+    for (int64_t r = 0; r < rows; r++)
+        norm_row(h + r * h_stride, delta != NULL ? delta + r * delta_stride : NULL, weight, out + r * out_stride, n, eps);
 }
 
 /* x * cos + rotate_half(x) * sin for one head of d values, in place (rounded after each step as the
- * eager code rounds: the two products, then their sum). */
+ * eager code rounds: the two products, then their sum); 16 values of each half at a time where the
+ * half is whole vectors (the same arithmetic: rotate_half's negation flips the sign bit). */
 static inline void rope_head(uint16_t *x, const uint16_t *c, const uint16_t *s, int64_t d, uint16_t *tmp) {
     const int64_t half = d / 2;
+#if FUSED_VECTOR == 16
+    if (half % 16 == 0) {
+        const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+        for (int64_t i = 0; i < half; i += 16) {
+            const __m512 lo = load_bf16(x + i), hi = load_bf16(x + i + half);
+            const __m512 a0 = round_bf16_nan_ps(_mm512_mul_ps(lo, load_bf16(c + i)));
+            const __m512 b0 = round_bf16_nan_ps(_mm512_mul_ps(_mm512_xor_ps(hi, sign), load_bf16(s + i)));
+            const __m512 a1 = round_bf16_nan_ps(_mm512_mul_ps(hi, load_bf16(c + i + half)));
+            const __m512 b1 = round_bf16_nan_ps(_mm512_mul_ps(lo, load_bf16(s + i + half)));
+            store_bf16(x + i, _mm512_add_ps(a0, b0));
+            store_bf16(x + i + half, _mm512_add_ps(a1, b1));
+        }
+        return;
+    }
+#endif
     for (int64_t i = 0; i < d; i++) {
         const float rot = i < half ? -bf16_to_float(x[i + half]) : bf16_to_float(x[i - half]);
         const float a = round_bf16(bf16_to_float(x[i]) * bf16_to_float(c[i]));
@@ -116,21 +176,7 @@ static inline void silu_mul1(uint16_t *gate, const uint16_t *up, int64_t i) {
     gate[i] = float_to_bf16(s * bf16_to_float(up[i]));
 }
 
-#if defined(__AVX512F__) && !defined(GENRPC_SCALAR_SILU)
-#include <immintrin.h>
-
-#include "simd512.h"
-#define SILU_VECTOR 16
-
-/* bfloat16 bits of 16 floats in the low halves of the lanes, as float_to_bf16 rounds them (nearest
- * even; a NaN quieted; subnormals kept, which VCVTNEPS2BF16 would flush). */
-static inline __m512i bf16_round_bits(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_or_epi32(_mm512_srli_epi32(round_to_bf16_bits(x), 16), nan, _mm512_srli_epi32(u, 16),
-                                _mm512_set1_epi32(0x40));
-}
-
+#if FUSED_VECTOR == 16
 /* silu_mul's arithmetic for the 16 values at gate and up, instruction for instruction exp_f32's and
  * the scalar loop's (FMA where GCC contracts the scalar code; the clamps' operand order passes a NaN
  * through as the scalar comparisons do): the same bits, checked against the scalar build for every
@@ -150,24 +196,22 @@ static inline __m256i silu_mul16(const uint16_t *gate, const uint16_t *up_bits) 
         bf16_round_bits(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e))), 16));
     return _mm512_cvtepi32_epi16(bf16_round_bits(_mm512_mul_ps(s, up)));
 }
-#else
-#define SILU_VECTOR 1
 #endif
 
 /* gate = bfloat16(bfloat16(silu(gate)) * up) for `count` values (the gated MLP's act_fn(gate) * up,
  * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
  * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
 void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
-    const int64_t groups = count / SILU_VECTOR;
+    const int64_t groups = count / FUSED_VECTOR;
 #pragma omp parallel for schedule(static) if (count >= 16384)
     for (int64_t g = 0; g < groups; g++) {
-#if SILU_VECTOR == 16
+#if FUSED_VECTOR == 16
         _mm256_storeu_si256((__m256i *)(gate + 16 * g), silu_mul16(gate + 16 * g, up + 16 * g));
 #else
         silu_mul1(gate, up, g);
 #endif
     }
-    for (int64_t i = groups * SILU_VECTOR; i < count; i++) silu_mul1(gate, up, i);
+    for (int64_t i = groups * FUSED_VECTOR; i < count; i++) silu_mul1(gate, up, i);
 }
 
 #if defined(__AVX512F__)
