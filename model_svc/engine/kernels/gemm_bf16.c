@@ -417,14 +417,15 @@ static inline __attribute__((always_inline)) const uint16_t *amx_slot(const uint
     return b + (kb % AMX_SLOTS) * block_pairs * 2 * COLS;
 }
 
-/* acc[r] += part[r] * scale for `rows` rows of 32 columns (float32, 32 apart). */
-static inline void amx_scale(float *acc, const float *part, const float *scale, int rows) {
-    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+/* acc[r] += part[r] * scale for `rows` rows of 32 columns (float32, 32 apart); `first`: acc is taken
+ * as zeros, not read (the sums start from +0, as a zeroed acc would: the same bits). */
+static inline void amx_scale(float *acc, const float *part, const float *scale, int rows, int first) {
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16), zero = _mm512_setzero_ps();
     for (int r = 0; r < rows; r++) {
         float *x = acc + r * COLS;
         const float *y = part + r * COLS;
-        _mm512_store_ps(x, _mm512_fmadd_ps(_mm512_load_ps(y), s0, _mm512_load_ps(x)));
-        _mm512_store_ps(x + 16, _mm512_fmadd_ps(_mm512_load_ps(y + 16), s1, _mm512_load_ps(x + 16)));
+        _mm512_store_ps(x, _mm512_fmadd_ps(_mm512_load_ps(y), s0, first ? zero : _mm512_load_ps(x)));
+        _mm512_store_ps(x + 16, _mm512_fmadd_ps(_mm512_load_ps(y + 16), s1, first ? zero : _mm512_load_ps(x + 16)));
     }
 }
 
@@ -516,7 +517,6 @@ static inline __attribute__((always_inline)) int amx_streamed(const uint16_t *a,
     float *acc = (float *)(buffer + decoded), *parts = acc + groups * group_floats;
 #define PART(i) (parts + ((i) & 1) * group_floats)
     amx_config(rows0, rows1 ? rows1 : 1);
-    memset(acc, 0, (size_t)groups * group_floats * sizeof(float));
     amx_decode(codes, 0, block_pairs, table, b, wide);
     for (int64_t kb = 0; kb < blocks; kb++) {
         const uint16_t *slot = amx_slot(codes, kb, blocks, block_pairs, table, b, wide);
@@ -525,10 +525,12 @@ static inline __attribute__((always_inline)) int amx_streamed(const uint16_t *a,
             const uint16_t *a0 = a + g * 2 * AMX_FEW * lda + kb * tiles_per_block * 32;
             amx_rows_block(slot, a0, a0 + AMX_FEW * lda, tiles_per_block, stride, rows1, PART(i));
             if (i > 0)
-                amx_scale(acc + ((i - 1) % groups) * group_floats, PART(i - 1), scales + ((i - 1) / groups) * COLS, rows);
+                amx_scale(acc + ((i - 1) % groups) * group_floats, PART(i - 1), scales + ((i - 1) / groups) * COLS, rows,
+                          i - 1 < groups);
         }
     }
-    amx_scale(acc + ((steps - 1) % groups) * group_floats, PART(steps - 1), scales + (blocks - 1) * COLS, rows);
+    amx_scale(acc + ((steps - 1) % groups) * group_floats, PART(steps - 1), scales + (blocks - 1) * COLS, rows,
+              steps - 1 < groups);
     for (int64_t g = 0; g < groups; g++) amx_store(acc + g * group_floats, rows, c + g * 2 * AMX_FEW * ldc, ldc);
 #undef PART
     return 0;
@@ -569,7 +571,6 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
     if (few) {
         const int rows = (int)m;
         if (configure) amx_config(rows, rows);
-        memset(acc, 0, (size_t)rows * COLS * sizeof(float));
         amx_decode(codes, 0, block_pairs, table, b, wide);
         for (int64_t kb = 0; kb < blocks; kb++) {
             const uint16_t *slot = amx_slot(codes, kb, blocks, block_pairs, table, b, wide);
@@ -578,9 +579,9 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
                 AMX_FEW_BLOCK(2, 3);
             else
                 AMX_FEW_BLOCK(0, 1);
-            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows);
+            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows, kb == 1);
         }
-        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows);
+        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows, blocks == 1);
         amx_store(acc, rows, c, ldc);
         return 0;
     }
@@ -592,13 +593,12 @@ static inline __attribute__((always_inline)) int amx_block(const uint16_t *a, in
          * tile work before it; once a group, it took ~0.1 of a 512-row product's time). */
         if (r0 == 0 || rows < 2 * AMX_FEW) amx_config(rows0, rows1 ? rows1 : 1);
         const uint16_t *a0 = a + r0 * lda, *a1 = a0 + AMX_FEW * lda;
-        memset(acc, 0, (size_t)rows * COLS * sizeof(float));
         for (int64_t kb = 0; kb < blocks; kb++) {
             const int64_t kt = kb * tiles_per_block;
             amx_rows_block(b + kt * 1024, a0 + kt * 32, a1 + kt * 32, tiles_per_block, stride, rows1, PART(kb));
-            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows);
+            if (kb > 0) amx_scale(acc, PART(kb - 1), scales + (kb - 1) * COLS, rows, kb == 1);
         }
-        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows);
+        amx_scale(acc, PART(blocks - 1), scales + (blocks - 1) * COLS, rows, blocks == 1);
         amx_store(acc, rows, c + r0 * ldc, ldc);
     }
 #undef PART
