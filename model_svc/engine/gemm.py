@@ -46,6 +46,13 @@ class Gemm:
         # The same product a group of column blocks at a time, for layers.py (a build without groups: -1).
         self.nf4_group_addresses = tuple(ctypes.cast(getattr(library, name), ptr).value
                                          for name in ("gemm_nf4_groups", "gemm_nf4_group"))
+        # The gate/up product with silu * up after each group of column blocks (the AVX-512 build: its silu
+        # is fused.c's, the same bits as the two calls; up is not written); None elsewhere.
+        self._nf4_silu = library.gemm_nf4_silu_bf16
+        self._nf4_silu.argtypes = self._nf4.argtypes
+        self._nf4_silu.restype = ctypes.c_int
+        self.nf4_silu_address = (ctypes.cast(self._nf4_silu, ptr).value if library.gemm_nf4_silu_supported()
+                                 else None)
         self._dense = library.gemm_packed_bf16
         self._dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64]
         self._dense.restype = ctypes.c_int
@@ -122,6 +129,24 @@ class Gemm:
                                        rows.shape[0], n, k, blocksize, rows.stride(0), len(outs), cols, pointers):
             raise MemoryError("gemm: could not allocate the block scales")
         return [out.view(*x.shape[:-1], out.shape[1]) for out in outs]
+
+    def nf4_silu(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
+                 width: int, blocksize: int) -> torch.Tensor:
+        """silu(gate) * up [..., width] for the gated MLP's weight [gate; up] (n = 2 * width) in one call,
+        rounded as `nf4_parts` then fused.c's silu_mul round them (the same bits). Where the build has
+        no such path (nf4_silu_address is None), ValueError."""
+        if self.nf4_silu_address is None:
+            raise ValueError("gemm: this build has no product with silu * up")
+        k = codes.shape[1] * 2
+        rows = self._rows(x, k)
+        gate = torch.empty((rows.shape[0], width), dtype=torch.bfloat16)
+        cols = (ctypes.c_int64 * 2)(width, width)
+        pointers = (ctypes.c_void_p * 2)(gate.data_ptr(), None)  # up: not written
+        if rows.shape[0] and self._nf4_silu(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+                                            code_values.data_ptr(), rows.shape[0], 2 * width, k, blocksize,
+                                            rows.stride(0), 2, cols, pointers):
+            raise MemoryError("gemm: could not allocate the block scales")
+        return gate.view(*x.shape[:-1], width)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bfloat16 weight [n, k] in the kernel's layout ([n / 32][k / 2][32][2])."""

@@ -34,7 +34,8 @@ _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 class _Kernels(ctypes.Structure):
     _fields_ = [("nf4", _ptr), ("norm", _ptr), ("rope", _ptr), ("attend", _ptr), ("attend_long", _ptr),
                 ("silu_mul", _ptr), ("lora", _ptr), ("nf4_groups", _ptr), ("nf4_group", _ptr),
-                ("lora_prepare", _ptr), ("lora_item", _ptr), ("lora_finish_item", _ptr), ("lora_release", _ptr)]
+                ("lora_prepare", _ptr), ("lora_item", _ptr), ("lora_finish_item", _ptr), ("lora_release", _ptr),
+                ("nf4_silu", _ptr)]
 
 
 class _Lora(ctypes.Structure):
@@ -207,6 +208,7 @@ def plan(library: ctypes.CDLL, runner, kv) -> NativeLayers | None | bool:
     table = _Kernels(runner.linear.gemm.nf4_address, fused["add_rmsnorm_bf16"], fused["rope_store_bf16"],
                      runner.native_decode.address, runner.long_prefill.address if runner.long_prefill else None,
                      fused["silu_mul_bf16"], None, *runner.linear.gemm.nf4_group_addresses)
+    table.nf4_silu = runner.linear.gemm.nf4_silu_address  # None: the product, then silu_mul
     dims = dict(hidden=config.hidden_size, num_heads=runner.num_heads, num_kv_heads=runner.num_kv_heads,
                 head_dim=runner.head_dim, intermediate=config.intermediate_size,
                 q_width=q_width, kv_width=kv_width,

@@ -99,3 +99,33 @@ def test_nf4_products_are_the_same_bits_from_every_build_here():
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         outs = [kernel.nf4_parts(x, codes, absmax, values, [192, 384], blocksize) for _, kernel in found]
         assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1])), m
+
+
+def test_the_product_with_silu_is_the_product_then_silu_bit_for_bit():
+    """gemm_nf4_silu_bf16 (the layer loop's gate/up product, silu * up after each group of column
+    blocks) gives the bits of the product into gate and up, then fused.c's silu_mul, at every way
+    the kernel takes rows (few, half-block tiles; on AMX tiles: few, streamed 17-64, many), on
+    AVX-512 and, where the CPU has them, on tiles; widths of one and of several column blocks a group."""
+    from model_svc.engine import fused
+
+    kernel, ops = gemm.load(), fused.load()
+    if kernel is None or ops is None or kernel.nf4_silu_address is None:
+        pytest.skip("no AVX-512 build of the nf4 kernel here: the layer loop calls the product, then silu")
+    gen = torch.Generator().manual_seed(12)
+    k, blocksize = 576, 64
+    paths = [False] + ([True] if kernel.has_amx and kernel.set_amx(True) == 1 else [])
+    try:
+        for width in (1536, 96):
+            codes = torch.randint(0, 256, (2 * width, k // 2), generator=gen, dtype=torch.uint8)
+            absmax = (torch.rand(k // blocksize, 2 * width, generator=gen) + 0.1).to(torch.bfloat16)
+            values = torch.linspace(-1, 1, 16).to(torch.bfloat16)
+            x = (torch.randn(300, k, generator=gen) * 2).to(torch.bfloat16)
+            for amx in paths:
+                kernel.set_amx(amx)
+                for m in (1, 3, 8, 9, 16, 17, 31, 32, 33, 64, 65, 100, 300):
+                    gate, up = kernel.nf4_parts(x[:m], codes, absmax, values, [width, width], blocksize)
+                    want = ops.silu_mul(gate.contiguous(), up.contiguous())
+                    got = kernel.nf4_silu(x[:m], codes, absmax, values, width, blocksize)
+                    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (width, amx, m)
+    finally:
+        kernel.set_amx(False)

@@ -72,6 +72,8 @@ static inline void block_output(int64_t block, int64_t parts, const int64_t *par
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 
+#include "silu.h"
+
 int gemm_supported(void) { return 1; }
 
 /* nf4 pair p's 32 bytes to its two bfloat16 vectors of code values (columns 0-15, then 16-31; each
@@ -630,57 +632,108 @@ int64_t gemm_set_amx(int64_t on) {
 int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
 #endif
 
-/* How many groups of column blocks gemm_nf4_group shares a product out in. */
-int64_t gemm_nf4_groups(const Nf4 *p) {
+/* Column blocks per group: up to FEW_ROWS rows NF4_COLS at a time, more rows one; on AMX tiles,
+ * amx_group's (num_blocks: how many the product shares out). */
+static int64_t nf4_group_size(const Nf4 *p, int64_t num_blocks) {
 #ifdef GEMM_AMX
-    if (amx_fits(p->blocksize)) {
-        const int64_t group = amx_group(p->m, p->n / COLS);
-        return (p->n / COLS + group - 1) / group;
-    }
+    if (amx_fits(p->blocksize)) return amx_group(p->m, num_blocks);
+#else
+    (void)num_blocks;
 #endif
-    const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
-    return (p->n / COLS + group - 1) / group;
+    return p->m > FEW_ROWS ? 1 : NF4_COLS;
 }
 
-/* Group g of the product: up to FEW_ROWS rows take NF4_COLS blocks at a time; more rows one block, in
- * half-block tiles; on AMX tiles, one block. Returns nonzero when out of memory. */
-int gemm_nf4_group(const Nf4 *p, int64_t g) {
+/* Column blocks first .. first + count - 1 of the product, count at most the group size: more rows
+ * in half-block tiles, on AMX tiles one block at a time. Returns nonzero when out of memory. */
+static int nf4_blocks(const Nf4 *p, int64_t first, int64_t count) {
     __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p->code_values));
     table = _mm512_inserti64x4(table, _mm256_loadu_si256((const __m256i *)p->code_values), 1);
-    const int64_t pairs = p->k / 2, block_pairs = p->blocksize / 2, blocks = p->k / p->blocksize,
-                  num_blocks = p->n / COLS;
+    const int64_t pairs = p->k / 2, block_pairs = p->blocksize / 2, blocks = p->k / p->blocksize;
 #ifdef GEMM_AMX
     if (amx_fits(p->blocksize)) {
         float *scales = grown(&scale_buffer, &scale_buffer_size, (size_t)blocks * COLS * sizeof(float));
         if (!scales) return 1;
-        const int64_t group = amx_group(p->m, num_blocks);
-        const int64_t last = (g + 1) * group < num_blocks ? (g + 1) * group : num_blocks;
         int failed = 0;
-        for (int64_t j = g * group; j < last; j++) {
+        for (int64_t j = first; j < first + count; j++) {
             block_scales(p->absmax, p->n, j * COLS, blocks, scales);
             uint16_t *c = NULL;
             int64_t ldc = 0;
             block_output(j, p->parts, p->part_cols, p->part_c, &c, &ldc);
             failed |= amx_block(p->a, p->m, p->lda, p->codes + j * pairs * COLS, scales, pairs, block_pairs, table, c,
-                                ldc, 0, j == g * group);
+                                ldc, 0, j == first);
         }
         return failed;
     }
 #endif
-    const int64_t group = p->m > FEW_ROWS ? 1 : NF4_COLS;
-    const int64_t first = g * group, cols = num_blocks - first < group ? num_blocks - first : group;
-    float *scales = scratch((size_t)cols * blocks * COLS * sizeof(float));
+    float *scales = scratch((size_t)count * blocks * COLS * sizeof(float));
     if (!scales) return 1;
     uint16_t *c[NF4_COLS];
     int64_t ldc[NF4_COLS];
-    for (int64_t j = 0; j < cols; j++) {
+    for (int64_t j = 0; j < count; j++) {
         block_scales(p->absmax, p->n, (first + j) * COLS, blocks, scales + j * blocks * COLS);
         block_output(first + j, p->parts, p->part_cols, p->part_c, &c[j], &ldc[j]);
     }
-    quant_group(p->a, p->m, p->lda, p->codes + first * pairs * COLS, scales, cols, blocks, pairs, block_pairs, table,
+    quant_group(p->a, p->m, p->lda, p->codes + first * pairs * COLS, scales, count, blocks, pairs, block_pairs, table,
                 c, ldc, 0);
     return 0;
 }
+
+/* How many groups of column blocks gemm_nf4_group shares a product out in. */
+int64_t gemm_nf4_groups(const Nf4 *p) {
+    const int64_t num_blocks = p->n / COLS, group = nf4_group_size(p, num_blocks);
+    return (num_blocks + group - 1) / group;
+}
+
+/* Group g of the product. Returns nonzero when out of memory. */
+int gemm_nf4_group(const Nf4 *p, int64_t g) {
+    const int64_t num_blocks = p->n / COLS, group = nf4_group_size(p, num_blocks), first = g * group;
+    return nf4_blocks(p, first, num_blocks - first < group ? num_blocks - first : group);
+}
+
+/* Each thread's gate and up values of a group's column blocks (the silu product's). */
+static __thread void *silu_buffer;
+static __thread size_t silu_buffer_size;
+
+/* The gated MLP's product and silu: parts gate and up of equal widths, then gate = silu(gate) * up
+ * (silu.h's: fused.c's silu_mul_bf16 arithmetic). A group's column blocks of gate and the same of up
+ * go to a compact buffer of the thread's, then silu * up from there into gate: the bits of
+ * gemm_nf4_bf16 followed by silu_mul_bf16, with neither a pass over the step's gate and up values
+ * from memory nor up written at all (its part is left as it was). Silu over the blocks in place
+ * instead read rows 3 KB apart, which L1 maps to a few sets: slower than the two calls from 128 rows.
+ * Returns -2 for other parts, else gemm_nf4_bf16's status. */
+int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                       const int64_t *part_cols, uint16_t *const *part_c) {
+    if (parts != 2 || part_cols[0] != part_cols[1] || part_cols[0] % COLS != 0 || n != 2 * part_cols[0]) return -2;
+    const int64_t width = part_cols[0], half = width / COLS;
+    const Nf4 whole = {a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c};
+    const int64_t group = nf4_group_size(&whole, half), groups = (half + group - 1) / group;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t first = g * group, count = half - first < group ? half - first : group, wide = count * COLS;
+        uint16_t *values = grown(&silu_buffer, &silu_buffer_size, (size_t)2 * m * wide * sizeof(uint16_t));
+        if (!values) {
+            failed = 1;
+            continue;
+        }
+        /* the product's columns as three parts: before the group's, the group's (to the buffer), after */
+        int status = 0;
+        for (int h = 0; h < 2; h++) {
+            const int64_t before = h * width + first * COLS;
+            const int64_t cols[3] = {before, wide, n - before - wide};
+            uint16_t *outs[3] = {NULL, values + h * m * wide, NULL};
+            const Nf4 p = {a, codes, absmax, code_values, m, n, k, blocksize, lda, 3, cols, outs};
+            status |= nf4_blocks(&p, h * half + first, count);
+        }
+        if (status == 0)
+            for (int64_t r = 0; r < m; r++)
+                silu_mul_run(part_c[0] + r * width + first * COLS, values + r * wide, values + (m + r) * wide, wide);
+        failed |= status;
+    }
+    return failed;
+}
+int gemm_nf4_silu_supported(void) { return GENRPC_VECTOR512 == 16; }
 
 /* [parts of c][m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32]
  * bytes), absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's rows
@@ -1093,6 +1146,14 @@ static void half_tiles(const float *a, int64_t m, int64_t lda, const uint8_t *co
  * run a group at a time it measured slower. */
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
 int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
+int gemm_nf4_silu_supported(void) { return 0; }
+int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                       const int64_t *part_cols, uint16_t *const *part_c) {
+    (void)a, (void)codes, (void)absmax, (void)code_values, (void)m, (void)n, (void)k, (void)blocksize, (void)lda;
+    (void)parts, (void)part_cols, (void)part_c;
+    return -2;
+}
 
 /* As the AVX-512 BF16 version (above): the same arguments and layout, the same bits up to denormals. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
@@ -1298,6 +1359,14 @@ int gemm_supported(void) { return 0; }
 int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
 int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
+int gemm_nf4_silu_supported(void) { return 0; }
+int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                       const int64_t *part_cols, uint16_t *const *part_c) {
+    (void)a, (void)codes, (void)absmax, (void)code_values, (void)m, (void)n, (void)k, (void)blocksize, (void)lda;
+    (void)parts, (void)part_cols, (void)part_c;
+    return -2;
+}
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
 const char *gemm_isa(void) { return "none"; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,

@@ -7,6 +7,8 @@
  * in the same order, with the same arguments, through the function pointers it is given (the
  * kernels' own libraries: gemm_bf16.c, fused.c, decode_attention.c, prefill_attention.c, lora.c), into
  * buffers allocated once a step: the same bits as the Python loop, whichever of the two a step takes.
+ * One call differs: without adapter updates on it, the gate/up product and silu * up are one call
+ * (gemm_nf4_silu_bf16, silu over each group of column blocks while in cache; the two calls' bits).
  *
  * Built by model_svc/engine/kernels/__init__.py like the other kernels; it has no arithmetic of its own.
  */
@@ -68,6 +70,9 @@ typedef struct {
     lora_item_fn lora_item;
     lora_finish_fn lora_finish_item;
     lora_release_fn lora_release;
+    /* The gate/up product with silu * up after each group of its column blocks (gemm_nf4_silu_bf16:
+     * the same bits as nf4 then silu_mul; NULL: those two calls). */
+    nf4_fn nf4_silu;
 } Kernels;
 
 /* One nf4 product of k inputs: one layer's weight, or several side by side (parts). */
@@ -225,9 +230,16 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
             return -1;
         kern->norm(s->hidden_state, s->delta, layer->post_norm, s->normed, t, h, layer->post_eps, h, h, h);
         p = &layer->gate_up;
-        if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))
-            return -1;
-        kern->silu_mul(s->gate, s->up, t * inter);
+        if (kern->nf4_silu != NULL && !(s->lora_rows > 0 && layer->lora[2].modules > 0)) {
+            /* no adapter updates between the product and silu: silu * up while the blocks are in cache */
+            if (kern->nf4_silu(s->normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k,
+                               p->parts, p->part_cols, gate_up))
+                return -1;
+        } else {
+            if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))
+                return -1;
+            kern->silu_mul(s->gate, s->up, t * inter);
+        }
         p = &layer->down;
         if (product(kern, s, p, &layer->lora[3], s->gate, delta, h_n))
             return -1;
