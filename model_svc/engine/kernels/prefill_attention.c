@@ -295,16 +295,17 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* 2^x for x <= 0 within ~3e-6 relative (the probabilities are rounded to bfloat16, 2^-9, for the
- * value product; their float32 sums see the same): x - floor(x) in [0, 1) exactly (VREDUCEPS), a
- * degree-4 polynomial there with p(0) = 1 exactly, times 2^floor(x) (VSCALEFPS). Below -126 the
- * results are subnormal, then 0; 2^-inf is 0 (VREDUCEPS gives 0, VSCALEFPS 0). */
+/* 2^x within ~3 ulp for x <= 0 (a little above 0 too): x - floor(x) in [0, 1) exactly (VREDUCEPS), a
+ * degree-5 polynomial there with p(0) = 1 exactly, times 2^floor(x) (VSCALEFPS); x clamped at -126 so
+ * results stay normal (callers zero what they mask). */
 static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(0x1.b7f3f2p-7f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.abf9b6p-5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ee242ap-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62d6c8p-1f));
+    __m512 p = _mm512_set1_ps(0x1.e97110p-10f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.27795ep-7f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.c91cb8p-5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ebdb5ap-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e4bap-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, x);
 }
