@@ -300,7 +300,15 @@ def run(rounds: int, concurrency: list[int], long_tokens: int = LONG_PROMPT_TOKE
                 try:
                     # A burst of 8 x 16 tokens first: a side just resumed settles (genrpc's thread
                     # policy saw the other side's CPU while it was stopped) before it is measured.
-                    asyncio.run(measure(8, 16))
+                    # Once again after a pause if it fails: a gateway resumed from SIGSTOP may find
+                    # its keepalive ping to the model worker timed out while it was stopped, drop
+                    # that channel (its calls UNAVAILABLE) and reconnect.
+                    try:
+                        asyncio.run(measure(8, 16))
+                    except RuntimeError as error:
+                        print(f"round {r + 1} {side}: settling burst failed ({error}); again in 3 s", flush=True)
+                        time.sleep(3)
+                        asyncio.run(measure(8, 16))
                     for n in concurrency:
                         point = asyncio.run(measure(n))
                         measured[side][n].append(point)
