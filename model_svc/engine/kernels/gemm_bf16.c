@@ -734,6 +734,7 @@ int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *
     return failed;
 }
 int gemm_nf4_silu_supported(void) { return GENRPC_VECTOR512 == 16; }
+#define GEMM_SILU 1
 
 /* [parts of c][m, n] = a[m, k] @ W.T for nf4 W [n, k] in bitsandbytes' CPU packing (codes: [n / 32][k / 2][32]
  * bytes), absmax [k / blocksize][n] bfloat16, code_values: the 16 code values as bfloat16. a's rows
@@ -1146,14 +1147,6 @@ static void half_tiles(const float *a, int64_t m, int64_t lda, const uint8_t *co
  * run a group at a time it measured slower. */
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
 int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
-int gemm_nf4_silu_supported(void) { return 0; }
-int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
-                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
-                       const int64_t *part_cols, uint16_t *const *part_c) {
-    (void)a, (void)codes, (void)absmax, (void)code_values, (void)m, (void)n, (void)k, (void)blocksize, (void)lda;
-    (void)parts, (void)part_cols, (void)part_c;
-    return -2;
-}
 
 /* As the AVX-512 BF16 version (above): the same arguments and layout, the same bits up to denormals. */
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
@@ -1359,14 +1352,6 @@ int gemm_supported(void) { return 0; }
 int64_t gemm_set_amx(int64_t on) { (void)on; return -1; }
 int64_t gemm_nf4_groups(const Nf4 *p) { (void)p; return -1; }
 int gemm_nf4_group(const Nf4 *p, int64_t g) { (void)p; (void)g; return 1; }
-int gemm_nf4_silu_supported(void) { return 0; }
-int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
-                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
-                       const int64_t *part_cols, uint16_t *const *part_c) {
-    (void)a, (void)codes, (void)absmax, (void)code_values, (void)m, (void)n, (void)k, (void)blocksize, (void)lda;
-    (void)parts, (void)part_cols, (void)part_c;
-    return -2;
-}
 int64_t gemm_set_direct_rows(int64_t kind, int64_t rows) { return -1; }
 const char *gemm_isa(void) { return "none"; }
 int gemm_nf4_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
@@ -1391,3 +1376,15 @@ void pack_bf16(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
         for (int64_t kk = 0; kk < k; kk++)
             packed[(col / COLS) * k * COLS + (kk / 2) * 2 * COLS + (col % COLS) * 2 + kk % 2] = w[col * k + kk];
 }
+
+#ifndef GEMM_SILU
+/* Builds without AVX-512 BF16: the layer loop calls the product, then fused.c's silu_mul. */
+int gemm_nf4_silu_supported(void) { return 0; }
+int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
+                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
+                       const int64_t *part_cols, uint16_t *const *part_c) {
+    (void)a, (void)codes, (void)absmax, (void)code_values, (void)m, (void)n, (void)k, (void)blocksize, (void)lda;
+    (void)parts, (void)part_cols, (void)part_c;
+    return -2;
+}
+#endif
