@@ -120,14 +120,9 @@ class Gemm:
                   part_cols: list[int], blocksize: int) -> list[torch.Tensor]:
         """`nf4` for W made of several layers' weights side by side (n = sum(part_cols)): one product,
         each layer's output its own tensor [..., part_cols[i]]."""
-        k, n = codes.shape[1] * 2, sum(part_cols)
-        rows = self._rows(x, k)
+        rows = self._rows(x, codes.shape[1] * 2)
         outs = [torch.empty((rows.shape[0], cols), dtype=torch.bfloat16) for cols in part_cols]
-        cols = (ctypes.c_int64 * len(outs))(*part_cols)
-        pointers = (ctypes.c_void_p * len(outs))(*[out.data_ptr() for out in outs])
-        if rows.shape[0] and self._nf4(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(), code_values.data_ptr(),
-                                       rows.shape[0], n, k, blocksize, rows.stride(0), len(outs), cols, pointers):
-            raise MemoryError("gemm: could not allocate the block scales")
+        self._nf4_call(self._nf4, rows, codes, absmax, code_values, part_cols, outs, blocksize)
         return [out.view(*x.shape[:-1], out.shape[1]) for out in outs]
 
     def nf4_silu(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
@@ -137,16 +132,22 @@ class Gemm:
         no such path (nf4_silu_address is None), ValueError."""
         if self.nf4_silu_address is None:
             raise ValueError("gemm: this build has no product with silu * up")
-        k = codes.shape[1] * 2
-        rows = self._rows(x, k)
+        rows = self._rows(x, codes.shape[1] * 2)
         gate = torch.empty((rows.shape[0], width), dtype=torch.bfloat16)
-        cols = (ctypes.c_int64 * 2)(width, width)
-        pointers = (ctypes.c_void_p * 2)(gate.data_ptr(), None)  # up: not written
-        if rows.shape[0] and self._nf4_silu(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
-                                            code_values.data_ptr(), rows.shape[0], 2 * width, k, blocksize,
-                                            rows.stride(0), 2, cols, pointers):
-            raise MemoryError("gemm: could not allocate the block scales")
+        self._nf4_call(self._nf4_silu, rows, codes, absmax, code_values, [width, width], [gate, None], blocksize)
         return gate.view(*x.shape[:-1], width)
+
+    @staticmethod
+    def _nf4_call(function, rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
+                  part_cols: list[int], outs: list, blocksize: int) -> None:
+        """One call of a 4-bit product over `rows` into parts of part_cols[i] columns, part i into
+        outs[i] (None: the kernel writes no such part)."""
+        cols = (ctypes.c_int64 * len(part_cols))(*part_cols)
+        pointers = (ctypes.c_void_p * len(outs))(*[None if out is None else out.data_ptr() for out in outs])
+        if rows.shape[0] and function(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(), code_values.data_ptr(),
+                                      rows.shape[0], sum(part_cols), codes.shape[1] * 2, blocksize, rows.stride(0),
+                                      len(outs), cols, pointers):
+            raise MemoryError("gemm: could not allocate the block scales")
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bfloat16 weight [n, k] in the kernel's layout ([n / 32][k / 2][32][2])."""

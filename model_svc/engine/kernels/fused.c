@@ -22,7 +22,6 @@
 #define PARALLEL_ROWS 8
 
 #include "silu.h"
-#define FUSED_VECTOR GENRPC_VECTOR512
 
 /* One row of add_rmsnorm_bf16: the scalar loops, or the same arithmetic 16 values at a time (the
  * scalar loops' sums of squares are lane i % 16's, contracted to FMA; the remainder's lanes take
@@ -32,7 +31,7 @@ static inline void norm_row(uint16_t *hr, const uint16_t *dr, const uint16_t *we
                             float eps) {
     float acc[16] = {0};
     int64_t i = 0;
-#if FUSED_VECTOR == 16
+#if GENRPC_VECTOR512 == 16
     if (dr != NULL)
         for (; i + 16 <= n; i += 16) store_bf16(hr + i, _mm512_add_ps(load_bf16(hr + i), load_bf16(dr + i)));
     for (; dr != NULL && i < n; i++) hr[i] = float_to_bf16(bf16_to_float(hr[i]) + bf16_to_float(dr[i]));
@@ -60,7 +59,7 @@ static inline void norm_row(uint16_t *hr, const uint16_t *dr, const uint16_t *we
         for (int l = 0; l < width; l++) acc[l] += acc[l + width];
     const float inv = 1.0f / sqrtf(acc[0] / (float)n + eps);
     i = 0;
-#if FUSED_VECTOR == 16
+#if GENRPC_VECTOR512 == 16
     const __m512 vinv = _mm512_set1_ps(inv);
     for (; i + 16 <= n; i += 16)
         store_bf16(orow + i, _mm512_mul_ps(load_bf16(weight + i), round_bf16_nan_ps(_mm512_mul_ps(load_bf16(hr + i), vinv))));
@@ -83,7 +82,7 @@ void add_rmsnorm_bf16(uint16_t *h, const uint16_t *delta, const uint16_t *weight
  * half is whole vectors (the same arithmetic: rotate_half's negation flips the sign bit). */
 static inline void rope_head(uint16_t *x, const uint16_t *c, const uint16_t *s, int64_t d, uint16_t *tmp) {
     const int64_t half = d / 2;
-#if FUSED_VECTOR == 16
+#if GENRPC_VECTOR512 == 16
     if (half % 16 == 0) {
         const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
         for (int64_t i = 0; i < half; i += 16) {
@@ -133,16 +132,12 @@ int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t 
  * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
  * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
 void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
-    const int64_t groups = count / FUSED_VECTOR;
+    const int64_t chunk = 4096, chunks = (count + chunk - 1) / chunk; /* whole vectors but the last */
 #pragma omp parallel for schedule(static) if (count >= 16384)
-    for (int64_t g = 0; g < groups; g++) {
-#if FUSED_VECTOR == 16
-        _mm256_storeu_si256((__m256i *)(gate + 16 * g), silu_mul16(gate + 16 * g, up + 16 * g));
-#else
-        silu_mul1(gate, up, g);
-#endif
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i = c * chunk;
+        silu_mul_run(gate + i, gate + i, up + i, count - i < chunk ? count - i : chunk);
     }
-    for (int64_t i = groups * FUSED_VECTOR; i < count; i++) silu_mul1(gate, up, i);
 }
 
 #if defined(__AVX512F__)
