@@ -56,11 +56,12 @@ static inline float exp_f32(float x) {
     return x > 88.72283f ? INFINITY : x < -86.0f ? 0.0f : e; /* (below -86: 1 + e^x is 1 anyway) */
 }
 
-/* silu_mul's value i, in plain arithmetic (GCC vectorizes a loop over it where there is no AVX-512). */
-static inline void silu_mul1(uint16_t *gate, const uint16_t *up, int64_t i) {
-    const float x = bf16_to_float(gate[i]);
+/* silu(gate) * up for one value, in plain arithmetic (GCC vectorizes a loop over it where there is no
+ * AVX-512). */
+static inline uint16_t silu_mul1(uint16_t gate, uint16_t up) {
+    const float x = bf16_to_float(gate);
     const float s = round_bf16(x / (1.0f + exp_f32(-x)));
-    gate[i] = float_to_bf16(s * bf16_to_float(up[i]));
+    return float_to_bf16(s * bf16_to_float(up));
 }
 
 #if GENRPC_VECTOR512 == 16
@@ -92,11 +93,7 @@ static inline void silu_mul_run(uint16_t *out, const uint16_t *gate, const uint1
 #if GENRPC_VECTOR512 == 16
     for (; i + 16 <= count; i += 16) _mm256_storeu_si256((__m256i *)(out + i), silu_mul16(gate + i, up + i));
 #endif
-    for (; i < count; i++) {
-        uint16_t g = gate[i];
-        silu_mul1(&g, up + i, 0);
-        out[i] = g;
-    }
+    for (; i < count; i++) out[i] = silu_mul1(gate[i], up[i]);
 }
 
 #endif
