@@ -38,9 +38,9 @@ class Gemm:
     def __init__(self, library: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._nf4 = library.gemm_nf4_bf16
-        self._nf4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
+        self._nf4.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64]
         self._nf4.restype = ctypes.c_int
-        # (a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c) -> status
+        # (a, codes, absmax, code_values, m, n, k, blocksize, lda, parts, part_cols, part_c, long_rows) -> status
         self.nf4_function = self._nf4
         self.nf4_address = ctypes.cast(self._nf4, ptr).value  # for layers.py
         # The same product a group of column blocks at a time, for layers.py (a build without groups: -1).
@@ -111,22 +111,25 @@ class Gemm:
         return rows if rows.stride(-1) == 1 else rows.contiguous()
 
     def nf4(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
-            n: int, blocksize: int) -> torch.Tensor:
+            n: int, blocksize: int, long_rows: int = 0) -> torch.Tensor:
         """x [..., k] @ W.T -> [..., n] for nf4 W in bitsandbytes' CPU packing: codes [n, k / 2] uint8,
-        absmax [k / blocksize, n] bfloat16, code_values: the 16 values of the codes as bfloat16."""
-        return self.nf4_parts(x, codes, absmax, code_values, [n], blocksize)[0]
+        absmax [k / blocksize, n] bfloat16, code_values: the 16 values of the codes as bfloat16. The
+        first `long_rows` rows are long prompts': on AMX tiles, their sums are taken over the
+        dequantized bfloat16 weights, all of k at once (other bits than the other rows', the same at
+        every row count); elsewhere they are summed as the others."""
+        return self.nf4_parts(x, codes, absmax, code_values, [n], blocksize, long_rows)[0]
 
     def nf4_parts(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
-                  part_cols: list[int], blocksize: int) -> list[torch.Tensor]:
+                  part_cols: list[int], blocksize: int, long_rows: int = 0) -> list[torch.Tensor]:
         """`nf4` for W made of several layers' weights side by side (n = sum(part_cols)): one product,
         each layer's output its own tensor [..., part_cols[i]]."""
         rows = self._rows(x, codes.shape[1] * 2)
         outs = [torch.empty((rows.shape[0], cols), dtype=torch.bfloat16) for cols in part_cols]
-        self._nf4_call(self._nf4, rows, codes, absmax, code_values, part_cols, outs, blocksize)
+        self._nf4_call(self._nf4, rows, codes, absmax, code_values, part_cols, outs, blocksize, long_rows)
         return [out.view(*x.shape[:-1], out.shape[1]) for out in outs]
 
     def nf4_silu(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
-                 width: int, blocksize: int) -> torch.Tensor:
+                 width: int, blocksize: int, long_rows: int = 0) -> torch.Tensor:
         """silu(gate) * up [..., width] for the gated MLP's weight [gate; up] (n = 2 * width) in one call,
         rounded as `nf4_parts` then fused.c's silu_mul round them (the same bits). Where the build has
         no such path (nf4_silu_address is None), ValueError."""
@@ -134,19 +137,20 @@ class Gemm:
             raise ValueError("gemm: this build has no product with silu * up")
         rows = self._rows(x, codes.shape[1] * 2)
         gate = torch.empty((rows.shape[0], width), dtype=torch.bfloat16)
-        self._nf4_call(self._nf4_silu, rows, codes, absmax, code_values, [width, width], [gate, None], blocksize)
+        self._nf4_call(self._nf4_silu, rows, codes, absmax, code_values, [width, width], [gate, None], blocksize,
+                       long_rows)
         return gate.view(*x.shape[:-1], width)
 
     @staticmethod
     def _nf4_call(function, rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_values: torch.Tensor,
-                  part_cols: list[int], outs: list, blocksize: int) -> None:
+                  part_cols: list[int], outs: list, blocksize: int, long_rows: int) -> None:
         """One call of a 4-bit product over `rows` into parts of part_cols[i] columns, part i into
         outs[i] (None: the kernel writes no such part)."""
         cols = (ctypes.c_int64 * len(part_cols))(*part_cols)
         pointers = (ctypes.c_void_p * len(outs))(*[None if out is None else out.data_ptr() for out in outs])
         if rows.shape[0] and function(rows.data_ptr(), codes.data_ptr(), absmax.data_ptr(), code_values.data_ptr(),
                                       rows.shape[0], sum(part_cols), codes.shape[1] * 2, blocksize, rows.stride(0),
-                                      len(outs), cols, pointers):
+                                      len(outs), cols, pointers, long_rows):
             raise MemoryError("gemm: could not allocate the block scales")
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,9 @@ def _own_packed(module: torch.nn.Module) -> _Packed | None:
 class Linears:
     def __init__(self, gemm: Gemm | None = None, dense: bool = False) -> None:
         self.gemm = gemm
+        # Rows 0 .. long_rows - 1 of the native 4-bit products' inputs are long prompts' (Gemm.nf4): the
+        # runner sets it around a step's layers and back to 0 before the output layer.
+        self.long_rows = 0
         self.dense = dense and gemm is not None
         self._packed: dict[int, _Packed | _Dense | None] = {}
         self._native: dict[int, bool] = {}  # nf4 layers: through gemm (else the library's kernel)
@@ -141,7 +144,7 @@ class Linears:
             outs = [empty((m, width), dtype=bf16) for width in widths]
             for i, out in enumerate(outs):
                 pointers[i] = out.data_ptr()
-            if m and fn(rows.data_ptr(), *weights, m, n, k, blocksize, k, len(outs), cols, pointers):
+            if m and fn(rows.data_ptr(), *weights, m, n, k, blocksize, k, len(outs), cols, pointers, self.long_rows):
                 raise MemoryError("gemm: could not allocate the block scales")
             for out, bias in zip(outs, biases):
                 if bias is not None:
@@ -236,7 +239,8 @@ class Linears:
 
                 def product() -> torch.Tensor:
                     return self._with_bias(packed, self.gemm.nf4(
-                        x, packed.weight, packed.absmax, packed.code_values, packed.out_features, packed.blocksize))
+                        x, packed.weight, packed.absmax, packed.code_values, packed.out_features, packed.blocksize,
+                        self.long_rows))
 
                 with self.gemm.vector_path():  # the bits the library's kernel gives, to check the binding
                     native = product()

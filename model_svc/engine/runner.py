@@ -69,6 +69,9 @@ class PackedBatch:
     # Whether a product of one row gets a second (ModelRunner.one_row_runs_alone): the step's one token a
     # dummy row (in input_ids), a lone logit row a copy of itself.
     pad_one_row: bool = True
+    # Rows 0 .. long_rows - 1 are long prompts' (path LONG): their 4-bit products take their own sums on
+    # AMX tiles (Gemm.nf4), as their attention takes its own kernel.
+    long_rows: int = 0
 
 
 class StepInterrupted(Exception):
@@ -108,7 +111,8 @@ class ModelRunner:
       numbers then do not depend on how it was chunked, and a prefix copied from another sequence
       is bit for bit a recomputed one, which is what exact prefix sharing needs. Longer prompts'
       chunks attend through the long-prompt kernel (prefill_attention.py; SDPA where it cannot
-      run): also independent of chunking, ~3x faster per key, rounding its own way. It rounds
+      run): also independent of chunking, ~3x faster per key, rounding its own way; on AMX tiles
+      their 4-bit products take their own sums too (PackedBatch.long_rows, Gemm.nf4). It rounds
       differently from the SDPA call `generate()` makes, and through 30 bfloat16 layers that moves
       last-position logits by up to ~0.9 either way. Against a float32 computation with the same
       weights it is as accurate as `generate()` (mean RMS error 0.151 vs 0.153 over the test's 8
@@ -273,51 +277,54 @@ class ModelRunner:
 
     def pack(self, scheduled: list[ScheduledSequence], kv: KVCache) -> PackedBatch:
         """The step's tokens in one row, and each attention path's arguments (one pass: a sequence's
-        path is chosen first, then its rows are added to that path's)."""
+        path is chosen first, then its rows are added to that path's). Long prompts' rows come first
+        (PackedBatch.long_rows); the per-sequence lists and the logit rows keep `scheduled`'s order."""
         bs = kv.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        starts, lengths, kv_lengths, logit_rows, paths, kv_slots = [], [], [], [], [], []
+        n = len(scheduled)
+        starts, lengths, kv_lengths, logits, kv_slots = [0] * n, [0] * n, [0] * n, [[] for _ in range(n)], [None] * n
         native_rows, native_tables, native_offsets, native_counts = [], [], [], []
         long_starts, long_lengths, long_pasts, long_tables, long_offsets = [], [], [], [], []
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        for item in scheduled:
+        paths = [self.path(item) for item in scheduled]
+        order = [i for i in range(n) if paths[i] is Attend.LONG] + [i for i in range(n) if paths[i] is not Attend.LONG]
+        for i in order:
+            item, path = scheduled[i], paths[i]
             table = item.seq.block_table
             past = item.seq.num_computed_tokens
             tokens = item.tokens()
             start, length, kv_length = len(ids), len(tokens), past + len(tokens)
-            starts.append(start)
-            lengths.append(length)
-            kv_lengths.append(kv_length)
+            starts[i], lengths[i], kv_lengths[i] = start, length, kv_length
             ids.extend(tokens)
             positions.extend(range(past, kv_length))
             slots.extend(table.slots(past, kv_length, bs))
             if item.proposals or item.prompt_rows:  # every row: proposals' to sample, a prompt's logprobs
-                logit_rows.extend(range(start, start + length))
+                logits[i] = list(range(start, start + length))
             elif item.completes_prompt:
-                logit_rows.append(start + length - 1)
-            path = self.path(item)
-            paths.append(path)
+                logits[i] = [start + length - 1]
             if path is Attend.NATIVE:  # query row r sees its sequence's keys up to its own position
                 native_rows.extend(range(start, start + length))
                 native_offsets.extend([len(native_tables)] * length)
                 native_tables.extend(table.covering(kv_length, bs))
                 native_counts.extend(range(past + 1, kv_length + 1))
-                kv_slots.append(slice(0, 0))  # the kernels read through the table
+                kv_slots[i] = slice(0, 0)  # the kernels read through the table
             elif path is Attend.LONG:
                 long_starts.append(start)
                 long_lengths.append(length)
                 long_pasts.append(past)
                 long_offsets.append(len(long_tables))
                 long_tables.extend(table.covering(kv_length, bs))
-                kv_slots.append(slice(0, 0))
+                kv_slots[i] = slice(0, 0)
             else:
                 blocks = table.covering(kv_length, bs)
                 if blocks == list(range(blocks[0], blocks[0] + len(blocks))):  # one run of blocks: a view
-                    kv_slots.append(slice(blocks[0] * bs, blocks[0] * bs + kv_length))
+                    kv_slots[i] = slice(blocks[0] * bs, blocks[0] * bs + kv_length)
                 else:
-                    kv_slots.append(as_tensor(table.slots(0, kv_length, bs)))
+                    kv_slots[i] = as_tensor(table.slots(0, kv_length, bs))
+        long_rows = sum(long_lengths)
+        logit_rows = [row for rows in logits for row in rows]
         pad = not (self.one_row_runs_alone()
                    and (self.adapters.kernel is not None or not any(item.seq.adapter for item in scheduled)))
         if len(ids) == 1 and pad:
@@ -333,7 +340,7 @@ class ModelRunner:
         long = (tuple(map(as_tensor, (long_starts, long_lengths, long_pasts, long_tables, long_offsets)))
                 if long_starts else None)
         return PackedBatch(as_tensor(ids), as_tensor(positions), as_tensor(slots), kv_slots, starts, lengths,
-                           kv_lengths, logit_rows, paths, native, long, pad)
+                           kv_lengths, logit_rows, paths, native, long, pad, long_rows)
 
     def one_row_runs_alone(self) -> bool:
         """Whether a product of one row may run as one row (no dummy second row, pack): with native
@@ -367,8 +374,16 @@ class ModelRunner:
             self.linear.gemm.set_amx(self.amx_choice.on)
         self._lora = (self.adapters.rows([item.seq.adapter for item in scheduled], batch.starts, batch.lengths)
                       if self.adapters else None)
-        if self.fused is not None:
-            return self._execute_fused(batch, kv, interrupt)
+        self.linear.long_rows = batch.long_rows  # the layers' products; back to 0 for the output layer
+        try:
+            if self.fused is not None:
+                return self._execute_fused(batch, kv, interrupt)
+            return self._execute_modules(batch, kv, interrupt)
+        finally:
+            self.linear.long_rows = 0
+
+    def _execute_modules(self, batch: PackedBatch, kv: KVCache, interrupt: threading.Event | None) -> torch.Tensor:
+        """`execute` through the modules' own norms and activation (no fused kernels)."""
         hidden = self.base.embed_tokens(batch.input_ids[None])  # [1, T, H]
         cos, sin = self.base.rotary_emb(hidden, batch.positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
@@ -384,6 +399,7 @@ class ModelRunner:
             hidden = residual + hidden
         rows = batch.logit_rows * 2 if len(batch.logit_rows) == 1 and batch.pad_one_row else batch.logit_rows
         last = self.base.norm(hidden[0, rows])  # [N, H]
+        self.linear.long_rows = 0
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
     def _execute_fused(self, batch: PackedBatch, kv: KVCache, interrupt: threading.Event | None) -> torch.Tensor:
@@ -396,7 +412,7 @@ class ModelRunner:
             dummy = len(batch.input_ids) > sum(batch.lengths)
             adapter_rows = self._lora.native_args if self._lora else (0, None, None, None)
             delta = self._layers(hidden, cos, sin, batch.slots, batch.native, batch.long, dummy, kv.block_size,
-                                 interrupt, adapter_rows)
+                                 interrupt, adapter_rows, batch.long_rows)
             if delta is None:
                 raise StepInterrupted()
             self.num_native_loop_steps += 1
@@ -406,6 +422,7 @@ class ModelRunner:
                 self._layers = layers.plan(self._layer_library, self, kv)
         rows = batch.logit_rows * 2 if len(batch.logit_rows) == 1 and batch.pad_one_row else batch.logit_rows
         last = fused.add_rmsnorm(hidden[rows], delta[rows], self.base.norm)  # [N, H]
+        self.linear.long_rows = 0
         return self.linear(self.model.lm_head, last)[: len(batch.logit_rows)].float()  # [N, V]
 
     def _native_loop(self, batch: PackedBatch, interrupt: threading.Event | None) -> bool:

@@ -84,6 +84,43 @@ def test_the_int8_product_on_tiles_is_its_written_out_arithmetic(amx):
         assert torch.equal(amx.int8(x[:m], codes, scales), expected[:m]), m
 
 
+def dequantized(codes: torch.Tensor, absmax: torch.Tensor, values: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The nf4 weight [k, n] as the long prompts' rows use it: bitsandbytes' CPU packing ([n / 32][k / 2][32]
+    bytes; byte j of an input pair: column j / 2's code in its low half, column 16 + j / 2's in its high
+    half, input 2p + j % 2) decoded, each code value times its block's absmax rounded to bfloat16."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    packed = codes.reshape(n // 32, k // 2, 16, 2).long()  # [block][pair][j / 2][j % 2]
+    halves = [(packed & 15), (packed >> 4)]  # columns 0-15, 16-31
+    index = torch.cat([h.permute(0, 2, 1, 3).reshape(n // 32, 16, k) for h in halves], dim=1).reshape(n, k)
+    scale = absmax.float().repeat_interleave(blocksize, dim=0).T  # [n, k]
+    return (values.float()[index] * scale).to(torch.bfloat16).float().T
+
+
+def test_long_prompt_rows_are_their_written_out_arithmetic_and_leave_the_others_alone(amx):
+    """Rows 0 .. long_rows - 1 (long prompts'): each row's sum over all of k of x times the dequantized
+    bfloat16 weight, TDPBF16PS after TDPBF16PS from zero (tile_partial over the whole of k), rounded to
+    bfloat16; the same at every row count and split, and the rows after them exactly what a call
+    without long rows gives them."""
+    codes, absmax, values, n, blocksize = nf4_operands(7, n=256, k=576)
+    x = torch.randn(70, 576, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    expected = tile_partial(x.float(), dequantized(codes, absmax, values, blocksize), 0, 576).to(torch.bfloat16)
+    usual = amx.nf4_parts(x, codes, absmax, values, [64, 192], blocksize)
+    assert not torch.equal(torch.cat(usual, dim=1), expected)  # the test can tell the two arithmetics apart
+    for m, long_rows in [(1, 1), (2, 1), (16, 16), (17, 5), (33, 32), (40, 33), (70, 64), (70, 70), (64, 0)]:
+        got = amx.nf4_parts(x[:m], codes, absmax, values, [64, 192], blocksize, long_rows=long_rows)
+        whole = torch.cat(got, dim=1)
+        assert torch.equal(whole[:long_rows], expected[:long_rows]), (m, long_rows)
+        rest = amx.nf4_parts(x[long_rows:m], codes, absmax, values, [64, 192], blocksize)
+        assert torch.equal(whole[long_rows:], torch.cat(rest, dim=1)), (m, long_rows)
+    width = 128
+    gate_up = amx.nf4_parts(x, codes, absmax, values, [width, width], blocksize, long_rows=40)
+    silu = amx.nf4_silu(x, codes, absmax, values, width, blocksize, long_rows=40)
+    from model_svc.engine import fused
+    kernel = fused.load()
+    if kernel is not None:
+        assert torch.equal(silu, kernel.silu_mul(*gate_up))
+
+
 def test_tiles_differ_from_avx512_only_in_rare_last_bits(amx):
     """TDPBF16PS rounds a 16-pair sum its own way (measured: ~1 output in 27,000 differs after the
     scales and the rounding to bfloat16); a layout or indexing error would change most outputs."""

@@ -19,7 +19,7 @@
 
 typedef int (*nf4_fn)(const uint16_t *a, const uint8_t *codes, const uint16_t *absmax, const uint16_t *code_values,
                       int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t lda, int64_t parts,
-                      const int64_t *part_cols, uint16_t *const *part_c);
+                      const int64_t *part_cols, uint16_t *const *part_c, int64_t long_rows);
 typedef int64_t (*nf4_groups_fn)(const Nf4 *p);
 typedef int (*nf4_group_fn)(const Nf4 *p, int64_t g);
 typedef void (*norm_fn)(uint16_t *h, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
@@ -112,6 +112,7 @@ typedef struct {
      * offsets, num_chunks each, and their block tables. */
     const int64_t *long_starts, *long_lengths, *long_pasts, *long_tables, *long_offsets;
     int64_t num_chunks;
+    int64_t long_rows; /* rows 0 .. long_rows - 1: the long prompts' (their products' own sums on tiles) */
     /* Buffers: the residual stream [tokens, hidden] (updated in place), the last sublayer's output
      * [tokens, hidden], then the rest, each [tokens, its width]. */
     uint16_t *hidden_state, *delta, *normed, *q, *k, *v, *attended, *gate, *up;
@@ -155,12 +156,12 @@ static int product(const Kernels *kern, const Step *s, const Product *p, const L
                    uint16_t *const *outs, const int64_t *n) {
     const int64_t k = p->k;
     const Nf4 call = {x, p->codes, p->absmax, p->code_values, s->tokens, p->n, k, p->blocksize, k, p->parts,
-                      p->part_cols, outs};
+                      p->part_cols, outs, s->long_rows};
     const int with = s->lora_rows > 0 && lora->modules > 0;
     const int64_t groups = with && kern->nf4_groups && kern->lora_prepare ? kern->nf4_groups(&call) : -1;
     if (groups < 0)
         return kern->nf4(x, p->codes, p->absmax, p->code_values, s->tokens, p->n, k, p->blocksize, k, p->parts,
-                         p->part_cols, outs) ||
+                         p->part_cols, outs, s->long_rows) ||
                (with && lora_update(kern, s, lora, x, k, outs, n));
     const void *pairs[3];
     uint16_t *out[3];
@@ -233,7 +234,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
         if (kern->nf4_silu != NULL && !(s->lora_rows > 0 && layer->lora[2].modules > 0)) {
             /* no adapter updates between the product and silu: silu * up while the blocks are in cache */
             if (kern->nf4_silu(s->normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k,
-                               p->parts, p->part_cols, gate_up))
+                               p->parts, p->part_cols, gate_up, s->long_rows))
                 return -1;
         } else {
             if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))

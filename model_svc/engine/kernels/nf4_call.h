@@ -13,6 +13,7 @@ typedef struct {
     int64_t m, n, k, blocksize, lda, parts;
     const int64_t *part_cols;
     uint16_t *const *part_c;
+    int64_t long_rows; /* rows 0 .. long_rows - 1 are long prompts' (gemm_nf4_bf16) */
 } Nf4;
 
 #endif
