@@ -60,7 +60,7 @@ class _Step(ctypes.Structure):
                [("num_rows", _i64)] + \
                [(name, _ptr) for name in ("long_starts", "long_lengths", "long_pasts", "long_tables",
                                           "long_offsets")] + \
-               [("num_chunks", _i64), ("long_rows", _i64)] + \
+               [("num_chunks", _i64), ("long_rows", _i64), ("out_rows", _ptr), ("num_out_rows", _i64)] + \
                [(name, _ptr) for name in ("hidden_state", "delta", "normed", "q", "k", "v", "attended", "gate", "up",
                                           "stop")] + \
                [("lora_rows", _i64), ("lora_row", _ptr), ("lora_slot", _ptr), ("lora_scale", _ptr)]
@@ -118,7 +118,8 @@ class NativeLayers:
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  native: tuple[torch.Tensor, ...] | None, long: tuple[torch.Tensor, ...] | None, dummy: bool,
                  block_size: int, interrupt: Interrupt | None,
-                 lora_rows: tuple = (0, None, None, None), long_rows: int = 0) -> torch.Tensor | None:
+                 lora_rows: tuple = (0, None, None, None), long_rows: int = 0,
+                 out_rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Runs every layer on the step: hidden [T, H] bfloat16 is the residual stream, updated in place;
         returns the last layer's MLP output [T, H] (not yet added), or None if `interrupt` was set
         before a layer. cos, sin: [T, D]; slots [T]; native: the attention kernel's rows, tables,
@@ -126,7 +127,10 @@ class NativeLayers:
         (PackedBatch.long: starts, lengths, pasts, tables, table offsets); every row is in one of the
         two but a dummy row; dummy: T's last row is a one-token step's dummy row; lora_rows:
         lora.StepRows.native_args, for rows with an adapter (set_adapters first); long_rows: rows
-        0 .. long_rows - 1 are long prompts' (PackedBatch.long_rows: their products' own sums)."""
+        0 .. long_rows - 1 are long prompts' (PackedBatch.long_rows: their products' own sums);
+        out_rows: the rows whose hidden state and delta the caller reads (ascending int64; None: all):
+        where they are at most half the step, the last layer's attention, o and MLP run on them alone,
+        and the other rows' outputs are left undefined."""
         d = self.dims
         t = hidden.shape[0]
         bf16 = torch.bfloat16
@@ -143,6 +147,7 @@ class NativeLayers:
                      address(offsets), address(lengths), 0 if lengths is None else len(lengths),
                      address(long_starts), address(long_lengths), address(long_pasts), address(long_tables),
                      address(long_offsets), 0 if long_starts is None else len(long_starts), long_rows,
+                     address(out_rows), t if out_rows is None else len(out_rows),
                      hidden.data_ptr(), delta.data_ptr(), normed.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                      attended.data_ptr(), gate.data_ptr(), up.data_ptr(),
                      None if interrupt is None else ctypes.addressof(interrupt.flag), *lora_rows)

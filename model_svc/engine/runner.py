@@ -411,8 +411,9 @@ class ModelRunner:
         if self._native_loop(batch, interrupt):
             dummy = len(batch.input_ids) > sum(batch.lengths)
             adapter_rows = self._lora.native_args if self._lora else (0, None, None, None)
+            out_rows = torch.tensor(sorted(set(batch.logit_rows)), dtype=torch.long)  # all the step reads
             delta = self._layers(hidden, cos, sin, batch.slots, batch.native, batch.long, dummy, kv.block_size,
-                                 interrupt, adapter_rows, batch.long_rows)
+                                 interrupt, adapter_rows, batch.long_rows, out_rows)
             if delta is None:
                 raise StepInterrupted()
             self.num_native_loop_steps += 1

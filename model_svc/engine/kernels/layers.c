@@ -9,10 +9,13 @@
  * buffers allocated once a step: the same bits as the Python loop, whichever of the two a step takes.
  * One call differs: without adapter updates on it, the gate/up product and silu * up are one call
  * (gemm_nf4_silu_bf16, silu over each group of column blocks while in cache; the two calls' bits).
+ * And the last layer's attention, o and MLP may run on the rows the caller reads alone (last_layer):
+ * those rows' bits are the same; the others' outputs are left undefined.
  *
  * Built by model_svc/engine/kernels/__init__.py like the other kernels; it has no arithmetic of its own.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "nf4_call.h"
@@ -113,6 +116,10 @@ typedef struct {
     const int64_t *long_starts, *long_lengths, *long_pasts, *long_tables, *long_offsets;
     int64_t num_chunks;
     int64_t long_rows; /* rows 0 .. long_rows - 1: the long prompts' (their products' own sums on tiles) */
+    /* The rows whose outputs the caller reads (ascending; none: 0): the last layer's attention, o and
+     * MLP run on those rows alone where they are at most half the step (last_layer). */
+    const int64_t *out_rows;
+    int64_t num_out_rows;
     /* Buffers: the residual stream [tokens, hidden] (updated in place), the last sublayer's output
      * [tokens, hidden], then the rest, each [tokens, its width]. */
     uint16_t *hidden_state, *delta, *normed, *q, *k, *v, *attended, *gate, *up;
@@ -192,6 +199,87 @@ static int product(const Kernels *kern, const Step *s, const Product *p, const L
     return failed;
 }
 
+/* The last layer's attention, o and MLP for the out rows alone (after its norm, q/k/v and cache writes
+ * for every row, which the cache needs): the other rows' outputs are never read. Each out row gets
+ * the very calls' bits it gets in the whole step: the attention kernels take any subset of their rows
+ * (a long chunk's row as a chunk of one at its position), the products and norms are row by row, the
+ * out rows keep their order (long prompts' first). hidden_state and delta of the out rows are written
+ * as the whole layer writes them. Returns 0, or -1 when a kernel or an allocation failed. */
+static int last_layer(const Kernels *kern, const Layer *layer, const Step *s) {
+    const int64_t n = s->num_out_rows, h = s->hidden, inter = s->intermediate;
+    const int64_t q_width = s->num_heads * s->head_dim;
+    const int64_t hn[1] = {h}, inter_n[2] = {inter, inter};
+    int64_t *index = malloc(sizeof(int64_t) * (size_t)(7 * n + 1));
+    uint16_t *buffer = malloc(sizeof(uint16_t) * (size_t)n * (q_width + 3 * h + 2 * inter));
+    int failed = index == NULL || buffer == NULL;
+    if (!failed) {
+        int64_t *rows = index, *row_offsets = rows + n, *lengths = row_offsets + n; /* the decode kernel's */
+        int64_t *starts = lengths + n, *ones = starts + n, *pasts = ones + n, *offsets = pasts + n; /* long */
+        int64_t native = 0, chunks = 0, long_out = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = s->out_rows[i];
+            long_out += r < s->long_rows;
+            for (int64_t j = 0; j < s->num_rows; j++)
+                if (s->rows[j] == r) {
+                    rows[native] = r, row_offsets[native] = s->table_offsets[j], lengths[native] = s->lengths[j];
+                    native++;
+                }
+            for (int64_t c = 0; c < s->num_chunks; c++)
+                if (r >= s->long_starts[c] && r < s->long_starts[c] + s->long_lengths[c]) {
+                    starts[chunks] = r, ones[chunks] = 1, offsets[chunks] = s->long_offsets[c];
+                    pasts[chunks] = s->long_pasts[c] + (r - s->long_starts[c]);
+                    chunks++;
+                }
+        }
+        if (native && kern->attend(s->q, layer->keys, layer->values, s->attended, rows, s->tables, row_offsets, lengths,
+                                   s->block_size, s->num_heads, s->num_kv_heads, s->head_dim, s->head_stride,
+                                   s->slot_stride, layer->scale, 0, native * s->num_kv_heads))
+            failed = 1;
+        if (!failed && chunks &&
+            kern->attend_long(s->q, layer->keys, layer->values, s->attended, starts, ones, pasts, s->long_tables,
+                              offsets, chunks, s->block_size, s->num_heads, s->num_kv_heads, s->head_dim,
+                              s->head_stride, s->slot_stride, layer->scale))
+            failed = 1;
+        if (!failed) {
+            uint16_t *attended = buffer, *hidden = attended + n * q_width, *delta = hidden + n * h;
+            uint16_t *normed = delta + n * h, *gate = normed + n * h, *up = gate + n * inter;
+            for (int64_t i = 0; i < n; i++) {
+                memcpy(attended + i * q_width, s->attended + s->out_rows[i] * q_width, sizeof(uint16_t) * q_width);
+                memcpy(hidden + i * h, s->hidden_state + s->out_rows[i] * h, sizeof(uint16_t) * h);
+            }
+            Step sub = *s;
+            sub.tokens = n, sub.long_rows = long_out, sub.lora_rows = 0;
+            uint16_t *delta_out[1] = {delta}, *gate_up[2] = {gate, up};
+            const Lora none = {0, {0, 0, 0}, {NULL, NULL, NULL}};
+            const Product *p = &layer->o;
+            failed = product(kern, &sub, p, &none, attended, delta_out, hn) != 0;
+            if (!failed) {
+                kern->norm(hidden, delta, layer->post_norm, normed, n, h, layer->post_eps, h, h, h);
+                p = &layer->gate_up;
+                if (kern->nf4_silu != NULL) {
+                    failed = kern->nf4_silu(normed, p->codes, p->absmax, p->code_values, n, p->n, p->k, p->blocksize,
+                                            p->k, p->parts, p->part_cols, gate_up, long_out) != 0;
+                } else {
+                    failed = product(kern, &sub, p, &none, normed, gate_up, inter_n) != 0;
+                    if (!failed) kern->silu_mul(gate, up, n * inter);
+                }
+            }
+            if (!failed) {
+                p = &layer->down;
+                failed = product(kern, &sub, p, &none, gate, delta_out, hn) != 0;
+            }
+            if (!failed)
+                for (int64_t i = 0; i < n; i++) {
+                    memcpy(s->hidden_state + s->out_rows[i] * h, hidden + i * h, sizeof(uint16_t) * h);
+                    memcpy(s->delta + s->out_rows[i] * h, delta + i * h, sizeof(uint16_t) * h);
+                }
+        }
+    }
+    free(index);
+    free(buffer);
+    return failed ? -1 : 0;
+}
+
 /* Runs layers[0 .. num_layers) on the step: each as the runner's Python loop runs it (add + norm,
  * q/k/v, rotary positions and cache writes, attention, o, add + norm, gate/up, silu * up, down).
  * Attention: the decode kernel's rows, then the long-prompt kernel's chunks, as the runner calls them.
@@ -214,6 +302,10 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
             return -1;
         kern->rope(s->q, s->k, s->v, s->cos, s->sin, t, s->num_heads, s->num_kv_heads, s->head_dim, s->slots,
                    layer->keys, layer->values, s->head_stride, s->slot_stride);
+        if (l == num_layers - 1 && 2 * s->num_out_rows <= t && !s->dummy && s->lora_rows == 0) {
+            if (s->num_out_rows && last_layer(kern, layer, s)) return -1;
+            break;
+        }
         if (s->num_rows &&
             kern->attend(s->q, layer->keys, layer->values, s->attended, s->rows, s->tables, s->table_offsets,
                          s->lengths, s->block_size, s->num_heads, s->num_kv_heads, s->head_dim, s->head_stride,
