@@ -39,10 +39,12 @@ class FusedOps:
         self._rope.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
         self._rope.restype = ctypes.c_int
         self._silu_mul = library.silu_mul_bf16
-        self._silu_mul.argtypes = [ptr, ptr, i64]
+        self._silu_mul.argtypes = [ptr, ptr, i64, i64]
         self._silu_mul.restype = None
         self.functions = {name: ctypes.cast(getattr(library, name), ptr).value
                           for name in ("add_rmsnorm_bf16", "rope_store_bf16", "silu_mul_bf16")}  # for layers.py
+        # Built with AVX-512: long prompts' rows take silu_mul_run_long's arithmetic (silu.h).
+        self.vector512 = library.fused_vector_width() == 16
         self._argmax = library.argmax_f32
         self._argmax.argtypes = [ptr, i64, i64, i64, ptr]
         self._argmax.restype = None
@@ -73,14 +75,16 @@ class FusedOps:
                    0 if delta is None else delta.stride(0), out.stride(0))
         return out
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor, long_rows: int = 0) -> torch.Tensor:
         """gate = silu(gate) * up in place, rounded as `F.silu(gate, inplace=True).mul_(up)` rounds; silu's
         e^x is the kernel's own (within ~2 ulp of float32 exp, so a value may land one bfloat16 step
-        from PyTorch's, rarely). Contiguous bfloat16 tensors of one shape. Returns gate."""
+        from PyTorch's, rarely). Contiguous bfloat16 tensors of one shape. The first `long_rows` rows
+        (long prompts') take silu.h's silu_mul_run_long where built with AVX-512 (a cheaper 2^x, within
+        a bfloat16 step of the other). Returns gate."""
         if not (gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
                 and gate.is_contiguous() and up.is_contiguous()):
             raise ValueError("silu_mul: unexpected dtype or layout")
-        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel())
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), long_rows * gate.shape[-1])
         return gate
 
     def rope_store(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,

@@ -460,7 +460,8 @@ class ModelRunner:
     def _mlp(self, mlp, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         """LlamaMLP.forward, with our linear calls."""
         gate, up = self._projections((mlp.gate_proj, mlp.up_proj), ("gate_proj", "up_proj"), layer_idx, x)
-        product = self.fused.silu_mul(gate, up) if self.fused is not None else mlp.act_fn(gate) * up
+        product = (self.fused.silu_mul(gate, up, self.linear.long_rows) if self.fused is not None
+                   else mlp.act_fn(gate) * up)
         return self._projections((mlp.down_proj,), ("down_proj",), layer_idx, product)[0]
 
     def _prompt_mask(self, kv_length: int, length: int) -> torch.Tensor:

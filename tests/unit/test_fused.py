@@ -115,6 +115,46 @@ def test_silu_times_up_depends_on_each_value_alone():
         assert torch.equal(part, whole[start:start + length]), (start, length)
 
 
+def long_silu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu.h's silu_mul_long16 written out: t = max(x * -log2 e, -126), 2^t as a degree-4 polynomial on
+    t - floor(t) (each FMA one rounding: in float64, exact for these products, then float32) times
+    2^floor(t), silu = x / (1 + 2^t) rounded to bfloat16, times up, rounded."""
+    x = gate.float()
+    t = torch.maximum(x * -1.44269504088896341, torch.tensor(-126.0))
+    whole = torch.floor(t)
+    f = torch.where(t.isinf(), 0.0, t - whole).double()  # VREDUCEPS: 0 for x * -log2 e beyond float32
+    p = torch.full_like(f, float.fromhex("0x1.b7f214p-7"))
+    for c in ("0x1.abfa76p-5", "0x1.ee2414p-3", "0x1.62d6c8p-1", "0x1.0p0"):
+        p = (p * f + float.fromhex(c)).float().double()
+    power = torch.ldexp(p.float(), whole)  # inf where t reaches 128, as VSCALEFPS gives
+    silu = (x / (1.0 + power)).bfloat16()
+    return (silu.float() * up.float()).bfloat16()
+
+
+def test_long_prompt_rows_take_their_silu_arithmetic():
+    """The first long_rows rows (long prompts') get silu_mul_long16's arithmetic bit for bit for every
+    bfloat16 gate value but NaNs (where built with AVX-512; elsewhere the usual silu), the other rows
+    the usual one; row widths that leave ragged tails."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[~every.isnan()]
+    g = torch.Generator().manual_seed(6)
+    for width in (every.numel(), 1000, 37):
+        gate = every[:width * (every.numel() // width)].reshape(-1, width)
+        up = (torch.randn(gate.shape, generator=g) * 2).bfloat16()
+        long_rows = gate.shape[0] // 2 + 1 if gate.shape[0] > 1 else 1
+        got = OPS.silu_mul(gate.clone(), up, long_rows)
+        usual = OPS.silu_mul(gate.clone(), up)
+        assert torch.equal(got[long_rows:], usual[long_rows:])
+        want = long_silu_reference(gate[:long_rows], up[:long_rows]) if OPS.vector512 else usual[:long_rows]
+        same = (got[:long_rows] == want) | (got[:long_rows].isnan() & want.isnan())
+        assert same.all(), (width, gate[:long_rows][~same][:5], got[:long_rows][~same][:5], want[~same][:5])
+    # silu a bfloat16 step from PyTorch's at most (a relative 2^-7 just above a power of two), then
+    # the product rounded: within 2^-6 of PyTorch's (past 2^-7 for one value of these ~65,000)
+    pytorch = torch.nn.functional.silu(gate.clone()).mul_(up)
+    finite = pytorch.isfinite() & (pytorch.float().abs() > 1e-30)
+    assert ((got.float() - pytorch.float()).abs() <= pytorch.float().abs() * 2 ** -6 * 1.01)[finite].all()
+
+
 def _scalar_build():
     """kernels/fused.c built without its AVX-512 paths (the plain loops GCC vectorizes, or not, itself)."""
     import ctypes

@@ -128,15 +128,22 @@ int rope_store_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t 
     return 0;
 }
 
+/* 16 where built with AVX-512 (long prompts' rows then take silu_mul_run_long's own arithmetic), else 1. */
+int fused_vector_width(void) { return GENRPC_VECTOR512; }
+
 /* gate = bfloat16(bfloat16(silu(gate)) * up) for `count` values (the gated MLP's act_fn(gate) * up,
- * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product). An
- * element's result depends on its two inputs alone; big calls are shared out on the OpenMP pool. */
-void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count) {
+ * rounded as the eager code rounds: silu(x) = x / (1 + e^-x) in float32, then the product); the first
+ * `long_count` (long prompts' rows) with silu.h's silu_mul_run_long. An element's result depends on its
+ * two inputs and side alone; big calls are shared out on the OpenMP pool. */
+void silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t count, int64_t long_count) {
     const int64_t chunk = 4096, chunks = (count + chunk - 1) / chunk; /* whole vectors but the last */
+    long_count = long_count < 0 ? 0 : long_count > count ? count : long_count;
 #pragma omp parallel for schedule(static) if (count >= 16384)
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t i = c * chunk;
-        silu_mul_run(gate + i, gate + i, up + i, count - i < chunk ? count - i : chunk);
+        const int64_t i = c * chunk, end = count - i < chunk ? count : i + chunk;
+        const int64_t split = long_count < i ? i : long_count > end ? end : long_count;
+        silu_mul_run_long(gate + i, gate + i, up + i, split - i);
+        silu_mul_run(gate + split, gate + split, up + split, end - split);
     }
 }
 

@@ -783,7 +783,8 @@ int gemm_nf4_silu_bf16(const uint16_t *a, const uint8_t *codes, const uint16_t *
         }
         if (status == 0)
             for (int64_t r = 0; r < m; r++)
-                silu_mul_run(part_c[0] + r * width + first * COLS, values + r * wide, values + (m + r) * wide, wide);
+                (r < long_rows ? silu_mul_run_long : silu_mul_run)(part_c[0] + r * width + first * COLS, values + r * wide,
+                                                                   values + (m + r) * wide, wide);
         failed |= status;
     }
     return failed;

@@ -40,7 +40,7 @@ typedef int (*attend_long_fn)(const uint16_t *query, const uint16_t *keys, const
                               const int64_t *tables, const int64_t *table_offsets, int64_t num_chunks,
                               int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                               int64_t head_stride, int64_t slot_stride, float scale);
-typedef void (*silu_mul_fn)(uint16_t *gate, const uint16_t *up, int64_t count);
+typedef void (*silu_mul_fn)(uint16_t *gate, const uint16_t *up, int64_t count, int64_t long_count);
 typedef int (*lora_fn)(const uint16_t *x, int64_t x_stride, int64_t k, int64_t rows, const int64_t *row,
                        const int64_t *slot, const float *scale, int64_t modules,
                        const void *pairs0, uint16_t *out0, int64_t out_stride0, int64_t n0,
@@ -261,7 +261,7 @@ static int last_layer(const Kernels *kern, const Layer *layer, const Step *s) {
                                             p->k, p->parts, p->part_cols, gate_up, long_out) != 0;
                 } else {
                     failed = product(kern, &sub, p, &none, normed, gate_up, inter_n) != 0;
-                    if (!failed) kern->silu_mul(gate, up, n * inter);
+                    if (!failed) kern->silu_mul(gate, up, n * inter, long_out * inter);
                 }
             }
             if (!failed) {
@@ -331,7 +331,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
         } else {
             if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))
                 return -1;
-            kern->silu_mul(s->gate, s->up, t * inter);
+            kern->silu_mul(s->gate, s->up, t * inter, s->long_rows * inter);
         }
         p = &layer->down;
         if (product(kern, s, p, &layer->lora[3], s->gate, delta, h_n))
