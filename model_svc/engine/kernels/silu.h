@@ -2,7 +2,7 @@
  * gemm_bf16.c (the gate/up product's column blocks while they are in cache): one arithmetic, so
  * the same bits from either. Also the AVX-512 rounding helpers fused.c's other kernels use.
  *
- * GENRPC_VECTOR512: built with AVX-512 (F, BW, VL) and without -DGENRPC_SCALAR (the tests build the
+ * GENRPC_VECTOR512: built with AVX-512 (F, BW, VL, DQ) and without -DGENRPC_SCALAR (the tests build the
  * plain loops that way and compare). */
 #ifndef GENRPC_SILU_H
 #define GENRPC_SILU_H
@@ -13,7 +13,8 @@
 
 #include "bf16.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(GENRPC_SCALAR)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    !defined(GENRPC_SCALAR)
 #include <immintrin.h>
 
 #include "simd512.h"
@@ -86,20 +87,13 @@ static inline __m256i silu_mul16(const uint16_t *gate, const uint16_t *up_bits) 
 }
 
 /* Long prompts' rows (silu_mul_run_long): silu(x) = x / (1 + 2^t), t = x * -log2 e (one rounding)
- * clamped at -126 (2^t then stays normal; below, 1 + 2^t is 1 anyway), 2^t as p(t - floor(t)) *
- * 2^floor(t) (VREDUCEPS, a degree-4 polynomial, relative error 3e-6, p(0) = 1; VSCALEFPS, which
- * overflows to infinity as e^-x does), rounded to bfloat16, times up, rounded: 0.63x silu_mul16's
- * time (its Cephes e^x and clamps), within a bfloat16 step of it (tests/unit/test_fused.py writes
- * it out in torch). */
+ * clamped at -126 (2^t then stays normal; below, 1 + 2^t is 1 anyway), 2^t by simd512.h's
+ * exp2_poly4_ps (infinity past float32's range, as e^-x overflows), rounded to bfloat16, times up,
+ * rounded: 0.63x silu_mul16's time (its Cephes e^x and clamps), within a bfloat16 step of it
+ * (tests/unit/test_fused.py writes it out in torch). */
 static inline __m256i silu_mul_long16(__m512 x, __m512 up) {
     const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(-126.0f));
-    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(0x1.b7f214p-7f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.abfa76p-5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ee2414p-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62d6c8p-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, t));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_poly4_ps(t));
     const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_round_bits(_mm512_div_ps(x, d)), 16));
     return _mm512_cvtepi32_epi16(bf16_round_bits(_mm512_mul_ps(s, up)));
 }

@@ -43,4 +43,20 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
 }
 
+/* 2^x as p(x - floor(x)) * 2^floor(x): x - floor(x) in [0, 1) exactly (VREDUCEPS), a degree-4 polynomial
+ * there (relative error 3e-6, p(0) = 1 exactly), VSCALEFPS (infinity past float32's range; below
+ * -126, subnormal or 0: callers clamp or flush). The tile attention's probabilities and long prompts'
+ * silu take it. */
+#ifdef __AVX512DQ__
+static inline __m512 exp2_poly4_ps(__m512 x) {
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(0x1.b7f214p-7f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.abfa76p-5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ee2414p-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62d6c8p-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, x);
+}
+#endif
+
 #endif
