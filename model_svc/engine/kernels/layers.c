@@ -199,6 +199,31 @@ static int product(const Kernels *kern, const Step *s, const Product *p, const L
     return failed;
 }
 
+/* A layer after its attention, for s->tokens rows of the given buffers: o into delta, hidden += delta and
+ * its norm, the gate/up product and silu * up, down into delta; each product with its adapters' updates
+ * where s has adapter rows. Returns nonzero on failure. */
+static int o_and_mlp(const Kernels *kern, const Step *s, const Layer *layer, const uint16_t *attended,
+                     uint16_t *hidden, uint16_t *delta, uint16_t *normed, uint16_t *gate, uint16_t *up) {
+    const int64_t t = s->tokens, h = s->hidden, inter = s->intermediate;
+    const int64_t h_n[1] = {h}, inter_n[2] = {inter, inter};
+    uint16_t *delta_out[1] = {delta}, *gate_up[2] = {gate, up};
+    const Product *p = &layer->o;
+    if (product(kern, s, p, &layer->lora[1], attended, delta_out, h_n)) return 1;
+    kern->norm(hidden, delta, layer->post_norm, normed, t, h, layer->post_eps, h, h, h);
+    p = &layer->gate_up;
+    if (kern->nf4_silu != NULL && !(s->lora_rows > 0 && layer->lora[2].modules > 0)) {
+        /* no adapter updates between the product and silu: silu * up while the blocks are in cache */
+        if (kern->nf4_silu(normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k, p->parts,
+                           p->part_cols, gate_up, s->long_rows))
+            return 1;
+    } else {
+        if (product(kern, s, p, &layer->lora[2], normed, gate_up, inter_n)) return 1;
+        kern->silu_mul(gate, up, t * inter, s->long_rows * inter);
+    }
+    p = &layer->down;
+    return product(kern, s, p, &layer->lora[3], gate, delta_out, h_n);
+}
+
 /* The last layer's attention, o and MLP for the out rows alone (after its norm, q/k/v and cache writes
  * for every row, which the cache needs): the other rows' outputs are never read. Each out row gets
  * the very calls' bits it gets in the whole step: the attention kernels take any subset of their rows
@@ -208,7 +233,6 @@ static int product(const Kernels *kern, const Step *s, const Product *p, const L
 static int last_layer(const Kernels *kern, const Layer *layer, const Step *s) {
     const int64_t n = s->num_out_rows, h = s->hidden, inter = s->intermediate;
     const int64_t q_width = s->num_heads * s->head_dim;
-    const int64_t hn[1] = {h}, inter_n[2] = {inter, inter};
     int64_t *index = malloc(sizeof(int64_t) * (size_t)(7 * n + 1));
     uint16_t *buffer = malloc(sizeof(uint16_t) * (size_t)n * (q_width + 3 * h + 2 * inter));
     int failed = index == NULL || buffer == NULL;
@@ -249,25 +273,7 @@ static int last_layer(const Kernels *kern, const Layer *layer, const Step *s) {
             }
             Step sub = *s;
             sub.tokens = n, sub.long_rows = long_out, sub.lora_rows = 0;
-            uint16_t *delta_out[1] = {delta}, *gate_up[2] = {gate, up};
-            const Lora none = {0, {0, 0, 0}, {NULL, NULL, NULL}};
-            const Product *p = &layer->o;
-            failed = product(kern, &sub, p, &none, attended, delta_out, hn) != 0;
-            if (!failed) {
-                kern->norm(hidden, delta, layer->post_norm, normed, n, h, layer->post_eps, h, h, h);
-                p = &layer->gate_up;
-                if (kern->nf4_silu != NULL) {
-                    failed = kern->nf4_silu(normed, p->codes, p->absmax, p->code_values, n, p->n, p->k, p->blocksize,
-                                            p->k, p->parts, p->part_cols, gate_up, long_out) != 0;
-                } else {
-                    failed = product(kern, &sub, p, &none, normed, gate_up, inter_n) != 0;
-                    if (!failed) kern->silu_mul(gate, up, n * inter, long_out * inter);
-                }
-            }
-            if (!failed) {
-                p = &layer->down;
-                failed = product(kern, &sub, p, &none, gate, delta_out, hn) != 0;
-            }
+            failed = o_and_mlp(kern, &sub, layer, attended, hidden, delta, normed, gate, up) != 0;
             if (!failed)
                 for (int64_t i = 0; i < n; i++) {
                     memcpy(s->hidden_state + s->out_rows[i] * h, hidden + i * h, sizeof(uint16_t) * h);
@@ -288,10 +294,10 @@ static int last_layer(const Kernels *kern, const Layer *layer, const Step *s) {
  * Returns 0, 1 when stopped (*stop set before a layer), -1 when a kernel failed (out of memory, or
  * an adapter's rank over the LoRA kernel's), -2 for adapter rows without the LoRA kernel. */
 int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, const Step *s) {
-    const int64_t t = s->tokens, h = s->hidden, inter = s->intermediate;
+    const int64_t t = s->tokens, h = s->hidden;
     const int64_t q_width = s->num_heads * s->head_dim, kv_width = s->num_kv_heads * s->head_dim;
-    const int64_t qkv_n[3] = {q_width, kv_width, kv_width}, h_n[1] = {h}, inter_n[2] = {inter, inter};
-    uint16_t *qkv[3] = {s->q, s->k, s->v}, *gate_up[2] = {s->gate, s->up}, *delta[1] = {s->delta};
+    const int64_t qkv_n[3] = {q_width, kv_width, kv_width};
+    uint16_t *qkv[3] = {s->q, s->k, s->v};
     if ((s->lora_rows && kern->lora == NULL) || (s->num_chunks && kern->attend_long == NULL)) return -2;
     for (int64_t l = 0; l < num_layers; l++) {
         if (s->stop != NULL && *s->stop) return 1;
@@ -318,24 +324,7 @@ int decode_layers(const Kernels *kern, const Layer *layers, int64_t num_layers, 
                               layer->scale))
             return -1;
         if (s->dummy) memcpy(s->attended + (t - 1) * q_width, s->attended, (size_t)q_width * sizeof *s->attended);
-        p = &layer->o;
-        if (product(kern, s, p, &layer->lora[1], s->attended, delta, h_n))
-            return -1;
-        kern->norm(s->hidden_state, s->delta, layer->post_norm, s->normed, t, h, layer->post_eps, h, h, h);
-        p = &layer->gate_up;
-        if (kern->nf4_silu != NULL && !(s->lora_rows > 0 && layer->lora[2].modules > 0)) {
-            /* no adapter updates between the product and silu: silu * up while the blocks are in cache */
-            if (kern->nf4_silu(s->normed, p->codes, p->absmax, p->code_values, t, p->n, p->k, p->blocksize, p->k,
-                               p->parts, p->part_cols, gate_up, s->long_rows))
-                return -1;
-        } else {
-            if (product(kern, s, p, &layer->lora[2], s->normed, gate_up, inter_n))
-                return -1;
-            kern->silu_mul(s->gate, s->up, t * inter, s->long_rows * inter);
-        }
-        p = &layer->down;
-        if (product(kern, s, p, &layer->lora[3], s->gate, delta, h_n))
-            return -1;
+        if (o_and_mlp(kern, s, layer, s->attended, s->hidden_state, s->delta, s->normed, s->gate, s->up)) return -1;
     }
     return 0;
 }
